@@ -1,0 +1,173 @@
+"""Structured configs: the schema behind ``configs/`` (Hydra + OmegaConf).
+
+Every group's YAML is merged into these dataclasses, so an unknown key or a value of the wrong
+type fails at once, naming the key. :func:`validate` adds the checks a type cannot express.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"
+    # How client updates are weighted: by their number of training examples (p_k = n_k / Σ n_j)
+    # or uniformly.
+    weighting: str = "num_examples"
+
+
+@dataclass
+class ModelConfig:
+    # A built-in asset ("minilm", "smollm2"), a Hugging Face model id, or a local directory.
+    name: str = "minilm"
+    # "classification" (a sequence-classification head is trained with the adapter) or "causal_lm".
+    task: str = "classification"
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    max_length: int = 64
+    # Batch size for the server-side evaluation.
+    eval_batch_size: int = 128
+
+
+@dataclass
+class DataConfig:
+    # A built-in (rotten_tomatoes, newsgroups, election_tweets, reuters_r8, shakespeare), a Hugging
+    # Face dataset id, or a local path.
+    name: str = "election_tweets"
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: Optional[str] = None
+    # Cap on the held-out examples the server evaluates each round (0 = the whole test split);
+    # a fixed seeded subset, the same every round.
+    eval_samples: int = 1000
+
+
+@dataclass
+class PartitionConfig:
+    # iid | dirichlet | shards | natural  (all flwr-datasets partitioners)
+    kind: str = "iid"
+    alpha: float = 0.5
+    shards_per_client: int = 2
+    min_partition_size: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each client, each round."""
+
+    local_steps: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "ray"
+    # Ray resources of each client actor; num_gpus may be fractional (0.25 → 4 clients per GPU).
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # null: start a local Ray on 127.0.0.1; "auto" or "host:port": join an existing cluster.
+    ray_address: Optional[str] = None
+    # Keep the base model cached in each worker process (fedpeft); false builds it inside every
+    # client call (the FlowerTune way; for benchmarks).
+    reuse_model: bool = True
+    # Seconds the server waits for one round's replies.
+    round_timeout: float = 3600.0
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class TrackingConfig:
+    # auto (offline unless WANDB_API_KEY is set) | offline | online | disabled
+    mode: str = "auto"
+    project: str = "fedpeft"
+    experiment: str = "default"
+    # Save the global adapter in peft format after every round.
+    save_adapters: bool = True
+
+
+@dataclass
+class ProfileConfig:
+    """Client behaviour profile."""
+
+    # Probability that a sampled client raises during a round (fault injection; seeded).
+    failure_rate: float = 0.0
+
+
+@dataclass
+class Config:
+    strategy: StrategyConfig = MISSING
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    partition: PartitionConfig = MISSING
+    engine: EngineConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    clients: int = 10
+    rounds: int = 5
+    # Share of clients sampled each round; at least min_clients (and at least 1) are sampled.
+    fraction: float = 1.0
+    min_clients: int = 2
+    seed: int = 0
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+STRATEGIES = ("fedavg",)
+TASKS = ("classification", "causal_lm")
+PARTITIONS = ("iid", "dirichlet", "shards", "natural")
+TRACKING_MODES = ("auto", "offline", "online", "disabled")
+WEIGHTINGS = ("num_examples", "uniform")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def validate(cfg: Any) -> None:
+    """Checks a type cannot express; raises :class:`ConfigError` naming the key."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    def one_of(value: Any, key: str, allowed: tuple) -> None:
+        need(value in allowed, key, f"unknown value {value!r}; expected one of {', '.join(allowed)}")
+
+    one_of(cfg.strategy.name, "strategy.name", STRATEGIES)
+    one_of(cfg.strategy.weighting, "strategy.weighting", WEIGHTINGS)
+    one_of(cfg.model.task, "model.task", TASKS)
+    one_of(cfg.partition.kind, "partition.kind", PARTITIONS)
+    one_of(cfg.tracking.mode, "tracking.mode", TRACKING_MODES)
+    one_of(cfg.engine.device, "engine.device", DEVICES)
+    need(cfg.engine.backend == "ray", "engine.backend", f"unknown value {cfg.engine.backend!r}; expected ray")
+    need(cfg.clients >= 1, "clients", f"must be at least 1, got {cfg.clients}")
+    need(cfg.rounds >= 1, "rounds", f"must be at least 1, got {cfg.rounds}")
+    need(0 < cfg.fraction <= 1, "fraction", f"must be in (0, 1], got {cfg.fraction}")
+    need(cfg.min_clients >= 1, "min_clients", f"must be at least 1, got {cfg.min_clients}")
+    need(cfg.model.rank >= 1, "model.rank", f"must be at least 1, got {cfg.model.rank}")
+    need(cfg.model.alpha > 0, "model.alpha", f"must be positive, got {cfg.model.alpha}")
+    need(len(cfg.model.target_modules) > 0, "model.target_modules", "must name at least one module")
+    need(cfg.model.max_length >= 8, "model.max_length", f"must be at least 8, got {cfg.model.max_length}")
+    need(cfg.train.local_steps >= 1, "train.local_steps", f"must be at least 1, got {cfg.train.local_steps}")
+    need(cfg.train.batch_size >= 1, "train.batch_size", f"must be at least 1, got {cfg.train.batch_size}")
+    need(cfg.train.lr > 0, "train.lr", f"must be positive, got {cfg.train.lr}")
+    need(cfg.partition.alpha > 0, "partition.alpha", f"must be positive, got {cfg.partition.alpha}")
+    need(cfg.partition.shards_per_client >= 1, "partition.shards_per_client", "must be at least 1")
+    need(cfg.engine.num_cpus > 0, "engine.num_cpus", f"must be positive, got {cfg.engine.num_cpus}")
+    need(cfg.engine.num_gpus >= 0, "engine.num_gpus", f"must be non-negative, got {cfg.engine.num_gpus}")
+    need(0 <= cfg.profile.failure_rate < 1, "profile.failure_rate", f"must be in [0, 1), got {cfg.profile.failure_rate}")
+    need(cfg.data.eval_samples >= 0, "data.eval_samples", f"must be non-negative, got {cfg.data.eval_samples}")

@@ -1,0 +1,143 @@
+"""The LoRA algebra, over plain torch tensors.
+
+A LoRA module adds ``ΔW = s · B @ A`` to a frozen weight ``W [out × in]``, with ``A [r × in]``,
+``B [out × r]`` and scaling ``s = alpha / r`` (Hu et al., ICLR 2022; ``alpha / sqrt(r)`` for rsLoRA).
+Everything here is a pure function: tensors in, tensors out, no Flower, Ray or I/O.
+
+Whenever clients' ranks or scalings differ, strategies must combine updates in effective-update
+units ``s_k · B_k · A_k``; :func:`stack` does that exactly by folding each client's weight and scaling
+into its ``A`` block, so the stacked factors carry scaling 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One LoRA module: ``ΔW = scaling · B @ A``."""
+
+    A: Tensor  # [r × in]
+    B: Tensor  # [out × r]
+    scaling: float
+
+    def __post_init__(self) -> None:
+        if self.A.dim() != 2 or self.B.dim() != 2:
+            raise ValueError(f"LoRA factors must be 2-D, got A {tuple(self.A.shape)} and B {tuple(self.B.shape)}")
+        if self.A.shape[0] != self.B.shape[1]:
+            raise ValueError(f"rank mismatch: A is {tuple(self.A.shape)} but B is {tuple(self.B.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape ``(out, in)`` of the weight this module updates."""
+        return self.B.shape[0], self.A.shape[1]
+
+
+Adapter = dict[str, LoraFactors]
+"""Per-module factors of a whole adapter, keyed by the module's name in the model."""
+
+
+def scaling_for(rank: int, alpha: float, rslora: bool = False) -> float:
+    """``alpha / r`` (LoRA) or ``alpha / sqrt(r)`` (rsLoRA, Kalajdzievski 2023)."""
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    return alpha / (rank**0.5 if rslora else rank)
+
+
+def delta(f: LoraFactors) -> Tensor:
+    """The effective update ``s · B @ A`` (``out × in``)."""
+    return f.scaling * (f.B @ f.A)
+
+
+def pad(f: LoraFactors, rank: int) -> LoraFactors:
+    """Zero-pad to ``rank`` components: rows of ``A`` and columns of ``B``; ``ΔW`` is unchanged
+    when the scaling is kept."""
+    r = f.rank
+    if rank < r:
+        raise ValueError(f"cannot pad rank {r} down to {rank}; use truncate")
+    A = torch.cat([f.A, f.A.new_zeros(rank - r, f.A.shape[1])], dim=0)
+    B = torch.cat([f.B, f.B.new_zeros(f.B.shape[0], rank - r)], dim=1)
+    return LoraFactors(A, B, f.scaling)
+
+
+def truncate(f: LoraFactors, rank: int) -> LoraFactors:
+    """Keep the first ``rank`` components (rows of ``A``, columns of ``B``)."""
+    if not 0 < rank <= f.rank:
+        raise ValueError(f"cannot truncate rank {f.rank} to {rank}")
+    return LoraFactors(f.A[:rank].clone(), f.B[:, :rank].clone(), f.scaling)
+
+
+def stack(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
+    """Stack clients' factors so that the result's ``B @ A == Σ_k w_k s_k B_k A_k`` exactly.
+
+    ``B = [B_1 | … | B_K]`` and ``A = [w_1 s_1 A_1; …; w_K s_K A_K]``; the stacked rank is
+    ``Σ r_k`` and the scaling is 1 (FLoRA's stacking, Wang et al., NeurIPS 2024, with the
+    weights and scalings folded into ``A`` rather than left to peft's alpha/r bookkeeping).
+    """
+    _check_same_module(factors, weights)
+    A = torch.cat([w * f.scaling * f.A for f, w in zip(factors, weights)], dim=0)
+    B = torch.cat([f.B for f in factors], dim=1)
+    return LoraFactors(A, B, 1.0)
+
+
+def weighted_sum_delta(factors: Sequence[LoraFactors], weights: Sequence[float]) -> Tensor:
+    """Dense ``Σ_k w_k s_k B_k A_k`` — the reference the factor-space methods are tested against."""
+    _check_same_module(factors, weights)
+    return sum(w * delta(f) for f, w in zip(factors, weights))
+
+
+def average_factors(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
+    """FedIT-style average of the factors separately: ``A = Σ w_k A_k``, ``B = Σ w_k B_k``.
+
+    Needs equal ranks and scalings. Note ``(Σ w B)(Σ w A) ≠ Σ w B A`` in general: the average
+    of products carries cross terms ``w_j w_k B_j A_k`` (measured in the tests).
+    """
+    _check_same_module(factors, weights)
+    ranks = {f.rank for f in factors}
+    scalings = {f.scaling for f in factors}
+    if len(ranks) != 1 or len(scalings) != 1:
+        raise ValueError(
+            f"averaging A and B separately needs one rank and scaling, got ranks {sorted(ranks)} "
+            f"and scalings {sorted(scalings)}; aggregate in effective-update units instead"
+        )
+    A = sum(w * f.A for f, w in zip(factors, weights))
+    B = sum(w * f.B for f, w in zip(factors, weights))
+    return LoraFactors(A, B, factors[0].scaling)
+
+
+def average_tensors(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``Σ w_k T_k`` for same-shaped tensors (a trained head, for example)."""
+    if len(tensors) != len(weights) or not tensors:
+        raise ValueError(f"need one weight per tensor, got {len(tensors)} tensors and {len(weights)} weights")
+    return sum(w * t for t, w in zip(tensors, weights))
+
+
+def normalized_weights(sizes: Sequence[float]) -> list[float]:
+    """``p_k = n_k / Σ n_j``."""
+    total = float(sum(sizes))
+    if total <= 0 or any(s < 0 for s in sizes):
+        raise ValueError(f"weights need non-negative sizes with a positive sum, got {list(sizes)}")
+    return [float(s) / total for s in sizes]
+
+
+def adapter_delta(adapter: Mapping[str, LoraFactors]) -> dict[str, Tensor]:
+    return {name: delta(f) for name, f in adapter.items()}
+
+
+def _check_same_module(factors: Sequence[LoraFactors], weights: Sequence[float]) -> None:
+    if not factors:
+        raise ValueError("no factors to combine")
+    if len(factors) != len(weights):
+        raise ValueError(f"need one weight per client, got {len(factors)} factors and {len(weights)} weights")
+    shapes = {f.shape for f in factors}
+    if len(shapes) != 1:
+        raise ValueError(f"factors update different weight shapes: {sorted(shapes)}")

@@ -1,0 +1,22 @@
+"""Server strategies as pure math over torch tensors (no Flower, Ray or I/O).
+
+Each method is one module; :func:`build` returns the strategy a config names.
+"""
+
+from __future__ import annotations
+
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+from strategies.fedavg import FedAvg
+
+REGISTRY: dict[str, type] = {"fedavg": FedAvg}
+
+
+def build(name: str, **kwargs) -> Strategy:
+    try:
+        cls = REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"strategy.name: unknown strategy {name!r}; expected one of {', '.join(REGISTRY)}") from None
+    return cls(**kwargs)
+
+
+__all__ = ["ClientSpec", "ClientUpdate", "GlobalModel", "Payload", "Strategy", "FedAvg", "build", "REGISTRY"]

@@ -1,0 +1,46 @@
+"""FedAvg of LoRA factors — FedIT (Zhang et al., "Towards Building the Federated GPT: Federated
+Instruction Tuning", ICASSP 2024).
+
+Every client receives the global ``(A, B)`` and the head; the server averages each separately:
+
+    A ← Σ_k p_k A_k,   B ← Σ_k p_k B_k,   head ← Σ_k p_k head_k,
+    p_k = n_k / Σ_j n_j  (or 1/K with ``weighting="uniform"``).
+
+This is *not* the average of the clients' updates: ``(Σ p B)(Σ p A) = Σ p B A`` only up to the
+cross terms ``p_j p_k B_j A_k`` (j ≠ k). It needs every client at one rank and scaling; the
+heterogeneous-rank methods aggregate in effective-update units instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedpeft.lora import average_factors, average_tensors, normalized_weights
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
+
+
+def client_weights(updates: list[ClientUpdate], weighting: str) -> list[float]:
+    if weighting == "num_examples":
+        return normalized_weights([u.num_examples for u in updates])
+    if weighting == "uniform":
+        return normalized_weights([1.0] * len(updates))
+    raise ValueError(f"strategy.weighting: unknown value {weighting!r}; expected num_examples or uniform")
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    weighting: str = "num_examples"
+    name: str = "fedavg"
+
+    def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
+        return Payload(adapter=model.adapter, head=model.head)
+
+    def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
+        if not updates:
+            return model
+        p = client_weights(updates, self.weighting)
+        adapter = {
+            name: average_factors([u.adapter[name] for u in updates], p) for name in model.adapter
+        }
+        head = {name: average_tensors([u.head[name] for u in updates], p) for name in model.head}
+        return GlobalModel(adapter=adapter, head=head)
