@@ -1,0 +1,94 @@
+"""The Flower ClientApp: decode the payload, train on this node's partition, reply with the update.
+
+This module is imported by every simulation worker (Ray actor) and by a real SuperNode. Its
+module-level caches keep the base model and the partitioned data for the life of the worker
+process, so a worker loads the model once and serves many clients and rounds; only adapter
+tensors (and the head) arrive with each message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from functools import lru_cache
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.train import TrainSettings, train
+from fedpeft import data as fdata
+from fedpeft import messages
+from fedpeft.models import LoadedModel, build
+from strategies.base import Payload
+
+log = logging.getLogger("fedpeft.client")
+
+app = ClientApp()
+
+_MODELS: dict[str, LoadedModel] = {}
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by a client that the failure profile chose to fail this round."""
+
+
+def _ns(d: dict[str, Any]) -> SimpleNamespace:
+    return SimpleNamespace(**d)
+
+
+def get_model(settings: dict[str, Any], num_labels: int | None) -> LoadedModel:
+    """The worker's cached model for these settings (built once), or a new one if reuse is off."""
+    key = json.dumps({"model": settings["model"], "labels": num_labels, "device": settings["device"]}, sort_keys=True)
+    if not settings["reuse_model"]:
+        return build(_ns(settings["model"]), num_labels=num_labels, device=settings["device"], seed=settings["seed"])
+    if key not in _MODELS:
+        _MODELS.clear()  # one base model per worker: a new run replaces the old one
+        _MODELS[key] = build(_ns(settings["model"]), num_labels=num_labels, device=settings["device"], seed=settings["seed"])
+    return _MODELS[key]
+
+
+@lru_cache(maxsize=4)
+def get_partitioner(data_json: str, partition_json: str, num_partitions: int, seed: int):
+    d, p = json.loads(data_json), json.loads(partition_json)
+    ds = fdata.load(d["name"], seed=seed, text_column=d["text_column"], label_column=d["label_column"], group_column=d["group_column"])
+    kw = {k: v for k, v in p.items() if k != "kind"}
+    return fdata.partition(ds["train"], p["kind"], num_partitions, seed=seed, **kw), ds
+
+
+def should_fail(seed: int, server_round: int, partition_id: int, rate: float) -> bool:
+    """Seeded, reproducible fault injection: the same clients fail in the same rounds."""
+    return rate > 0 and random.Random(f"{seed}/{server_round}/{partition_id}").random() < rate
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    adapter, head, config = messages.decode(msg.content)
+    settings = json.loads(config["settings"])
+    server_round = int(config["server-round"])
+    pid = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    seed = int(settings["seed"])
+    torch.set_num_threads(max(1, int(settings["num_cpus"])))
+    if should_fail(seed, server_round, pid, settings["failure_rate"]):
+        raise InjectedFailure(f"client {pid}: injected failure in round {server_round} (profile.failure_rate={settings['failure_rate']})")
+    partitioner, ds = get_partitioner(
+        json.dumps(settings["data"], sort_keys=True), json.dumps(settings["partition"], sort_keys=True), num_partitions, seed
+    )
+    part = partitioner.load_partition(pid)
+    lm = get_model(settings, len(fdata.label_names(ds)) if settings["model"]["task"] == "classification" else None)
+    instructions = {k: v for k, v in config.items() if k not in ("settings", "server-round")}
+    update, metrics = train(
+        lm,
+        Payload(adapter=adapter, head=head, instructions=instructions),
+        part,
+        TrainSettings(**settings["train"]),
+        seed=hash((seed, server_round, pid)) % (2**31),
+        client_id=pid,
+    )
+    content = messages.encode(update.adapter, update.head, {"num-examples": update.num_examples, "partition-id": pid})
+    content[messages.METRICS] = messages.metric_record({**metrics, "num-examples": update.num_examples})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,121 @@
+"""A client's local training: one function, payload + partition → update + metrics.
+
+The Flower ClientApp (``clients.app``) calls it; a future cohort executor that trains many
+clients' adapters at once must reproduce its semantics: start from the payload, a fresh AdamW
+over the adapter's trainable tensors, ``local_steps`` steps of ``batch_size`` examples drawn
+without replacement (reshuffled every pass) from a generator seeded by ``(seed, round, client)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from fedpeft.models import LoadedModel, read_adapter, write_adapter
+from strategies.base import ClientUpdate, Payload
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    local_steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+
+
+def batch_order(n: int, steps: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """``steps`` batches of indices into ``range(n)``: seeded permutations, concatenated."""
+    g = torch.Generator().manual_seed(seed)
+    perm: list[int] = []
+    for _ in range(steps):
+        if len(perm) < min(batch_size, n):
+            perm = perm + torch.randperm(n, generator=g).tolist()
+        take, perm = perm[: min(batch_size, n)], perm[min(batch_size, n) :]
+        yield take
+
+
+def encode(lm: LoadedModel, rows: dict[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
+    """Tokenize a batch of rows (``text`` and, for classification, ``label``) onto the device."""
+    enc = lm.tokenizer(
+        list(rows["text"]), truncation=True, max_length=lm.max_length, padding=True, return_tensors="pt"
+    )
+    if lm.task == "classification":
+        enc["labels"] = torch.as_tensor(list(rows["label"]), dtype=torch.long)
+    else:
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = -100
+        enc["labels"] = labels
+    return {k: v.to(lm.device) for k, v in enc.items()}
+
+
+def train(lm: LoadedModel, payload: Payload, data: Any, settings: TrainSettings, seed: int, client_id: int) -> tuple[ClientUpdate, dict[str, float]]:
+    """Train the adapter in ``payload`` on ``data`` (a ``datasets.Dataset``); return the update."""
+    if len(data) == 0:
+        raise ValueError(f"client {client_id}: its partition is empty")
+    t0 = time.perf_counter()
+    write_adapter(lm, payload.adapter, payload.head)
+    model = lm.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    model.train()
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    # Dropout draws from torch's RNG: fork it and seed it per (seed, round, client).
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        losses = _steps(lm, opt, data, settings, seed, client_id)
+    trained = read_adapter(lm)
+    update = ClientUpdate(client_id=client_id, adapter=trained.adapter, head=trained.head, num_examples=len(data))
+    metrics = {
+        "train_loss": sum(losses) / len(losses),
+        "train_loss_first": losses[0],
+        "train_loss_last": losses[-1],
+        "train_seconds": time.perf_counter() - t0,
+    }
+    return update, metrics
+
+
+def _steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: TrainSettings, seed: int, client_id: int) -> list[float]:
+    model = lm.model
+    losses: list[float] = []
+    try:
+        for idx in batch_order(len(data), settings.local_steps, settings.batch_size, seed):
+            batch = encode(lm, data[idx])
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"client {client_id}: training loss became {loss.item()}")
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        model.eval()
+    return losses
+
+
+@torch.no_grad()
+def evaluate(lm: LoadedModel, data: Any, batch_size: int) -> dict[str, float]:
+    """Accuracy and mean cross-entropy (classification), or token-level loss and perplexity."""
+    model = lm.model
+    model.eval()
+    n, correct, loss_sum, tokens = 0, 0, 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = encode(lm, data[start : start + batch_size])
+        out = model(**batch)
+        if lm.task == "classification":
+            k = batch["labels"].shape[0]
+            loss_sum += out.loss.item() * k
+            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+            n += k
+        else:
+            # HF shifts labels inside; count the predicted tokens the same way.
+            k = int((batch["labels"][:, 1:] != -100).sum().item())
+            loss_sum += out.loss.item() * k
+            tokens += k
+    if lm.task == "classification":
+        return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
+    mean = loss_sum / max(tokens, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}

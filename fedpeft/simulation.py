@@ -1,0 +1,180 @@
+"""``fedpeft simulate``: a ServerApp and the ClientApp on Flower's simulation engine (Ray backend)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("fedpeft")
+
+ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_SILENT": "true",
+}
+
+
+def setup_env() -> None:
+    for k, v in ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
+def client_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What every client needs to know besides its payload (sent in each train message)."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    return {
+        "model": c["model"],
+        "data": {k: c["data"][k] for k in ("name", "text_column", "label_column", "group_column")},
+        "partition": c["partition"],
+        "train": c["train"],
+        "seed": c["seed"],
+        "failure_rate": c["profile"]["failure_rate"],
+        "reuse_model": c["engine"]["reuse_model"],
+        "device": c["engine"]["device"],
+        "num_cpus": c["engine"]["num_cpus"],
+    }
+
+
+def backend_config(cfg: DictConfig) -> dict[str, Any]:
+    """Ray resources per client actor; a local Ray listens on 127.0.0.1 only."""
+    init: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR}
+    if cfg.engine.ray_address:
+        init["address"] = cfg.engine.ray_address
+    resources: dict[str, Any] = {"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus}
+    return {"init_args": init, "client_resources": resources}
+
+
+def bind_ray_to_loopback(cfg: DictConfig) -> None:
+    """A local Ray (no ``engine.ray_address``) runs in single-node mode: node IP 127.0.0.1, and
+    every Ray server (GCS, raylet, workers, runtime-env agent) listens on 127.0.0.1 only.
+
+    Ray on Linux otherwise resolves the node IP to the machine's outward address and binds its
+    gRPC servers to all interfaces, whatever ``_node_ip_address`` says. The switch is read when
+    Ray is imported, so it must be set before that; Ray's worker processes inherit it.
+    """
+    import sys
+
+    if cfg.engine.ray_address:
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if "ray" in sys.modules:
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            log.warning("Ray was imported before fedpeft could keep it on 127.0.0.1; it may listen on other interfaces")
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run one federation; returns the summary (also written to ``run_dir/summary.json``)."""
+    setup_env()
+    bind_ray_to_loopback(cfg)
+    from flwr.app import MetricRecord
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    import strategies
+    from clients.app import app as client_app
+    from clients.train import evaluate
+    from fedpeft import data as fdata
+    from fedpeft.config import ConfigError, validate
+    from fedpeft.models import build, read_adapter, write_adapter
+    from fedpeft.server import FlowerAdapter
+    from fedpeft.tracking import Tracker, progress_line, say
+    from strategies.base import ClientSpec
+
+    validate(cfg)
+    t_start = time.perf_counter()
+    ds = fdata.load(cfg.data.name, seed=cfg.seed, text_column=cfg.data.text_column, label_column=cfg.data.label_column, group_column=cfg.data.group_column)
+    task = fdata.task_of(ds)
+    if cfg.model.task == "classification" and task != "classification":
+        raise ConfigError(f"model.task: classification needs labelled data, but data {cfg.data.name!r} has no label column (use a causal_lm model, e.g. model=smollm2)")
+    num_labels = len(fdata.label_names(ds)) if cfg.model.task == "classification" else None
+    # Partition once on the server too: fails fast on an impossible partition, before Ray starts.
+    partitioner = fdata.partition(ds["train"], cfg.partition.kind, cfg.clients, seed=cfg.seed, **{k: v for k, v in OmegaConf.to_container(cfg.partition).items() if k != "kind"})
+    sizes = [partitioner.load_partition(i).num_rows for i in range(min(cfg.clients, 3))]
+    test = ds["test"]
+    if cfg.data.eval_samples and len(test) > cfg.data.eval_samples:
+        test = test.shuffle(seed=cfg.seed).select(range(cfg.data.eval_samples))
+    lm = build(cfg.model, num_labels=num_labels, device=cfg.engine.device, seed=cfg.seed)
+    strategy = strategies.build(cfg.strategy.name, weighting=cfg.strategy.weighting)
+    adapter = FlowerAdapter(
+        strategy,
+        read_adapter(lm),
+        settings=client_settings(cfg),
+        fraction=cfg.fraction,
+        min_clients=min(cfg.min_clients, cfg.clients),
+        client_spec=lambda i: ClientSpec(client_id=i, rank=cfg.model.rank, alpha=cfg.model.alpha),
+        seed=cfg.seed,
+    )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (run_dir / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker = Tracker(
+        run_dir,
+        resolved,
+        mode=cfg.tracking.mode,
+        project=cfg.tracking.project,
+        group=cfg.tracking.experiment,
+        tags=[f"strategy:{cfg.strategy.name}", f"clients:{cfg.clients}", f"rank:{cfg.model.rank}", f"data:{cfg.data.name}", f"partition:{cfg.partition.kind}"],
+    )
+    baseline = {"majority_rate": fdata.majority_rate(test)} if cfg.model.task == "classification" else {}
+    say(
+        f"{cfg.strategy.name} on {cfg.data.name} ({len(ds['train'])} train / {len(test)} eval examples, "
+        f"{cfg.partition.kind} over {cfg.clients} clients, e.g. sizes {sizes}), model {cfg.model.name} "
+        f"LoRA r={cfg.model.rank} on {list(cfg.model.target_modules)}; run dir {run_dir}"
+    )
+    history: list[dict[str, Any]] = []
+
+    def evaluate_fn(server_round: int, _arrays) -> MetricRecord:
+        write_adapter(lm, adapter.model.adapter, adapter.model.head)
+        metrics = evaluate(lm, test, cfg.model.eval_batch_size)
+        stats = adapter.stats.get(server_round)
+        row: dict[str, Any] = dict(metrics)
+        if stats is not None:
+            row.update(stats.train_metrics)
+            row.update(
+                clients_sampled=stats.sampled, clients_replied=stats.replied, clients_failed=stats.failed,
+                clients_rejected=stats.rejected, bytes_down=stats.bytes_down, bytes_up=stats.bytes_up,
+                round_seconds=round(stats.seconds, 3),
+            )
+        if cfg.tracking.save_adapters:
+            lm.model.save_pretrained(tracker.checkpoint_dir(server_round))
+        tracker.log_round(server_round, row)
+        history.append({"round": server_round, **row})
+        say(progress_line(server_round, cfg.rounds, row, time.perf_counter() - t_start))
+        return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid, context) -> None:
+        adapter.start(grid, adapter.arrays(), num_rounds=cfg.rounds, timeout=cfg.engine.round_timeout, evaluate_fn=evaluate_fn)
+
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "strategy": cfg.strategy.name, "rounds": cfg.rounds, "clients": cfg.clients, **baseline}
+    status = "failed"
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients, backend_config=backend_config(cfg))
+        if len(history) != cfg.rounds + 1:
+            raise RuntimeError(f"the simulation ended after {len(history) - 1} of {cfg.rounds} rounds")
+        status = "finished"
+    finally:
+        summary.update(status=status, seconds=round(time.perf_counter() - t_start, 1), history=history)
+        if history:
+            summary["final"] = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
+        tracker.finish(summary, exit_code=0 if status == "finished" else 1)
+    final = history[-1]
+    if "accuracy" in final:
+        say(f"done in {summary['seconds']:.0f}s: test accuracy {final['accuracy']:.4f} (majority-class rate {baseline['majority_rate']:.4f}); adapter in {tracker.checkpoint_dir(cfg.rounds)}")
+    else:
+        say(f"done in {summary['seconds']:.0f}s: test perplexity {final['perplexity']:.2f}; adapter in {tracker.checkpoint_dir(cfg.rounds)}")
+    return summary

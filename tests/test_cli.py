@@ -1,0 +1,65 @@
+"""Config errors: one line naming the culprit, non-zero exit, nothing written."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fedpeft.cli import main
+
+
+def run_cli(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("foo=1", "unknown key 'foo'"),
+        ("model.bogus=3", "unknown key 'model.bogus'"),
+        ("+train.bogus=3", "unknown key 'train.bogus'"),
+        ("rounds=abc", "rounds: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("train.lr=fast", "train.lr:"),
+        ("strategy=nope", "strategy: no option 'nope'; available: fedavg"),
+        ("fraction=1.5", "fraction: must be in (0, 1], got 1.5"),
+        ("partition.kind=random", "partition.kind: unknown value 'random'"),
+        ("tracking.mode=loud", "tracking.mode: unknown value 'loud'"),
+    ],
+)
+def test_config_errors_are_one_line_naming_the_key_and_write_nothing(override, expected, tmp_path, monkeypatch, capsys):
+    code, out, err = run_cli(["simulate", override], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fedpeft: config error: ")
+    assert expected in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_asset_says_what_to_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "empty-cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    code, out, err = run_cli(["simulate"], work, monkeypatch, capsys)
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "missing asset" in lines[0] and "fedpeft fetch-assets" in lines[0], err
+    assert list(work.iterdir()) == []
+
+
+def test_help_lists_groups_and_keys(tmp_path, monkeypatch, capsys):
+    code, out, err = run_cli(["simulate", "--help"], tmp_path, monkeypatch, capsys)
+    assert code == 0
+    for group in ("strategy: fedavg", "model: minilm, smollm2", "partition: dirichlet, iid, natural, shards", "engine: ray"):
+        assert group in out, out
+    for key in ("clients: 10", "rounds:", "fraction:", "seed:", "local_steps:", "num_gpus:", "ray_address:", "failure_rate:"):
+        assert key in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_command(tmp_path, monkeypatch, capsys):
+    code, out, err = run_cli(["simulat"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "unknown command 'simulat'" in err

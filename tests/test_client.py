@@ -1,0 +1,100 @@
+"""A client's local training and the model plumbing, in-process (no Flower, no Ray)."""
+
+import pytest
+import torch
+from types import SimpleNamespace
+
+from clients import app as client_app
+from clients.train import TrainSettings, batch_order, evaluate, train
+from fedpeft import data as fdata
+from fedpeft.lora import LoraFactors
+from fedpeft.models import ModelError, build, read_adapter, write_adapter
+from strategies.base import Payload
+
+MODEL = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=48)
+
+
+@pytest.fixture(scope="module")
+def tweets():
+    return fdata.load("election_tweets", seed=0)
+
+
+@pytest.fixture(scope="module")
+def lm(tweets):
+    torch.set_num_threads(2)
+    return build(MODEL, num_labels=len(fdata.label_names(tweets)), device="cpu", seed=0)
+
+
+def test_batch_order_is_seeded_and_covers_each_pass_once():
+    a = list(batch_order(10, 5, 4, seed=3))
+    assert a == list(batch_order(10, 5, 4, seed=3))
+    assert a != list(batch_order(10, 5, 4, seed=4))
+    flat = [i for b in a for i in b]
+    assert sorted(flat[:10]) == list(range(10))  # the first pass is a permutation
+    assert [len(b) for b in a] == [4, 4, 4, 4, 4]
+    assert [len(b) for b in batch_order(3, 2, 8, seed=0)] == [3, 3]  # a tiny partition: whole batches
+
+
+def test_read_write_adapter_round_trip_and_shape_errors(lm):
+    g = read_adapter(lm)
+    assert len(g.adapter) == 12 and set(g.head) == {"classifier.weight", "classifier.bias"}
+    f = next(iter(g.adapter.values()))
+    assert f.A.shape == (4, 384) and f.B.shape == (384, 4) and f.scaling == 2.0
+    assert torch.count_nonzero(f.B) == 0  # peft's init: B = 0
+    changed = {m: LoraFactors(x.A + 1.0, x.B + 2.0, x.scaling) for m, x in g.adapter.items()}
+    write_adapter(lm, changed, g.head)
+    back = read_adapter(lm)
+    for m in g.adapter:
+        assert torch.equal(back.adapter[m].A, changed[m].A) and torch.equal(back.adapter[m].B, changed[m].B)
+    name = next(iter(g.adapter))
+    bad = dict(g.adapter)
+    bad[name] = LoraFactors(torch.zeros(5, 384), torch.zeros(384, 5), 2.0)
+    with pytest.raises(ModelError, match=name.replace(".", r"\.")):
+        write_adapter(lm, bad, g.head)
+    write_adapter(lm, g.adapter, g.head)
+
+
+def test_local_training_lowers_the_loss_and_moves_only_the_adapter(lm, tweets):
+    part = tweets["train"].shuffle(seed=1).select(range(256))
+    g = read_adapter(lm)
+    write_adapter(lm, g.adapter, g.head)
+    before = evaluate(lm, part, 128)
+    base = lm.model.get_submodule("base_model.model.bert.encoder.layer.0.attention.self.query").base_layer.weight.clone()
+    settings = TrainSettings(local_steps=25, batch_size=16, lr=2e-3)
+    update, metrics = train(lm, Payload(g.adapter, g.head), part, settings, seed=7, client_id=3)
+    after = evaluate(lm, part, 128)
+    assert after["loss"] < before["loss"] - 0.1, (before, after)
+    assert update.num_examples == 256 and update.client_id == 3
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert torch.equal(base, lm.model.get_submodule("base_model.model.bert.encoder.layer.0.attention.self.query").base_layer.weight)
+    moved = [m for m in g.adapter if not torch.equal(update.adapter[m].B, g.adapter[m].B)]
+    assert len(moved) == len(g.adapter)
+    # The same seed and payload reproduce the same update (what a cohort executor must match).
+    again, _ = train(lm, Payload(g.adapter, g.head), part, settings, seed=7, client_id=3)
+    for m in g.adapter:
+        torch.testing.assert_close(again.adapter[m].B, update.adapter[m].B)
+
+
+def test_worker_caches_one_model_and_rebuilds_when_reuse_is_off(monkeypatch, tweets):
+    builds = []
+    real_build = client_app.build
+
+    def counting_build(*a, **k):
+        builds.append(1)
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(client_app, "build", counting_build)
+    monkeypatch.setattr(client_app, "_MODELS", {})
+    settings = {"model": vars(MODEL), "device": "cpu", "seed": 0, "reuse_model": True}
+    m1 = client_app.get_model(settings, 2)
+    m2 = client_app.get_model(settings, 2)
+    assert m1 is m2 and len(builds) == 1
+    m3 = client_app.get_model({**settings, "reuse_model": False}, 2)
+    assert m3 is not m1 and len(builds) == 2
+
+
+def test_injected_failures_are_seeded_and_match_the_rate():
+    fails = [client_app.should_fail(0, r, c, 0.3) for r in range(1, 21) for c in range(50)]
+    assert fails == [client_app.should_fail(0, r, c, 0.3) for r in range(1, 21) for c in range(50)]
+    assert 0.25 < sum(fails) / len(fails) < 0.35
+    assert not any(client_app.should_fail(0, r, c, 0.0) for r in range(5) for c in range(5))

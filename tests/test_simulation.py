@@ -1,0 +1,83 @@
+"""End-to-end federations on Flower's simulation engine with Ray (a few, small)."""
+
+import json
+
+import pytest
+import torch
+
+from fedpeft.cli import compose
+from fedpeft.simulation import run
+
+pytestmark = pytest.mark.slow
+
+LORA_BYTES_PER_CLIENT = 12 * 2 * (4 * 384) * 4  # 6 layers × {query, value} × (A + B) at r=4, float32
+HEAD_BYTES = (2 * 384 + 2) * 4
+
+
+def simulate(tmp_path, *overrides):
+    cfg = compose(["tracking.mode=offline", "model.rank=4", "model.alpha=8", "model.max_length=48", "data.eval_samples=256", *overrides])
+    return cfg, run(cfg, tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def four_clients(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sim")
+    return tmp, *simulate(tmp, "clients=4", "rounds=2", "train.local_steps=12", "train.batch_size=16", "train.lr=2e-3")
+
+
+def test_loss_falls_and_everything_is_tracked(four_clients):
+    tmp, cfg, summary = four_clients
+    assert summary["status"] == "finished"
+    h = summary["history"]
+    assert [r["round"] for r in h] == [0, 1, 2]
+    assert h[2]["loss"] < h[0]["loss"] - 0.05, h
+    assert h[2]["accuracy"] > summary["majority_rate"] + 0.1
+    rows = [json.loads(l) for l in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["accuracy"] == h[2]["accuracy"]
+    assert rows[1]["clients_sampled"] == 4 and rows[1]["clients_replied"] == 4 and rows[1]["clients_failed"] == 0
+    assert (tmp / "run" / "config.yaml").exists() and (tmp / "run" / "wandb").is_dir()
+
+
+def test_bytes_are_counted_from_the_sent_records(four_clients):
+    _, _, summary = four_clients
+    r1 = summary["history"][1]
+    per_client_down = r1["bytes_down"] / 4
+    per_client_up = r1["bytes_up"] / 4
+    tensors = LORA_BYTES_PER_CLIENT + HEAD_BYTES
+    # Arrays plus their keys and the config record (settings, scalings): a few percent of overhead.
+    assert tensors < per_client_down < tensors * 1.15, per_client_down
+    assert tensors < per_client_up < tensors * 1.1, per_client_up
+
+
+def test_saved_adapter_reloads_with_peft_and_reproduces_the_server_evaluation(four_clients):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from clients.train import evaluate
+    from fedpeft import data as fdata
+    from fedpeft.models import LoadedModel, model_path
+
+    tmp, cfg, summary = four_clients
+    ckpt = tmp / "run" / "adapters" / "round_002"
+    assert (ckpt / "adapter_model.safetensors").exists() and (ckpt / "adapter_config.json").exists()
+    base = AutoModelForSequenceClassification.from_pretrained(model_path("minilm"), num_labels=2)
+    model = PeftModel.from_pretrained(base, ckpt).eval()
+    ds = fdata.load("election_tweets", seed=0)
+    test = ds["test"].shuffle(seed=0).select(range(256))
+    lm = LoadedModel(model, AutoTokenizer.from_pretrained(model_path("minilm")), "classification", torch.device("cpu"), 48, (), ())
+    m = evaluate(lm, test, 128)
+    final = summary["history"][-1]
+    assert m["accuracy"] == pytest.approx(final["accuracy"], abs=1e-9)
+    assert m["loss"] == pytest.approx(final["loss"], rel=1e-4)
+
+
+def test_failing_clients_are_counted_and_the_rounds_go_on(tmp_path):
+    cfg, summary = simulate(tmp_path, "clients=6", "rounds=2", "train.local_steps=2", "profile.failure_rate=0.5", "tracking.mode=disabled", "tracking.save_adapters=false")
+    from clients.app import should_fail
+
+    assert summary["status"] == "finished"
+    for r in summary["history"][1:]:
+        expected = sum(should_fail(0, r["round"], c, 0.5) for c in range(6))
+        assert r["clients_failed"] == expected
+        assert r["clients_replied"] + r["clients_failed"] == r["clients_sampled"] == 6
+    assert sum(r["clients_failed"] for r in summary["history"][1:]) > 0
