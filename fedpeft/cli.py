@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -73,6 +72,10 @@ def compose(overrides: list[str]):
     schema_check(cfg)
     validate(cfg)
     check_assets(cfg)
+    from fedpeft.simulation import check_resources, prepare_data
+
+    check_resources(cfg)
+    prepare_data(cfg)  # cached: the run that follows in this process reuses it
     return cfg
 
 
@@ -135,16 +138,27 @@ def simulate(overrides: list[str]) -> int:
     setup_env()
     from fedpeft import assets
     from fedpeft.config import ConfigError
+    from fedpeft.data import DataError
 
     hydra_mode = any(a.split("=")[0] in HYDRA_FLAGS for a in overrides)
     if not hydra_mode:
         try:
             compose(overrides)
-        except (ConfigError, assets.AssetMissingError) as e:
-            kind = "config error" if isinstance(e, ConfigError) else "missing asset"
+        except (ConfigError, assets.AssetMissingError, DataError) as e:
+            kind = {ConfigError: "config error", DataError: "data error"}.get(type(e), "missing asset")
             print(f"fedpeft: {kind}: {e}", file=sys.stderr)
             return 2
     return run_hydra(overrides)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fedpeft.assets import AssetMissingError, ChecksumError
+    from fedpeft.config import ConfigError
+    from fedpeft.data import DataError
+    from fedpeft.messages import UpdateError
+    from fedpeft.models import ModelError
+
+    return (ConfigError, DataError, ModelError, AssetMissingError, ChecksumError, UpdateError)
 
 
 def run_hydra(overrides: list[str]) -> int:
@@ -156,12 +170,15 @@ def run_hydra(overrides: list[str]) -> int:
     from fedpeft import simulation
 
     register()
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    USER_ERRORS = _user_errors()
 
     @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
     def task(cfg: DictConfig):
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-        return simulation.run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        try:
+            return simulation.run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except USER_ERRORS as e:  # bad input found inside a (multi)run: one line, not a traceback
+            print(f"fedpeft: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     saved = sys.argv
     sys.argv = ["fedpeft simulate", *overrides]

@@ -66,9 +66,9 @@ class PartitionConfig:
 class TrainConfig:
     """Local training on each client, each round."""
 
-    local_steps: int = 10
+    local_steps: int = 20
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
 
 
@@ -86,6 +86,8 @@ class EngineConfig:
     # Seconds the server waits for one round's replies.
     round_timeout: float = 3600.0
     device: str = "auto"  # auto | cpu | cuda
+    # Flower's own log level (DEBUG, INFO, WARNING, ...); fedpeft prints one line per round itself.
+    flower_log_level: str = "WARNING"
 
 
 @dataclass
@@ -153,6 +155,7 @@ def validate(cfg: Any) -> None:
     one_of(cfg.partition.kind, "partition.kind", PARTITIONS)
     one_of(cfg.tracking.mode, "tracking.mode", TRACKING_MODES)
     one_of(cfg.engine.device, "engine.device", DEVICES)
+    one_of(cfg.engine.flower_log_level, "engine.flower_log_level", ("DEBUG", "INFO", "WARNING", "ERROR"))
     need(cfg.engine.backend == "ray", "engine.backend", f"unknown value {cfg.engine.backend!r}; expected ray")
     need(cfg.clients >= 1, "clients", f"must be at least 1, got {cfg.clients}")
     need(cfg.rounds >= 1, "rounds", f"must be at least 1, got {cfg.rounds}")

