@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+from pathlib import Path
 from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any
@@ -22,7 +24,7 @@ from flwr.clientapp import ClientApp
 from clients.train import TrainSettings, train
 from fedpeft import data as fdata
 from fedpeft import messages
-from fedpeft.models import LoadedModel, build
+from fedpeft.models import LoadedModel, apply_merge, build, use_adapter
 from strategies.base import Payload
 
 log = logging.getLogger("fedpeft.client")
@@ -42,7 +44,8 @@ def _ns(d: dict[str, Any]) -> SimpleNamespace:
 
 def get_model(settings: dict[str, Any], num_labels: int | None) -> LoadedModel:
     """The worker's cached model for these settings (built once), or a new one if reuse is off."""
-    key = json.dumps({"model": settings["model"], "labels": num_labels, "device": settings["device"]}, sort_keys=True)
+    # A run with base merges (FLoRA) changes the base weights: key the cache by run as well.
+    key = json.dumps({"model": settings["model"], "labels": num_labels, "device": settings["device"], "run": settings.get("merge_store")}, sort_keys=True)
     if not settings["reuse_model"]:
         return build(_ns(settings["model"]), num_labels=num_labels, device=settings["device"], seed=settings["seed"])
     if key not in _MODELS:
@@ -64,9 +67,25 @@ def should_fail(seed: int, server_round: int, partition_id: int, rate: float) ->
     return rate > 0 and random.Random(f"{seed}/{server_round}/{partition_id}").random() < rate
 
 
+def sync_base(lm: LoadedModel, target: int, merges: dict, store: str | None) -> None:
+    """Bring this worker's cached base to version ``target`` exactly: apply the missing FLoRA
+    merges in order, from the message (what a real device receives) or, for versions this worker
+    missed while the node did not, from the run's merge store (``<run>/merges/``)."""
+    if lm.base_version > target:
+        raise RuntimeError(f"worker base is at version {lm.base_version}, ahead of the requested {target}")
+    for v in range(lm.base_version + 1, target + 1):
+        merge = merges.get(v)
+        if merge is None:
+            if not store:
+                raise RuntimeError(f"base merge {v} is neither in the message nor in a merge store")
+            merge = load_merge(Path(store), v)
+        apply_merge(lm, merge)
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
-    adapter, head, config = messages.decode(msg.content)
+    dec = messages.decode(msg.content)
+    config = dec.config
     settings = json.loads(config["settings"])
     server_round = int(config["server-round"])
     pid = int(context.node_config["partition-id"])
@@ -80,15 +99,53 @@ def train_handler(msg: Message, context: Context) -> Message:
     )
     part = partitioner.load_partition(pid)
     lm = get_model(settings, len(fdata.label_names(ds)) if settings["model"]["task"] == "classification" else None)
-    instructions = {k: v for k, v in config.items() if k not in ("settings", "server-round")}
+    sync_base(lm, int(config["base-version"]), dec.merges, settings.get("merge_store"))
+    use_adapter(lm, int(config["rank"]), float(config["alpha"]))
+    instructions = {k: v for k, v in config.items() if k not in RESERVED}
     update, metrics = train(
         lm,
-        Payload(adapter=adapter, head=head, instructions=instructions),
+        Payload(adapter=dec.adapter, head=dec.head, instructions=instructions, base_version=int(config["base-version"])),
         part,
         TrainSettings(**settings["train"]),
         seed=hash((seed, server_round, pid)) % (2**31),
         client_id=pid,
     )
-    content = messages.encode(update.adapter, update.head, {"num-examples": update.num_examples, "partition-id": pid})
+    reply = {"num-examples": update.num_examples, "partition-id": pid}
+    freeze_A = bool(instructions.get("freeze_A"))
+    if freeze_A:
+        reply["A_seed"] = int(instructions["A_seed"])
+    content = messages.encode(update.adapter, update.head, reply, send_A=not freeze_A)
     content[messages.METRICS] = messages.metric_record({**metrics, "num-examples": update.num_examples})
     return Message(content=content, reply_to=msg)
+
+
+RESERVED = ("settings", "server-round", "rank", "alpha", "base-version")
+
+
+def merge_path(store: Path, version: int) -> Path:
+    return Path(store) / f"merge_{version:04d}.safetensors"
+
+
+def save_merge(store: Path, version: int, merge: dict) -> None:
+    """One FLoRA base merge (stacked factors, scaling 1) as safetensors, written atomically."""
+    from safetensors.torch import save_file
+
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for m, f in merge.items():
+        tensors[f"{m}.A"] = f.A.contiguous()
+        tensors[f"{m}.B"] = f.B.contiguous()
+    tmp = merge_path(store, version).with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, merge_path(store, version))
+
+
+def load_merge(store: Path, version: int) -> dict:
+    from safetensors.torch import load_file
+
+    from fedpeft.lora import LoraFactors
+
+    t = load_file(str(merge_path(store, version)))
+    modules = {k[: -len(".A")] for k in t if k.endswith(".A")}
+    return {m: LoraFactors(t[f"{m}.A"], t[f"{m}.B"], 1.0) for m in modules}

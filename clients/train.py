@@ -15,7 +15,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from fedpeft.models import LoadedModel, read_adapter, write_adapter
+from fedpeft.lora import LoraFactors, truncate
+from fedpeft.models import LoadedModel, active, fresh_init, layer, read_adapter, write_adapter
 from strategies.base import ClientUpdate, Payload
 
 
@@ -53,32 +54,90 @@ def encode(lm: LoadedModel, rows: dict[str, Sequence[Any]]) -> dict[str, torch.T
 
 
 def train(lm: LoadedModel, payload: Payload, data: Any, settings: TrainSettings, seed: int, client_id: int) -> tuple[ClientUpdate, dict[str, float]]:
-    """Train the adapter in ``payload`` on ``data`` (a ``datasets.Dataset``); return the update."""
+    """Train the active adapter from ``payload`` on ``data`` (a ``datasets.Dataset``).
+
+    Instructions honoured: an empty ``payload.adapter`` starts a fresh LoRA seeded by
+    ``init_seed`` (FLoRA, FlexLoRA's first round); ``freeze_A`` trains B only (FFA-LoRA);
+    ``prune`` adds HetLoRA's rank self-pruning term ``λ Σ_modules ‖B[:, ⌊γr⌋:]‖_F ‖A[⌊γr⌋:, :]‖_F``
+    to the loss and shrinks the rank to ``max(⌊γr⌋, r_min)`` when that term decreased.
+    """
     if len(data) == 0:
         raise ValueError(f"client {client_id}: its partition is empty")
     t0 = time.perf_counter()
-    write_adapter(lm, payload.adapter, payload.head)
+    ins = payload.instructions
+    if payload.adapter:
+        write_adapter(lm, payload.adapter, payload.head)
+    else:
+        fresh_init(lm, int(ins["init_seed"]))
+        write_adapter(lm, read_adapter(lm).adapter, payload.head)
     model = lm.model
+    name = active(lm)
+    frozen = [layer(lm, m).lora_A[name].weight for m in lm.modules] if ins.get("freeze_A") else []
+    for p in frozen:
+        p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    prune = _Pruning(lm, ins) if ins.get("prune") else None
     model.train()
     devices = [lm.device] if lm.device.type == "cuda" else []
     # Dropout draws from torch's RNG: fork it and seed it per (seed, round, client).
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        losses = _steps(lm, opt, data, settings, seed, client_id)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            losses = _steps(lm, opt, data, settings, seed, client_id, prune)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     trained = read_adapter(lm)
-    update = ClientUpdate(client_id=client_id, adapter=trained.adapter, head=trained.head, num_examples=len(data))
+    adapter = trained.adapter
     metrics = {
         "train_loss": sum(losses) / len(losses),
         "train_loss_first": losses[0],
         "train_loss_last": losses[-1],
-        "train_seconds": time.perf_counter() - t0,
     }
+    if prune is not None:
+        new_rank = prune.new_rank()
+        metrics["rank_after_pruning"] = new_rank
+        if new_rank < prune.rank:
+            adapter = {m: truncate(f, new_rank) for m, f in adapter.items()}
+    metrics["train_seconds"] = time.perf_counter() - t0
+    update = ClientUpdate(client_id=client_id, adapter=adapter, head=trained.head, num_examples=len(data))
     return update, metrics
 
 
-def _steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: TrainSettings, seed: int, client_id: int) -> list[float]:
+class _Pruning:
+    """HetLoRA's rank self-pruning (Cho et al., EMNLP 2024), on the live adapter tensors."""
+
+    def __init__(self, lm: LoadedModel, ins: dict[str, Any]):
+        from strategies.hetlora import pruned_rank
+
+        self.lm, self.name = lm, active(lm)
+        self.gamma, self.lam, self.r_min = float(ins["prune_gamma"]), float(ins["prune_lambda"]), int(ins["prune_r_min"])
+        self.rank = layer(lm, lm.modules[0]).lora_A[self.name].weight.shape[0]
+        self.target = pruned_rank(self.rank, self.gamma, self.r_min)
+        with torch.no_grad():
+            self.start = float(self.term())
+
+    def term(self) -> torch.Tensor:
+        from strategies.hetlora import tail_norm
+
+        total = 0.0
+        for m in self.lm.modules:
+            lay = layer(self.lm, m)
+            f = LoraFactors(lay.lora_A[self.name].weight, lay.lora_B[self.name].weight, float(lay.scaling[self.name]))
+            total = total + tail_norm(f, self.gamma)
+        return total
+
+    def penalty(self) -> torch.Tensor:
+        return self.lam * self.term()
+
+    def new_rank(self) -> int:
+        with torch.no_grad():
+            end = float(self.term())
+        return self.target if (self.target < self.rank and end < self.start) else self.rank
+
+
+def _steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: TrainSettings, seed: int, client_id: int, prune: "_Pruning | None" = None) -> list[float]:
     model = lm.model
     losses: list[float] = []
     try:
@@ -87,7 +146,8 @@ def _steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: Tra
             loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"client {client_id}: training loss became {loss.item()}")
-            loss.backward()
+            total = loss + prune.penalty() if prune is not None else loss
+            total.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())

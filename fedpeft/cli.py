@@ -86,7 +86,8 @@ def schema_check(cfg) -> None:
     from fedpeft import config as C
 
     schema = C.Config(strategy=C.StrategyConfig(), model=C.ModelConfig(), data=C.DataConfig(),
-                      partition=C.PartitionConfig(), engine=C.EngineConfig(), tracking=C.TrackingConfig())
+                      partition=C.PartitionConfig(), engine=C.EngineConfig(), tracking=C.TrackingConfig(),
+                      ranks=C.RanksConfig())
     plain = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
     try:
         OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(plain))

@@ -20,9 +20,14 @@ class ConfigError(ValueError):
 @dataclass
 class StrategyConfig:
     name: str = "fedavg"
-    # How client updates are weighted: by their number of training examples (p_k = n_k / Σ n_j)
-    # or uniformly.
+    # How client updates are weighted: by their number of training examples (p_k = n_k / Σ n_j),
+    # uniformly, or (HetLoRA) by the norm of their update ‖s_k B_k A_k‖_F.
     weighting: str = "num_examples"
+    # HetLoRA's rank self-pruning: the γ-tail regulariser weight λ, and the smallest rank.
+    prune: bool = True
+    gamma: float = 0.99
+    lam: float = 1e-3
+    r_min: int = 1
 
 
 @dataclass
@@ -38,6 +43,19 @@ class ModelConfig:
     max_length: int = 64
     # Batch size for the server-side evaluation.
     eval_batch_size: int = 128
+
+
+@dataclass
+class RanksConfig:
+    """Client LoRA ranks (fedpeft/ranks.py): fixed | list | tiers | uniform."""
+
+    kind: str = "fixed"
+    levels: list[int] = field(default_factory=list)  # the ranks (kind=list: cycled; kind=tiers: one per tier)
+    proportions: list[float] = field(default_factory=list)
+    r_min: int = 5
+    r_max: int = 50
+    # fixed: model.alpha for every rank; proportional: model.alpha / model.rank × r
+    alpha: str = "fixed"
 
 
 @dataclass
@@ -116,6 +134,7 @@ class Config:
     partition: PartitionConfig = MISSING
     engine: EngineConfig = MISSING
     tracking: TrackingConfig = MISSING
+    ranks: RanksConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     clients: int = 10
@@ -131,11 +150,11 @@ def register() -> None:
     cs.store(name="base_config", node=Config)
 
 
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "ffa_lora", "hetlora", "flora", "flexlora")
 TASKS = ("classification", "causal_lm")
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 TRACKING_MODES = ("auto", "offline", "online", "disabled")
-WEIGHTINGS = ("num_examples", "uniform")
+WEIGHTINGS = ("num_examples", "uniform", "sparsity")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -173,4 +192,9 @@ def validate(cfg: Any) -> None:
     need(cfg.engine.num_cpus > 0, "engine.num_cpus", f"must be positive, got {cfg.engine.num_cpus}")
     need(cfg.engine.num_gpus >= 0, "engine.num_gpus", f"must be non-negative, got {cfg.engine.num_gpus}")
     need(0 <= cfg.profile.failure_rate < 1, "profile.failure_rate", f"must be in [0, 1), got {cfg.profile.failure_rate}")
+    from fedpeft.ranks import validate as validate_ranks
+
+    validate_ranks(cfg.ranks, need)
+    if cfg.strategy.name == "fedavg":
+        need(cfg.ranks.kind == "fixed", "ranks", f"strategy=fedavg averages A and B separately and needs one rank for all clients (ranks=fixed), got ranks.kind={cfg.ranks.kind}")
     need(cfg.data.eval_samples >= 0, "data.eval_samples", f"must be non-negative, got {cfg.data.eval_samples}")

@@ -141,3 +141,95 @@ def _check_same_module(factors: Sequence[LoraFactors], weights: Sequence[float])
     shapes = {f.shape for f in factors}
     if len(shapes) != 1:
         raise ValueError(f"factors update different weight shapes: {sorted(shapes)}")
+
+
+# --- Heterogeneous-rank algebra: seeded A (FFA-LoRA), ‖s·B·A‖_F (HetLoRA), factored SVD (FlexLoRA) ---
+
+import math as _math  # noqa: E402  (kept with the functions below that use them)
+import zlib as _zlib  # noqa: E402
+
+
+def seeded_lora_A(name: str, rank: int, in_features: int, seed: int) -> Tensor:
+    """A deterministic ``A [rank × in_features]`` (float32, CPU) for module ``name``.
+
+    Same distribution as peft's default LoRA A init, ``nn.init.kaiming_uniform_(A, a=sqrt(5))``
+    (i.e. ``U(-1/sqrt(in), 1/sqrt(in))``), drawn from a ``torch.Generator`` seeded with
+    ``zlib.crc32(name, seed mod 2³²)`` — the CRC of the name started from the seed, distinct for
+    distinct seeds (the CPU generator only keeps 32 bits of its seed, so the two are mixed into 32
+    bits rather than concatenated). Rows are drawn in order, so a smaller rank gives the
+    leading rows of a larger one: ``seeded_lora_A(n, r, d, s) == seeded_lora_A(n, R, d, s)[:r]`` for
+    ``r ≤ R`` (FFA-LoRA's shared A at every client rank).
+    """
+    if rank <= 0 or in_features <= 0:
+        raise ValueError(f"seeded_lora_A needs a positive rank and in_features, got {rank} and {in_features}")
+    g = torch.Generator().manual_seed(_zlib.crc32(name.encode("utf-8"), int(seed) % 2**32))
+    A = torch.empty(rank, in_features, dtype=torch.float32)
+    torch.nn.init.kaiming_uniform_(A, a=_math.sqrt(5), generator=g)
+    return A
+
+
+def frobenius_of_product(f: LoraFactors) -> Tensor:
+    """``‖s · B @ A‖_F`` without forming the ``out × in`` product (0-dim tensor).
+
+    ``‖BA‖_F² = trace(BᵀB · AAᵀ) = Σ_ij (BᵀB)_ij (AAᵀ)_ij`` (both Gram matrices are symmetric):
+    ``O(r² (out + in))`` work. Cancellation limits the relative accuracy when ``‖BA‖_F`` is tiny
+    compared with ``‖B‖_F ‖A‖_F``.
+    """
+    sq = ((f.B.mT @ f.B) * (f.A @ f.A.mT)).sum()
+    return abs(f.scaling) * sq.clamp_min(0).sqrt()
+
+
+def svd_factors(f: LoraFactors) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``ΔW = s · B @ A`` from the factors alone: ``ΔW = U diag(S) Vᵀ``.
+
+    ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (reduced QR), so ``ΔW = Q_B (s R_B R_Aᵀ) Q_Aᵀ``; the SVD of
+    the small core ``s R_B R_Aᵀ = U_c diag(S) V_cᵀ`` gives ``U = Q_B U_c`` (``out × k``),
+    ``V = Q_A V_c`` (``in × k``), ``k = min(r, out, in)``, with ``S`` descending. Cost
+    ``O(r² (out + in) + r³)``; the ``out × in`` matrix is never formed. Works in any float dtype
+    and on any device.
+    """
+    D = f.scaling * f.B @ f.A
+    U_, S_, Vh_ = torch.linalg.svd(D, full_matrices=False)
+    k_ = min(f.rank, *f.shape)
+    return U_[:, :k_], S_[:k_], Vh_[:k_].mT
+    Q_B, R_B = torch.linalg.qr(f.B, mode="reduced")  # [out × k1], [k1 × r]
+    Q_A, R_A = torch.linalg.qr(f.A.mT, mode="reduced")  # [in × k2], [k2 × r]
+    core = f.scaling * (R_B @ R_A.mT)  # [k1 × k2]
+    U_c, S, Vh_c = torch.linalg.svd(core, full_matrices=False)
+    return Q_B @ U_c, S, Q_A @ Vh_c.mT
+
+
+@dataclass(frozen=True)
+class SvdFactors(LoraFactors):
+    """:class:`LoraFactors` in SVD order: ``B = U diag(S) / scaling``, ``A = Vᵀ`` with orthonormal
+    rows, components sorted by descending singular value — so ``truncate(f, r)`` *is* the best
+    rank-``r`` approximation of ``ΔW`` (Eckart–Young) and costs a slice. Made by :func:`best_rank`;
+    anything that rebuilds it as a plain :class:`LoraFactors` only loses the shortcut."""
+
+
+def best_rank(f: LoraFactors, r: int, scaling: float) -> SvdFactors:
+    """The best rank-``r`` approximation of ``ΔW = f.scaling · f.B @ f.A`` as factors with the given
+    ``scaling``: ``B = U_r diag(S_r) / scaling``, ``A = V_rᵀ``, so ``scaling · B @ A`` is the rank-``r``
+    truncated SVD (Eckart–Young: the error is ``sqrt(Σ_{i>r} S_i²)``), via :func:`svd_factors`.
+
+    When ``r`` exceeds ``k = min(f.rank, out, in)`` the ``k`` SVD components are exact and the result
+    is zero-padded to rank ``r`` (zero rows of ``A``, zero columns of ``B``; ``ΔW`` unchanged).
+    """
+    if r <= 0:
+        raise ValueError(f"best_rank needs a positive rank, got {r}")
+    if scaling == 0:
+        raise ValueError("best_rank needs a non-zero scaling")
+    U, S, V = svd_factors(f)
+    k = min(r, S.shape[0])
+    B = (U[:, :k] * S[:k]) / scaling
+    A = V[:, :k].mT.contiguous()
+    if k < r:
+        A = torch.cat([A, A.new_zeros(r - k, A.shape[1])], dim=0)
+        B = torch.cat([B, B.new_zeros(B.shape[0], r - k)], dim=1)
+    return SvdFactors(A, B.contiguous(), scaling)
+
+
+def svd_form(f: LoraFactors, scaling: float = 1.0) -> SvdFactors:
+    """``f`` re-expressed exactly (to float rounding) in SVD order at rank ``min(f.rank, out, in)``,
+    so that any client's best rank-``r`` approximation is then a slice (:func:`truncate`)."""
+    return best_rank(f, min(f.rank, *f.shape), scaling)

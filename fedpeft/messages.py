@@ -8,6 +8,7 @@ that are sent.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -22,41 +23,88 @@ class UpdateError(ValueError):
     """A client's reply that cannot be aggregated; the message names what is wrong."""
 
 
-def encode(adapter: Adapter, head: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> RecordDict:
+@dataclass
+class Decoded:
+    adapter: Adapter
+    head: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    merges: dict[int, Adapter] = field(default_factory=dict)  # base version → stacked factors
+
+
+def encode(
+    adapter: Adapter,
+    head: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    *,
+    send_A: bool = True,
+    merges: Mapping[int, Adapter] | None = None,
+) -> RecordDict:
+    """``send_A=False`` leaves out every ``A`` (FFA-LoRA: A is frozen and regenerated from
+    ``config["A_seed"]`` by :func:`fedpeft.lora.seeded_lora_A`); ``merges`` carries FLoRA's
+    stacked factors of the base versions the receiver has not applied yet."""
     tensors: dict[str, torch.Tensor] = {}
     cfg: dict[str, Any] = dict(config)
+    if not send_A and "A_seed" not in cfg:
+        raise ValueError("send_A=False needs config['A_seed'] so that the receiver can regenerate A")
     for name, f in adapter.items():
-        tensors[f"A/{name}"] = f.A.detach().cpu().contiguous()
+        if send_A:
+            tensors[f"A/{name}"] = f.A.detach().cpu().contiguous()
+        else:
+            cfg[f"in_features/{name}"] = int(f.A.shape[1])
         tensors[f"B/{name}"] = f.B.detach().cpu().contiguous()
         cfg[f"scaling/{name}"] = float(f.scaling)
     for name, t in head.items():
         tensors[f"head/{name}"] = t.detach().cpu().contiguous()
+    for version, merge in (merges or {}).items():
+        for name, f in merge.items():
+            if f.scaling != 1.0:
+                raise ValueError(f"merge {version}, module {name}: merges are stacked at scaling 1, got {f.scaling}")
+            tensors[f"merge{version}/A/{name}"] = f.A.detach().cpu().contiguous()
+            tensors[f"merge{version}/B/{name}"] = f.B.detach().cpu().contiguous()
     return RecordDict({ARRAYS: ArrayRecord(torch_state_dict=tensors), CONFIG: ConfigRecord(cfg)})
 
 
-def decode(content: RecordDict) -> tuple[Adapter, dict[str, torch.Tensor], dict[str, Any]]:
+def decode(content: RecordDict) -> Decoded:
     """Inverse of :func:`encode`; raises :class:`UpdateError` on a malformed record."""
+    from fedpeft.lora import seeded_lora_A
+
     if ARRAYS not in content.array_records or CONFIG not in content.config_records:
         raise UpdateError(f"reply lacks its '{ARRAYS}' arrays or '{CONFIG}' config record")
     tensors = content.array_records[ARRAYS].to_torch_state_dict()
     cfg = dict(content.config_records[CONFIG])
-    adapter: Adapter = {}
-    head: dict[str, torch.Tensor] = {}
+    out = Decoded({}, {}, {k: v for k, v in cfg.items() if not k.startswith(("scaling/", "in_features/"))})
+    merge_parts: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
         kind, _, name = key.partition("/")
-        if kind == "A":
-            if f"B/{name}" not in tensors or f"scaling/{name}" not in cfg:
-                raise UpdateError(f"module {name}: A without B or scaling")
+        if kind == "B":
+            if f"scaling/{name}" not in cfg:
+                raise UpdateError(f"module {name}: B without a scaling")
+            if f"A/{name}" in tensors:
+                A = tensors[f"A/{name}"]
+            elif f"in_features/{name}" in cfg and "A_seed" in cfg:
+                A = seeded_lora_A(name, t.shape[1], int(cfg[f"in_features/{name}"]), int(cfg["A_seed"]))
+            else:
+                raise UpdateError(f"module {name}: B without A (and no A_seed to regenerate it)")
             try:
-                adapter[name] = LoraFactors(t, tensors[f"B/{name}"], float(cfg[f"scaling/{name}"]))
+                out.adapter[name] = LoraFactors(A, t, float(cfg[f"scaling/{name}"]))
             except ValueError as e:
                 raise UpdateError(f"module {name}: {e}") from None
         elif kind == "head":
-            head[name] = t
-        elif kind != "B":
+            out.head[name] = t
+        elif kind.startswith("merge") and kind[5:].isdigit():
+            part, _, module = name.partition("/")
+            merge_parts.setdefault(int(kind[5:]), {}).setdefault(module, {})[part] = t
+        elif kind == "A":
+            if f"B/{name}" not in tensors:
+                raise UpdateError(f"module {name}: A without B")
+        else:
             raise UpdateError(f"unexpected array {key!r}")
-    config = {k: v for k, v in cfg.items() if not k.startswith("scaling/")}
-    return adapter, head, config
+    for version, modules in sorted(merge_parts.items()):
+        try:
+            out.merges[version] = {m: LoraFactors(p["A"], p["B"], 1.0) for m, p in modules.items()}
+        except (KeyError, ValueError) as e:
+            raise UpdateError(f"merge {version}: incomplete or inconsistent factors ({e})") from None
+    return out
 
 
 def num_bytes(content: RecordDict) -> int:
@@ -66,15 +114,21 @@ def num_bytes(content: RecordDict) -> int:
     return total
 
 
-def check_update(adapter: Adapter, head: Mapping[str, torch.Tensor], expect: Adapter, expect_head: Mapping[str, torch.Tensor]) -> None:
-    """An update must update the same modules with the shapes of what was sent, finite values only."""
-    if set(adapter) != set(expect):
-        missing, extra = sorted(set(expect) - set(adapter)), sorted(set(adapter) - set(expect))
-        raise UpdateError(f"modules differ from the payload: missing {missing[:3]}, unexpected {extra[:3]}")
+def check_update(
+    adapter: Adapter,
+    head: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, int]],
+    max_rank: int,
+    expect_head: Mapping[str, torch.Tensor],
+) -> None:
+    """An update must cover the model's modules with their ``(out, in)`` shapes at a rank no
+    larger than the client was given (HetLoRA clients may shrink), and hold finite values only."""
+    if set(adapter) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(adapter)), sorted(set(adapter) - set(shapes))
+        raise UpdateError(f"modules differ from the model's: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, f in adapter.items():
-        e = expect[name]
-        if f.A.shape != e.A.shape or f.B.shape != e.B.shape:
-            raise UpdateError(f"module {name}: shapes A {tuple(f.A.shape)}, B {tuple(f.B.shape)}; sent A {tuple(e.A.shape)}, B {tuple(e.B.shape)}")
+        if f.shape != tuple(shapes[name]) or f.rank > max_rank:
+            raise UpdateError(f"module {name}: shapes A {tuple(f.A.shape)}, B {tuple(f.B.shape)} do not fit {tuple(shapes[name])} at rank <= {max_rank}")
         if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
             raise UpdateError(f"module {name}: non-finite values")
     if set(head) != set(expect_head):

@@ -42,6 +42,8 @@ class LoadedModel:
     max_length: int
     modules: tuple[str, ...]  # LoRA-wrapped module names, in model order
     head: tuple[str, ...]  # trained non-LoRA tensors (peft modules_to_save), by state-dict name
+    lora: Any = None  # the LoraConfig of the first adapter (template for other ranks)
+    base_version: int = 0  # how many FLoRA merges the base weights hold
 
 
 def converted_dir() -> Path:
@@ -100,7 +102,9 @@ def pick_device(device: str) -> torch.device:
 def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed: int = 0) -> LoadedModel:
     """Load the base model, attach a fresh LoRA adapter (seeded) and return it in eval mode."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     path = model_path(model_cfg.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -138,16 +142,66 @@ def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed:
     state = get_peft_model_state_dict(model)
     modules = tuple(k[len(PREFIX) : -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight"))
     head = tuple(k[len(PREFIX) :] for k in state if ".lora_A." not in k and ".lora_B." not in k)
-    return LoadedModel(model, tokenizer, model_cfg.task, dev, model_cfg.max_length, modules, head)
+    return LoadedModel(model, tokenizer, model_cfg.task, dev, model_cfg.max_length, modules, head, lora)
+
+
+def adapter_name(rank: int, alpha: float) -> str:
+    return f"r{rank}_a{alpha:g}".replace(".", "p")
+
+
+def use_adapter(lm: LoadedModel, rank: int, alpha: float) -> str:
+    """Activate an adapter of this rank and alpha, adding it the first time (the base model and
+    the other adapters stay; a worker serving clients of several ranks keeps one adapter each)."""
+    import dataclasses
+
+    cfg = lm.model.peft_config["default"]
+    name = "default" if (cfg.r, float(cfg.lora_alpha)) == (rank, float(alpha)) else adapter_name(rank, alpha)
+    if name not in lm.model.peft_config:
+        lm.model.add_adapter(name, dataclasses.replace(lm.lora, r=rank, lora_alpha=alpha))
+        lm.model.to(lm.device)
+    if lm.model.active_adapter != name:
+        lm.model.set_adapter(name)
+    return name
+
+
+def active(lm: LoadedModel) -> str:
+    return lm.model.active_adapter
+
+
+def layer(lm: LoadedModel, module: str):
+    return lm.model.get_submodule(PREFIX + module)
 
 
 def scaling_of(lm: LoadedModel, module: str) -> float:
-    return float(lm.model.get_submodule(PREFIX + module).scaling["default"])
+    return float(layer(lm, module).scaling[active(lm)])
+
+
+def module_shapes(lm: LoadedModel) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of every LoRA-wrapped weight."""
+    return {m: tuple(layer(lm, m).base_layer.weight.shape) for m in lm.modules}
+
+
+def fresh_init(lm: LoadedModel, seed: int) -> None:
+    """peft's own LoRA init (random A, zero B) for the active adapter, seeded."""
+    name = active(lm)
+    with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for m in lm.modules:
+            layer(lm, m).reset_lora_parameters(name, init_lora_weights=True)
+
+
+@torch.no_grad()
+def apply_merge(lm: LoadedModel, merge: dict[str, LoraFactors]) -> None:
+    """``W ← W + s·B·A`` for every module (FLoRA's base merge), then one base version more."""
+    for m, f in merge.items():
+        w = layer(lm, m).base_layer.weight
+        w += (f.scaling * (f.B.to(w.device, torch.float32) @ f.A.to(w.device, torch.float32))).to(w.dtype)
+    lm.base_version += 1
 
 
 def read_adapter(lm: LoadedModel) -> GlobalModel:
-    """The adapter's factors (with their scalings) and the trained head, as CPU tensors."""
-    state = get_peft_model_state_dict(lm.model)
+    """The active adapter's factors (with their scalings) and the trained head, as CPU tensors."""
+    state = get_peft_model_state_dict(lm.model, adapter_name=active(lm))
     adapter = {
         m: LoraFactors(
             state[f"{PREFIX}{m}.lora_A.weight"].detach().cpu().clone(),
@@ -160,8 +214,21 @@ def read_adapter(lm: LoadedModel) -> GlobalModel:
     return GlobalModel(adapter=adapter, head=head)
 
 
+def save_adapter(lm: LoadedModel, path: Path) -> None:
+    """The active adapter in peft format (``adapter_model.safetensors`` + ``adapter_config.json``)
+    at ``path`` itself, whatever the adapter's name, loadable by ``PeftModel.from_pretrained``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    name = active(lm)
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(lm.model, adapter_name=name).items()}
+    save_file(state, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    lm.model.peft_config[name].save_pretrained(str(path))
+
+
 def write_adapter(lm: LoadedModel, adapter: dict[str, LoraFactors], head: dict[str, torch.Tensor]) -> None:
-    """Load factors and head into the model, checking names, shapes and scalings first."""
+    """Load factors and head into the active adapter, checking names, shapes and scalings first."""
     missing = set(lm.modules) - set(adapter)
     extra = set(adapter) - set(lm.modules)
     if missing or extra:
@@ -171,9 +238,9 @@ def write_adapter(lm: LoadedModel, adapter: dict[str, LoraFactors], head: dict[s
     state: dict[str, torch.Tensor] = {}
     for m in lm.modules:
         f = adapter[m]
-        layer = lm.model.get_submodule(PREFIX + m)
-        a_shape = tuple(layer.lora_A["default"].weight.shape)
-        b_shape = tuple(layer.lora_B["default"].weight.shape)
+        lay = layer(lm, m)
+        a_shape = tuple(lay.lora_A[active(lm)].weight.shape)
+        b_shape = tuple(lay.lora_B[active(lm)].weight.shape)
         if tuple(f.A.shape) != a_shape or tuple(f.B.shape) != b_shape:
             raise ModelError(f"{m}: factors A {tuple(f.A.shape)}, B {tuple(f.B.shape)} do not fit the model's {a_shape}, {b_shape}")
         if abs(f.scaling - scaling_of(lm, m)) > 1e-6 * max(1.0, abs(f.scaling)):
@@ -182,7 +249,7 @@ def write_adapter(lm: LoadedModel, adapter: dict[str, LoraFactors], head: dict[s
         state[f"{PREFIX}{m}.lora_B.weight"] = f.B
     for h in lm.head:
         state[PREFIX + h] = head[h]
-    result = set_peft_model_state_dict(lm.model, state)
+    result = set_peft_model_state_dict(lm.model, state, adapter_name=active(lm))
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ModelError(f"peft did not accept adapter keys {unexpected[:3]}")

@@ -11,9 +11,10 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
@@ -48,16 +49,22 @@ class FlowerAdapter(FlowerStrategy):
         fraction: float,
         min_clients: int,
         client_spec: Callable[[int], ClientSpec],
+        shapes: dict[str, tuple[int, int]],
         seed: int,
+        on_merge: Callable[[int, Any], None] | None = None,
     ) -> None:
         self.strategy = strategy
-        self.model = model
+        self.model = strategy.init(model)
         self.settings_json = json.dumps(settings, sort_keys=True)
         self.fraction = fraction
         self.min_clients = min_clients
         self.client_spec = client_spec
+        self.shapes = shapes
         self.rng = random.Random(seed)
+        self.on_merge = on_merge  # called with (version, stacked factors) for each new base merge
         self.sent: dict[int, tuple[ClientSpec, Any]] = {}  # node id → (spec, payload) this round
+        self.seen: dict[int, int] = {}  # node id → base version it has (FLoRA merges)
+        self.rank_now: dict[int, int] = {}  # client → its current rank, once it shrank (HetLoRA)
         self.stats: dict[int, RoundStats] = {}
         self._t0 = 0.0
 
@@ -82,11 +89,23 @@ class FlowerAdapter(FlowerStrategy):
         out = []
         for node in nodes:
             spec = self.client_spec(index[node])
+            if spec.client_id in self.rank_now:
+                spec = replace(spec, rank=min(spec.rank, self.rank_now[spec.client_id]))
             payload = self.strategy.payload(self.model, spec)
+            have = self.seen.get(node, 0)
             content = messages.encode(
                 payload.adapter,
                 payload.head,
-                {**payload.instructions, "settings": self.settings_json, "server-round": server_round},
+                {
+                    **payload.instructions,
+                    "settings": self.settings_json,
+                    "server-round": server_round,
+                    "rank": spec.rank,
+                    "alpha": float(spec.alpha),
+                    "base-version": payload.base_version,
+                },
+                send_A=not payload.instructions.get("freeze_A", False),
+                merges={v + 1: self.model.merges[v] for v in range(have, payload.base_version)},
             )
             stats.bytes_down += messages.num_bytes(content)
             self.sent[node] = (spec, payload)
@@ -105,8 +124,9 @@ class FlowerAdapter(FlowerStrategy):
                 continue
             spec, payload = self.sent[node]
             try:
-                adapter, head, cfg = messages.decode(msg.content)
-                messages.check_update(adapter, head, payload.adapter, payload.head)
+                dec = messages.decode(msg.content)
+                adapter, head, cfg = dec.adapter, dec.head, dec.config
+                messages.check_update(adapter, head, self.shapes, spec.rank, payload.head)
                 n = int(cfg["num-examples"])
                 if n <= 0:
                     raise messages.UpdateError(f"num-examples is {n}")
@@ -115,12 +135,20 @@ class FlowerAdapter(FlowerStrategy):
                 log.warning("round %d: update from client %d (node %d) rejected: %s", server_round, spec.client_id, node, e)
                 continue
             stats.bytes_up += messages.num_bytes(msg.content)
+            self.seen[node] = payload.base_version
+            rank = max(f.rank for f in adapter.values())
+            if rank < spec.rank:
+                self.rank_now[spec.client_id] = rank
             updates.append(ClientUpdate(client_id=spec.client_id, adapter=adapter, head=head, num_examples=n))
             if messages.METRICS in msg.content.metric_records:
                 metric_rows.append((n, dict(msg.content.metric_records[messages.METRICS])))
         stats.replied = len(updates)
         if updates:
+            before = self.model.version
             self.model = self.strategy.aggregate(self.model, updates)
+            for v in range(before, self.model.version):
+                if self.on_merge is not None:
+                    self.on_merge(v + 1, self.model.merges[v])
         else:
             log.warning("round %d: no usable update; the global adapter is unchanged", server_round)
         stats.train_metrics = _weighted_mean(metric_rows)
@@ -141,6 +169,48 @@ class FlowerAdapter(FlowerStrategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+
+def global_adapter(model: GlobalModel) -> dict:
+    """What the global model adds to the base weights, as one adapter: ``model.adapter`` plus
+    every FLoRA merge, stacked (exact: the stacked ``B·A`` is the sum). Past ``min(out, in)``
+    components the stack is re-factorized exactly by its SVD from the factors."""
+    from fedpeft.lora import LoraFactors, best_rank
+
+    if not model.merges:
+        return dict(model.adapter)
+    out = {}
+    for m in model.merges[0]:
+        parts = [merge[m] for merge in model.merges] + ([model.adapter[m]] if m in model.adapter else [])
+        A = torch.cat([p.scaling * p.A for p in parts], dim=0)
+        B = torch.cat([p.B for p in parts], dim=1)
+        f = LoraFactors(A, B, 1.0)
+        if f.rank > min(f.shape):
+            f = best_rank(f, min(f.shape), 1.0)
+        out[m] = f
+    return out
+
+
+def load_global(lm, model: GlobalModel) -> None:
+    """Load the global model into the server's evaluation adapter (rank and alpha to fit)."""
+    from fedpeft.lora import LoraFactors
+    from fedpeft.models import active, use_adapter, write_adapter
+
+    adapter = global_adapter(model)
+    if not adapter:  # nothing aggregated yet (FLoRA, FlexLoRA): a zero update
+        adapter = {m: LoraFactors(torch.zeros(1, i), torch.zeros(o, 1), 1.0) for m, (o, i) in _shapes(lm).items()}
+    f = next(iter(adapter.values()))
+    previous = active(lm)
+    name = use_adapter(lm, f.rank, f.scaling * f.rank)
+    if previous not in ("default", name):  # ranks change round to round (FlexLoRA, FLoRA): keep one
+        lm.model.delete_adapter(previous)
+    write_adapter(lm, adapter, model.head)
+
+
+def _shapes(lm) -> dict:
+    from fedpeft.models import module_shapes
+
+    return module_shapes(lm)
 
 
 def _weighted_mean(rows: list[tuple[int, dict[str, float]]]) -> dict[str, float]:

@@ -105,6 +105,21 @@ def prepare_data(cfg: DictConfig):
     return ds, partitioner, test, num_labels
 
 
+def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The strategy config's keys that the named strategy's dataclass takes, plus the run seed."""
+    import dataclasses
+
+    import strategies
+
+    names = {f.name for f in dataclasses.fields(strategies.REGISTRY[cfg.strategy.name]) if f.init}
+    given = {**OmegaConf.to_container(cfg.strategy, resolve=True), "seed": cfg.seed}
+    return {k: v for k, v in given.items() if k in names and k != "name"}
+
+
+def rank_tag(cfg: DictConfig, ranks: list[int]) -> str:
+    return str(ranks[0]) if len(set(ranks)) == 1 else f"{cfg.ranks.kind}:{min(ranks)}-{max(ranks)}"
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one federation; returns the summary (also written to ``run_dir/summary.json``)."""
     setup_env()
@@ -118,8 +133,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from clients.train import evaluate
     from fedpeft import data as fdata
     from fedpeft.config import ConfigError, validate
-    from fedpeft.models import build, read_adapter, write_adapter
-    from fedpeft.server import FlowerAdapter
+    from clients.app import save_merge
+    from fedpeft.models import build, module_shapes, read_adapter, save_adapter, use_adapter
+    from fedpeft.ranks import client_alpha, client_ranks
+    from fedpeft.server import FlowerAdapter, load_global
     from fedpeft.tracking import Tracker, progress_line, say
     from strategies.base import ClientSpec
 
@@ -131,16 +148,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     t_start = time.perf_counter()
     ds, partitioner, test, num_labels = prepare_data(cfg)
     sizes = [partitioner.load_partition(i).num_rows for i in range(min(cfg.clients, 3))]
+    ranks = client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)
+    alphas = [client_alpha(cfg.ranks, r, cfg.model.rank, cfg.model.alpha) for r in ranks]
     lm = build(cfg.model, num_labels=num_labels, device=cfg.engine.device, seed=cfg.seed)
-    strategy = strategies.build(cfg.strategy.name, weighting=cfg.strategy.weighting)
+    r_max = max(ranks)
+    use_adapter(lm, r_max, client_alpha(cfg.ranks, r_max, cfg.model.rank, cfg.model.alpha))
+    initial = read_adapter(lm)
+    strategy = strategies.build(cfg.strategy.name, **strategy_kwargs(cfg))
+    settings = client_settings(cfg)
+    merge_store = run_dir / "merges"
+    settings["merge_store"] = str(merge_store) if cfg.strategy.name == "flora" else None
     adapter = FlowerAdapter(
         strategy,
-        read_adapter(lm),
-        settings=client_settings(cfg),
+        initial,
+        settings=settings,
         fraction=cfg.fraction,
         min_clients=min(cfg.min_clients, cfg.clients),
-        client_spec=lambda i: ClientSpec(client_id=i, rank=cfg.model.rank, alpha=cfg.model.alpha),
+        client_spec=lambda i: ClientSpec(client_id=i, rank=ranks[i], alpha=alphas[i]),
+        shapes=module_shapes(lm),
         seed=cfg.seed,
+        on_merge=lambda v, merge: save_merge(merge_store, v, merge),
     )
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
@@ -151,9 +178,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         mode=cfg.tracking.mode,
         project=cfg.tracking.project,
         group=cfg.tracking.experiment,
-        tags=[f"strategy:{cfg.strategy.name}", f"clients:{cfg.clients}", f"rank:{cfg.model.rank}", f"data:{cfg.data.name}", f"partition:{cfg.partition.kind}"],
+        tags=[f"strategy:{cfg.strategy.name}", f"clients:{cfg.clients}", f"ranks:{rank_tag(cfg, ranks)}", f"data:{cfg.data.name}", f"partition:{cfg.partition.kind}"],
     )
     baseline = {"majority_rate": fdata.majority_rate(test)} if cfg.model.task == "classification" else {}
+    (run_dir / "ranks.json").write_text(json.dumps({"ranks": ranks, "alphas": alphas}) + "\n")
+    say(f"client ranks ({cfg.ranks.kind}, alpha {cfg.ranks.alpha}): {ranks if len(ranks) <= 20 else ranks[:20] + ['...']}")
     say(
         f"{cfg.strategy.name} on {cfg.data.name} ({len(ds['train'])} train / {len(test)} eval examples, "
         f"{cfg.partition.kind} over {cfg.clients} clients, e.g. sizes {sizes}), model {cfg.model.name} "
@@ -162,7 +191,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
 
     def evaluate_fn(server_round: int, _arrays) -> MetricRecord:
-        write_adapter(lm, adapter.model.adapter, adapter.model.head)
+        load_global(lm, adapter.model)
         metrics = evaluate(lm, test, cfg.model.eval_batch_size)
         stats = adapter.stats.get(server_round)
         row: dict[str, Any] = dict(metrics)
@@ -174,7 +203,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 round_seconds=round(stats.seconds, 3),
             )
         if cfg.tracking.save_adapters:
-            lm.model.save_pretrained(tracker.checkpoint_dir(server_round))
+            save_adapter(lm, tracker.checkpoint_dir(server_round))
         tracker.log_round(server_round, row)
         history.append({"round": server_round, **row})
         say(progress_line(server_round, cfg.rounds, row, time.perf_counter() - t_start))

@@ -23,7 +23,8 @@ HEAD = {"classifier.weight": torch.ones(2, 8), "classifier.bias": torch.zeros(2)
 def test_encode_decode_round_trip_and_byte_count():
     a = adapter(0.5)
     content = messages.encode(a, HEAD, {"server-round": 3, "freeze_A": True})
-    back, head, cfg = messages.decode(content)
+    dec = messages.decode(content)
+    back, head, cfg = dec.adapter, dec.head, dec.config
     assert cfg == {"server-round": 3, "freeze_A": True}
     for m in a:
         assert torch.equal(back[m].A, a[m].A) and torch.equal(back[m].B, a[m].B) and back[m].scaling == 2.0
@@ -63,7 +64,8 @@ def task_identity(monkeypatch):
 
 def make_adapter_strategy():
     g = GlobalModel(adapter=adapter(0.0), head=HEAD)
-    fa = FlowerAdapter(FedAvg(), g, settings={}, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0), seed=0)
+    fa = FlowerAdapter(FedAvg(), g, settings={}, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
+                       shapes={"l0.q": (6, 8), "l0.v": (6, 8)}, seed=0)
     grid = SimpleNamespace(get_node_ids=lambda: [11, 12, 13, 14, 15])
     msgs = fa.configure_train(1, fa.arrays(), ConfigRecord(), grid)
     return fa, msgs
@@ -95,7 +97,7 @@ def test_bad_and_failed_replies_are_counted_and_the_rest_aggregated(caplog):
     # Only the two good updates, weighted 10:30.
     torch.testing.assert_close(fa.model.adapter["l0.q"].A, torch.full((4, 8), 0.25 * 1.0 + 0.75 * 3.0))
     text = caplog.text
-    assert "client 2 (node 13) rejected: module l0.q: shapes A (5, 8)" in text
+    assert "client 2 (node 13) rejected: module l0.q: shapes A (5, 8), B (6, 5) do not fit (6, 8) at rank <= 4" in text
     assert "client 3 (node 14) rejected: module l0.q: non-finite values" in text
     assert "node 15 failed: RuntimeError: boom" in text
     assert s.bytes_up == sum(messages.num_bytes(r.content) for r in replies[:2])
@@ -106,3 +108,26 @@ def test_no_usable_update_keeps_the_global_adapter():
     before = fa.model
     fa.aggregate_train(1, [_reply(11, None, None, error="x")])
     assert fa.model is before
+
+
+def test_ffa_payloads_leave_A_out_and_the_receiver_regenerates_it():
+    from fedpeft.lora import seeded_lora_A
+
+    A = {m: seeded_lora_A(m, 4, 8, seed=5) for m in ("l0.q", "l0.v")}
+    ad = {m: LoraFactors(A[m], torch.randn(6, 4), 2.0) for m in A}
+    full = messages.encode(ad, HEAD, {"A_seed": 5})
+    half = messages.encode(ad, HEAD, {"A_seed": 5}, send_A=False)
+    dec = messages.decode(half)
+    for m in ad:
+        assert torch.equal(dec.adapter[m].A, A[m]) and torch.equal(dec.adapter[m].B, ad[m].B)
+    saved = messages.num_bytes(full) - messages.num_bytes(half)
+    assert saved >= 2 * 4 * 8 * 4  # both A matrices (float32) are not sent
+    with pytest.raises(ValueError, match="A_seed"):
+        messages.encode(ad, HEAD, {}, send_A=False)
+
+
+def test_merges_travel_with_their_versions():
+    merge = {m: LoraFactors(torch.randn(3, 8), torch.randn(6, 3), 1.0) for m in ("l0.q", "l0.v")}
+    dec = messages.decode(messages.encode({}, {}, {}, merges={2: merge, 3: merge}))
+    assert sorted(dec.merges) == [2, 3]
+    assert torch.equal(dec.merges[3]["l0.v"].B, merge["l0.v"].B) and dec.adapter == {}
