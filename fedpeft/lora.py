@@ -188,10 +188,6 @@ def svd_factors(f: LoraFactors) -> tuple[Tensor, Tensor, Tensor]:
     ``O(r² (out + in) + r³)``; the ``out × in`` matrix is never formed. Works in any float dtype
     and on any device.
     """
-    D = f.scaling * f.B @ f.A
-    U_, S_, Vh_ = torch.linalg.svd(D, full_matrices=False)
-    k_ = min(f.rank, *f.shape)
-    return U_[:, :k_], S_[:k_], Vh_[:k_].mT
     Q_B, R_B = torch.linalg.qr(f.B, mode="reduced")  # [out × k1], [k1 × r]
     Q_A, R_A = torch.linalg.qr(f.A.mT, mode="reduced")  # [in × k2], [k2 × r]
     core = f.scaling * (R_B @ R_A.mT)  # [k1 × k2]

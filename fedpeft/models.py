@@ -106,6 +106,7 @@ def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed:
 
     hf_logging.disable_progress_bar()
     path = model_path(model_cfg.name)
+    torch.manual_seed(seed)  # a new classification head is initialized while loading: seed it
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if model_cfg.task == "classification":

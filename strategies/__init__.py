@@ -7,8 +7,18 @@ from __future__ import annotations
 
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
 from strategies.fedavg import FedAvg
+from strategies.ffa_lora import FFALoRA
+from strategies.flexlora import FlexLoRA
+from strategies.flora import FLoRA
+from strategies.hetlora import HetLoRA
 
-REGISTRY: dict[str, type] = {"fedavg": FedAvg}
+REGISTRY: dict[str, type] = {
+    "fedavg": FedAvg,
+    "ffa_lora": FFALoRA,
+    "hetlora": HetLoRA,
+    "flora": FLoRA,
+    "flexlora": FlexLoRA,
+}
 
 
 def build(name: str, **kwargs) -> Strategy:
@@ -19,4 +29,17 @@ def build(name: str, **kwargs) -> Strategy:
     return cls(**kwargs)
 
 
-__all__ = ["ClientSpec", "ClientUpdate", "GlobalModel", "Payload", "Strategy", "FedAvg", "build", "REGISTRY"]
+__all__ = [
+    "ClientSpec",
+    "ClientUpdate",
+    "GlobalModel",
+    "Payload",
+    "Strategy",
+    "FedAvg",
+    "FFALoRA",
+    "HetLoRA",
+    "FLoRA",
+    "FlexLoRA",
+    "build",
+    "REGISTRY",
+]

@@ -23,8 +23,19 @@ from fedpeft.lora import Adapter
 
 @dataclass(frozen=True)
 class GlobalModel:
+    """The server's state. ``adapter`` may be empty (FLoRA keeps everything in ``merges``).
+
+    ``merges``: stacked factors (scaling 1) merged into the base weights, one entry per round, in
+    order; ``W_t = W_0 + Σ_i B_i A_i``. ``len(merges)`` is the base version clients must train on.
+    """
+
     adapter: Adapter
     head: dict[str, Tensor] = field(default_factory=dict)
+    merges: tuple[Adapter, ...] = ()
+
+    @property
+    def version(self) -> int:
+        return len(self.merges)
 
 
 @dataclass(frozen=True)
@@ -38,12 +49,19 @@ class ClientSpec:
 
 @dataclass(frozen=True)
 class Payload:
-    """What one client receives: the adapter to start from, the head, and instructions."""
+    """What one client receives.
+
+    ``adapter``: the factors to start from, at the client's rank and scaling; empty means "start a
+    fresh LoRA of your rank" (peft's init: random A, zero B) seeded by ``instructions["init_seed"]``.
+    ``base_version``: the base (``W_0`` plus the first ``base_version`` merges) to train on; the
+    Flower adapter ships the merges a client has not seen yet.
+    ``instructions``: plain scalars, e.g. ``{"freeze_A": True}`` or HetLoRA's pruning settings.
+    """
 
     adapter: Adapter
     head: dict[str, Tensor] = field(default_factory=dict)
-    # Strategy instructions to the client (e.g. {"freeze_A": True}); plain scalars only.
     instructions: dict[str, int | float | str | bool] = field(default_factory=dict)
+    base_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,10 @@ class ClientUpdate:
 
 class Strategy(Protocol):
     name: str
+
+    def init(self, model: GlobalModel) -> GlobalModel:
+        """The starting state, from the server's freshly initialized peft adapter (at ``model.rank``)."""
+        ...
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload: ...
 

@@ -32,6 +32,9 @@ class FedAvg:
     weighting: str = "num_examples"
     name: str = "fedavg"
 
+    def init(self, model: GlobalModel) -> GlobalModel:
+        return model
+
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
         return Payload(adapter=model.adapter, head=model.head)
 

@@ -81,3 +81,35 @@ def test_failing_clients_are_counted_and_the_rounds_go_on(tmp_path):
         assert r["clients_failed"] == expected
         assert r["clients_replied"] + r["clients_failed"] == r["clients_sampled"] == 6
     assert sum(r["clients_failed"] for r in summary["history"][1:]) > 0
+
+
+@pytest.mark.parametrize("strategy", ["ffa_lora", "hetlora", "flora", "flexlora"])
+def test_heterogeneous_rank_strategies_run_with_partial_participation(strategy, tmp_path):
+    """ranks [64, 32, 16, 16], half the clients each round; the saved global adapter has the
+    shape each method's math says it must."""
+    from safetensors.torch import load_file
+
+    from fedpeft.lora import seeded_lora_A
+
+    cfg, summary = simulate(tmp_path, f"strategy={strategy}", "ranks=flora", "clients=4", "fraction=0.5", "rounds=2",
+                            "train.local_steps=2", "data.eval_samples=64", "tracking.mode=disabled")
+    assert summary["status"] == "finished"
+    assert [r["clients_replied"] for r in summary["history"][1:]] == [2, 2]
+    saved = load_file(str(tmp_path / "run" / "adapters" / "round_002" / "adapter_model.safetensors"))
+    a_keys = sorted(k for k in saved if k.endswith("lora_A.weight"))
+    assert len(a_keys) == 12
+    rank = saved[a_keys[0]].shape[0]
+    if strategy == "ffa_lora":  # A is the shared seeded A at r_max, never trained
+        module = a_keys[0][len("base_model.model."):-len(".lora_A.weight")]
+        assert torch.equal(saved[a_keys[0]], seeded_lora_A(module, 64, 384, seed=0))
+    elif strategy == "hetlora":
+        assert rank == 64
+    elif strategy == "flora":  # the two rounds' stacked merges, rebuilt into one adapter
+        from clients.app import load_merge
+
+        merges = [load_merge(tmp_path / "run" / "merges", v) for v in (1, 2)]
+        assert rank == sum(next(iter(m.values())).rank for m in merges)
+        r1 = summary["history"][1]
+        assert r1["bytes_down"] < 0.05 * r1["bytes_up"]  # round 1: fresh inits travel as a seed, not tensors
+    else:  # flexlora: the last round's stacked updates of the two clients that replied
+        assert 8 <= rank <= 128

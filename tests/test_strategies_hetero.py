@@ -158,7 +158,8 @@ def test_ffa_lora_A_is_bit_identical_everywhere_and_B_averaging_is_exact():
                 assert torch.equal(f.A, A0[m][: c.rank])
                 # what the client starts from is the global update truncated to its rank
                 torch.testing.assert_close(delta(f), g.adapter[m].B[:, : c.rank] @ A0[m][: c.rank], rtol=0, atol=1e-12)
-                trained_B = f.B + torch.randn(OUT, c.rank, generator=torch.Generator().manual_seed(1000 * t + 10 * k + i), dtype=F64)
+                gen = torch.Generator().manual_seed(1000 * t + 10 * k + i)
+                trained_B = f.B + torch.randn(OUT, c.rank, generator=gen, dtype=F64)
                 adapter[m] = LoraFactors(f.A.clone(), trained_B, f.scaling)
             ups.append(ClientUpdate(k, adapter, head_of(k), 3 + k))
         p = normalized_weights([u.num_examples for u in ups])
@@ -261,10 +262,13 @@ def test_flexlora_client_rank_above_the_global_rank_gets_trainable_extra_compone
 
 
 class _LargestTensor(TorchFunctionMode):
-    """Records the largest tensor any torch function returns (no monkeypatching)."""
+    """Records the largest tensor any torch function returns (no monkeypatching), and fails at once
+    when one exceeds ``limit`` elements (so a dense implementation fails fast instead of going on to
+    decompose a 20000 × 20000 matrix)."""
 
-    def __init__(self):
+    def __init__(self, limit):
         super().__init__()
+        self.limit = limit
         self.numel = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -272,6 +276,8 @@ class _LargestTensor(TorchFunctionMode):
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.numel = max(self.numel, t.numel())
+                if t.numel() > self.limit:
+                    raise AssertionError(f"{func} made a {tuple(t.shape)} tensor")
         return out
 
 
@@ -279,14 +285,14 @@ def test_flexlora_never_forms_the_out_by_in_matrix():
     out = inp = 20_000  # ΔW would be 1.6 GB in float32
     ranks = [16, 8, 8, 8]
     gen = torch.Generator().manual_seed(0)
-    ups = [
-        ClientUpdate(k, {"big": LoraFactors(torch.randn(r, inp, generator=gen), torch.randn(out, r, generator=gen), scaling_for(r, ALPHA))}, {}, 10)
-        for k, r in enumerate(ranks)
-    ]
+    ups = []
+    for k, r in enumerate(ranks):
+        f = LoraFactors(torch.randn(r, inp, generator=gen), torch.randn(out, r, generator=gen), scaling_for(r, ALPHA))
+        ups.append(ClientUpdate(k, {"big": f}, {}, 10))
     s = FlexLoRA()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     t0 = time.perf_counter()
-    with _LargestTensor() as probe:
+    with _LargestTensor(limit=out * sum(ranks)) as probe:
         g = s.aggregate(GlobalModel(adapter={}), ups)
         pls = [s.payload(g, ClientSpec(k, r, ALPHA)) for k, r in enumerate(ranks)]
     seconds = time.perf_counter() - t0

@@ -1,0 +1,131 @@
+"""HetLoRA — Cho, Manoel, Joshi, Sim & Dimitriadis, "Heterogeneous LoRA for Federated Fine-tuning
+of On-Device Foundation Models", EMNLP 2024.
+
+The server keeps one adapter at the largest rank ``r_max`` (in effective-update units: scaling 1.0,
+``B`` carries the scaling). Each round
+
+    distribute (truncate):  A_k = A_g[:r_k],  B_k = B_g[:, :r_k] / s_k,   scaling s_k = scaling_for(r_k, α_k)
+    local training + rank self-pruning: the client adds ``λ · ‖B[:, ⌊γr⌋:]‖_F ‖A[⌊γr⌋:, :]‖_F`` to its
+        loss (:func:`tail_norm`) and may return a smaller rank ``r'_k = max(⌊γ r_k⌋, r_min)``
+        (:func:`pruned_rank`)
+    aggregate (zero-pad):   A_g = Σ_k p_k pad(A_k, r_max),  B_g = Σ_k p_k pad(s_k B_k, r_max)
+
+with sparsity-weighted aggregation ``p_k = S_k / Σ_j S_j``, ``S_k = ‖s_k B_k A_k‖_F`` (computed per
+module from the factors, :func:`fedpeft.lora.frobenius_of_product`; if every ``S_k`` of a module is 0
+the data-size weights are used). ``weighting="num_examples"`` / ``"uniform"`` replace ``p_k`` for
+ablations. The head is averaged with data-size weights (uniform under ``"uniform"``): sparsity is a
+property of LoRA modules, not of the head. Like FedIT, averaging ``A`` and ``B`` separately is not the
+average of the products; zero padding means the tail components are averaged only over the clients
+that hold them (and shrunk by the others' zeros), which is HetLoRA's design.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedpeft.lora import LoraFactors, frobenius_of_product, normalized_weights, scaling_for
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
+from strategies.fedavg import client_weights
+from strategies.ffa_lora import average_head, check_weighting, module_factors
+
+
+def sparsity_weight(f: LoraFactors) -> float:
+    """HetLoRA's ``S_k = ‖s_k B_k A_k‖_F``, without forming ``B_k A_k``."""
+    return float(frobenius_of_product(f))
+
+
+def _tail_start(r: int, gamma: float) -> int:
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"HetLoRA's gamma must be in (0, 1], got {gamma}")
+    return math.floor(gamma * r)
+
+
+def tail_norm(f: LoraFactors, gamma: float) -> Tensor:
+    """The rank self-pruning regulariser ``‖B[:, ⌊γr⌋:]‖_F · ‖A[⌊γr⌋:, :]‖_F`` (0-dim, differentiable:
+    the client adds ``λ · tail_norm`` to its loss). Zero (with zero gradients) when the tail is empty;
+    at a zero ``B`` tail its gradient w.r.t. ``B`` is 0 (PyTorch's norm subgradient at 0)."""
+    t = _tail_start(f.rank, gamma)
+    return torch.linalg.vector_norm(f.B[:, t:]) * torch.linalg.vector_norm(f.A[t:])
+
+
+def pruned_rank(r: int, gamma: float, r_min: int = 1) -> int:
+    """The rank after one self-pruning step, ``max(⌊γ r⌋, r_min)``, never more than ``r``."""
+    if r <= 0 or r_min <= 0:
+        raise ValueError(f"pruned_rank needs positive r and r_min, got r={r}, r_min={r_min}")
+    return min(r, max(_tail_start(r, gamma), r_min))
+
+
+@dataclass(frozen=True)
+class HetLoRA:
+    """``gamma``, ``lam``, ``r_min``, ``prune``: the clients' self-pruning settings, sent as
+    ``instructions = {"prune", "prune_gamma", "prune_lambda", "prune_r_min"}``."""
+
+    weighting: str = "sparsity"
+    seed: int = 0
+    gamma: float = 0.99
+    lam: float = 1e-3
+    r_min: int = 1
+    prune: bool = True
+    name: str = "hetlora"
+
+    def __post_init__(self) -> None:
+        check_weighting(self.weighting, ("sparsity", "num_examples", "uniform"))
+        _tail_start(1, self.gamma)
+        if self.r_min <= 0 or self.lam < 0:
+            raise ValueError(f"HetLoRA needs r_min > 0 and lam >= 0, got r_min={self.r_min}, lam={self.lam}")
+
+    def init(self, model: GlobalModel) -> GlobalModel:
+        """The server adapter at its own rank (``r_max``), converted to effective units: ``B ← s·B``, scaling 1."""
+        adapter = {name: LoraFactors(f.A, f.scaling * f.B, 1.0) for name, f in model.adapter.items()}
+        return GlobalModel(adapter=adapter, head=model.head, merges=model.merges)
+
+    def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
+        """Truncate to the client's rank; a rank above the server's ``r_max`` is a ``ValueError``
+        (its extra components would be zero in both A and B, which gradient descent never revives)."""
+        s = scaling_for(client.rank, client.alpha)
+        adapter = {}
+        for name, g in model.adapter.items():
+            if client.rank > g.rank:
+                raise ValueError(
+                    f"client {client.client_id}: rank {client.rank} exceeds HetLoRA's server rank {g.rank} for "
+                    f"module {name!r}; initialise the server adapter at the largest client rank"
+                )
+            adapter[name] = LoraFactors(g.A[: client.rank].clone(), g.B[:, : client.rank] * g.scaling / s, s)
+        instructions: dict[str, int | float | str | bool] = {
+            "prune": self.prune,
+            "prune_gamma": self.gamma,
+            "prune_lambda": self.lam,
+            "prune_r_min": self.r_min,
+        }
+        if not adapter:
+            instructions["init_seed"] = self.seed * 1_000_003 + client.client_id
+        return Payload(adapter=adapter, head=model.head, instructions=instructions, base_version=model.version)
+
+    def module_weights(self, factors: list[LoraFactors], updates: list[ClientUpdate]) -> list[float]:
+        if self.weighting != "sparsity":
+            return client_weights(updates, self.weighting)
+        S = [sparsity_weight(f) for f in factors]
+        if sum(S) <= 0:
+            return client_weights(updates, "num_examples")
+        return normalized_weights(S)
+
+    def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
+        if not updates:
+            return model
+        adapter = {}
+        for name, g in model.adapter.items():
+            factors = module_factors(updates, name)
+            p = self.module_weights(factors, updates)
+            r = max(g.rank, *(f.rank for f in factors))
+            A = g.A.new_zeros(r, g.A.shape[1])
+            B = g.B.new_zeros(g.B.shape[0], r)
+            for f, pk in zip(factors, p):  # the zero-padded weighted sums, without materialising the pads
+                A[: f.rank].add_(f.A.to(dtype=A.dtype, device=A.device), alpha=pk)
+                B[:, : f.rank].add_(f.B.to(dtype=B.dtype, device=B.device), alpha=pk * f.scaling)
+            adapter[name] = LoraFactors(A, B, 1.0)
+        head_p = client_weights(updates, "uniform" if self.weighting == "uniform" else "num_examples")
+        return GlobalModel(adapter=adapter, head=average_head(model, updates, head_p), merges=model.merges)
