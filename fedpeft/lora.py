@@ -76,6 +76,11 @@ def truncate(f: LoraFactors, rank: int) -> LoraFactors:
     return LoraFactors(f.A[:rank].clone(), f.B[:, :rank].clone(), f.scaling)
 
 
+def at_scaling(f: LoraFactors, scaling: float) -> LoraFactors:
+    """The same ``ΔW`` expressed with another scaling: ``B ← B · f.scaling / scaling``."""
+    return LoraFactors(f.A, f.B * (f.scaling / scaling), scaling)
+
+
 def stack(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
     """Stack clients' factors so that the result's ``B @ A == Σ_k w_k s_k B_k A_k`` exactly.
 

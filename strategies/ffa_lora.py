@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedpeft.lora import LoraFactors, average_tensors, scaling_for, seeded_lora_A
+from fedpeft.lora import LoraFactors, at_scaling, average_tensors, scaling_for, seeded_lora_A, truncate
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
 from strategies.fedavg import client_weights
 
@@ -94,7 +94,7 @@ class FFALoRA:
                     f"client {client.client_id}: rank {client.rank} exceeds FFA-LoRA's shared rank {f.rank} "
                     f"for module {name!r}; set strategy.r_max to at least the largest client rank"
                 )
-            adapter[name] = LoraFactors(f.A[: client.rank].clone(), f.B[:, : client.rank] * f.scaling / s, s)
+            adapter[name] = at_scaling(truncate(f, client.rank), s)
         instructions: dict[str, int | float | str | bool] = {"freeze_A": True, "A_seed": self.seed}
         if not adapter:  # nothing to start from: a fresh LoRA whose A is the seeded one anyway
             instructions["init_seed"] = self.seed * 1_000_003 + client.client_id

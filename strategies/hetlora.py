@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedpeft.lora import LoraFactors, frobenius_of_product, normalized_weights, scaling_for
+from fedpeft.lora import LoraFactors, at_scaling, frobenius_of_product, normalized_weights, scaling_for, truncate
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
 from strategies.fedavg import client_weights
 from strategies.ffa_lora import average_head, check_weighting, module_factors
@@ -94,7 +94,7 @@ class HetLoRA:
                     f"client {client.client_id}: rank {client.rank} exceeds HetLoRA's server rank {g.rank} for "
                     f"module {name!r}; initialise the server adapter at the largest client rank"
                 )
-            adapter[name] = LoraFactors(g.A[: client.rank].clone(), g.B[:, : client.rank] * g.scaling / s, s)
+            adapter[name] = at_scaling(truncate(g, client.rank), s)
         instructions: dict[str, int | float | str | bool] = {
             "prune": self.prune,
             "prune_gamma": self.gamma,
