@@ -186,7 +186,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     say(
         f"{cfg.strategy.name} on {cfg.data.name} ({len(ds['train'])} train / {len(test)} eval examples, "
         f"{cfg.partition.kind} over {cfg.clients} clients, e.g. sizes {sizes}), model {cfg.model.name} "
-        f"LoRA r={cfg.model.rank} on {list(cfg.model.target_modules)}; run dir {run_dir}"
+        f"LoRA on {list(cfg.model.target_modules)}; run dir {run_dir}"
     )
     history: list[dict[str, Any]] = []
 
@@ -228,8 +228,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             summary["final"] = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
         tracker.finish(summary, exit_code=0 if status == "finished" else 1)
     final = history[-1]
+    where = f"; adapter in {tracker.checkpoint_dir(cfg.rounds)}" if cfg.tracking.save_adapters else f"; results in {run_dir}"
     if "accuracy" in final:
-        say(f"done in {summary['seconds']:.0f}s: test accuracy {final['accuracy']:.4f} (majority-class rate {baseline['majority_rate']:.4f}); adapter in {tracker.checkpoint_dir(cfg.rounds)}")
+        say(f"done in {summary['seconds']:.0f}s: test accuracy {final['accuracy']:.4f} (majority-class rate {baseline['majority_rate']:.4f}){where}")
     else:
-        say(f"done in {summary['seconds']:.0f}s: test perplexity {final['perplexity']:.2f}; adapter in {tracker.checkpoint_dir(cfg.rounds)}")
+        say(f"done in {summary['seconds']:.0f}s: test perplexity {final['perplexity']:.2f}{where}")
     return summary
