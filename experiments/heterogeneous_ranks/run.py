@@ -77,6 +77,9 @@ def report(results: dict[str, dict], out_dir: Path, sweep_dir: Path) -> None:
         ax.plot(range(len(acc)), acc, marker="o", label=LABELS[m])
     lines.append("")
     lines.append(f"Majority-class rate: {next(iter(results.values()))['majority_rate']:.3f}.")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.set_title("20 Newsgroups, 10 clients, Dirichlet(0.5), heterogeneous ranks")
