@@ -9,16 +9,15 @@ tensors (and the head) arrive with each message.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
-from pathlib import Path
 from functools import lru_cache
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.train import TrainSettings, train
@@ -27,7 +26,6 @@ from fedpeft import messages
 from fedpeft.models import LoadedModel, apply_merge, build, use_adapter
 from strategies.base import Payload
 
-log = logging.getLogger("fedpeft.client")
 
 app = ClientApp()
 
