@@ -194,23 +194,17 @@ def global_adapter(model: GlobalModel) -> dict:
 def load_global(lm, model: GlobalModel) -> None:
     """Load the global model into the server's evaluation adapter (rank and alpha to fit)."""
     from fedpeft.lora import LoraFactors
-    from fedpeft.models import active, use_adapter, write_adapter
+    from fedpeft.models import active, module_shapes, use_adapter, write_adapter
 
     adapter = global_adapter(model)
     if not adapter:  # nothing aggregated yet (FLoRA, FlexLoRA): a zero update
-        adapter = {m: LoraFactors(torch.zeros(1, i), torch.zeros(o, 1), 1.0) for m, (o, i) in _shapes(lm).items()}
+        adapter = {m: LoraFactors(torch.zeros(1, i), torch.zeros(o, 1), 1.0) for m, (o, i) in module_shapes(lm).items()}
     f = next(iter(adapter.values()))
     previous = active(lm)
     name = use_adapter(lm, f.rank, f.scaling * f.rank)
     if previous not in ("default", name):  # ranks change round to round (FlexLoRA, FLoRA): keep one
         lm.model.delete_adapter(previous)
     write_adapter(lm, adapter, model.head)
-
-
-def _shapes(lm) -> dict:
-    from fedpeft.models import module_shapes
-
-    return module_shapes(lm)
 
 
 def _weighted_mean(rows: list[tuple[int, dict[str, float]]]) -> dict[str, float]:

@@ -132,7 +132,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from clients.app import app as client_app
     from clients.train import evaluate
     from fedpeft import data as fdata
-    from fedpeft.config import ConfigError, validate
+    from fedpeft.config import validate
     from clients.app import save_merge
     from fedpeft.models import build, module_shapes, read_adapter, save_adapter, use_adapter
     from fedpeft.ranks import client_alpha, client_ranks

@@ -1,7 +1,5 @@
 """Config errors: one line naming the culprit, non-zero exit, nothing written."""
 
-import os
-from pathlib import Path
 
 import pytest
 

@@ -8,7 +8,7 @@ import torch
 from clients.app import load_merge, save_merge, sync_base
 from clients.train import TrainSettings, evaluate, train
 from fedpeft import data as fdata
-from fedpeft.lora import LoraFactors, scaling_for, seeded_lora_A, stack
+from fedpeft.lora import LoraFactors, scaling_for, seeded_lora_A
 from fedpeft.models import build, layer, module_shapes, read_adapter, use_adapter
 from fedpeft.server import global_adapter, load_global
 from strategies.base import GlobalModel, Payload
