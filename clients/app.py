@@ -17,13 +17,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.train import TrainSettings, train
+from clients.train import DPSettings, TrainSettings, train
 from fedpeft import data as fdata
 from fedpeft import messages
-from fedpeft.models import LoadedModel, apply_merge, build, use_adapter
+from fedpeft import privacy
+from fedpeft.lora import LoraFactors
+from fedpeft.models import LoadedModel, apply_merge, build, module_shapes, use_adapter
 from strategies.base import Payload
 
 
@@ -98,8 +100,11 @@ def train_handler(msg: Message, context: Context) -> Message:
     part = partitioner.load_partition(pid)
     lm = get_model(settings, len(fdata.label_names(ds)) if settings["model"]["task"] == "classification" else None)
     sync_base(lm, int(config["base-version"]), dec.merges, settings.get("merge_store"))
-    use_adapter(lm, int(config["rank"]), float(config["alpha"]))
+    rank, alpha = int(config["rank"]), float(config["alpha"])
+    use_adapter(lm, rank, alpha)
     instructions = {k: v for k, v in config.items() if k not in RESERVED}
+    dp_cfg, codec = settings["privacy"], settings["compression"]
+    dp = DPSettings(dp_cfg["noise_multiplier"], dp_cfg["clip"]) if dp_cfg["mode"] == "sample" else None
     update, metrics = train(
         lm,
         Payload(adapter=dec.adapter, head=dec.head, instructions=instructions, base_version=int(config["base-version"])),
@@ -107,17 +112,51 @@ def train_handler(msg: Message, context: Context) -> Message:
         TrainSettings(**settings["train"]),
         seed=hash((seed, server_round, pid)) % (2**31),
         client_id=pid,
+        dp=dp,
     )
     reply = {"num-examples": update.num_examples, "partition-id": pid}
     freeze_A = bool(instructions.get("freeze_A"))
     if freeze_A:
         reply["A_seed"] = int(instructions["A_seed"])
-    content = messages.encode(update.adapter, update.head, reply, send_A=not freeze_A)
+    adapter, head = update.adapter, update.head
+    start = None
+    if dp_cfg["mode"] == "local" or codec["uplink"] != "none":
+        start = messages.start_tensors(dec, module_shapes(lm), rank, alpha, send_A=not freeze_A)
+    if dp_cfg["mode"] == "local":  # clip → noise, before any compression
+        g = torch.Generator().manual_seed(hash((seed, server_round, pid, 2)) % (2**31))
+        adapter, head, norm = local_dp(adapter, head, start, dp_cfg["clip"], dp_cfg["noise_multiplier"], g, send_A=not freeze_A)
+        metrics["update_norm"] = norm
+    residual = None
+    if codec["uplink"] == "topk" and codec["error_feedback"]:
+        residual = context.state[RESIDUAL].to_torch_state_dict() if RESIDUAL in context.state.array_records else {}
+    content = messages.encode(
+        adapter, head, reply, send_A=not freeze_A,
+        codec=codec["uplink"], fraction=codec["topk_fraction"], reference=start if codec["uplink"] != "none" else None,
+        generator=torch.Generator().manual_seed(hash((seed, server_round, pid, 3)) % (2**31)), residual=residual,
+    )
+    if residual is not None:  # the error-feedback memory stays with this client (Flower's node state)
+        context.state[RESIDUAL] = ArrayRecord(torch_state_dict=residual)
     content[messages.METRICS] = messages.metric_record({**metrics, "num-examples": update.num_examples})
     return Message(content=content, reply_to=msg)
 
 
 RESERVED = ("settings", "server-round", "rank", "alpha", "base-version")
+RESIDUAL = "topk-residual"
+
+
+def local_dp(adapter: dict, head: dict, start: dict, clip: float, noise_multiplier: float, generator: torch.Generator, *, send_A: bool = True) -> tuple[dict, dict, float]:
+    """Local client-level DP: the update ``Δ`` (what is sent, minus ``start``) is clipped to
+    ``‖Δ‖₂ ≤ clip`` and ``N(0, (σ·clip)²)`` is added to every entry; returns ``start + Δ̃`` as an
+    adapter and head, and ``‖Δ‖`` before clipping."""
+    sent = messages.tensors_of(adapter, head, send_A=send_A)
+    delta = {k: t - messages.slice_like(start, k, t) for k, t in sent.items()}
+    clipped, norm = privacy.clip(delta, clip)
+    noisy = privacy.gaussian_noise(clipped, noise_multiplier * clip, generator)
+    out = {k: messages.slice_like(start, k, t) + noisy[k] for k, t in sent.items()}
+    new_adapter = {
+        m: LoraFactors(out[f"A/{m}"] if send_A else f.A, out[f"B/{m}"], f.scaling) for m, f in adapter.items()
+    }
+    return new_adapter, {h: out[f"head/{h}"] for h in head}, norm
 
 
 def merge_path(store: Path, version: int) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -26,6 +27,23 @@ class TrainSettings:
     batch_size: int
     lr: float
     weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """Sample-level DP-SGD (Abadi et al., CCS 2016) through Opacus: every example's gradient of
+    the trainable adapter tensors is clipped to ``max_grad_norm`` and Gaussian noise of std
+    ``noise_multiplier · max_grad_norm`` is added to their sum; batches are Poisson-sampled at rate
+    ``1 / ceil(n / batch_size)`` (what the accountant assumes)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+def sample_rate(n: int, batch_size: int) -> float:
+    """The Poisson sampling rate of Opacus's ``DPDataLoader`` for ``n`` examples in batches of
+    ``batch_size``: one over the number of batches of the plain loader."""
+    return 1.0 / math.ceil(n / batch_size)
 
 
 def batch_order(n: int, steps: int, batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -53,13 +71,24 @@ def encode(lm: LoadedModel, rows: dict[str, Sequence[Any]]) -> dict[str, torch.T
     return {k: v.to(lm.device) for k, v in enc.items()}
 
 
-def train(lm: LoadedModel, payload: Payload, data: Any, settings: TrainSettings, seed: int, client_id: int) -> tuple[ClientUpdate, dict[str, float]]:
+def train(
+    lm: LoadedModel,
+    payload: Payload,
+    data: Any,
+    settings: TrainSettings,
+    seed: int,
+    client_id: int,
+    dp: DPSettings | None = None,
+) -> tuple[ClientUpdate, dict[str, float]]:
     """Train the active adapter from ``payload`` on ``data`` (a ``datasets.Dataset``).
 
     Instructions honoured: an empty ``payload.adapter`` starts a fresh LoRA seeded by
     ``init_seed`` (FLoRA, FlexLoRA's first round); ``freeze_A`` trains B only (FFA-LoRA);
     ``prune`` adds HetLoRA's rank self-pruning term ``λ Σ_modules ‖B[:, ⌊γr⌋:]‖_F ‖A[⌊γr⌋:, :]‖_F``
     to the loss and shrinks the rank to ``max(⌊γr⌋, r_min)`` when that term decreased.
+
+    ``dp``: train with DP-SGD through Opacus on exactly the trainable tensors (with ``freeze_A``,
+    B and the head); the cached model is wrapped for this call only and unwrapped afterwards.
     """
     if len(data) == 0:
         raise ValueError(f"client {client_id}: its partition is empty")
@@ -84,7 +113,10 @@ def train(lm: LoadedModel, payload: Payload, data: Any, settings: TrainSettings,
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            losses = _steps(lm, opt, data, settings, seed, client_id, prune)
+            if dp is None:
+                losses = _steps(lm, opt, data, settings, seed, client_id, prune)
+            else:
+                losses = _dp_steps(lm, opt, data, settings, dp, client_id, prune)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -153,6 +185,57 @@ def _steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: Tra
             losses.append(loss.item())
     finally:
         model.eval()
+    return losses
+
+
+def _dp_steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: TrainSettings, dp: DPSettings, client_id: int, prune: "_Pruning | None" = None) -> list[float]:
+    """``local_steps`` DP-SGD steps via Opacus's ``PrivacyEngine`` (hooks grad-sample mode,
+    Poisson-sampled batches). The wrapper is closed afterwards, so the worker's cached model can be
+    wrapped again for the next client. HetLoRA's pruning term depends on no example: its gradient
+    is added after Opacus has clipped and noised the data gradient."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    rows = TensorDataset(torch.arange(len(data)))
+    collate = lambda items: encode(lm, data[[int(i) for (i,) in items]])  # noqa: E731
+    loader = DataLoader(rows, batch_size=min(settings.batch_size, len(data)), collate_fn=collate)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")  # runs are seeded on purpose
+        model, dp_opt, dp_loader = PrivacyEngine().make_private(
+            module=lm.model, optimizer=opt, data_loader=loader,
+            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, poisson_sampling=True,
+        )
+    losses: list[float] = []
+    try:
+        model.train()
+        batches = iter(dp_loader)
+        while len(losses) < settings.local_steps:
+            try:
+                batch = next(batches)
+            except StopIteration:  # a new pass over the data (Poisson-sampled again)
+                batches = iter(dp_loader)
+                continue
+            if batch["input_ids"].shape[0] == 0:  # an empty Poisson sample (probability ~e^-batch_size)
+                continue
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"client {client_id}: training loss became {loss.item()}")
+            with warnings.catch_warnings():  # Opacus's hooks on a frozen-input layer: expected
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+            if dp_opt.pre_step():  # clip per example, add noise, average
+                if prune is not None:
+                    params = [p for g in dp_opt.param_groups for p in g["params"]]
+                    grads = torch.autograd.grad(prune.penalty(), params, allow_unused=True)
+                    for p, g in zip(params, grads):
+                        if g is not None:
+                            p.grad.add_(g)
+                dp_opt.original_optimizer.step()
+            dp_opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        model._close()  # remove Opacus's hooks and per-sample gradients from the cached model
+        lm.model.eval()
     return losses
 
 

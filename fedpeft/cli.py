@@ -87,7 +87,7 @@ def schema_check(cfg) -> None:
 
     schema = C.Config(strategy=C.StrategyConfig(), model=C.ModelConfig(), data=C.DataConfig(),
                       partition=C.PartitionConfig(), engine=C.EngineConfig(), tracking=C.TrackingConfig(),
-                      ranks=C.RanksConfig())
+                      ranks=C.RanksConfig(), privacy=C.PrivacyConfig(), compression=C.CompressionConfig())
     plain = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
     try:
         OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(plain))

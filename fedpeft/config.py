@@ -119,6 +119,36 @@ class TrackingConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy (fedpeft/privacy.py; the README's privacy section says which mode suits
+    which strategy). none | sample (DP-SGD in every client, Opacus) | central (the server clips each
+    update and noises the aggregate) | local (every client clips and noises its own update)."""
+
+    mode: str = "none"
+    # σ: the Gaussian noise has std σ·clip. null: derived from target_epsilon for the whole run.
+    noise_multiplier: Optional[float] = None
+    # C: the per-example gradient norm (sample) or the per-client update norm (central, local).
+    clip: float = 1.0
+    # The ε budget at delta. With noise_multiplier null, σ is chosen so that the last round spends
+    # it; with both set, the run stops (checkpoint saved) before a round that would exceed it.
+    target_epsilon: Optional[float] = None
+    delta: float = 1e-5
+
+
+@dataclass
+class CompressionConfig:
+    """Update compression (fedpeft/compression.py), applied after any DP noise (clip → noise →
+    compress). uplink: none | fp16 | bf16 | int8 | int4 | topk; downlink: the same but topk."""
+
+    uplink: str = "none"
+    downlink: str = "none"
+    # top-k: the share of each tensor's entries sent; the rest is kept as the client's residual
+    # and added to its next update (error feedback) unless error_feedback is false.
+    topk_fraction: float = 0.1
+    error_feedback: bool = True
+
+
+@dataclass
 class ProfileConfig:
     """Client behaviour profile."""
 
@@ -135,6 +165,8 @@ class Config:
     engine: EngineConfig = MISSING
     tracking: TrackingConfig = MISSING
     ranks: RanksConfig = MISSING
+    privacy: PrivacyConfig = MISSING
+    compression: CompressionConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     clients: int = 10
@@ -150,7 +182,7 @@ def register() -> None:
     cs.store(name="base_config", node=Config)
 
 
-STRATEGIES = ("fedavg", "ffa_lora", "hetlora", "flora", "flexlora")
+STRATEGIES = ("fedavg", "ffa_lora", "hetlora", "flora", "flexlora", "dp_lora")
 TASKS = ("classification", "causal_lm")
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 TRACKING_MODES = ("auto", "offline", "online", "disabled")
@@ -197,4 +229,33 @@ def validate(cfg: Any) -> None:
     validate_ranks(cfg.ranks, need)
     if cfg.strategy.name == "fedavg":
         need(cfg.ranks.kind == "fixed", "ranks", f"strategy=fedavg averages A and B separately and needs one rank for all clients (ranks=fixed), got ranks.kind={cfg.ranks.kind}")
+    validate_privacy(cfg, need, one_of)
     need(cfg.data.eval_samples >= 0, "data.eval_samples", f"must be non-negative, got {cfg.data.eval_samples}")
+
+
+def validate_privacy(cfg: Any, need, one_of) -> None:
+    from fedpeft.compression import KINDS
+    from fedpeft.privacy import MODES
+
+    pv, cp = cfg.privacy, cfg.compression
+    one_of(pv.mode, "privacy.mode", MODES)
+    one_of(cp.uplink, "compression.uplink", KINDS)
+    one_of(cp.downlink, "compression.downlink", tuple(k for k in KINDS if k != "topk"))
+    need(0 < cp.topk_fraction <= 1, "compression.topk_fraction", f"must be in (0, 1], got {cp.topk_fraction}")
+    if cfg.strategy.name == "dp_lora":
+        need(pv.mode == "sample", "privacy.mode", f"strategy=dp_lora trains every client with DP-SGD: use privacy=sample, got privacy.mode={pv.mode}")
+    if pv.mode == "none":
+        return
+    need(pv.clip > 0, "privacy.clip", f"must be positive, got {pv.clip}")
+    need(0 < pv.delta < 1, "privacy.delta", f"must be in (0, 1), got {pv.delta}")
+    need(pv.noise_multiplier is not None or pv.target_epsilon is not None, "privacy.noise_multiplier",
+         f"privacy.mode={pv.mode} needs a noise multiplier or a privacy.target_epsilon to derive it from")
+    if pv.noise_multiplier is not None:
+        need(pv.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be non-negative, got {pv.noise_multiplier}")
+    if pv.target_epsilon is not None:
+        need(pv.target_epsilon > 0, "privacy.target_epsilon", f"must be positive, got {pv.target_epsilon}")
+    if pv.mode == "central":
+        need(cfg.strategy.name == "fedavg", "privacy.mode",
+             f"central DP averages clipped updates of one global model; strategy={cfg.strategy.name} sends per-client slices or stacks (use privacy=local or privacy=sample)")
+        need(cfg.strategy.weighting == "uniform", "strategy.weighting", "central DP needs uniform client weights (a data-size weight would scale one client's sensitivity): set strategy.weighting=uniform")
+        need(cp.uplink == "none", "compression.uplink", "central DP clips the clients' raw updates on the server: use privacy=local to compress DP updates")

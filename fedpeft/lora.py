@@ -173,6 +173,16 @@ def seeded_lora_A(name: str, rank: int, in_features: int, seed: int) -> Tensor:
     return A
 
 
+def fresh_adapter(shapes: Mapping[str, tuple[int, int]], rank: int, scaling: float, seed: int) -> dict[str, LoraFactors]:
+    """A fresh LoRA (peft's init: random ``A``, zero ``B``) that depends on ``seed`` alone, so the
+    server can compute the start of a client told to begin fresh (FLoRA, FlexLoRA's first round)
+    — the reference its compressed or DP update is measured against."""
+    return {
+        m: LoraFactors(seeded_lora_A(m, rank, in_f, seed), torch.zeros(out, rank), scaling)
+        for m, (out, in_f) in shapes.items()
+    }
+
+
 def frobenius_of_product(f: LoraFactors) -> Tensor:
     """``‖s · B @ A‖_F`` without forming the ``out × in`` product (0-dim tensor).
 

@@ -4,6 +4,13 @@ A payload or update travels as one ``ArrayRecord`` (``A/<module>``, ``B/<module>
 ``head/<name>``) and one ``ConfigRecord`` (per-module scalings, strategy instructions, and on
 replies the example count). Byte counts use Flower's own ``count_bytes`` on exactly the records
 that are sent.
+
+With compression (:mod:`fedpeft.compression`) the arrays are the codec's encoding (``<key>#q``,
+``<key>#scale``, ...; ``config["codec"]`` names it). A payload is compressed as values; an update
+as its difference from the client's start (``config["delta"]``), which the server knows: what it
+sent, as the client decoded it, or the fresh LoRA :func:`fedpeft.lora.fresh_adapter` of the
+payload's ``init_seed``. FLoRA's base merges always travel at full precision (every client must
+train on the same base).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any, Mapping
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedpeft import compression
 from fedpeft.lora import Adapter, LoraFactors
 
 ARRAYS, CONFIG, METRICS = "adapter", "config", "metrics"
@@ -31,6 +39,27 @@ class Decoded:
     merges: dict[int, Adapter] = field(default_factory=dict)  # base version → stacked factors
 
 
+def tensors_of(adapter: Adapter, head: Mapping[str, torch.Tensor], *, send_A: bool = True) -> dict[str, torch.Tensor]:
+    """The arrays an adapter travels as: ``A/<module>`` (unless ``send_A`` is false), ``B/<module>``, ``head/<name>``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, f in adapter.items():
+        if send_A:
+            out[f"A/{name}"] = f.A.detach().cpu().float().contiguous()
+        out[f"B/{name}"] = f.B.detach().cpu().float().contiguous()
+    for name, t in head.items():
+        out[f"head/{name}"] = t.detach().cpu().float().contiguous()
+    return out
+
+
+def start_tensors(dec: "Decoded", shapes: Mapping[str, tuple[int, int]], rank: int, alpha: float, *, send_A: bool = True) -> dict[str, torch.Tensor]:
+    """What a client starts training from, as arrays: the payload's adapter (as decoded), or for
+    an empty one the fresh LoRA of ``init_seed``; the reference of an uplink delta."""
+    from fedpeft.lora import fresh_adapter, scaling_for
+
+    adapter = dec.adapter or fresh_adapter(shapes, rank, scaling_for(rank, alpha), int(dec.config["init_seed"]))
+    return tensors_of(adapter, dec.head, send_A=send_A)
+
+
 def encode(
     adapter: Adapter,
     head: Mapping[str, torch.Tensor],
@@ -38,23 +67,37 @@ def encode(
     *,
     send_A: bool = True,
     merges: Mapping[int, Adapter] | None = None,
+    codec: str = "none",
+    fraction: float = 0.1,
+    generator: torch.Generator | None = None,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    residual: dict[str, torch.Tensor] | None = None,
 ) -> RecordDict:
     """``send_A=False`` leaves out every ``A`` (FFA-LoRA: A is frozen and regenerated from
     ``config["A_seed"]`` by :func:`fedpeft.lora.seeded_lora_A`); ``merges`` carries FLoRA's
-    stacked factors of the base versions the receiver has not applied yet."""
-    tensors: dict[str, torch.Tensor] = {}
+    stacked factors of the base versions the receiver has not applied yet.
+
+    ``codec`` compresses the arrays with :func:`fedpeft.compression.encode`: their values, or with
+    ``reference`` (arrays of the same keys; a shrunk rank uses its leading slice) their difference
+    from it. ``residual`` is the sender's top-k error-feedback memory, updated in place."""
     cfg: dict[str, Any] = dict(config)
     if not send_A and "A_seed" not in cfg:
         raise ValueError("send_A=False needs config['A_seed'] so that the receiver can regenerate A")
+    tensors = tensors_of(adapter, head, send_A=send_A)
     for name, f in adapter.items():
-        if send_A:
-            tensors[f"A/{name}"] = f.A.detach().cpu().contiguous()
-        else:
+        if not send_A:
             cfg[f"in_features/{name}"] = int(f.A.shape[1])
-        tensors[f"B/{name}"] = f.B.detach().cpu().contiguous()
         cfg[f"scaling/{name}"] = float(f.scaling)
-    for name, t in head.items():
-        tensors[f"head/{name}"] = t.detach().cpu().contiguous()
+    if reference is not None:
+        tensors = {k: t - slice_like(reference, k, t) for k, t in tensors.items()}
+        cfg["delta"] = True
+    if codec != "none" or reference is not None:
+        past = {k: v for k, v in (residual or {}).items() if k in tensors and v.shape == tensors[k].shape}
+        tensors, codec_cfg, new_residual = compression.encode(tensors, codec, fraction=fraction, generator=generator, residual=past)
+        cfg.update(codec_cfg)
+        if residual is not None:
+            residual.clear()
+            residual.update(new_residual)
     for version, merge in (merges or {}).items():
         for name, f in merge.items():
             if f.scaling != 1.0:
@@ -64,15 +107,38 @@ def encode(
     return RecordDict({ARRAYS: ArrayRecord(torch_state_dict=tensors), CONFIG: ConfigRecord(cfg)})
 
 
-def decode(content: RecordDict) -> Decoded:
-    """Inverse of :func:`encode`; raises :class:`UpdateError` on a malformed record."""
+def slice_like(reference: Mapping[str, torch.Tensor], key: str, t: torch.Tensor) -> torch.Tensor:
+    if key not in reference:
+        raise UpdateError(f"array {key!r} has no reference to be measured against")
+    ref = reference[key]
+    if ref.dim() == 2 and t.dim() == 2 and (t.shape[0] < ref.shape[0] or t.shape[1] < ref.shape[1]):
+        ref = ref[: t.shape[0], : t.shape[1]]  # a rank that shrank (HetLoRA): its leading components
+    if ref.shape != t.shape:
+        raise UpdateError(f"array {key!r}: shape {tuple(t.shape)} does not fit its reference {tuple(ref.shape)}")
+    return ref
+
+
+def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = None) -> Decoded:
+    """Inverse of :func:`encode`; raises :class:`UpdateError` on a malformed record. A delta-coded
+    update needs the ``reference`` it was measured against."""
     from fedpeft.lora import seeded_lora_A
 
     if ARRAYS not in content.array_records or CONFIG not in content.config_records:
         raise UpdateError(f"reply lacks its '{ARRAYS}' arrays or '{CONFIG}' config record")
     tensors = content.array_records[ARRAYS].to_torch_state_dict()
     cfg = dict(content.config_records[CONFIG])
-    out = Decoded({}, {}, {k: v for k, v in cfg.items() if not k.startswith(("scaling/", "in_features/"))})
+    if "codec" in cfg:
+        merges = {k: t for k, t in tensors.items() if k.startswith("merge")}
+        try:
+            tensors = {**compression.decode({k: t for k, t in tensors.items() if k not in merges}, cfg), **merges}
+        except ValueError as e:
+            raise UpdateError(str(e)) from None
+    if cfg.get("delta"):
+        if reference is None:
+            raise UpdateError("a delta-coded update arrived without the reference it was measured against")
+        tensors = {k: t + slice_like(reference, k, t) if not k.startswith("merge") else t for k, t in tensors.items()}
+    skip = ("scaling/", "in_features/", "shape/")
+    out = Decoded({}, {}, {k: v for k, v in cfg.items() if not k.startswith(skip) and k not in ("codec", "delta")})
     merge_parts: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
         kind, _, name = key.partition("/")

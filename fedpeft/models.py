@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,9 @@ def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed:
         target_modules=list(model_cfg.target_modules),
     )
     try:
-        model = get_peft_model(base, lora)
+        with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            model = get_peft_model(base, lora)
     except ValueError as e:
         raise ModelError(f"model.target_modules {list(model_cfg.target_modules)}: {str(e).splitlines()[0]}") from e
     dev = pick_device(device)
@@ -183,12 +186,18 @@ def module_shapes(lm: LoadedModel) -> dict[str, tuple[int, int]]:
 
 
 def fresh_init(lm: LoadedModel, seed: int) -> None:
-    """peft's own LoRA init (random A, zero B) for the active adapter, seeded."""
+    """A fresh LoRA of the active adapter's rank (random A, zero B): :func:`fedpeft.lora.fresh_adapter`,
+    which the server can recompute from the seed."""
+    from fedpeft.lora import fresh_adapter
+
     name = active(lm)
-    with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for m in lm.modules:
-            layer(lm, m).reset_lora_parameters(name, init_lora_weights=True)
+    rank = layer(lm, lm.modules[0]).lora_A[name].weight.shape[0]
+    fresh = fresh_adapter(module_shapes(lm), rank, scaling_of(lm, lm.modules[0]), seed)
+    with torch.no_grad():
+        for m, f in fresh.items():
+            lay = layer(lm, m)
+            lay.lora_A[name].weight.copy_(f.A)
+            lay.lora_B[name].weight.zero_()
 
 
 @torch.no_grad()

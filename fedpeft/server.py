@@ -3,6 +3,12 @@
 ``configure_train`` samples nodes and sends each its own message (the strategy's per-client
 payload); ``aggregate_train`` decodes and checks the replies, counts failures, and hands the good
 updates to the strategy's pure ``aggregate``. Communication is counted from the records sent.
+
+Privacy and compression wrap every strategy here: the adapter keeps the run's privacy ledger
+(ε after every round; a round that would exceed ``privacy.target_epsilon`` is not started),
+compresses payloads (downlink) and decodes compressed updates against the start it knows each
+client trained from (uplink). Central DP is Flower's ``DifferentialPrivacyServerSideFixedClipping``
+around this adapter (:func:`wrap_central_dp`).
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ from typing import Any, Callable, Iterable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedpeft import messages
+from fedpeft.lora import LoraFactors
+from fedpeft.privacy import Accountant
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Strategy
 
 log = logging.getLogger("fedpeft.server")
@@ -34,7 +44,34 @@ class RoundStats:
     bytes_down: int = 0
     bytes_up: int = 0
     seconds: float = 0.0
+    epsilon: float | None = None
     train_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PrivacyPlan:
+    """What the ledger composes each round: ``steps_per_round`` sampled Gaussian steps of
+    ``noise_multiplier`` at ``sample_rate`` (sample-level: a client's local DP-SGD steps at its
+    Poisson batch rate; client-level: one release at the client sampling rate)."""
+
+    mode: str
+    noise_multiplier: float
+    clip: float
+    sample_rate: float
+    steps_per_round: int
+    delta: float
+    budget: float | None = None  # ε at delta that no round may exceed
+    accountant: Accountant = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.accountant = Accountant(self.delta)
+
+
+@dataclass(frozen=True)
+class Codecs:
+    uplink: str = "none"
+    downlink: str = "none"
+    topk_fraction: float = 0.1
 
 
 class FlowerAdapter(FlowerStrategy):
@@ -52,6 +89,8 @@ class FlowerAdapter(FlowerStrategy):
         shapes: dict[str, tuple[int, int]],
         seed: int,
         on_merge: Callable[[int, Any], None] | None = None,
+        privacy: PrivacyPlan | None = None,
+        codecs: Codecs = Codecs(),
     ) -> None:
         self.strategy = strategy
         self.model = strategy.init(model)
@@ -62,7 +101,11 @@ class FlowerAdapter(FlowerStrategy):
         self.shapes = shapes
         self.rng = random.Random(seed)
         self.on_merge = on_merge  # called with (version, stacked factors) for each new base merge
-        self.sent: dict[int, tuple[ClientSpec, Any]] = {}  # node id → (spec, payload) this round
+        self.privacy = privacy
+        self.codecs = codecs
+        self.seed = seed
+        self.stopped: str | None = None  # why the run ended early (the privacy budget)
+        self.sent: dict[int, tuple[ClientSpec, Any, Any]] = {}  # node id → (spec, payload, uplink reference)
         self.seen: dict[int, int] = {}  # node id → base version it has (FLoRA merges)
         self.rank_now: dict[int, int] = {}  # client → its current rank, once it shrank (HetLoRA)
         self.stats: dict[int, RoundStats] = {}
@@ -80,11 +123,35 @@ class FlowerAdapter(FlowerStrategy):
         want = min(want, len(all_nodes))
         return sorted(self.rng.sample(all_nodes, want)), all_nodes
 
+    def adopt(self, arrays: ArrayRecord) -> None:
+        """Take the adapter and head tensors from ``arrays`` (scalings kept): after a wrapper such
+        as Flower's central-DP strategy changed the aggregate this adapter returned."""
+        tensors = arrays.to_torch_state_dict()
+        adapter = {m: LoraFactors(tensors[f"A/{m}"], tensors[f"B/{m}"], f.scaling) for m, f in self.model.adapter.items()}
+        head = {h: tensors[f"head/{h}"] for h in self.model.head}
+        self.model = replace(self.model, adapter=adapter, head=head)
+
+    def account(self, server_round: int) -> float | None:
+        """Compose this round's releases into the ledger, or stop the run if they would exceed the budget."""
+        plan = self.privacy
+        if plan is None:
+            return None
+        after = plan.accountant.epsilon_after(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+        if plan.budget is not None and after > plan.budget * (1 + 1e-6):
+            spent = plan.accountant.epsilon()
+            self.stopped = f"privacy budget: round {server_round} would reach ε={after:.3f} > privacy.target_epsilon={plan.budget} (spent ε={spent:.3f} at δ={plan.delta})"
+            raise PrivacyBudgetExhausted(self.stopped)
+        plan.accountant.step(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+        return after
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._t0 = time.perf_counter()
+        if isinstance(self.privacy, PrivacyPlan) and self.privacy.mode == "central":
+            self.adopt(arrays)
+        epsilon = self.account(server_round)
         nodes, all_nodes = self.sample(grid)
         index = {n: i for i, n in enumerate(all_nodes)}
-        stats = self.stats[server_round] = RoundStats(sampled=len(nodes))
+        stats = self.stats[server_round] = RoundStats(sampled=len(nodes), epsilon=epsilon)
         self.sent = {}
         out = []
         for node in nodes:
@@ -93,6 +160,7 @@ class FlowerAdapter(FlowerStrategy):
                 spec = replace(spec, rank=min(spec.rank, self.rank_now[spec.client_id]))
             payload = self.strategy.payload(self.model, spec)
             have = self.seen.get(node, 0)
+            send_A = not payload.instructions.get("freeze_A", False)
             content = messages.encode(
                 payload.adapter,
                 payload.head,
@@ -104,11 +172,16 @@ class FlowerAdapter(FlowerStrategy):
                     "alpha": float(spec.alpha),
                     "base-version": payload.base_version,
                 },
-                send_A=not payload.instructions.get("freeze_A", False),
+                send_A=send_A,
                 merges={v + 1: self.model.merges[v] for v in range(have, payload.base_version)},
+                codec=self.codecs.downlink,
+                generator=torch.Generator().manual_seed(hash((self.seed, server_round, spec.client_id, 1)) % 2**31),
             )
             stats.bytes_down += messages.num_bytes(content)
-            self.sent[node] = (spec, payload)
+            reference = None
+            if self.codecs.uplink != "none":  # the start the client's delta-coded update is measured from
+                reference = messages.start_tensors(messages.decode(content), self.shapes, spec.rank, spec.alpha, send_A=send_A)
+            self.sent[node] = (spec, payload, reference)
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         return out
 
@@ -122,9 +195,9 @@ class FlowerAdapter(FlowerStrategy):
                 stats.failed += 1
                 log.warning("round %d: client on node %d failed: %s", server_round, node, _one_line(msg.error.reason))
                 continue
-            spec, payload = self.sent[node]
+            spec, payload, reference = self.sent[node]
             try:
-                dec = messages.decode(msg.content)
+                dec = messages.decode(msg.content, reference)
                 adapter, head, cfg = dec.adapter, dec.head, dec.config
                 messages.check_update(adapter, head, self.shapes, spec.rank, payload.head)
                 n = int(cfg["num-examples"])
@@ -161,6 +234,7 @@ class FlowerAdapter(FlowerStrategy):
             "clients_rejected": stats.rejected,
             "bytes_down": stats.bytes_down,
             "bytes_up": stats.bytes_up,
+            **({"epsilon": stats.epsilon} if stats.epsilon is not None else {}),
         }
         return self.arrays(), MetricRecord({k: float(v) for k, v in metrics.items()})
 
@@ -169,6 +243,17 @@ class FlowerAdapter(FlowerStrategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+
+def wrap_central_dp(adapter: FlowerAdapter, num_sampled: int) -> DifferentialPrivacyServerSideFixedClipping:
+    """Central client-level DP with Flower's own wrapper (Andrew et al. 2021; McMahan et al. 2018):
+    each reply's arrays are clipped to ``clip`` in L2 distance from the global arrays, the adapter
+    averages them (uniform weights), and ``N(0, (σ·clip/K)²)`` is added to every aggregated array.
+    It fits strategies whose payload *is* the global arrays and whose aggregate is their mean
+    (FedAvg): the adapter then adopts the noised arrays as its state (:meth:`FlowerAdapter.adopt`)."""
+    plan = adapter.privacy
+    assert plan is not None and plan.mode == "central"
+    return DifferentialPrivacyServerSideFixedClipping(adapter, plan.noise_multiplier, plan.clip, num_sampled)
 
 
 def global_adapter(model: GlobalModel) -> dict:

@@ -45,7 +45,42 @@ def client_settings(cfg: DictConfig) -> dict[str, Any]:
         "reuse_model": c["engine"]["reuse_model"],
         "device": c["engine"]["device"],
         "num_cpus": c["engine"]["num_cpus"],
+        "privacy": {"mode": c["privacy"]["mode"], "clip": c["privacy"]["clip"], "noise_multiplier": c["privacy"]["noise_multiplier"]},
+        "compression": c["compression"],
     }
+
+
+def sample_size(cfg: DictConfig) -> int:
+    """Clients sampled per round (:meth:`fedpeft.server.FlowerAdapter.sample`)."""
+    return min(max(int(cfg.clients * cfg.fraction), min(cfg.min_clients, cfg.clients), 1), cfg.clients)
+
+
+def privacy_plan(cfg: DictConfig, partitioner):
+    """The noise multiplier and what each round composes into the privacy ledger.
+
+    sample: every client runs ``train.local_steps`` DP-SGD steps per round at its Poisson rate
+    ``1/ceil(n_k/batch)``; the ledger takes the largest rate (the smallest partition) and counts
+    every round for every client (no amplification by client sampling is claimed).
+    central / local: one Gaussian release per round per client, at the client sampling rate
+    ``K/N`` (a fixed-size uniform sample, accounted as Poisson sampling at that rate, as in
+    McMahan et al. 2018).
+    ``privacy.target_epsilon`` without a noise multiplier: σ such that the last round spends it."""
+    from clients.train import sample_rate
+    from fedpeft.privacy import noise_multiplier_for
+    from fedpeft.server import PrivacyPlan
+
+    pv = cfg.privacy
+    if pv.mode == "none":
+        return None
+    if pv.mode == "sample":
+        smallest = min(partitioner.load_partition(i).num_rows for i in range(cfg.clients))
+        q, steps = sample_rate(smallest, cfg.train.batch_size), cfg.train.local_steps
+    else:
+        q, steps = sample_size(cfg) / cfg.clients, 1
+    sigma = pv.noise_multiplier
+    if sigma is None:
+        sigma = noise_multiplier_for(pv.target_epsilon, pv.delta, q, steps * cfg.rounds)
+    return PrivacyPlan(pv.mode, float(sigma), pv.clip, q, steps, pv.delta, budget=pv.target_epsilon)
 
 
 def backend_config(cfg: DictConfig) -> dict[str, Any]:
@@ -126,6 +161,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     bind_ray_to_loopback(cfg)
     from flwr.app import MetricRecord
     from flwr.serverapp import ServerApp
+    from flwr.serverapp.exception import PrivacyBudgetExhausted
     from flwr.simulation import run_simulation
 
     import strategies
@@ -136,7 +172,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from clients.app import save_merge
     from fedpeft.models import build, module_shapes, read_adapter, save_adapter, use_adapter
     from fedpeft.ranks import client_alpha, client_ranks
-    from fedpeft.server import FlowerAdapter, load_global
+    from fedpeft.server import Codecs, FlowerAdapter, load_global, wrap_central_dp
     from fedpeft.tracking import Tracker, progress_line, say
     from strategies.base import ClientSpec
 
@@ -155,7 +191,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     use_adapter(lm, r_max, client_alpha(cfg.ranks, r_max, cfg.model.rank, cfg.model.alpha))
     initial = read_adapter(lm)
     strategy = strategies.build(cfg.strategy.name, **strategy_kwargs(cfg))
+    plan = privacy_plan(cfg, partitioner)
     settings = client_settings(cfg)
+    if plan is not None:
+        settings["privacy"]["noise_multiplier"] = plan.noise_multiplier
     merge_store = run_dir / "merges"
     settings["merge_store"] = str(merge_store) if cfg.strategy.name == "flora" else None
     adapter = FlowerAdapter(
@@ -168,7 +207,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         shapes=module_shapes(lm),
         seed=cfg.seed,
         on_merge=lambda v, merge: save_merge(merge_store, v, merge),
+        privacy=plan,
+        codecs=Codecs(cfg.compression.uplink, cfg.compression.downlink, cfg.compression.topk_fraction),
     )
+    flower_strategy = wrap_central_dp(adapter, sample_size(cfg)) if cfg.privacy.mode == "central" else adapter
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -182,6 +224,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     baseline = {"majority_rate": fdata.majority_rate(test)} if cfg.model.task == "classification" else {}
     (run_dir / "ranks.json").write_text(json.dumps({"ranks": ranks, "alphas": alphas}) + "\n")
+    if plan is not None:
+        say(
+            f"privacy: {plan.mode}-level DP, noise multiplier {plan.noise_multiplier:.4f}, clip {plan.clip}, "
+            f"δ={plan.delta}, {plan.steps_per_round} step(s) per round at sampling rate {plan.sample_rate:.4g}"
+            + (f", budget ε={plan.budget}" if plan.budget is not None else "")
+        )
+        (run_dir / "privacy.json").write_text(json.dumps({"mode": plan.mode, "noise_multiplier": plan.noise_multiplier, "clip": plan.clip, "sample_rate": plan.sample_rate, "steps_per_round": plan.steps_per_round, "delta": plan.delta, "budget": plan.budget}) + "\n")
     say(f"client ranks ({cfg.ranks.kind}, alpha {cfg.ranks.alpha}): {ranks if len(ranks) <= 20 else ranks[:20] + ['...']}")
     say(
         f"{cfg.strategy.name} on {cfg.data.name} ({len(ds['train'])} train / {len(test)} eval examples, "
@@ -190,7 +239,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     history: list[dict[str, Any]] = []
 
-    def evaluate_fn(server_round: int, _arrays) -> MetricRecord:
+    def evaluate_fn(server_round: int, arrays) -> MetricRecord:
+        if cfg.privacy.mode == "central":  # Flower's DP wrapper noised the aggregate
+            adapter.adopt(arrays)
         load_global(lm, adapter.model)
         metrics = evaluate(lm, test, cfg.model.eval_batch_size)
         stats = adapter.stats.get(server_round)
@@ -202,6 +253,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 clients_rejected=stats.rejected, bytes_down=stats.bytes_down, bytes_up=stats.bytes_up,
                 round_seconds=round(stats.seconds, 3),
             )
+            if stats.epsilon is not None:
+                row["epsilon"] = stats.epsilon
         if cfg.tracking.save_adapters:
             save_adapter(lm, tracker.checkpoint_dir(server_round))
         tracker.log_round(server_round, row)
@@ -213,22 +266,31 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     @server_app.main()
     def _main(grid, context) -> None:
-        adapter.start(grid, adapter.arrays(), num_rounds=cfg.rounds, timeout=cfg.engine.round_timeout, evaluate_fn=evaluate_fn)
+        try:
+            flower_strategy.start(grid, adapter.arrays(), num_rounds=cfg.rounds, timeout=cfg.engine.round_timeout, evaluate_fn=evaluate_fn)
+        except PrivacyBudgetExhausted:
+            say(f"stopped: {adapter.stopped}; the last checkpoint is round {len(history) - 1}")
 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "strategy": cfg.strategy.name, "rounds": cfg.rounds, "clients": cfg.clients, **baseline}
     status = "failed"
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients, backend_config=backend_config(cfg))
-        if len(history) != cfg.rounds + 1:
+        if adapter.stopped:
+            status = "stopped"
+            summary["stopped"] = adapter.stopped
+        elif len(history) != cfg.rounds + 1:
             raise RuntimeError(f"the simulation ended after {len(history) - 1} of {cfg.rounds} rounds")
-        status = "finished"
+        else:
+            status = "finished"
     finally:
         summary.update(status=status, seconds=round(time.perf_counter() - t_start, 1), history=history)
         if history:
             summary["final"] = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
-        tracker.finish(summary, exit_code=0 if status == "finished" else 1)
+        if plan is not None:
+            summary["privacy"] = {"mode": plan.mode, "noise_multiplier": plan.noise_multiplier, "epsilon": plan.accountant.epsilon(), "delta": plan.delta}
+        tracker.finish(summary, exit_code=0 if status in ("finished", "stopped") else 1)
     final = history[-1]
-    where = f"; adapter in {tracker.checkpoint_dir(cfg.rounds)}" if cfg.tracking.save_adapters else f"; results in {run_dir}"
+    where = f"; adapter in {tracker.checkpoint_dir(len(history) - 1)}" if cfg.tracking.save_adapters else f"; results in {run_dir}"
     if "accuracy" in final:
         say(f"done in {summary['seconds']:.0f}s: test accuracy {final['accuracy']:.4f} (majority-class rate {baseline['majority_rate']:.4f}){where}")
     else:

@@ -69,6 +69,8 @@ def progress_line(server_round: int, rounds: int, m: Mapping[str, Any], elapsed:
             parts.append(fmt.format(m[key]))
     if "clients_sampled" in m:
         parts.append(f"clients {int(m['clients_replied'])}/{int(m['clients_sampled'])}" + (f" ({int(m['clients_failed'])} failed)" if m.get("clients_failed") else ""))
+    if "epsilon" in m:
+        parts.append(f"ε {m['epsilon']:.3f}")
     if "bytes_down" in m:
         parts.append(f"down {m['bytes_down'] / 1e6:.2f} MB up {m['bytes_up'] / 1e6:.2f} MB")
     parts.append(f"{elapsed:.0f}s")

@@ -5,6 +5,7 @@ Each method is one module; :func:`build` returns the strategy a config names.
 
 from __future__ import annotations
 
+from strategies.dp_lora import DPLoRA
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
 from strategies.fedavg import FedAvg
 from strategies.ffa_lora import FFALoRA
@@ -18,6 +19,7 @@ REGISTRY: dict[str, type] = {
     "hetlora": HetLoRA,
     "flora": FLoRA,
     "flexlora": FlexLoRA,
+    "dp_lora": DPLoRA,
 }
 
 
@@ -40,6 +42,7 @@ __all__ = [
     "HetLoRA",
     "FLoRA",
     "FlexLoRA",
+    "DPLoRA",
     "build",
     "REGISTRY",
 ]

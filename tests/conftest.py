@@ -6,3 +6,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# dp-accounting (the independent accountant in test_privacy) imports absl, whose log handler binds
+# the sys.stderr of import time — a pytest capture. Hydra's logging setup closes every handler, and
+# absl's would close that capture with it: point absl at the real stderr, which it never closes.
+import sys  # noqa: E402
+
+import absl.logging  # noqa: E402
+
+absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
