@@ -5,7 +5,9 @@ tensors into wire arrays ``"<name>#<part>"`` plus config entries (``codec`` and
 ``shape/<name>``); :func:`decode` inverts it. Names may contain ``/`` and ``.`` but not ``#``.
 
 Codecs and their error bounds (x is one element, x̂ its decoded value, n the element count,
-rows = ``shape[0]`` for a tensor of dim ≥ 2, else 1):
+rows = ``shape[0]`` for a tensor of dim ≥ 2, else 1; the quantizers lay a tall 2-D tensor such
+as ``B [out × r]`` out transposed, so that its rows are the long side and it carries r scales, not
+out):
 
 ``none``  float32 as is; exact. 4n bytes.
 ``fp16``  round-to-nearest to float16: |x̂ − x| ≤ 2⁻¹¹·|x| for |x| in float16's normal range
@@ -48,6 +50,11 @@ def _rows_cols(shape: Sequence[int]) -> tuple[int, int]:
     n = math.prod(shape)
     rows = int(shape[0]) if len(shape) >= 2 else 1
     return rows, (n // rows if rows else 0)
+
+
+def _tall(shape: Sequence[int]) -> bool:
+    """A 2-D tensor with more rows than columns is quantized transposed (fewer scales)."""
+    return len(shape) == 2 and shape[0] > shape[1]
 
 
 def _levels(bits: int) -> int:
@@ -202,7 +209,7 @@ def encode(
             arrays[key + "bf16"] = x.to(torch.bfloat16).contiguous().view(torch.int16)
         elif kind in ("int8", "int4"):
             assert generator is not None
-            q, s = stochastic_quantize(x, 8 if kind == "int8" else 4, generator)
+            q, s = stochastic_quantize(x.T.contiguous() if _tall(shape) else x, 8 if kind == "int8" else 4, generator)
             arrays[key + "q"], arrays[key + "scale"] = q, s
         else:  # topk
             e = x
@@ -268,7 +275,11 @@ def decode(arrays: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str,
                     a = a.contiguous().view(torch.bfloat16)
                 out[name] = a.to(torch.float32).reshape(shape).clone()
             elif kind in ("int8", "int4"):
-                out[name] = dequantize(part("q"), part("scale"), 8 if kind == "int8" else 4, shape)
+                bits = 8 if kind == "int8" else 4
+                if _tall(shape):
+                    out[name] = dequantize(part("q"), part("scale"), bits, (shape[1], shape[0])).T.contiguous()
+                else:
+                    out[name] = dequantize(part("q"), part("scale"), bits, shape)
             else:  # topk
                 idx, val = part("idx"), part("val")
                 if idx.dtype not in (torch.int32, torch.int64) or val.dtype != torch.float32:
@@ -298,10 +309,11 @@ def payload_bytes(arrays: Mapping[str, Tensor]) -> int:
 
 def expected_bytes(shape: Sequence[int], kind: str, fraction: float = 0.1) -> int:
     """Data bytes codec ``kind`` produces for one tensor of ``shape``: none 4n; fp16/bf16 2n;
-    int8 n + 4·rows; int4 ⌈n/2⌉ + 4·rows; topk 8k with k = max(1, ⌈fraction·n⌉)."""
+    int8 n + 4·rows; int4 ⌈n/2⌉ + 4·rows (rows: the shorter side of a 2-D tensor); topk 8k with
+    k = max(1, ⌈fraction·n⌉)."""
     _check_kind(kind)
     n = math.prod(shape)
-    rows, _ = _rows_cols(shape)
+    rows, _ = _rows_cols((shape[1], shape[0]) if _tall(shape) else shape)
     if kind == "none":
         return 4 * n
     if kind in ("fp16", "bf16"):

@@ -263,3 +263,17 @@ def test_decode_errors_name_the_tensor() -> None:
     arrays_f, config_f, _ = encode(x, "fp16")
     with pytest.raises(ValueError, match=r"tensor 'w'.*expected 5"):
         decode(dict(arrays_f, **{"w#fp16": arrays_f["w#fp16"][:4]}), config_f)
+
+
+@pytest.mark.parametrize("kind, bits", [("int8", 8), ("int4", 4)])
+def test_tall_matrices_are_quantized_per_column(kind, bits):
+    """B [out × r] carries r scales, not out: each column gets its own, and the error bound is
+    that column's step."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 4, generator=g) * torch.tensor([1e-3, 1e-1, 1.0, 10.0])
+    arrays, cfg, _ = encode({"B/m": x}, kind, generator=torch.Generator().manual_seed(1))
+    assert arrays["B/m#scale"].numel() == 4
+    step = x.abs().amax(dim=0) / (2 ** (bits - 1) - 1)
+    err = (decode(arrays, cfg)["B/m"] - x).abs()
+    assert (err < step[None, :]).all()
+    assert payload_bytes(arrays) == expected_bytes((96, 4), kind) == (384 if bits == 8 else 192) + 16
