@@ -244,7 +244,11 @@ def validate_privacy(cfg: Any, need, one_of) -> None:
     need(0 < cp.topk_fraction <= 1, "compression.topk_fraction", f"must be in (0, 1], got {cp.topk_fraction}")
     if cfg.strategy.name == "dp_lora":
         need(pv.mode == "sample", "privacy.mode", f"strategy=dp_lora trains every client with DP-SGD: use privacy=sample, got privacy.mode={pv.mode}")
+    if pv.target_epsilon is not None:
+        need(pv.target_epsilon > 0, "privacy.target_epsilon", f"must be positive, got {pv.target_epsilon}")
     if pv.mode == "none":
+        need(pv.target_epsilon is None and pv.noise_multiplier is None, "privacy.mode",
+             "privacy.target_epsilon / privacy.noise_multiplier are set but privacy.mode=none: choose privacy=sample, local or central")
         return
     need(pv.clip > 0, "privacy.clip", f"must be positive, got {pv.clip}")
     need(0 < pv.delta < 1, "privacy.delta", f"must be in (0, 1), got {pv.delta}")
@@ -252,8 +256,6 @@ def validate_privacy(cfg: Any, need, one_of) -> None:
          f"privacy.mode={pv.mode} needs a noise multiplier or a privacy.target_epsilon to derive it from")
     if pv.noise_multiplier is not None:
         need(pv.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be non-negative, got {pv.noise_multiplier}")
-    if pv.target_epsilon is not None:
-        need(pv.target_epsilon > 0, "privacy.target_epsilon", f"must be positive, got {pv.target_epsilon}")
     if pv.mode == "central":
         need(cfg.strategy.name == "fedavg", "privacy.mode",
              f"central DP averages clipped updates of one global model; strategy={cfg.strategy.name} sends per-client slices or stacks (use privacy=local or privacy=sample)")

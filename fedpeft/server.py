@@ -146,7 +146,7 @@ class FlowerAdapter(FlowerStrategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._t0 = time.perf_counter()
-        if isinstance(self.privacy, PrivacyPlan) and self.privacy.mode == "central":
+        if self.privacy is not None and self.privacy.mode == "central":
             self.adopt(arrays)
         epsilon = self.account(server_round)
         nodes, all_nodes = self.sample(grid)

@@ -5,8 +5,8 @@ Each method is one module; :func:`build` returns the strategy a config names.
 
 from __future__ import annotations
 
-from strategies.dp_lora import DPLoRA
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+from strategies.dp_lora import DPLoRA
 from strategies.fedavg import FedAvg
 from strategies.ffa_lora import FFALoRA
 from strategies.flexlora import FlexLoRA

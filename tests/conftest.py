@@ -1,4 +1,8 @@
 import os
+import sys
+
+import absl.logging
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -10,8 +14,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # dp-accounting (the independent accountant in test_privacy) imports absl, whose log handler binds
 # the sys.stderr of import time — a pytest capture. Hydra's logging setup closes every handler, and
 # absl's would close that capture with it: point absl at the real stderr, which it never closes.
-import sys  # noqa: E402
-
-import absl.logging  # noqa: E402
-
 absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower stamps messages with the run's identity; run_simulation sets it, so do we here."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)

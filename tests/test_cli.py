@@ -25,6 +25,13 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
         ("fraction=1.5", "fraction: must be in (0, 1], got 1.5"),
         ("partition.kind=random", "partition.kind: unknown value 'random'"),
         ("tracking.mode=loud", "tracking.mode: unknown value 'loud'"),
+        ("strategy=dp_lora", "privacy.mode: strategy=dp_lora trains every client with DP-SGD: use privacy=sample"),
+        ("privacy=sample", "privacy.noise_multiplier: privacy.mode=sample needs a noise multiplier or a privacy.target_epsilon"),
+        ("privacy.target_epsilon=-1", "privacy.target_epsilon: must be positive"),
+        ("privacy.mode=global", "privacy.mode: unknown value 'global'"),
+        ("compression.uplink=zip", "compression.uplink: unknown value 'zip'"),
+        ("compression.downlink=topk", "compression.downlink: unknown value 'topk'"),
+        ("compression.topk_fraction=0", "compression.topk_fraction: must be in (0, 1]"),
     ],
 )
 def test_config_errors_are_one_line_naming_the_key_and_write_nothing(override, expected, tmp_path, monkeypatch, capsys):

@@ -19,12 +19,7 @@ from strategies.fedavg import FedAvg
 SHAPES = {"l0.q": (48, 64), "l0.v": (48, 64)}
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def adapter(seed, r=4, scale=1.0):

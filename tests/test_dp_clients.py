@@ -102,11 +102,7 @@ def test_local_dp_clips_the_update_and_adds_noise_of_std_sigma_C():
     assert all(torch.equal(ffa[m].A, end[m].A) for m in end)
 
 
-def test_central_dp_with_flowers_wrapper_clips_averages_and_noises(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+def test_central_dp_with_flowers_wrapper_clips_averages_and_noises(task_identity):
     g0 = GlobalModel(*_adapters(r=8, scale=0.0))
     sigma, C, K = 1.5, 0.2, 4
     plan = PrivacyPlan("central", sigma, C, sample_rate=0.5, steps_per_round=1, delta=1e-5)
@@ -134,11 +130,7 @@ def test_central_dp_with_flowers_wrapper_clips_averages_and_noises(monkeypatch):
     assert metrics["epsilon"] == pytest.approx(Accountant(1e-5).epsilon_after(sigma, 0.5, 1), rel=1e-9)
 
 
-def test_a_round_that_would_exceed_the_budget_is_not_started(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+def test_a_round_that_would_exceed_the_budget_is_not_started(task_identity):
     ref = Accountant(1e-5)
     eps1, eps2 = ref.epsilon_after(1.0, 1.0, 1), None
     ref.step(1.0, 1.0, 1)
@@ -153,3 +145,17 @@ def test_a_round_that_would_exceed_the_budget_is_not_started(monkeypatch):
     with pytest.raises(PrivacyBudgetExhausted):
         fa.configure_train(2, fa.arrays(), ConfigRecord(), grid)
     assert "round 2 would reach" in fa.stopped and plan.accountant.epsilon() == pytest.approx(eps1)
+
+
+def test_dp_sgd_keeps_hetloras_pruning_term(setup):
+    """The pruning regulariser depends on no example: under DP-SGD its gradient is added after
+    Opacus's clipping and noise, so a strong λ still drives the tail down and shrinks the rank."""
+    lm, part, start = setup
+    g = torch.Generator().manual_seed(0)
+    start = GlobalModel({m: LoraFactors(f.A, 0.05 * torch.randn(f.B.shape, generator=g), f.scaling) for m, f in start.adapter.items()}, start.head)
+    ins = {"prune": True, "prune_gamma": 0.5, "prune_lambda": 50.0, "prune_r_min": 1}
+    u, m = train(lm, Payload(adapter=start.adapter, head=start.head, instructions=ins), part, STEPS, seed=1, client_id=0, dp=DPSettings(1.0, 1.0))
+    assert m["rank_after_pruning"] == 2 and all(f.rank == 2 for f in u.adapter.values())
+    ins0 = dict(ins, prune_lambda=0.0)
+    _, m0 = train(lm, Payload(adapter=start.adapter, head=start.head, instructions=ins0), part, STEPS, seed=1, client_id=0, dp=DPSettings(1.0, 1.0))
+    assert m0["rank_after_pruning"] == 4  # without the term the tail does not shrink: the rank stays

@@ -53,13 +53,7 @@ def _reply(node: int, ad, head, n=10, error=None):
     )
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Flower stamps messages with the run's identity; run_simulation sets it, so do we here."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def make_adapter_strategy():
