@@ -8,7 +8,7 @@ Two sweeps, each run a real `fedpeft simulate` (Flower + Ray) in sequence:
 * compression: FedAvg-LoRA with each codec (none, fp16, bf16, int8, int4, top-k 10% and 1% with
   error feedback): accuracy against the bytes really sent (Flower's count of the encoded records).
 
-    .venv/bin/python experiments/privacy/run.py [--sweep privacy|compression|all] [--clients 5] [--rounds 4] [--steps 20] [overrides...]
+    .venv/bin/python experiments/privacy/run.py [--sweep privacy|compression|all] [--clients 5] [--rounds 3] [--steps 15] [overrides...]
 
 Results: experiments/privacy/results/ (results.md, privacy.png, compression.png); each run's
 metrics, config and W&B (offline) files under runs/privacy/.
@@ -27,8 +27,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 EPSILONS = ["inf", "8", "3", "1"]
 METHODS = {"fedavg": "FedAvg-LoRA", "ffa_lora": "FFA-LoRA", "dp_lora": "DP-LoRA"}
-CODECS = {
-    "none": ["compression=none"],
+CODECS = {  # the float32 baseline ("none") is the privacy sweep's FedAvg-LoRA at ε = ∞: the same run
     "fp16": ["compression=fp16"],
     "bf16": ["compression=bf16"],
     "int8": ["compression=int8"],
@@ -52,7 +51,9 @@ def privacy_runs() -> dict[str, list[str]]:
 
 
 def compression_runs() -> dict[str, list[str]]:
-    return {f"codec_{k}": ["strategy=fedavg", "privacy=none", *v] for k, v in CODECS.items()}
+    runs = {"fedavg_epsinf": privacy_runs()["fedavg_epsinf"]}
+    runs.update({f"codec_{k}": ["strategy=fedavg", "privacy=none", *v] for k, v in CODECS.items()})
+    return runs
 
 
 def run_all(runs: dict[str, list[str]], common: list[str], sweep_dir: Path) -> None:
@@ -101,8 +102,8 @@ def report(sweep_dir: Path, common: list[str]) -> None:
             "ε is the RDP accountant's value after the last round (every client's worst case: the smallest",
             "partition's Poisson rate, every round counted). σ is the noise multiplier derived from the target.",
             "",
-            "| method | target ε | σ | ε spent | " + " | ".join(f"acc r{r}" for r in range(len(next(iter(pr.values()))["history"]))) + " | seconds |",
-            "|---|---|---|---|" + "---|" * (len(next(iter(pr.values()))["history"]) + 1),
+            "| method | target ε | σ | ε spent | " + " | ".join(f"acc r{r}" for r in range(len(next(iter(pr.values()))["history"]))) + " | final test loss | seconds |",
+            "|---|---|---|---|" + "---|" * (len(next(iter(pr.values()))["history"]) + 2),
         ]
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for method, label in METHODS.items():
@@ -110,14 +111,14 @@ def report(sweep_dir: Path, common: list[str]) -> None:
             for eps in EPSILONS:
                 s = pr.get(f"{method}_eps{eps}")
                 if s is None:
-                    lines.append(f"| {label} | {eps} | — | — | failed |")
+                    lines.append(f"| {label} | {eps} | — | — | not run or failed |")
                     continue
                 p = s.get("privacy", {})
                 acc = [h["accuracy"] for h in s["history"]]
                 spent = p.get("epsilon")
                 spent_s = "∞" if spent is None or spent == float("inf") else f"{spent:.2f}"
                 sigma = f"{p['noise_multiplier']:.3f}" if p else "—"
-                lines.append(f"| {label} | {'∞' if eps == 'inf' else eps} | {sigma} | {spent_s} | " + " | ".join(f"{a:.3f}" for a in acc) + f" | {s['seconds']:.0f} |")
+                lines.append(f"| {label} | {'∞' if eps == 'inf' else eps} | {sigma} | {spent_s} | " + " | ".join(f"{a:.3f}" for a in acc) + f" | {s['history'][-1]['loss']:.4f} | {s['seconds']:.0f} |")
                 xs.append(EPSILONS.index(eps))
                 ys.append(acc[-1])
             ax.plot(xs, ys, marker="o", label=label)
@@ -139,25 +140,29 @@ def report(sweep_dir: Path, common: list[str]) -> None:
             "",
             "Bytes are Flower's `count_bytes` of the records sent (encoded arrays + config), summed over all rounds.",
             "",
-            "| codec | final accuracy | MB up (total) | MB down (total) | up vs float32 | seconds |",
-            "|---|---|---|---|---|---|",
+            "| codec | final accuracy | final test loss | MB up (total) | MB down (total) | up vs float32 | seconds |",
+            "|---|---|---|---|---|---|---|",
         ]
         base_up = None
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for key, label in CODEC_LABELS.items():
-            s = cr.get(f"codec_{key}")
+            s = cr.get("fedavg_epsinf" if key == "none" else f"codec_{key}")
             if s is None:
-                lines.append(f"| {label} | failed | | | | |")
+                lines.append(f"| {label} | not run or failed | | | | | |")
                 continue
             up = sum(h.get("bytes_up", 0) for h in s["history"][1:])
             down = sum(h.get("bytes_down", 0) for h in s["history"][1:])
             base_up = base_up or (up if key == "none" else None)
             ratio = f"{up / base_up:.3f}" if base_up else "—"
             acc = s["history"][-1]["accuracy"]
-            lines.append(f"| {label} | {acc:.3f} | {up / 1e6:.2f} | {down / 1e6:.2f} | {ratio} | {s['seconds']:.0f} |")
+            lines.append(f"| {label} | {acc:.3f} | {s['history'][-1]['loss']:.4f} | {up / 1e6:.2f} | {down / 1e6:.2f} | {ratio} | {s['seconds']:.0f} |")
             ax.scatter((up + down) / 1e6, acc, s=40)
-            ax.annotate(label, ((up + down) / 1e6, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(label, ((up + down) / 1e6, acc), textcoords="offset points", xytext=(5, -12 if key == "bf16" else 4), fontsize=8)
+        from matplotlib.ticker import ScalarFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
         ax.set_xlabel("MB sent, up + down, all rounds (log)")
         ax.set_ylabel("final test accuracy")
         ax.set_title("Rotten tomatoes, FedAvg-LoRA: accuracy vs bytes")
@@ -173,8 +178,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", choices=["privacy", "compression", "all"], default="all")
     ap.add_argument("--clients", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--dir", type=Path, help="sweep directory (re-running skips finished runs)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("overrides", nargs="*")
