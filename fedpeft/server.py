@@ -74,6 +74,11 @@ class Codecs:
     topk_fraction: float = 0.1
 
 
+def sample_size(num_nodes: int, fraction: float, min_clients: int) -> int:
+    """Clients sampled per round: ``fraction`` of the nodes, at least ``min_clients`` and 1, at most all."""
+    return min(max(int(num_nodes * fraction), min_clients, 1), num_nodes)
+
+
 class FlowerAdapter(FlowerStrategy):
     """Runs a pure :class:`strategies.base.Strategy` on Flower's Message API."""
 
@@ -119,8 +124,7 @@ class FlowerAdapter(FlowerStrategy):
 
     def sample(self, grid: Grid) -> tuple[list[int], list[int]]:
         all_nodes = sorted(grid.get_node_ids())
-        want = max(int(len(all_nodes) * self.fraction), self.min_clients, 1)
-        want = min(want, len(all_nodes))
+        want = sample_size(len(all_nodes), self.fraction, self.min_clients)
         return sorted(self.rng.sample(all_nodes, want)), all_nodes
 
     def adopt(self, arrays: ArrayRecord) -> None:

@@ -50,11 +50,6 @@ def client_settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def sample_size(cfg: DictConfig) -> int:
-    """Clients sampled per round (:meth:`fedpeft.server.FlowerAdapter.sample`)."""
-    return min(max(int(cfg.clients * cfg.fraction), min(cfg.min_clients, cfg.clients), 1), cfg.clients)
-
-
 def privacy_plan(cfg: DictConfig, partitioner):
     """The noise multiplier and what each round composes into the privacy ledger.
 
@@ -67,7 +62,7 @@ def privacy_plan(cfg: DictConfig, partitioner):
     ``privacy.target_epsilon`` without a noise multiplier: σ such that the last round spends it."""
     from clients.train import sample_rate
     from fedpeft.privacy import noise_multiplier_for
-    from fedpeft.server import PrivacyPlan
+    from fedpeft.server import PrivacyPlan, sample_size
 
     pv = cfg.privacy
     if pv.mode == "none":
@@ -76,7 +71,7 @@ def privacy_plan(cfg: DictConfig, partitioner):
         smallest = min(partitioner.load_partition(i).num_rows for i in range(cfg.clients))
         q, steps = sample_rate(smallest, cfg.train.batch_size), cfg.train.local_steps
     else:
-        q, steps = sample_size(cfg) / cfg.clients, 1
+        q, steps = sample_size(cfg.clients, cfg.fraction, cfg.min_clients) / cfg.clients, 1
     sigma = pv.noise_multiplier
     if sigma is None:
         sigma = noise_multiplier_for(pv.target_epsilon, pv.delta, q, steps * cfg.rounds)
@@ -172,7 +167,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from clients.app import save_merge
     from fedpeft.models import build, module_shapes, read_adapter, save_adapter, use_adapter
     from fedpeft.ranks import client_alpha, client_ranks
-    from fedpeft.server import Codecs, FlowerAdapter, load_global, wrap_central_dp
+    from fedpeft.server import Codecs, FlowerAdapter, load_global, sample_size, wrap_central_dp
     from fedpeft.tracking import Tracker, progress_line, say
     from strategies.base import ClientSpec
 
@@ -210,7 +205,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         privacy=plan,
         codecs=Codecs(cfg.compression.uplink, cfg.compression.downlink, cfg.compression.topk_fraction),
     )
-    flower_strategy = wrap_central_dp(adapter, sample_size(cfg)) if cfg.privacy.mode == "central" else adapter
+    flower_strategy = wrap_central_dp(adapter, sample_size(cfg.clients, cfg.fraction, cfg.min_clients)) if cfg.privacy.mode == "central" else adapter
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
