@@ -149,10 +149,10 @@ def local_dp(adapter: dict, head: dict, start: dict, clip: float, noise_multipli
     ``‖Δ‖₂ ≤ clip`` and ``N(0, (σ·clip)²)`` is added to every entry; returns ``start + Δ̃`` as an
     adapter and head, and ``‖Δ‖`` before clipping."""
     sent = messages.tensors_of(adapter, head, send_A=send_A)
-    delta = {k: t - messages.slice_like(start, k, t) for k, t in sent.items()}
-    clipped, norm = privacy.clip(delta, clip)
+    ref = {k: messages.slice_like(start, k, t) for k, t in sent.items()}
+    clipped, norm = privacy.clip({k: t - ref[k] for k, t in sent.items()}, clip)
     noisy = privacy.gaussian_noise(clipped, noise_multiplier * clip, generator)
-    out = {k: messages.slice_like(start, k, t) + noisy[k] for k, t in sent.items()}
+    out = {k: ref[k] + noisy[k] for k in sent}
     new_adapter = {
         m: LoraFactors(out[f"A/{m}"] if send_A else f.A, out[f"B/{m}"], f.scaling) for m, f in adapter.items()
     }
