@@ -14,7 +14,7 @@ Both are pure: they return new objects and never mutate their inputs. The Flower
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from torch import Tensor
 
@@ -75,7 +75,18 @@ class ClientUpdate:
 
 
 class Strategy(Protocol):
+    """A strategy also declares what it accepts; the config validation and the server's reply
+    checks read these declarations, never a list kept elsewhere."""
+
     name: str
+    weighting: str
+    weightings: ClassVar[tuple[str, ...]]  # the values ``strategy.weighting`` may take
+    heterogeneous_ranks: ClassVar[bool]  # whether clients may have different ranks and scalings
+    privacy_modes: ClassVar[tuple[str, ...]]  # the ``privacy.mode`` values it works with
+
+    def reply_ranks(self, rank: int) -> tuple[int, ...]:
+        """The ranks a client given ``rank`` may answer with (HetLoRA's clients may prune)."""
+        ...
 
     def init(self, model: GlobalModel) -> GlobalModel:
         """The starting state, from the server's freshly initialized peft adapter (at ``model.rank``)."""

@@ -17,6 +17,7 @@ FFA-LoRA avoids by freezing ``A``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from strategies.fedavg import FedAvg
 
@@ -25,3 +26,4 @@ from strategies.fedavg import FedAvg
 class DPLoRA(FedAvg):
     weighting: str = "uniform"
     name: str = "dp_lora"
+    privacy_modes: ClassVar[tuple[str, ...]] = ("sample",)  # every client trains with DP-SGD

@@ -14,9 +14,14 @@ heterogeneous-rank methods aggregate in effective-update units instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from fedpeft.lora import average_factors, average_tensors, normalized_weights
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
+
+
+WEIGHTINGS = ("num_examples", "uniform")
+PRIVACY_MODES = ("none", "sample", "local", "central")
 
 
 def client_weights(updates: list[ClientUpdate], weighting: str) -> list[float]:
@@ -27,10 +32,28 @@ def client_weights(updates: list[ClientUpdate], weighting: str) -> list[float]:
     raise ValueError(f"strategy.weighting: unknown value {weighting!r}; expected num_examples or uniform")
 
 
+def check_weighting(strategy) -> None:
+    """``strategy.weighting`` must be one the strategy declares (``weightings``)."""
+    if strategy.weighting not in strategy.weightings:
+        raise ValueError(
+            f"strategy.weighting: {strategy.weighting!r} is not accepted by strategy={strategy.name}; "
+            f"expected one of {', '.join(strategy.weightings)}"
+        )
+
+
 @dataclass(frozen=True)
 class FedAvg:
     weighting: str = "num_examples"
     name: str = "fedavg"
+    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
+    heterogeneous_ranks: ClassVar[bool] = False  # A and B are averaged separately: one rank and scaling
+    privacy_modes: ClassVar[tuple[str, ...]] = PRIVACY_MODES
+
+    def __post_init__(self) -> None:
+        check_weighting(self)
+
+    def reply_ranks(self, rank: int) -> tuple[int, ...]:
+        return (rank,)
 
     def init(self, model: GlobalModel) -> GlobalModel:
         return model

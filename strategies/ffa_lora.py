@@ -21,20 +21,16 @@ This module also holds two small helpers the other heterogeneous-rank strategies
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from fedpeft.lora import LoraFactors, at_scaling, average_tensors, scaling_for, seeded_lora_A, truncate
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
-from strategies.fedavg import client_weights
+from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
 
-WEIGHTINGS = ("num_examples", "uniform")
-
-
-def check_weighting(weighting: str, allowed: tuple[str, ...] = WEIGHTINGS) -> None:
-    if weighting not in allowed:
-        raise ValueError(f"strategy.weighting: unknown value {weighting!r}; expected one of {', '.join(allowed)}")
+HETERO_PRIVACY_MODES = ("none", "sample", "local")  # central DP needs one global model that every client receives
 
 
 def module_factors(updates: list[ClientUpdate], name: str) -> list[LoraFactors]:
@@ -70,11 +66,17 @@ class FFALoRA:
     seed: int = 0
     r_max: int | None = None
     name: str = "ffa_lora"
+    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
+    heterogeneous_ranks: ClassVar[bool] = True
+    privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
 
     def __post_init__(self) -> None:
-        check_weighting(self.weighting)
+        check_weighting(self)
         if self.r_max is not None and self.r_max <= 0:
             raise ValueError(f"strategy.r_max: must be positive, got {self.r_max}")
+
+    def reply_ranks(self, rank: int) -> tuple[int, ...]:
+        return (rank,)
 
     def init(self, model: GlobalModel) -> GlobalModel:
         """Every module's A ← the shared seeded A at ``r_max``, B ← 0, scaling 1.0 (effective units)."""

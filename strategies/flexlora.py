@@ -31,13 +31,14 @@ is averaged with ``p_k`` like FedAvg.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from fedpeft.lora import LoraFactors, SvdFactors, best_rank, scaling_for, seeded_lora_A, stack, svd_form
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
-from strategies.fedavg import client_weights
-from strategies.ffa_lora import average_head, check_weighting, module_factors
+from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
+from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
 
 def client_factors(g: LoraFactors, rank: int, scaling: float) -> LoraFactors:
@@ -59,9 +60,15 @@ class FlexLoRA:
     weighting: str = "num_examples"
     seed: int = 0
     name: str = "flexlora"
+    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
+    heterogeneous_ranks: ClassVar[bool] = True
+    privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
 
     def __post_init__(self) -> None:
-        check_weighting(self.weighting)
+        check_weighting(self)
+
+    def reply_ranks(self, rank: int) -> tuple[int, ...]:
+        return (rank,)
 
     def init_seed(self, client_id: int) -> int:
         return self.seed * 1_000_003 + client_id

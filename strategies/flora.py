@@ -21,13 +21,14 @@ every round (the version grows by one per round; two (client, round) pairs only 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
 from fedpeft.lora import delta, stack
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
-from strategies.fedavg import client_weights
-from strategies.ffa_lora import average_head, check_weighting, module_factors
+from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
+from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
 
 def flora_init_seed(seed: int, client_id: int, version: int) -> int:
@@ -48,9 +49,15 @@ class FLoRA:
     weighting: str = "num_examples"
     seed: int = 0
     name: str = "flora"
+    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
+    heterogeneous_ranks: ClassVar[bool] = True
+    privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
 
     def __post_init__(self) -> None:
-        check_weighting(self.weighting)
+        check_weighting(self)
+
+    def reply_ranks(self, rank: int) -> tuple[int, ...]:
+        return (rank,)
 
     def init(self, model: GlobalModel) -> GlobalModel:
         """Drop the server's adapter (every round starts fresh); keep the head and any merges."""

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from fedpeft.lora import LoraFactors, at_scaling, frobenius_of_product, normalized_weights, scaling_for, truncate
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
-from strategies.fedavg import client_weights
-from strategies.ffa_lora import average_head, check_weighting, module_factors
+from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
+from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
 
 def sparsity_weight(f: LoraFactors) -> float:
@@ -71,12 +72,19 @@ class HetLoRA:
     r_min: int = 1
     prune: bool = True
     name: str = "hetlora"
+    weightings: ClassVar[tuple[str, ...]] = ("sparsity", *WEIGHTINGS)
+    heterogeneous_ranks: ClassVar[bool] = True
+    privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
 
     def __post_init__(self) -> None:
-        check_weighting(self.weighting, ("sparsity", "num_examples", "uniform"))
+        check_weighting(self)
         _tail_start(1, self.gamma)
         if self.r_min <= 0 or self.lam < 0:
             raise ValueError(f"HetLoRA needs r_min > 0 and lam >= 0, got r_min={self.r_min}, lam={self.lam}")
+
+    def reply_ranks(self, rank: int) -> tuple[int, ...]:
+        """The given rank, or (with pruning) the one self-pruning step :func:`pruned_rank` allows."""
+        return tuple(sorted({rank, pruned_rank(rank, self.gamma, self.r_min)})) if self.prune else (rank,)
 
     def init(self, model: GlobalModel) -> GlobalModel:
         """The server adapter at its own rank (``r_max``), converted to effective units: ``B ← s·B``, scaling 1."""
