@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.train import DPSettings, TrainSettings, train
@@ -80,6 +80,14 @@ def sync_base(lm: LoadedModel, target: int, merges: dict, store: str | None) -> 
                 raise RuntimeError(f"base merge {v} is neither in the message nor in a merge store")
             merge = load_merge(Path(store), v)
         apply_merge(lm, merge)
+
+
+@app.query()
+def query_handler(msg: Message, context: Context) -> Message:
+    """The server asks each node once which partition (client id) it serves: Flower's node ids are
+    random, the partition id in ``context.node_config`` is what ranks and sampling follow."""
+    pid = int(context.node_config["partition-id"])
+    return Message(content=RecordDict({messages.CONFIG: ConfigRecord({"partition-id": pid})}), reply_to=msg)
 
 
 @app.train()

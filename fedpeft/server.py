@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
@@ -96,6 +96,8 @@ class FlowerAdapter(FlowerStrategy):
         on_merge: Callable[[int, Any], None] | None = None,
         privacy: PrivacyPlan | None = None,
         codecs: Codecs = Codecs(),
+        num_clients: int | None = None,
+        identify_timeout: float | None = None,
     ) -> None:
         self.strategy = strategy
         self.model = strategy.init(model)
@@ -114,6 +116,9 @@ class FlowerAdapter(FlowerStrategy):
         self.seen: dict[int, int] = {}  # node id → base version it has (FLoRA merges)
         self.rank_now: dict[int, int] = {}  # client → its current rank, once it shrank (HetLoRA)
         self.stats: dict[int, RoundStats] = {}
+        self.num_clients = num_clients  # partition ids are 0 .. num_clients - 1 (when known)
+        self.identify_timeout = identify_timeout
+        self.partition_of: dict[int, int] = {}  # node id → its partition id (= client id), asked once
         self._t0 = 0.0
 
     def summary(self) -> None:
@@ -122,10 +127,41 @@ class FlowerAdapter(FlowerStrategy):
     def arrays(self) -> ArrayRecord:
         return messages.encode(self.model.adapter, self.model.head, {})[messages.ARRAYS]
 
-    def sample(self, grid: Grid) -> tuple[list[int], list[int]]:
-        all_nodes = sorted(grid.get_node_ids())
-        want = sample_size(len(all_nodes), self.fraction, self.min_clients)
-        return sorted(self.rng.sample(all_nodes, want)), all_nodes
+    def identify(self, grid: Grid) -> dict[int, int]:
+        """Node id → partition id of every connected node. Node ids are random (in simulation too),
+        so the server asks each node it has not seen its ``partition-id`` once, with a query message
+        (:func:`clients.app.query_handler`): ranks, sampling and logs then follow the partition id,
+        and the same seed gives the same run. A node that does not answer, answers out of range, or
+        claims a partition another node holds is left out (with a warning)."""
+        nodes = set(grid.get_node_ids())
+        unknown = sorted(n for n in nodes if n not in self.partition_of)
+        if unknown:
+            ask = [Message(RecordDict({messages.CONFIG: ConfigRecord({"query": "partition-id"})}), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+            held = {p: n for n, p in self.partition_of.items() if n in nodes}
+            for reply in sorted(grid.send_and_receive(ask, timeout=self.identify_timeout), key=lambda m: m.metadata.src_node_id):
+                node = reply.metadata.src_node_id
+                try:
+                    if reply.has_error():
+                        raise ValueError(_one_line(reply.error.reason))
+                    pid = reply.content.config_records[messages.CONFIG]["partition-id"]
+                    if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0 or (self.num_clients is not None and pid >= self.num_clients):
+                        raise ValueError(f"partition-id {pid!r} is not one of 0..{(self.num_clients or 0) - 1}")
+                    if pid in held:
+                        raise ValueError(f"partition-id {pid} is already held by node {held[pid]}")
+                except (KeyError, ValueError, TypeError) as e:
+                    log.warning("node %d left out: it did not identify its partition (%s)", node, e)
+                    continue
+                self.partition_of[node] = held[pid] = pid
+        return {n: p for n, p in self.partition_of.items() if n in nodes}
+
+    def sample(self, grid: Grid) -> dict[int, int]:
+        """This round's sampled nodes → their partition ids: ``sample_size`` partitions drawn with
+        the run's seeded RNG from the sorted partition ids of the connected nodes."""
+        known = self.identify(grid)
+        node_of = {p: n for n, p in known.items()}
+        pids = sorted(node_of)
+        want = sample_size(len(pids), self.fraction, self.min_clients)
+        return {node_of[p]: p for p in sorted(self.rng.sample(pids, want))}
 
     def adopt(self, arrays: ArrayRecord) -> None:
         """Take the adapter and head tensors from ``arrays`` (scalings kept): after a wrapper such
@@ -153,13 +189,12 @@ class FlowerAdapter(FlowerStrategy):
         if self.privacy is not None and self.privacy.mode == "central":
             self.adopt(arrays)
         epsilon = self.account(server_round)
-        nodes, all_nodes = self.sample(grid)
-        index = {n: i for i, n in enumerate(all_nodes)}
-        stats = self.stats[server_round] = RoundStats(sampled=len(nodes), epsilon=epsilon)
+        sampled = self.sample(grid)
+        stats = self.stats[server_round] = RoundStats(sampled=len(sampled), epsilon=epsilon)
         self.sent = {}
         out = []
-        for node in nodes:
-            spec = self.client_spec(index[node])
+        for node, pid in sampled.items():
+            spec = self.client_spec(pid)
             if spec.client_id in self.rank_now:
                 spec = replace(spec, rank=min(spec.rank, self.rank_now[spec.client_id]))
             payload = self.strategy.payload(self.model, spec)
@@ -193,7 +228,9 @@ class FlowerAdapter(FlowerStrategy):
         stats = self.stats[server_round]
         updates: list[ClientUpdate] = []
         metric_rows: list[tuple[int, dict[str, float]]] = []
-        for msg in replies:
+        # Replies arrive in any order; aggregate in partition order so that float sums are reproducible.
+        order = lambda m: (self.partition_of.get(m.metadata.src_node_id, -1), m.metadata.src_node_id)  # noqa: E731
+        for msg in sorted(replies, key=order):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 stats.failed += 1

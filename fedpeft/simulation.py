@@ -204,6 +204,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         on_merge=lambda v, merge: save_merge(merge_store, v, merge),
         privacy=plan,
         codecs=Codecs(cfg.compression.uplink, cfg.compression.downlink, cfg.compression.topk_fraction),
+        num_clients=cfg.clients,
+        identify_timeout=cfg.engine.round_timeout,
     )
     flower_strategy = wrap_central_dp(adapter, sample_size(cfg.clients, cfg.fraction, cfg.min_clients)) if cfg.privacy.mode == "central" else adapter
     resolved = OmegaConf.to_container(cfg, resolve=True)

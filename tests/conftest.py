@@ -24,3 +24,33 @@ def task_identity(monkeypatch):
 
     for attr in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+class FakeGrid:
+    """A Flower grid for in-process tests of the server adapter: ``nodes`` maps node id → partition
+    id, and query messages are answered the way ``clients.app.query_handler`` answers them."""
+
+    def __init__(self, nodes):
+        self.nodes = dict(nodes)
+        self.queries = 0
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, msgs, *, timeout=None):
+        from types import SimpleNamespace
+
+        from flwr.app import ConfigRecord, RecordDict
+
+        out = []
+        for m in msgs:
+            self.queries += 1
+            node = m.metadata.dst_node_id
+            content = RecordDict({"config": ConfigRecord({"partition-id": self.nodes[node]})})
+            out.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False, content=content))
+        return out
+
+
+@pytest.fixture
+def fake_grid():
+    return FakeGrid

@@ -15,6 +15,7 @@ from fedpeft.server import Codecs, FlowerAdapter
 from strategies.base import ClientSpec, GlobalModel
 from strategies.ffa_lora import FFALoRA
 from strategies.fedavg import FedAvg
+from conftest import FakeGrid
 
 SHAPES = {"l0.q": (48, 64), "l0.v": (48, 64)}
 
@@ -83,7 +84,7 @@ def test_adapter_compresses_payloads_and_decodes_delta_updates_against_what_it_s
     g = GlobalModel(adapter=adapter(5), head=HEAD)
     fa = FlowerAdapter(FedAvg(), g, settings={}, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
                        shapes=SHAPES, seed=0, codecs=Codecs(uplink="int4", downlink="int8"))
-    grid = SimpleNamespace(get_node_ids=lambda: [7, 8])
+    grid = FakeGrid({7: 0, 8: 1})
     msgs = list(fa.configure_train(1, fa.arrays(), ConfigRecord(), grid))
     def data_bytes(content):
         return sum(np.load(io.BytesIO(a.data)).nbytes for a in content.array_records[messages.ARRAYS].values())
@@ -112,7 +113,7 @@ def test_fresh_starts_and_frozen_A_have_references_too():
     model = ffa.init(GlobalModel(adapter={m: LoraFactors(torch.zeros(4, i), torch.zeros(o, 4), 2.0) for m, (o, i) in SHAPES.items()}, head=HEAD))
     fa = FlowerAdapter(ffa, model, settings={}, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
                        shapes=SHAPES, seed=0, codecs=Codecs(uplink="int8"))
-    msgs = list(fa.configure_train(1, fa.arrays(), ConfigRecord(), SimpleNamespace(get_node_ids=lambda: [3])))
+    msgs = list(fa.configure_train(1, fa.arrays(), ConfigRecord(), FakeGrid({3: 0})))
     spec, payload, reference = fa.sent[3]
     assert not any(k.startswith("A/") for k in reference)  # FFA: A is neither sent nor coded
     # a fresh-start payload's reference is the seeded fresh LoRA the client builds

@@ -18,6 +18,7 @@ from fedpeft.privacy import Accountant, update_norm
 from fedpeft.server import FlowerAdapter, PrivacyPlan, wrap_central_dp
 from strategies.base import ClientSpec, GlobalModel, Payload
 from strategies.fedavg import FedAvg
+from conftest import FakeGrid
 
 MODEL = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=32)
 STEPS = TrainSettings(local_steps=3, batch_size=8, lr=3e-3)
@@ -109,7 +110,7 @@ def test_central_dp_with_flowers_wrapper_clips_averages_and_noises(task_identity
     fa = FlowerAdapter(FedAvg(weighting="uniform"), g0, settings={}, fraction=0.5, min_clients=K, client_spec=lambda i: ClientSpec(i, 8, 16.0),
                        shapes={"l0.q": (200, 300), "l0.v": (200, 300)}, seed=0, privacy=plan)
     dp = wrap_central_dp(fa, K)
-    grid = SimpleNamespace(get_node_ids=lambda: list(range(101, 109)))
+    grid = FakeGrid({n: i for i, n in enumerate(range(101, 109))})
     sent = list(dp.configure_train(1, fa.arrays(), ConfigRecord(), grid))
     assert len(sent) == K
     replies, clipped = [], []
@@ -139,7 +140,7 @@ def test_a_round_that_would_exceed_the_budget_is_not_started(task_identity):
     g0 = GlobalModel(*_adapters(scale=0.0))
     fa = FlowerAdapter(FedAvg(), g0, settings={}, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
                        shapes={"l0.q": (200, 300), "l0.v": (200, 300)}, seed=0, privacy=plan)
-    grid = SimpleNamespace(get_node_ids=lambda: [1, 2])
+    grid = FakeGrid({1: 0, 2: 1})
     assert len(list(fa.configure_train(1, fa.arrays(), ConfigRecord(), grid))) == 2
     assert fa.stats[1].epsilon == pytest.approx(eps1)
     with pytest.raises(PrivacyBudgetExhausted):

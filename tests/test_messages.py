@@ -11,6 +11,7 @@ from fedpeft.lora import LoraFactors
 from fedpeft.server import FlowerAdapter
 from strategies.base import ClientSpec, GlobalModel
 from strategies.fedavg import FedAvg
+from conftest import FakeGrid
 
 
 def adapter(value: float = 0.0, r: int = 4):
@@ -60,7 +61,7 @@ def make_adapter_strategy():
     g = GlobalModel(adapter=adapter(0.0), head=HEAD)
     fa = FlowerAdapter(FedAvg(), g, settings={}, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
                        shapes={"l0.q": (6, 8), "l0.v": (6, 8)}, seed=0)
-    grid = SimpleNamespace(get_node_ids=lambda: [11, 12, 13, 14, 15])
+    grid = FakeGrid({11: 0, 12: 1, 13: 2, 14: 3, 15: 4})
     msgs = fa.configure_train(1, fa.arrays(), ConfigRecord(), grid)
     return fa, msgs
 
