@@ -228,6 +228,25 @@ def encode(
     return arrays, config, new_residual
 
 
+def wire_parts(name: str, shape: Sequence[int], kind: str) -> dict[str, tuple[str, int]]:
+    """The wire arrays :func:`encode` makes of one tensor ``name`` of ``shape`` with codec
+    ``kind``: key → (numpy dtype name, element count). For ``topk`` the count is the most allowed
+    (``idx`` and ``val`` hold the same k ≤ n). A receiver checks arrays against this before it
+    decodes (and so allocates) anything."""
+    _check_kind(kind)
+    n = math.prod(shape)
+    rows, _ = _rows_cols((shape[1], shape[0]) if _tall(shape) else shape)
+    key = f"{name}{SEP}"
+    return {
+        "none": {name: ("float32", n)},
+        "fp16": {key + "fp16": ("float16", n)},
+        "bf16": {key + "bf16": ("int16", n)},
+        "int8": {key + "q": ("int8", n), key + "scale": ("float32", rows)},
+        "int4": {key + "q": ("uint8", (n + 1) // 2), key + "scale": ("float32", rows)},
+        "topk": {key + "idx": ("int32", n), key + "val": ("float32", n)},
+    }[kind]
+
+
 def _shape_of(name: str, value: Any) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value

@@ -15,9 +15,12 @@ train on the same base).
 
 from __future__ import annotations
 
+import io
+import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -202,6 +205,138 @@ def check_update(
     for name, t in head.items():
         if t.shape != expect_head[name].shape or not torch.isfinite(t).all():
             raise UpdateError(f"head {name}: shape {tuple(t.shape)} or values do not fit")
+
+
+MAX_EXAMPLES = 10**9  # the most examples a reply may claim where the server does not know its client's count
+
+
+def check_num_examples(value: Any, expected: int | None = None) -> int:
+    """A reply's ``num-examples``: an int, equal to ``expected`` (the client's partition size)
+    where the server knows it, else in ``[1, MAX_EXAMPLES]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UpdateError(f"num-examples is {value!r}, not an integer")
+    if expected is not None and value != expected:
+        raise UpdateError(f"num-examples is {value}, expected {expected} (the client's partition size)")
+    if not 1 <= value <= MAX_EXAMPLES:
+        raise UpdateError(f"num-examples is {value}, outside [1, {MAX_EXAMPLES}]")
+    return value
+
+
+def _dims(where: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+        raise UpdateError(f"{where}: bad shape {value!r}")
+    return tuple(value)
+
+
+def _npy_header(key: str, arr: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """An ``Array``'s shape and dtype from its ``.npy`` header, which must agree with its declared
+    ``shape`` and ``dtype`` and with its byte length; nothing is deserialised."""
+    if arr.stype != "numpy.ndarray":
+        raise UpdateError(f"array {key!r}: serialisation {arr.stype!r} is not 'numpy.ndarray'")
+    fp = io.BytesIO(arr.data)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"version {version}")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fp)
+    except Exception as e:  # malformed foreign bytes: whatever the parser raises
+        raise UpdateError(f"array {key!r}: unreadable .npy header ({str(e).strip().splitlines()[0][:80] if str(e).strip() else type(e).__name__})") from None
+    declared = _dims(f"array {key!r}", arr.shape)
+    if dtype.hasobject or tuple(shape) != declared or str(dtype) != str(arr.dtype):
+        raise UpdateError(f"array {key!r}: declared {arr.dtype} {declared}, its .npy header says {dtype} {tuple(shape)}")
+    need, have = math.prod(shape) * dtype.itemsize, len(arr.data) - fp.tell()
+    if have != need:
+        raise UpdateError(f"array {key!r}: {have} data bytes, its {dtype} {tuple(shape)} needs {need}")
+    return tuple(shape), dtype
+
+
+def check_reply_layout(
+    content: RecordDict,
+    shapes: Mapping[str, tuple[int, int]],
+    head: Mapping[str, Sequence[int]],
+    ranks: Sequence[int],
+    *,
+    scaling: float,
+    send_A: bool = True,
+    A_seed: int | None = None,
+    codec: str = "none",
+) -> int:
+    """Check a reply against what its client was sent, before anything is deserialised: keys and
+    declared shapes (``A/<module>`` unless A was not sent, ``B/<module>``, ``head/<name>``; with an
+    uplink ``codec`` their ``<key>#<part>`` arrays and ``shape/<key>`` entries), one rank in
+    ``ranks`` for every module, each array's ``.npy`` header, dtype and size as the codec makes
+    them, the scalings (``scaling``, finite), and for a frozen A its ``in_features`` and
+    ``A_seed``. So no size a client declares is allocated unchecked. Returns the reply's rank;
+    raises :class:`UpdateError` naming the key."""
+    if set(content.array_records) != {ARRAYS} or CONFIG not in content.config_records:
+        raise UpdateError(f"reply holds array records {sorted(content.array_records)} and config records {sorted(content.config_records)}, expected '{ARRAYS}' and '{CONFIG}'")
+    record, cfg = content.array_records[ARRAYS], content.config_records[CONFIG]
+    got, delta = cfg.get("codec"), cfg.get("delta")
+    if (codec == "none" and (got is not None or delta is not None)) or (codec != "none" and (got != codec or delta is not True)):
+        raise UpdateError(f"codec {got!r} (delta {delta!r}) is not the uplink codec {codec!r}" + (" as a delta" if codec != "none" else ""))
+    if codec == "none":
+        declared = {k: _dims(f"array {k!r}", a.shape) for k, a in record.items()}
+    else:
+        declared = {k[len("shape/"):]: _dims(k, v) for k, v in cfg.items() if k.startswith("shape/")}
+    rank = max(ranks)
+    for i, m in enumerate(sorted(shapes)):  # the rank: B's columns, one of ``ranks``, the same in every module
+        s = declared.get(f"B/{m}")
+        if s is None:
+            raise UpdateError(f"array 'B/{m}' is missing")
+        r = s[1] if len(s) == 2 else None
+        if r not in ranks:
+            raise UpdateError(f"array 'B/{m}' has shape {s}: rank {r}, expected rank {' or '.join(map(str, ranks))}")
+        if i and r != rank:
+            raise UpdateError(f"array 'B/{m}' is at rank {r}, other modules at rank {rank}")
+        rank = r
+    want: dict[str, tuple[int, ...]] = {}
+    for m, (o, i) in shapes.items():
+        if send_A:
+            want[f"A/{m}"] = (rank, i)
+        want[f"B/{m}"] = (o, rank)
+    want.update({f"head/{h}": tuple(int(d) for d in s) for h, s in head.items()})
+    extra = sorted(set(declared) - set(want))
+    if extra:
+        raise UpdateError(f"unexpected array {extra[0]!r}")
+    for k, s in want.items():
+        if k not in declared:
+            raise UpdateError(f"array {k!r} is missing")
+        if declared[k] != s:
+            raise UpdateError(f"array {k!r} has shape {declared[k]}, expected {s}")
+    wire = {w: (dt, n) for k, s in want.items() for w, (dt, n) in compression.wire_parts(k, s, codec).items()}
+    extra = sorted(set(record) - set(wire))
+    if extra:
+        raise UpdateError(f"unexpected array {extra[0]!r}")
+    count = {}
+    for w, (dt, n) in wire.items():
+        if w not in record:
+            raise UpdateError(f"array {w!r} is missing")
+        shape, dtype = _npy_header(w, record[w])
+        if dtype != np.dtype(dt):
+            raise UpdateError(f"array {w!r} is {dtype}, expected {dt}")
+        count[w] = math.prod(shape)
+        if count[w] > n or (codec != "topk" and count[w] != n):
+            raise UpdateError(f"array {w!r} holds {count[w]} values, expected {'at most ' if codec == 'topk' else ''}{n}")
+    if codec == "topk":
+        for k in want:
+            if count[f"{k}{compression.SEP}idx"] != count[f"{k}{compression.SEP}val"]:
+                raise UpdateError(f"array {k!r}: {count[f'{k}{compression.SEP}idx']} indices but {count[f'{k}{compression.SEP}val']} values")
+    for m, (o, i) in shapes.items():
+        v = cfg.get(f"scaling/{m}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not math.isclose(v, scaling, rel_tol=1e-9):
+            raise UpdateError(f"scaling/{m} is {v!r}, expected {scaling!r}")
+        v = cfg.get(f"in_features/{m}")
+        if not send_A and (isinstance(v, bool) or not isinstance(v, int) or v != i):
+            raise UpdateError(f"in_features/{m} is {v!r}, expected {i}")
+    v = cfg.get("A_seed")
+    if not send_A and (isinstance(v, bool) or not isinstance(v, int) or v != A_seed):
+        raise UpdateError(f"A_seed is {v!r}, expected {A_seed!r} (the one sent)")
+    allowed = {f"scaling/{m}" for m in shapes} | {f"in_features/{m}" for m in shapes if not send_A} | {f"shape/{k}" for k in want if codec != "none"}
+    for k in cfg:
+        if k.startswith(("scaling/", "in_features/", "shape/")) and k not in allowed:
+            raise UpdateError(f"unexpected config entry {k!r}")
+    return rank
 
 
 def metric_record(metrics: Mapping[str, float]) -> MetricRecord:

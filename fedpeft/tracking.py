@@ -68,7 +68,10 @@ def progress_line(server_round: int, rounds: int, m: Mapping[str, Any], elapsed:
         if key in m:
             parts.append(fmt.format(m[key]))
     if "clients_sampled" in m:
-        parts.append(f"clients {int(m['clients_replied'])}/{int(m['clients_sampled'])}" + (f" ({int(m['clients_failed'])} failed)" if m.get("clients_failed") else ""))
+        notes = [f"{int(m[k])} {word}" for k, word in (("clients_failed", "failed"), ("clients_rejected", "rejected")) if m.get(k)]
+        parts.append(f"clients {int(m['clients_replied'])}/{int(m['clients_sampled'])}" + (f" ({', '.join(notes)})" if notes else ""))
+        if "round_applied" in m and not m["round_applied"]:
+            parts.append("not applied (too few good updates)")
     if "epsilon" in m:
         parts.append(f"ε {m['epsilon']:.3f}")
     if "bytes_down" in m:

@@ -49,7 +49,7 @@ def _reply(node: int, ad, head, n=10, error=None):
     return SimpleNamespace(
         metadata=SimpleNamespace(src_node_id=node),
         has_error=lambda: error is not None,
-        error=SimpleNamespace(reason=error),
+        error=SimpleNamespace(reason=error, code=2),
         content=content,
     )
 
@@ -92,7 +92,7 @@ def test_bad_and_failed_replies_are_counted_and_the_rest_aggregated(caplog):
     # Only the two good updates, weighted 10:30.
     torch.testing.assert_close(fa.model.adapter["l0.q"].A, torch.full((4, 8), 0.25 * 1.0 + 0.75 * 3.0))
     text = caplog.text
-    assert "client 2 (node 13) rejected: module l0.q: shapes A (5, 8), B (6, 5) do not fit (6, 8) at rank <= 4" in text
+    assert "client 2 (node 13) rejected: array 'B/l0.q' has shape (6, 5): rank 5, expected rank 4" in text
     assert "client 3 (node 14) rejected: module l0.q: non-finite values" in text
     assert "node 15 failed: RuntimeError: boom" in text
     assert s.bytes_up == sum(messages.num_bytes(r.content) for r in replies[:2])
