@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -164,6 +166,61 @@ def use_adapter(lm: LoadedModel, rank: int, alpha: float) -> str:
         lm.model.add_adapter(name, dataclasses.replace(lm.lora, r=rank, lora_alpha=alpha))
         lm.model.to(lm.device)
     if lm.model.active_adapter != name:
+        lm.model.set_adapter(name)
+    return name
+
+
+def pattern_key(module: str) -> str:
+    r"""A peft ``rank_pattern`` / ``alpha_pattern`` key that matches the module ``module`` and no other.
+
+    peft (0.21) picks a module's key with ``re.match(rf"(.*\.)?({key})$", name)`` (``get_pattern_key``),
+    i.e. a regex that may also match as a dotted suffix of a longer name. The name is escaped (a dot
+    matches a dot only: ``layers.1.`` never matches ``layers.11.``) and anchored with ``^`` (inside the
+    group it fails whenever the optional prefix took anything), so only the exact name matches."""
+    return "^" + re.escape(module)
+
+
+def lora_config(lm: LoadedModel, ranks: Mapping[str, int], alphas: Mapping[str, float]) -> LoraConfig:
+    """The model's LoRA config (``lm.lora``) with a rank and an alpha per module, as peft's own
+    ``rank_pattern`` / ``alpha_pattern``: ``r`` and ``lora_alpha`` are the most common values (ties: the
+    first module's) and only the other modules get a :func:`pattern_key` entry, so a uniform adapter
+    has empty patterns. ``save_pretrained`` writes the patterns, ``PeftModel.from_pretrained`` reads them."""
+    import dataclasses
+
+    missing = set(lm.modules) - set(ranks) | set(lm.modules) - set(alphas)
+    if missing:
+        raise ModelError(f"no rank or alpha for modules {sorted(missing)[:3]}")
+    ranks = {m: int(ranks[m]) for m in lm.modules}
+    alphas = {m: float(f"{float(alphas[m]):.12g}") for m in lm.modules}  # scaling·rank: (7/25)·25 is 7.000000000000001
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return dataclasses.replace(
+        lm.lora,
+        r=r,
+        lora_alpha=alpha,
+        rank_pattern={pattern_key(m): ranks[m] for m in lm.modules if ranks[m] != r},
+        alpha_pattern={pattern_key(m): alphas[m] for m in lm.modules if alphas[m] != alpha},
+    )
+
+
+def _same_shape(a: LoraConfig, b: LoraConfig) -> bool:
+    return (a.r, float(a.lora_alpha), dict(a.rank_pattern or {}), dict(a.alpha_pattern or {})) == (b.r, float(b.lora_alpha), dict(b.rank_pattern or {}), dict(b.alpha_pattern or {}))
+
+
+def use_config(lm: LoadedModel, name: str, config: LoraConfig) -> str:
+    """Activate adapter ``name`` with ``config``'s ranks and alphas (per module), re-creating it when
+    the existing one's differ: one adapter of that name, never a new one per change. The ``default``
+    adapter is reused instead when it already has exactly these ranks and alphas."""
+    if _same_shape(lm.model.peft_config["default"], config):
+        name = "default"
+    elif name in lm.model.peft_config and not _same_shape(lm.model.peft_config[name], config):
+        if active(lm) == name:
+            lm.model.set_adapter("default")
+        lm.model.delete_adapter(name)
+    if name not in lm.model.peft_config:
+        lm.model.add_adapter(name, config)
+        lm.model.to(lm.device)
+    if active(lm) != name:
         lm.model.set_adapter(name)
     return name
 

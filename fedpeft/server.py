@@ -15,20 +15,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedpeft import messages
-from fedpeft.lora import LoraFactors
+from fedpeft.lora import LoraFactors, scaling_for
 from fedpeft.privacy import Accountant
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Strategy
 
@@ -46,6 +49,12 @@ class RoundStats:
     seconds: float = 0.0
     epsilon: float | None = None
     train_metrics: dict[str, float] = field(default_factory=dict)
+    applied: bool = False  # whether the round's aggregate became the global model (>= min_clients good replies)
+
+
+class FederationFailed(RuntimeError):
+    """More than half of a round's sampled clients failed with the same error: a fault of the run
+    (its configuration, data or code), not of single clients, so the run ends with that one line."""
 
 
 @dataclass
@@ -98,6 +107,7 @@ class FlowerAdapter(FlowerStrategy):
         codecs: Codecs = Codecs(),
         num_clients: int | None = None,
         identify_timeout: float | None = None,
+        expected_examples: Callable[[int], int | None] | None = None,
     ) -> None:
         self.strategy = strategy
         self.model = strategy.init(model)
@@ -120,6 +130,10 @@ class FlowerAdapter(FlowerStrategy):
         self.identify_timeout = identify_timeout
         self.partition_of: dict[int, int] = {}  # node id → its partition id (= client id), asked once
         self._t0 = 0.0
+        # partition id → that client's example count where the server knows it (simulation): a
+        # reply must then claim exactly that many; otherwise an int in [1, messages.MAX_EXAMPLES]
+        self.expected_examples = expected_examples
+        self.rounds_applied = 0  # rounds whose aggregate became the global model
 
     def summary(self) -> None:
         log.info("fedpeft strategy %s, fraction %s, min clients %s", self.strategy.name, self.fraction, self.min_clients)
@@ -224,47 +238,109 @@ class FlowerAdapter(FlowerStrategy):
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         return out
 
+    def check_reply(self, node: int, msg: Message) -> tuple[ClientUpdate, dict[str, float]]:
+        """The update in ``node``'s reply, checked against what was sent to it: its records, keys,
+        declared shapes and dtypes, rank (``strategy.reply_ranks``), scalings and codec before
+        anything is deserialised (:func:`messages.check_reply_layout`), its ``num-examples``
+        (:func:`messages.check_num_examples`), then its values (:func:`messages.check_update`).
+        Raises :class:`messages.UpdateError` naming the culprit key."""
+        spec, payload, reference = self.sent[node]
+        content = msg.content
+        ranks = tuple(self.strategy.reply_ranks(spec.rank))
+        messages.check_reply_layout(
+            content,
+            self.shapes,
+            {h: tuple(t.shape) for h, t in payload.head.items()},
+            ranks,
+            scaling=scaling_for(spec.rank, spec.alpha),  # the client's peft scaling; a pruned rank keeps it
+            send_A=not payload.instructions.get("freeze_A", False),
+            A_seed=payload.instructions.get("A_seed"),  # type: ignore[arg-type]
+            codec=self.codecs.uplink,
+        )
+        cfg = content.config_records[messages.CONFIG]
+        expected = self.expected_examples(spec.client_id) if self.expected_examples is not None else None
+        n = messages.check_num_examples(cfg.get("num-examples"), expected)
+        if "partition-id" in cfg and cfg["partition-id"] != spec.client_id:
+            raise messages.UpdateError(f"partition-id is {cfg['partition-id']!r}, expected {spec.client_id}")
+        dec = messages.decode(content, reference)
+        messages.check_update(dec.adapter, dec.head, self.shapes, max(ranks), payload.head)
+        metrics = dict(content.metric_records[messages.METRICS]) if messages.METRICS in content.metric_records else {}
+        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        return ClientUpdate(client_id=spec.client_id, adapter=dec.adapter, head=dec.head, num_examples=n), metrics
+
+    def _who(self, node: int) -> str:
+        pid = self.partition_of.get(node)
+        return f"client {pid} (node {node})" if pid is not None else f"node {node}"
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check each reply against what was sent to its node (:meth:`check_reply`); a bad one is
+        rejected with a one-line warning (``stats.rejected``), as is a reply from a node not sampled
+        this round or a second reply from a node; the good ones are aggregated. A round with fewer
+        than ``min_clients`` good replies is not applied: the global model stays (``round_applied``
+        0, ``stats.applied`` false). More than half of the sampled clients failing with one same
+        error raises :class:`FederationFailed`; scattered failures are one warning line each."""
         stats = self.stats[server_round]
         updates: list[ClientUpdate] = []
         metric_rows: list[tuple[int, dict[str, float]]] = []
+        failures: list[tuple[int, str]] = []
+        answered: set[int] = set()
+        shrunk: dict[int, int] = {}  # client → the smaller rank it answered with (HetLoRA), kept if the round is applied
+
+        def reject(node: int, reason: object) -> None:
+            stats.rejected += 1
+            log.warning("round %d: update from %s rejected: %s", server_round, self._who(node), _one_line(str(reason)))
+
         # Replies arrive in any order; aggregate in partition order so that float sums are reproducible.
         order = lambda m: (self.partition_of.get(m.metadata.src_node_id, -1), m.metadata.src_node_id)  # noqa: E731
         for msg in sorted(replies, key=order):
             node = msg.metadata.src_node_id
+            if node not in self.sent:
+                reject(node, f"node {node} was not sampled in round {server_round}")
+                continue
+            if node in answered:
+                reject(node, f"a second reply from node {node} in round {server_round}")
+                continue
+            answered.add(node)
             if msg.has_error():
                 stats.failed += 1
-                log.warning("round %d: client on node %d failed: %s", server_round, node, _one_line(msg.error.reason))
+                failures.append((node, _one_line(msg.error.reason), msg.error.code))
                 continue
-            spec, payload, reference = self.sent[node]
+            spec, payload, _ = self.sent[node]
             try:
-                dec = messages.decode(msg.content, reference)
-                adapter, head, cfg = dec.adapter, dec.head, dec.config
-                messages.check_update(adapter, head, self.shapes, spec.rank, payload.head)
-                n = int(cfg["num-examples"])
-                if n <= 0:
-                    raise messages.UpdateError(f"num-examples is {n}")
-            except (messages.UpdateError, KeyError, ValueError) as e:
-                stats.rejected += 1
-                log.warning("round %d: update from client %d (node %d) rejected: %s", server_round, spec.client_id, node, e)
+                update, metrics = self.check_reply(node, msg)
+            except (messages.UpdateError, KeyError, ValueError, TypeError, OverflowError) as e:
+                reject(node, e)
                 continue
             stats.bytes_up += messages.num_bytes(msg.content)
             self.seen[node] = payload.base_version
-            rank = max(f.rank for f in adapter.values())
+            rank = max(f.rank for f in update.adapter.values())
             if rank < spec.rank:
-                self.rank_now[spec.client_id] = rank
-            updates.append(ClientUpdate(client_id=spec.client_id, adapter=adapter, head=head, num_examples=n))
-            if messages.METRICS in msg.content.metric_records:
-                metric_rows.append((n, dict(msg.content.metric_records[messages.METRICS])))
+                shrunk[spec.client_id] = rank
+            updates.append(update)
+            if metrics:
+                metric_rows.append((update.num_examples, metrics))
+        # Nodes that dropped out (Flower's unavailable-node or missing-reply errors) are no client's fault.
+        same = Counter(line for _, line, code in failures if code not in _TRANSPORT_ERRORS).most_common(1)
+        if same and 2 * same[0][1] > stats.sampled:
+            raise FederationFailed(f"{same[0][0]} ({same[0][1]} of {stats.sampled} sampled clients)")
+        for node, line, _ in failures:
+            pid = self.partition_of.get(node)
+            log.warning("round %d: client %son node %d failed: %s", server_round, "" if pid is None else f"{pid} ", node, line)
         stats.replied = len(updates)
-        if updates:
+        stats.applied = len(updates) >= max(self.min_clients, 1)
+        if stats.applied:
             before = self.model.version
             self.model = self.strategy.aggregate(self.model, updates)
             for v in range(before, self.model.version):
                 if self.on_merge is not None:
                     self.on_merge(v + 1, self.model.merges[v])
+            self.rank_now.update(shrunk)
+            self.rounds_applied += 1
         else:
-            log.warning("round %d: no usable update; the global adapter is unchanged", server_round)
+            log.warning(
+                "round %d not applied: %d good update(s) of %d sampled, fewer than min_clients=%d; the global model is unchanged",
+                server_round, len(updates), stats.sampled, self.min_clients,
+            )
         stats.train_metrics = _weighted_mean(metric_rows)
         stats.seconds = time.perf_counter() - self._t0
         metrics = {
@@ -273,11 +349,13 @@ class FlowerAdapter(FlowerStrategy):
             "clients_replied": stats.replied,
             "clients_failed": stats.failed,
             "clients_rejected": stats.rejected,
+            "round_applied": int(stats.applied),
             "bytes_down": stats.bytes_down,
             "bytes_up": stats.bytes_up,
             **({"epsilon": stats.epsilon} if stats.epsilon is not None else {}),
         }
-        return self.arrays(), MetricRecord({k: float(v) for k, v in metrics.items()})
+        # Not applied: no new arrays (Flower keeps the previous ones; a DP wrapper adds no noise).
+        return (self.arrays() if stats.applied else None), MetricRecord({k: float(v) for k, v in metrics.items()})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []  # the global adapter is evaluated on the server (evaluate_fn)
@@ -317,18 +395,26 @@ def global_adapter(model: GlobalModel) -> dict:
     return out
 
 
+EVAL_ADAPTER = "global"  # the server's evaluation adapter (unless "default" has its ranks)
+
+
 def load_global(lm, model: GlobalModel) -> None:
-    """Load the global model into the server's evaluation adapter (rank and alpha to fit)."""
+    """Load the global model into the server's evaluation adapter, with each module's own rank and
+    alpha (``alpha = scaling · rank``: FLoRA's and FlexLoRA's global ranks are ``min(Σ r_k, out, in)``
+    per module, so modules of different shapes get different ranks) as peft's ``rank_pattern`` /
+    ``alpha_pattern`` (:func:`fedpeft.models.lora_config`): what ``save_adapter`` writes then reloads
+    with ``PeftModel.from_pretrained``. One evaluation adapter is kept, re-created when ranks change."""
     from fedpeft.lora import LoraFactors
-    from fedpeft.models import active, module_shapes, use_adapter, write_adapter
+    from fedpeft.models import active, lora_config, module_shapes, use_config, write_adapter
 
     adapter = global_adapter(model)
     if not adapter:  # nothing aggregated yet (FLoRA, FlexLoRA): a zero update
         adapter = {m: LoraFactors(torch.zeros(1, i), torch.zeros(o, 1), 1.0) for m, (o, i) in module_shapes(lm).items()}
-    f = next(iter(adapter.values()))
+    ranks = {m: f.rank for m, f in adapter.items()}
+    alphas = {m: f.scaling * f.rank for m, f in adapter.items()}
     previous = active(lm)
-    name = use_adapter(lm, f.rank, f.scaling * f.rank)
-    if previous not in ("default", name):  # ranks change round to round (FlexLoRA, FLoRA): keep one
+    name = use_config(lm, EVAL_ADAPTER, lora_config(lm, ranks, alphas))
+    if previous not in ("default", name):  # e.g. the r_max adapter the initial state was read from: keep one
         lm.model.delete_adapter(previous)
     write_adapter(lm, adapter, model.head)
 
@@ -339,6 +425,9 @@ def _weighted_mean(rows: list[tuple[int, dict[str, float]]]) -> dict[str, float]
     if not rows or total <= 0:
         return {}
     return {k: sum(n * m[k] for n, m in rows if k in m) / sum(n for n, m in rows if k in m) for k in sorted(keys)}
+
+
+_TRANSPORT_ERRORS = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
 
 
 def _one_line(text: str) -> str:
