@@ -182,11 +182,9 @@ def register() -> None:
     cs.store(name="base_config", node=Config)
 
 
-STRATEGIES = ("fedavg", "ffa_lora", "hetlora", "flora", "flexlora", "dp_lora")
 TASKS = ("classification", "causal_lm")
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 TRACKING_MODES = ("auto", "offline", "online", "disabled")
-WEIGHTINGS = ("num_examples", "uniform", "sparsity")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -200,8 +198,9 @@ def validate(cfg: Any) -> None:
     def one_of(value: Any, key: str, allowed: tuple) -> None:
         need(value in allowed, key, f"unknown value {value!r}; expected one of {', '.join(allowed)}")
 
-    one_of(cfg.strategy.name, "strategy.name", STRATEGIES)
-    one_of(cfg.strategy.weighting, "strategy.weighting", WEIGHTINGS)
+    import strategies
+
+    one_of(cfg.strategy.name, "strategy.name", tuple(strategies.REGISTRY))
     one_of(cfg.model.task, "model.task", TASKS)
     one_of(cfg.partition.kind, "partition.kind", PARTITIONS)
     one_of(cfg.tracking.mode, "tracking.mode", TRACKING_MODES)
@@ -212,38 +211,58 @@ def validate(cfg: Any) -> None:
     need(cfg.rounds >= 1, "rounds", f"must be at least 1, got {cfg.rounds}")
     need(0 < cfg.fraction <= 1, "fraction", f"must be in (0, 1], got {cfg.fraction}")
     need(cfg.min_clients >= 1, "min_clients", f"must be at least 1, got {cfg.min_clients}")
+    need(cfg.min_clients <= cfg.clients, "min_clients",
+         f"{cfg.min_clients} clients per round asked for, but there are only clients={cfg.clients}: lower min_clients or raise clients")
+    need(0 <= cfg.seed < 2**32, "seed", f"must be in [0, 2**32), got {cfg.seed}")
     need(cfg.model.rank >= 1, "model.rank", f"must be at least 1, got {cfg.model.rank}")
     need(cfg.model.alpha > 0, "model.alpha", f"must be positive, got {cfg.model.alpha}")
+    need(0 <= cfg.model.dropout < 1, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
+    need(cfg.model.eval_batch_size >= 1, "model.eval_batch_size", f"must be at least 1, got {cfg.model.eval_batch_size}")
     need(len(cfg.model.target_modules) > 0, "model.target_modules", "must name at least one module")
     need(cfg.model.max_length >= 8, "model.max_length", f"must be at least 8, got {cfg.model.max_length}")
     need(cfg.train.local_steps >= 1, "train.local_steps", f"must be at least 1, got {cfg.train.local_steps}")
     need(cfg.train.batch_size >= 1, "train.batch_size", f"must be at least 1, got {cfg.train.batch_size}")
     need(cfg.train.lr > 0, "train.lr", f"must be positive, got {cfg.train.lr}")
+    need(cfg.train.weight_decay >= 0, "train.weight_decay", f"must be non-negative, got {cfg.train.weight_decay}")
     need(cfg.partition.alpha > 0, "partition.alpha", f"must be positive, got {cfg.partition.alpha}")
     need(cfg.partition.shards_per_client >= 1, "partition.shards_per_client", "must be at least 1")
+    need(cfg.partition.min_partition_size >= 0, "partition.min_partition_size", f"must be non-negative, got {cfg.partition.min_partition_size}")
     need(cfg.engine.num_cpus > 0, "engine.num_cpus", f"must be positive, got {cfg.engine.num_cpus}")
     need(cfg.engine.num_gpus >= 0, "engine.num_gpus", f"must be non-negative, got {cfg.engine.num_gpus}")
+    need(cfg.engine.round_timeout > 0, "engine.round_timeout", f"must be positive (seconds), got {cfg.engine.round_timeout}")
     need(0 <= cfg.profile.failure_rate < 1, "profile.failure_rate", f"must be in [0, 1), got {cfg.profile.failure_rate}")
+    need(0 < cfg.strategy.gamma <= 1, "strategy.gamma", f"must be in (0, 1], got {cfg.strategy.gamma}")
+    need(cfg.strategy.lam >= 0, "strategy.lam", f"must be non-negative, got {cfg.strategy.lam}")
+    need(cfg.strategy.r_min >= 1, "strategy.r_min", f"must be at least 1, got {cfg.strategy.r_min}")
+    from fedpeft.ranks import client_ranks
     from fedpeft.ranks import validate as validate_ranks
 
     validate_ranks(cfg.ranks, need)
-    if cfg.strategy.name == "fedavg":
-        need(cfg.ranks.kind == "fixed", "ranks", f"strategy=fedavg averages A and B separately and needs one rank for all clients (ranks=fixed), got ranks.kind={cfg.ranks.kind}")
+    # What the strategy accepts, as its class declares it (strategies/base.py: Strategy).
+    name, cls = cfg.strategy.name, strategies.REGISTRY[cfg.strategy.name]
+    need(cfg.strategy.weighting in cls.weightings, "strategy.weighting",
+         f"strategy={name} does not take {cfg.strategy.weighting!r}; expected one of {', '.join(cls.weightings)}")
+    if not cls.heterogeneous_ranks:
+        ranks = sorted(set(client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)))
+        need(len(ranks) == 1, "ranks.kind",
+             f"strategy={name} needs one rank for all clients (ranks=fixed), but ranks.kind={cfg.ranks.kind} gives ranks {ranks}; "
+             f"use a strategy that takes heterogeneous ranks ({', '.join(n for n, c in strategies.REGISTRY.items() if c.heterogeneous_ranks)})")
+    from fedpeft.privacy import MODES
+
+    one_of(cfg.privacy.mode, "privacy.mode", MODES)
+    need(cfg.privacy.mode in cls.privacy_modes, "privacy.mode",
+         f"strategy={name} does not work with privacy.mode={cfg.privacy.mode}; use privacy={' | '.join(cls.privacy_modes)}")
     validate_privacy(cfg, need, one_of)
     need(cfg.data.eval_samples >= 0, "data.eval_samples", f"must be non-negative, got {cfg.data.eval_samples}")
 
 
 def validate_privacy(cfg: Any, need, one_of) -> None:
     from fedpeft.compression import KINDS
-    from fedpeft.privacy import MODES
 
     pv, cp = cfg.privacy, cfg.compression
-    one_of(pv.mode, "privacy.mode", MODES)
     one_of(cp.uplink, "compression.uplink", KINDS)
     one_of(cp.downlink, "compression.downlink", tuple(k for k in KINDS if k != "topk"))
     need(0 < cp.topk_fraction <= 1, "compression.topk_fraction", f"must be in (0, 1], got {cp.topk_fraction}")
-    if cfg.strategy.name == "dp_lora":
-        need(pv.mode == "sample", "privacy.mode", f"strategy=dp_lora trains every client with DP-SGD: use privacy=sample, got privacy.mode={pv.mode}")
     if pv.target_epsilon is not None:
         need(pv.target_epsilon > 0, "privacy.target_epsilon", f"must be positive, got {pv.target_epsilon}")
     if pv.mode == "none":
@@ -256,8 +275,6 @@ def validate_privacy(cfg: Any, need, one_of) -> None:
          f"privacy.mode={pv.mode} needs a noise multiplier or a privacy.target_epsilon to derive it from")
     if pv.noise_multiplier is not None:
         need(pv.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be non-negative, got {pv.noise_multiplier}")
-    if pv.mode == "central":
-        need(cfg.strategy.name == "fedavg", "privacy.mode",
-             f"central DP averages clipped updates of one global model; strategy={cfg.strategy.name} sends per-client slices or stacks (use privacy=local or privacy=sample)")
+    if pv.mode == "central":  # which strategies take it: their privacy_modes (checked in validate)
         need(cfg.strategy.weighting == "uniform", "strategy.weighting", "central DP needs uniform client weights (a data-size weight would scale one client's sensitivity): set strategy.weighting=uniform")
         need(cp.uplink == "none", "compression.uplink", "central DP clips the clients' raw updates on the server: use privacy=local to compress DP updates")

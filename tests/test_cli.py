@@ -25,23 +25,113 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
         ("fraction=1.5", "fraction: must be in (0, 1], got 1.5"),
         ("partition.kind=random", "partition.kind: unknown value 'random'"),
         ("tracking.mode=loud", "tracking.mode: unknown value 'loud'"),
-        ("strategy=dp_lora", "privacy.mode: strategy=dp_lora trains every client with DP-SGD: use privacy=sample"),
+        ("strategy=dp_lora", "privacy.mode: strategy=dp_lora does not work with privacy.mode=none; use privacy=sample"),
         ("privacy=sample", "privacy.noise_multiplier: privacy.mode=sample needs a noise multiplier or a privacy.target_epsilon"),
         ("privacy.target_epsilon=-1", "privacy.target_epsilon: must be positive"),
         ("privacy.mode=global", "privacy.mode: unknown value 'global'"),
         ("compression.uplink=zip", "compression.uplink: unknown value 'zip'"),
         ("compression.downlink=topk", "compression.downlink: unknown value 'topk'"),
         ("compression.topk_fraction=0", "compression.topk_fraction: must be in (0, 1]"),
+        # what a strategy accepts comes from its class (weightings, heterogeneous_ranks, privacy_modes)
+        ("strategy=fedavg strategy.weighting=sparsity", "strategy.weighting: strategy=fedavg does not take 'sparsity'; expected one of num_examples, uniform"),
+        ("strategy=flora strategy.weighting=sparsity", "strategy.weighting: strategy=flora does not take 'sparsity'"),
+        ("strategy=dp_lora privacy=sample privacy.noise_multiplier=1 strategy.weighting=sparsity", "strategy.weighting: strategy=dp_lora does not take 'sparsity'"),
+        ("strategy=dp_lora privacy=sample privacy.noise_multiplier=1 ranks=flora", "ranks.kind: strategy=dp_lora needs one rank for all clients"),
+        ("strategy=fedavg ranks=heavy_tail", "ranks.kind: strategy=fedavg needs one rank for all clients"),
+        ("strategy=ffa_lora privacy=central privacy.noise_multiplier=1", "privacy.mode: strategy=ffa_lora does not work with privacy.mode=central; use privacy=none | sample | local"),
+        # values that used to pass and then fail every client, or fail far from the key
+        ("train.weight_decay=-1", "train.weight_decay: must be non-negative, got -1.0"),
+        ("engine.round_timeout=-1", "engine.round_timeout: must be positive"),
+        ("seed=-1", "seed: must be in [0, 2**32), got -1"),
+        ("model.dropout=1.5", "model.dropout: must be in [0, 1), got 1.5"),
+        ("model.eval_batch_size=0", "model.eval_batch_size: must be at least 1"),
+        ("strategy=hetlora strategy.gamma=0", "strategy.gamma: must be in (0, 1]"),
+        ("partition=dirichlet partition.min_partition_size=-1", "partition.min_partition_size: must be non-negative"),
+        ("clients=4 min_clients=10", "min_clients: 10 clients per round asked for, but there are only clients=4"),
+        # ranks larger than the smallest targeted module (MiniLM: 384x384), from the model's config alone
+        ("model.rank=1000", "model.rank: rank 1000 exceeds 384, the most that the smallest targeted module (bert.encoder.layer.0.attention.self.query, 384x384) can use"),
+        ("strategy=flora ranks=flora ranks.levels=[8,400]", "ranks.levels: rank 400 exceeds 384"),
+        ("strategy=hetlora ranks=hetlora ranks.r_max=500", "ranks.r_max: rank 500 exceeds 384"),
+        ("model.target_modules=[nope]", "model.target_modules: ['nope'] do not fit model 'minilm'"),
+        ("model.name=nobody/no-such-model", "model.name: 'nobody/no-such-model'"),
+        # a built-in dataset's columns are fixed
+        ("data.label_column=bogus", "data.label_column: built-in data 'election_tweets' has the fixed columns text, label"),
+        ("data.text_column=body", "data.text_column: built-in data 'election_tweets'"),
+        ("data=rotten_tomatoes data.group_column=movie", "data.group_column: built-in data 'rotten_tomatoes' has the fixed columns text, label, group"),
+        # a local Ray cannot place a client that asks for more than the machine has
+        ("engine.num_cpus=100", "engine.num_cpus: 100 CPUs per client asked for, but this machine has"),
     ],
 )
 def test_config_errors_are_one_line_naming_the_key_and_write_nothing(override, expected, tmp_path, monkeypatch, capsys):
-    code, out, err = run_cli(["simulate", override], tmp_path, monkeypatch, capsys)
+    code, out, err = run_cli(["simulate", *override.split()], tmp_path, monkeypatch, capsys)
     assert code == 2
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1, err
     assert lines[0].startswith("fedpeft: config error: ")
-    assert expected in lines[0]
-    assert list(tmp_path.iterdir()) == []
+    assert expected in lines[0], lines[0]
+    assert list(tmp_path.rglob("*")) == []  # no run dir, no .hydra/, no cli.log
+
+
+def test_an_existing_run_dir_is_refused_and_left_as_it_was(tmp_path, monkeypatch, capsys):
+    old = tmp_path / "old"
+    (old / "adapters" / "round_002").mkdir(parents=True)
+    (old / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1}\n{"round": 2}\n')
+    before = sorted(tmp_path.rglob("*"))
+    code, out, err = run_cli(["simulate", "clients=4", "rounds=2", "hydra.run.dir=old"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fedpeft: config error: hydra.run.dir: old already holds adapters, metrics.jsonl"), lines[0]
+    assert "resume is not supported yet" in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before
+    assert (old / "metrics.jsonl").read_text().count("\n") == 3
+    # an empty directory, or one with only Hydra's own files, is fine
+    from fedpeft.cli import compose
+
+    (tmp_path / "empty" / ".hydra").mkdir(parents=True)
+    (tmp_path / "empty" / "cli.log").write_text("")
+    compose(["clients=4", "rounds=2", f"hydra.run.dir={tmp_path / 'empty'}"])
+
+
+def test_a_run_that_fails_before_writing_leaves_no_directory(tmp_path, monkeypatch, capsys):
+    """A user error raised by simulation.run (found after Hydra made the run dir) removes the
+    dir if it holds only Hydra's .hydra/ and cli.log; a dir with anything of the run's is kept."""
+    from fedpeft import simulation
+    from fedpeft.models import ModelError
+
+    def failing_run(writes):
+        def run(cfg, run_dir, **kwargs):
+            assert (run_dir / ".hydra").is_dir()
+            if writes:
+                (run_dir / "metrics.jsonl").write_text('{"round": 0}\n')
+            raise ModelError("model 'x': broken")
+
+        return run
+
+    monkeypatch.setattr(simulation, "run", failing_run(False))
+    code, out, err = run_cli(["simulate", "clients=4", "rounds=1"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.strip() == "fedpeft: error: model 'x': broken", err
+    assert list(tmp_path.rglob("*")) == []
+
+    monkeypatch.setattr(simulation, "run", failing_run(True))
+    code, out, err = run_cli(["simulate", "clients=4", "rounds=1"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    (run_dir,) = (tmp_path / "runs" / "default").iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "cli.log", "metrics.jsonl"]
+
+
+def test_a_model_that_fails_to_build_inside_the_run_writes_nothing(tmp_path, monkeypatch, capsys):
+    import fedpeft.models
+    from fedpeft.models import ModelError
+
+    def build(*args, **kwargs):
+        raise ModelError("model 'minilm': the weights could not be read")
+
+    monkeypatch.setattr(fedpeft.models, "build", build)
+    code, out, err = run_cli(["simulate", "clients=4", "rounds=1"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert [l for l in err.splitlines() if l.strip()] == ["fedpeft: error: model 'minilm': the weights could not be read"], err
+    assert list(tmp_path.rglob("*")) == []
 
 
 def test_missing_asset_says_what_to_run(tmp_path, monkeypatch, capsys):
