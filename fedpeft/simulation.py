@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +115,17 @@ def check_resources(cfg: DictConfig) -> None:
 
     from fedpeft.config import ConfigError
 
-    if cfg.engine.num_gpus > 0 and not cfg.engine.ray_address and not torch.cuda.is_available():
+    if cfg.engine.ray_address:  # an existing cluster: its resources are not known here
+        return
+    if cfg.engine.num_gpus > 0 and not torch.cuda.is_available():
         raise ConfigError(f"engine.num_gpus: {cfg.engine.num_gpus} GPU per client asked for, but no CUDA device is visible (use engine.num_gpus=0)")
+    if cfg.engine.num_gpus > torch.cuda.device_count():
+        raise ConfigError(f"engine.num_gpus: {cfg.engine.num_gpus} GPUs per client asked for, but this machine has {torch.cuda.device_count()} "
+                          f"(a local Ray could not place one client; lower engine.num_gpus or set engine.ray_address)")
+    cpus = os.cpu_count() or 1
+    if cfg.engine.num_cpus > cpus:
+        raise ConfigError(f"engine.num_cpus: {cfg.engine.num_cpus:g} CPUs per client asked for, but this machine has {cpus} "
+                          f"(a local Ray could not place one client; lower engine.num_cpus or set engine.ray_address)")
 
 
 def prepare_data(cfg: DictConfig):
@@ -123,6 +135,13 @@ def prepare_data(cfg: DictConfig):
     from fedpeft.config import ConfigError
 
     ds = fdata.load(cfg.data.name, seed=cfg.seed, text_column=cfg.data.text_column, label_column=cfg.data.label_column, group_column=cfg.data.group_column)
+    if cfg.data.name in fdata.BUILTIN:  # the column keys rename a user's columns; a built-in's are fixed
+        cols = ds["train"].column_names
+        for key, given, default in (("text_column", cfg.data.text_column, "text"), ("label_column", cfg.data.label_column, "label"),
+                                    ("group_column", cfg.data.group_column, None)):
+            if given != default and not (key == "group_column" and given == "group" and "group" in cols):
+                raise ConfigError(f"data.{key}: built-in data {cfg.data.name!r} has the fixed columns {', '.join(cols)}; "
+                                  f"data.{key} only renames a column of a Hugging Face dataset or a local path (drop the override)")
     task = fdata.task_of(ds)
     if cfg.model.task == "classification" and task != "classification":
         raise ConfigError(f"model.task: classification needs labelled data, but data {cfg.data.name!r} has no label column (use a causal_lm model, e.g. model=smollm2)")
@@ -146,12 +165,83 @@ def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in given.items() if k in names and k != "name"}
 
 
+class StopOnInterrupt:
+    """Ctrl-C (SIGINT) or SIGTERM during ``fedpeft simulate``: stop within seconds, keep what is done.
+
+    Flower's simulation engine waits for the clients' running calls and the server's round (up to
+    ``engine.round_timeout``) before it returns, minutes after a Ctrl-C. Instead, the first signal
+    waits for a round that is being written (``guard``: its checkpoint and metrics row are written
+    whole), records the run as interrupted (``finish``), shuts Ray down (its GCS, raylet and worker
+    processes) and leaves the process with exit code 130. A second signal while that happens is
+    ignored. Only for the command line (it ends the process), and only in the main thread."""
+
+    def __init__(self, guard, finish) -> None:
+        self.guard, self.finish = guard, finish
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopOnInterrupt":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.stop)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def stop(self, signum, frame) -> None:
+        import signal
+        import sys
+
+        for sig in self.previous:
+            signal.signal(sig, signal.SIG_IGN)
+        code = 130 if signum == signal.SIGINT else 143
+        try:
+            if self.guard.acquire(timeout=60):
+                self.finish()
+        finally:
+            try:
+                import ray
+
+                if ray.is_initialized():
+                    ray.shutdown()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+
+
 def rank_tag(cfg: DictConfig, ranks: list[int]) -> str:
     return str(ranks[0]) if len(set(ranks)) == 1 else f"{cfg.ranks.kind}:{min(ranks)}-{max(ranks)}"
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run one federation; returns the summary (also written to ``run_dir/summary.json``)."""
+class RunFailed(RuntimeError):
+    """The federation ran but failed as a whole (most clients failed alike, or nothing was applied);
+    the summary says ``status: failed`` and the completed rounds' checkpoints stay."""
+
+
+def save_checkpoint(lm, path: Path) -> None:
+    """The active adapter in peft format at ``path``, written whole or not at all (a sibling
+    temporary directory, then a rename)."""
+    import shutil
+
+    from fedpeft.models import save_adapter
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(lm, tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def run(cfg: DictConfig, run_dir: Path, *, interruptible: bool = False) -> dict[str, Any]:
+    """Run one federation; returns the summary (also written to ``run_dir/summary.json``).
+    ``interruptible``: Ctrl-C ends the process within seconds (:class:`StopOnInterrupt`; the CLI)."""
     setup_env()
     bind_ray_to_loopback(cfg)
     from flwr.app import MetricRecord
@@ -165,9 +255,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from fedpeft import data as fdata
     from fedpeft.config import validate
     from clients.app import save_merge
-    from fedpeft.models import build, module_shapes, read_adapter, save_adapter, use_adapter
+    from fedpeft.models import build, module_shapes, read_adapter, use_adapter
     from fedpeft.ranks import client_alpha, client_ranks
-    from fedpeft.server import Codecs, FlowerAdapter, load_global, sample_size, wrap_central_dp
+    from fedpeft.server import Codecs, FederationFailed, FlowerAdapter, load_global, sample_size, wrap_central_dp
     from fedpeft.tracking import Tracker, progress_line, say
     from strategies.base import ClientSpec
 
@@ -176,8 +266,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     flwr_log.propagate = False
     validate(cfg)
     check_resources(cfg)
+    from fedpeft.cli import check_model, check_run_dir  # compose checks these too; --multirun jobs and API callers skip compose
+
+    check_run_dir(run_dir)
     t_start = time.perf_counter()
     ds, partitioner, test, num_labels = prepare_data(cfg)
+    check_model(cfg, num_labels)
     sizes = [partitioner.load_partition(i).num_rows for i in range(min(cfg.clients, 3))]
     ranks = client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)
     alphas = [client_alpha(cfg.ranks, r, cfg.model.rank, cfg.model.alpha) for r in ranks]
@@ -197,7 +291,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         initial,
         settings=settings,
         fraction=cfg.fraction,
-        min_clients=min(cfg.min_clients, cfg.clients),
+        min_clients=cfg.min_clients,  # validate: at most clients
         client_spec=lambda i: ClientSpec(client_id=i, rank=ranks[i], alpha=alphas[i]),
         shapes=module_shapes(lm),
         seed=cfg.seed,
@@ -206,6 +300,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         codecs=Codecs(cfg.compression.uplink, cfg.compression.downlink, cfg.compression.topk_fraction),
         num_clients=cfg.clients,
         identify_timeout=cfg.engine.round_timeout,
+        # each client's reply must claim its partition's size, which the server knows in simulation
+        expected_examples=lru_cache(maxsize=None)(lambda i: partitioner.load_partition(i).num_rows),
     )
     flower_strategy = wrap_central_dp(adapter, sample_size(cfg.clients, cfg.fraction, cfg.min_clients)) if cfg.privacy.mode == "central" else adapter
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -235,6 +331,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         f"LoRA on {list(cfg.model.target_modules)}; run dir {run_dir}"
     )
     history: list[dict[str, Any]] = []
+    guard = threading.Lock()
+    failure: list[str] = []  # why the federation failed (FederationFailed), once
 
     def evaluate_fn(server_round: int, arrays) -> MetricRecord:
         if cfg.privacy.mode == "central":  # Flower's DP wrapper noised the aggregate
@@ -248,14 +346,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             row.update(
                 clients_sampled=stats.sampled, clients_replied=stats.replied, clients_failed=stats.failed,
                 clients_rejected=stats.rejected, bytes_down=stats.bytes_down, bytes_up=stats.bytes_up,
-                round_seconds=round(stats.seconds, 3),
+                round_seconds=round(stats.seconds, 3), round_applied=int(stats.applied),
             )
             if stats.epsilon is not None:
                 row["epsilon"] = stats.epsilon
-        if cfg.tracking.save_adapters:
-            save_adapter(lm, tracker.checkpoint_dir(server_round))
-        tracker.log_round(server_round, row)
-        history.append({"round": server_round, **row})
+        with guard:  # a round's checkpoint and its metrics row are written whole (see StopOnInterrupt)
+            if cfg.tracking.save_adapters:
+                save_checkpoint(lm, tracker.checkpoint_dir(server_round))
+            tracker.log_round(server_round, row)
+            history.append({"round": server_round, **row})
         say(progress_line(server_round, cfg.rounds, row, time.perf_counter() - t_start))
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
@@ -267,25 +366,43 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             flower_strategy.start(grid, adapter.arrays(), num_rounds=cfg.rounds, timeout=cfg.engine.round_timeout, evaluate_fn=evaluate_fn)
         except PrivacyBudgetExhausted:
             say(f"stopped: {adapter.stopped}; the last checkpoint is round {len(history) - 1}")
+        except FederationFailed as e:
+            failure.append(str(e))
 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "strategy": cfg.strategy.name, "rounds": cfg.rounds, "clients": cfg.clients, **baseline}
     status = "failed"
-    try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients, backend_config=backend_config(cfg))
-        if adapter.stopped:
-            status = "stopped"
-            summary["stopped"] = adapter.stopped
-        elif len(history) != cfg.rounds + 1:
-            raise RuntimeError(f"the simulation ended after {len(history) - 1} of {cfg.rounds} rounds")
-        else:
-            status = "finished"
-    finally:
-        summary.update(status=status, seconds=round(time.perf_counter() - t_start, 1), history=history)
+
+    def finish(status: str) -> None:
+        summary.update(status=status, seconds=round(time.perf_counter() - t_start, 1), history=history, rounds_applied=adapter.rounds_applied)
         if history:
             summary["final"] = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
         if plan is not None:
             summary["privacy"] = {"mode": plan.mode, "noise_multiplier": plan.noise_multiplier, "epsilon": plan.accountant.epsilon(), "delta": plan.delta}
-        tracker.finish(summary, exit_code=0 if status in ("finished", "stopped") else 1)
+        tracker.finish(summary, exit_code={"finished": 0, "stopped": 0, "interrupted": 130}.get(status, 1))
+
+    def interrupted() -> None:
+        last = f"round {len(history) - 1}" + (f" (adapter in {tracker.checkpoint_dir(len(history) - 1)})" if cfg.tracking.save_adapters and history else "")
+        say(f"interrupted: the run is stopped; the last complete round is {last}")
+        finish("interrupted")
+
+    try:
+        with StopOnInterrupt(guard, interrupted) if interruptible else contextlib.nullcontext():
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients, backend_config=backend_config(cfg))
+        if failure:
+            summary["error"] = failure[0]
+            raise RunFailed(f"{failure[0]}; stopped after round {len(history) - 1}")
+        if adapter.stopped:
+            status = "stopped"
+            summary["stopped"] = adapter.stopped
+        elif len(history) != cfg.rounds + 1:
+            raise RunFailed(f"the simulation ended after {len(history) - 1} of {cfg.rounds} rounds")
+        elif adapter.rounds_applied == 0:
+            summary["error"] = "no round applied an update"
+            raise RunFailed(f"no round applied an update (clients failed or were rejected every round; see the log and {run_dir / 'metrics.jsonl'})")
+        else:
+            status = "finished"
+    finally:
+        finish(status)
     final = history[-1]
     where = f"; adapter in {tracker.checkpoint_dir(len(history) - 1)}" if cfg.tracking.save_adapters else f"; results in {run_dir}"
     if "accuracy" in final:

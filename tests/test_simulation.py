@@ -166,3 +166,73 @@ def test_a_run_that_would_exceed_its_budget_stops_with_its_checkpoint(tmp_path):
     assert summary["privacy"]["epsilon"] == pytest.approx(one)
     assert (tmp_path / "run" / "adapters" / "round_001" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "run" / "adapters" / "round_002").exists()
+
+
+def _without_timings(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if "seconds" not in k and k != "elapsed_s"} for r in rows]
+
+
+def test_the_same_config_and_seed_give_the_same_run(tmp_path):
+    """Heterogeneous ranks, non-IID data and partial participation: which partition gets which
+    rank and which partitions are sampled follow the partition id, not Flower's random node ids."""
+    overrides = ("strategy=hetlora", "ranks=flora", "ranks.levels=[16,8,4,2]", "partition=dirichlet", "clients=4",
+                 "rounds=2", "fraction=0.5", "train.local_steps=3", "seed=3", "data.eval_samples=128", "tracking.mode=disabled")
+    runs = []
+    for name in ("a", "b"):
+        cfg = compose(["model.rank=4", "model.alpha=8", "model.max_length=48", *overrides])
+        run(cfg, tmp_path / name)
+        runs.append(tmp_path / name)
+    a, b = (_without_timings(r / "metrics.jsonl") for r in runs)
+    assert len(a) == 3 and a == b
+    assert a[1]["clients_replied"] == 2 and a[1]["loss"] != a[0]["loss"]
+    assert (runs[0] / "ranks.json").read_text() == (runs[1] / "ranks.json").read_text()
+    final = "adapters/round_002/adapter_model.safetensors"
+    assert (runs[0] / final).read_bytes() == (runs[1] / final).read_bytes()
+
+
+def _ray_processes():
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [l for l in out.splitlines() if any(k in l for k in ("raylet", "gcs_server", "ray::", "default_worker.py"))]
+
+
+def test_ctrl_c_stops_within_seconds_keeps_the_last_round_and_leaves_no_ray(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    before = _ray_processes()
+    fedpeft = Path(sys.executable).with_name("fedpeft")
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [str(fedpeft), "simulate", "clients=2", "rounds=50", "train.local_steps=2", "model.rank=4", "model.alpha=8",
+         "model.max_length=32", "data.eval_samples=64", "tracking.mode=offline", f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines = []
+    for line in proc.stdout:  # wait until round 1 is complete
+        lines.append(line)
+        if line.startswith("[fedpeft] round 1/50"):
+            break
+    assert any(l.startswith("[fedpeft] round 1/50") for l in lines), "".join(lines[-20:])
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    rest, _ = proc.communicate(timeout=120)
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 130, rest[-2000:]
+    assert seconds < 30, f"Ctrl-C took {seconds:.0f}s"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert summary["status"] == "interrupted" and len(summary["history"]) == len(rows) >= 2
+    saved = sorted(p.name for p in (run_dir / "adapters").iterdir())
+    assert saved == [f"round_{r['round']:03d}" for r in rows]  # every logged round has its whole checkpoint, no partial one
+    assert "interrupted: the run is stopped; the last complete round is round" in rest
+    deadline = time.monotonic() + 20
+    while set(_ray_processes()) - set(before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not set(_ray_processes()) - set(before)
