@@ -1,8 +1,6 @@
 """The heterogeneous-rank strategies (FFA-LoRA, HetLoRA, FLoRA, FlexLoRA) on random tensors."""
 
 import math
-import resource
-import time
 
 import pytest
 import torch
@@ -290,16 +288,11 @@ def test_flexlora_never_forms_the_out_by_in_matrix():
         f = LoraFactors(torch.randn(r, inp, generator=gen), torch.randn(out, r, generator=gen), scaling_for(r, ALPHA))
         ups.append(ClientUpdate(k, {"big": f}, {}, 10))
     s = FlexLoRA()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    t0 = time.perf_counter()
+    # Time and peak memory are measured by experiments/benchmarks/flexlora_scale.py, not asserted here.
     with _LargestTensor(limit=out * sum(ranks)) as probe:
         g = s.aggregate(GlobalModel(adapter={}), ups)
         pls = [s.payload(g, ClientSpec(k, r, ALPHA)) for k, r in enumerate(ranks)]
-    seconds = time.perf_counter() - t0
-    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     assert probe.numel <= out * sum(ranks), probe.numel  # nothing bigger than the stacked factors
-    assert seconds < 5, seconds
-    assert grown_mib < 400, grown_mib
     assert g.adapter["big"].rank == 40 and pls[0].adapter["big"].rank == 16
     # spot check exactness on a few entries of ΔW without forming it
     rows, cols = torch.tensor([0, 123, 19_999]), torch.tensor([7, 4_000, 19_998])
