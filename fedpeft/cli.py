@@ -191,6 +191,10 @@ def check_model(cfg, num_labels: int | None) -> None:
     shapes = target_shapes(cfg.model.name, cfg.model.task, tuple(cfg.model.target_modules), num_labels)
     if not shapes:
         return
+    for t in cfg.model.target_modules:  # peft matches a name as a suffix; it refuses only a list that matches nothing
+        if not any(m == t or m.endswith("." + t) for m in shapes):
+            raise ConfigError(f"model.target_modules: {t!r} matches no module of model {cfg.model.name!r} (peft would skip it silently); "
+                              f"drop it or name a module the model has")
     module, (out, inn) = min(shapes.items(), key=lambda kv: min(kv[1]))
     limit = min(out, inn)
     ranks = [("model.rank", cfg.model.rank)]

@@ -53,6 +53,7 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
         ("strategy=flora ranks=flora ranks.levels=[8,400]", "ranks.levels: rank 400 exceeds 384"),
         ("strategy=hetlora ranks=hetlora ranks.r_max=500", "ranks.r_max: rank 500 exceeds 384"),
         ("model.target_modules=[nope]", "model.target_modules: ['nope'] do not fit model 'minilm'"),
+        ("model.target_modules=[query,nope]", "model.target_modules: 'nope' matches no module of model 'minilm'"),
         ("model.name=nobody/no-such-model", "model.name: 'nobody/no-such-model'"),
         # a built-in dataset's columns are fixed
         ("data.label_column=bogus", "data.label_column: built-in data 'election_tweets' has the fixed columns text, label"),
