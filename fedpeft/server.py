@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -431,5 +432,12 @@ _TRANSPORT_ERRORS = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAV
 
 
 def _one_line(text: str) -> str:
-    lines = [l for l in str(text).strip().splitlines() if l.strip()]
+    """The last line of an error text; for a ClientApp's exception as Flower's simulation engine
+    reports it (``<class ...>:<'...Exception ClientAppException occurred. Message: ...'>``), the
+    client's own message."""
+    text = str(text)
+    wrapped = re.search(r"ClientAppException occurred\. Message: (.*?)(?:'>)?\s*$", text, re.S)
+    if wrapped:
+        text = wrapped.group(1)
+    lines = [l for l in text.strip().splitlines() if l.strip()]
     return lines[-1].strip() if lines else "unknown error"

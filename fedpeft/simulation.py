@@ -165,6 +165,18 @@ def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in given.items() if k in names and k != "name"}
 
 
+class QuietClientFailures(logging.Filter):
+    """Flower's simulation engine logs a ClientApp's exception as two ERROR tracebacks (its Ray
+    backend's and its worker's) and then hands it to the server as an error reply, which fedpeft's
+    server logs as one line naming the client. Drop the tracebacks (the records those two
+    functions log at ERROR); everything else Flower logs passes."""
+
+    SOURCES = (("raybackend.py", "process_message"), ("vce_api.py", "worker"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and any(record.pathname.endswith(f) and record.funcName == fn for f, fn in self.SOURCES))
+
+
 class StopOnInterrupt:
     """Ctrl-C (SIGINT) or SIGTERM during ``fedpeft simulate``: stop within seconds, keep what is done.
 
@@ -264,6 +276,8 @@ def run(cfg: DictConfig, run_dir: Path, *, interruptible: bool = False) -> dict[
     flwr_log = logging.getLogger("flwr")  # Flower's own console handler; keep it off Hydra's root one
     flwr_log.setLevel(cfg.engine.flower_log_level)
     flwr_log.propagate = False
+    if not any(isinstance(f, QuietClientFailures) for f in flwr_log.filters):
+        flwr_log.addFilter(QuietClientFailures())
     validate(cfg)
     check_resources(cfg)
     from fedpeft.cli import check_model, check_run_dir  # compose checks these too; --multirun jobs and API callers skip compose

@@ -71,16 +71,21 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_the_server_evaluation(fo
     assert m["loss"] == pytest.approx(final["loss"], rel=1e-4)
 
 
-def test_failing_clients_are_counted_and_the_rounds_go_on(tmp_path):
+def test_failing_clients_are_counted_and_the_rounds_go_on(tmp_path, capfd, caplog):
     cfg, summary = simulate(tmp_path, "clients=6", "rounds=2", "train.local_steps=2", "profile.failure_rate=0.5", "tracking.mode=disabled", "tracking.save_adapters=false")
     from clients.app import should_fail
 
     assert summary["status"] == "finished"
+    lines = [r.getMessage() for r in caplog.records if "failed:" in r.getMessage()]
     for r in summary["history"][1:]:
-        expected = sum(should_fail(0, r["round"], c, 0.5) for c in range(6))
-        assert r["clients_failed"] == expected
+        failing = [c for c in range(6) if should_fail(0, r["round"], c, 0.5)]
+        assert r["clients_failed"] == len(failing)
         assert r["clients_replied"] + r["clients_failed"] == r["clients_sampled"] == 6
+        for c in failing:  # one line each, with the client's own message
+            assert sum(l.startswith(f"round {r['round']}: client {c} on node ") and l.endswith(
+                f"failed: client {c}: injected failure in round {r['round']} (profile.failure_rate=0.5)") for l in lines) == 1
     assert sum(r["clients_failed"] for r in summary["history"][1:]) > 0
+    assert "Traceback" not in capfd.readouterr().err  # no traceback from Flower's engine for a client's error
 
 
 @pytest.mark.parametrize("strategy", ["ffa_lora", "hetlora", "flora", "flexlora"])
