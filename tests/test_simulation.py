@@ -241,3 +241,39 @@ def test_ctrl_c_stops_within_seconds_keeps_the_last_round_and_leaves_no_ray(tmp_
     while set(_ray_processes()) - set(before) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not set(_ray_processes()) - set(before)
+
+
+def test_a_run_whose_every_update_is_rejected_does_not_finish(tmp_path, monkeypatch):
+    from fedpeft import messages
+    from fedpeft.server import FlowerAdapter
+    from fedpeft.simulation import RunFailed
+
+    def forged(self, node, msg):
+        raise messages.UpdateError("forged for the test")
+
+    monkeypatch.setattr(FlowerAdapter, "check_reply", forged)  # the server runs in this process
+    with pytest.raises(RunFailed, match="no round applied an update"):
+        simulate(tmp_path, "clients=2", "rounds=2", "train.local_steps=1", "data.eval_samples=32", "tracking.mode=disabled")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rounds_applied"] == 0
+    assert [(r["clients_rejected"], r["round_applied"]) for r in summary["history"][1:]] == [(2, 0), (2, 0)]
+
+
+def test_most_clients_failing_alike_stops_the_run_with_that_error(tmp_path, monkeypatch):
+    from fedpeft.server import FederationFailed, FlowerAdapter
+    from fedpeft.simulation import RunFailed
+
+    original = FlowerAdapter.aggregate_train
+
+    def failing(self, server_round, replies):
+        if server_round == 2:
+            raise FederationFailed("KeyError: 'text' (2 of 2 sampled clients)")
+        return original(self, server_round, replies)
+
+    monkeypatch.setattr(FlowerAdapter, "aggregate_train", failing)
+    with pytest.raises(RunFailed, match=r"KeyError: 'text' \(2 of 2 sampled clients\); stopped after round 1"):
+        simulate(tmp_path, "clients=2", "rounds=3", "train.local_steps=1", "data.eval_samples=32", "tracking.mode=disabled")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "KeyError: 'text' (2 of 2 sampled clients)"
+    assert [r["round"] for r in summary["history"]] == [0, 1]
+    assert (tmp_path / "run" / "adapters" / "round_001" / "adapter_model.safetensors").exists()
