@@ -63,6 +63,10 @@ def run_all(runs: dict[str, list[str]], common: list[str], sweep_dir: Path) -> N
         if (out / "summary.json").exists() and json.loads((out / "summary.json").read_text()).get("status") == "finished":
             print(f"[privacy experiment] {name}: already done", flush=True)
             continue
+        if out.exists():  # an unfinished run: fedpeft refuses to write into it, so keep it aside
+            aside = out.with_name(f"{name}.incomplete-{datetime.now():%Y%m%d-%H%M%S}")
+            out.rename(aside)
+            print(f"[privacy experiment] {name}: the unfinished run is kept in {aside}", flush=True)
         cmd = [exe, "simulate", *common, *overrides, f"hydra.run.dir={out}"]
         print(f"[privacy experiment] {name}: $ fedpeft {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
