@@ -6,6 +6,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from functools import lru_cache
@@ -98,8 +100,6 @@ def bind_ray_to_loopback(cfg: DictConfig) -> None:
     gRPC servers to all interfaces, whatever ``_node_ip_address`` says. The switch is read when
     Ray is imported, so it must be set before that; Ray's worker processes inherit it.
     """
-    import sys
-
     if cfg.engine.ray_address:
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -192,24 +192,16 @@ class StopOnInterrupt:
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopOnInterrupt":
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self.stop)
         return self
 
     def __exit__(self, *exc) -> None:
-        import signal
-
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
     def stop(self, signum, frame) -> None:
-        import signal
-        import sys
-
         for sig in self.previous:
             signal.signal(sig, signal.SIG_IGN)
         code = 130 if signum == signal.SIGINT else 143
@@ -280,7 +272,7 @@ def run(cfg: DictConfig, run_dir: Path, *, interruptible: bool = False) -> dict[
         flwr_log.addFilter(QuietClientFailures())
     validate(cfg)
     check_resources(cfg)
-    from fedpeft.cli import check_model, check_run_dir  # compose checks these too; --multirun jobs and API callers skip compose
+    from fedpeft.preflight import check_model, check_run_dir  # compose checks these too; --multirun jobs and API callers skip compose
 
     check_run_dir(run_dir)
     t_start = time.perf_counter()

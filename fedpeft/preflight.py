@@ -1,0 +1,100 @@
+"""Checks before anything runs that need more than the config: the file system (the run
+directory) and the model's architecture (module shapes, read from its config on the meta device,
+no weights loaded). ``fedpeft simulate`` runs them while composing, before Hydra writes anything,
+and :func:`fedpeft.simulation.run` again (multirun jobs and API callers do not compose)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+
+def is_hydra_file(path: Path) -> bool:
+    """What Hydra writes into a run directory itself: ``.hydra/`` and the job's log."""
+    return path.name == ".hydra" or path.suffix == ".log"
+
+
+def check_run_dir(run_dir: Path | None) -> None:
+    """A run directory that holds another run's files would get its metrics appended and its
+    adapters mixed: refuse it (resume comes later)."""
+    from fedpeft.config import ConfigError
+
+    if run_dir is None or not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"hydra.run.dir: {run_dir} exists and is not a directory; choose a new run directory")
+    held = sorted(p.name for p in run_dir.iterdir() if not is_hydra_file(p))
+    if held:
+        more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+        raise ConfigError(f"hydra.run.dir: {run_dir} already holds {', '.join(held[:3])}{more} (a previous run?); "
+                          f"choose a new run directory (resume is not supported yet)")
+
+
+@functools.lru_cache(maxsize=8)
+def target_shapes(name: str, task: str, targets: tuple[str, ...], num_labels: int | None) -> dict[str, tuple[int, int]] | None:
+    """``(out, in)`` of every module LoRA would wrap, from the model's config on the meta device
+    (no weights are loaded) and peft's own target matching. None when transformers cannot build
+    the architecture from its config alone (``fedpeft.models.build`` then reports what is wrong)."""
+    import math
+    import warnings
+
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fedpeft.config import ConfigError
+    from fedpeft.models import PREFIX, model_path
+
+    path = model_path(name)
+    classification = task == "classification"
+    try:
+        config = AutoConfig.from_pretrained(path, **({"num_labels": num_labels} if classification and num_labels else {}))
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.name: {name!r} ({path}) could not be loaded: {first}") from e
+    try:
+        with torch.device("meta"):
+            base = (AutoModelForSequenceClassification if classification else AutoModelForCausalLM).from_config(config)
+    except Exception:
+        return None
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM, r=1, target_modules=list(targets))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(base, lora)
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.target_modules: {list(targets)} do not fit model {name!r} (peft: {first})") from e
+    shapes = {}
+    for n, m in model.named_modules():
+        w = getattr(m.get_base_layer(), "weight", None) if isinstance(m, LoraLayer) else None
+        if w is not None and w.dim() >= 2:
+            shapes[n.removeprefix(PREFIX)] = (int(w.shape[0]), math.prod(int(s) for s in w.shape[1:]))
+    return shapes
+
+
+def check_model(cfg, num_labels: int | None) -> None:
+    """``model.target_modules`` must name modules of the model, and no client rank may exceed
+    ``min(out, in)`` of the smallest targeted module: past it a rank adds parameters (and bytes on
+    the wire) but no capacity."""
+    from fedpeft.config import ConfigError
+
+    shapes = target_shapes(cfg.model.name, cfg.model.task, tuple(cfg.model.target_modules), num_labels)
+    if not shapes:
+        return
+    for t in cfg.model.target_modules:  # peft matches a name as a suffix; it refuses only a list that matches nothing
+        if not any(m == t or m.endswith("." + t) for m in shapes):
+            raise ConfigError(f"model.target_modules: {t!r} matches no module of model {cfg.model.name!r} (peft would skip it silently); "
+                              f"drop it or name a module the model has")
+    module, (out, inn) = min(shapes.items(), key=lambda kv: min(kv[1]))
+    limit = min(out, inn)
+    ranks = [("model.rank", cfg.model.rank)]
+    if cfg.ranks.kind in ("list", "tiers"):
+        ranks.append(("ranks.levels", max(cfg.ranks.levels)))
+    elif cfg.ranks.kind == "uniform":
+        ranks.append(("ranks.r_max", cfg.ranks.r_max))
+    for key, rank in ranks:
+        if rank > limit:
+            raise ConfigError(f"{key}: rank {rank} exceeds {limit}, the most that the smallest targeted module ({module}, "
+                              f"{out}x{inn}) can use; a larger rank adds parameters but no capacity (use at most {limit})")
