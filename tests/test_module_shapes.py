@@ -6,7 +6,6 @@ server's evaluation adapter and its checkpoint carry them as peft's ``rank_patte
 
 import copy
 import json
-import re
 from types import SimpleNamespace
 
 import pytest
@@ -28,8 +27,10 @@ TEXTS = ["To be, or not to be, that is the question:", "Now is the winter of our
 
 
 def peft_matches(key: str, name: str) -> bool:
-    """peft 0.21's own test (``peft.utils.other.get_pattern_key``) of a pattern key against a module name."""
-    return re.match(rf"(.*\.)?({key})$", name) is not None
+    """Whether peft's own lookup (``peft.utils.other.get_pattern_key``) picks ``key`` for ``name``."""
+    from peft.utils.other import get_pattern_key
+
+    return get_pattern_key([key], name) == key
 
 
 def layer_of(peft_model, module: str):
