@@ -177,6 +177,20 @@ class QuietClientFailures(logging.Filter):
         return not (record.levelno >= logging.ERROR and any(record.pathname.endswith(f) and record.funcName == fn for f, fn in self.SOURCES))
 
 
+def start_ray(cfg: DictConfig) -> None:
+    """Start (or join) Ray here, as Flower's Ray backend would (``backend_config``'s init args, the
+    driver's ``sys.path`` as the workers' ``PYTHONPATH``), instead of inside the simulation engine:
+    Ray's native failure handler takes SIGTERM over when Ray starts, so :class:`StopOnInterrupt`
+    must install its handlers after that. Flower then finds Ray running and uses it."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join([*sys.path, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **backend_config(cfg)["init_args"])
+
+
 class StopOnInterrupt:
     """Ctrl-C (SIGINT) or SIGTERM during ``fedpeft simulate``: stop within seconds, keep what is done.
 
@@ -392,6 +406,8 @@ def run(cfg: DictConfig, run_dir: Path, *, interruptible: bool = False) -> dict[
         finish("interrupted")
 
     try:
+        if interruptible:
+            start_ray(cfg)
         with StopOnInterrupt(guard, interrupted) if interruptible else contextlib.nullcontext():
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients, backend_config=backend_config(cfg))
         if failure:
