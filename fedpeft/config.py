@@ -226,7 +226,7 @@ def validate(cfg: Any) -> None:
     need(cfg.train.weight_decay >= 0, "train.weight_decay", f"must be non-negative, got {cfg.train.weight_decay}")
     need(cfg.partition.alpha > 0, "partition.alpha", f"must be positive, got {cfg.partition.alpha}")
     need(cfg.partition.shards_per_client >= 1, "partition.shards_per_client", "must be at least 1")
-    need(cfg.partition.min_partition_size >= 0, "partition.min_partition_size", f"must be non-negative, got {cfg.partition.min_partition_size}")
+    need(cfg.partition.min_partition_size >= 1, "partition.min_partition_size", f"must be at least 1 (a client with no data cannot train), got {cfg.partition.min_partition_size}")
     need(cfg.engine.num_cpus > 0, "engine.num_cpus", f"must be positive, got {cfg.engine.num_cpus}")
     need(cfg.engine.num_gpus >= 0, "engine.num_gpus", f"must be non-negative, got {cfg.engine.num_gpus}")
     need(cfg.engine.round_timeout > 0, "engine.round_timeout", f"must be positive (seconds), got {cfg.engine.round_timeout}")

@@ -46,7 +46,8 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
         ("model.dropout=1.5", "model.dropout: must be in [0, 1), got 1.5"),
         ("model.eval_batch_size=0", "model.eval_batch_size: must be at least 1"),
         ("strategy=hetlora strategy.gamma=0", "strategy.gamma: must be in (0, 1]"),
-        ("partition=dirichlet partition.min_partition_size=-1", "partition.min_partition_size: must be non-negative"),
+        ("partition=dirichlet partition.min_partition_size=-1", "partition.min_partition_size: must be at least 1"),
+        ("partition=dirichlet partition.alpha=0.01 partition.min_partition_size=0 clients=50", "partition.min_partition_size: must be at least 1"),
         ("clients=4 min_clients=10", "min_clients: 10 clients per round asked for, but there are only clients=4"),
         # ranks larger than the smallest targeted module (MiniLM: 384x384), from the model's config alone
         ("model.rank=1000", "model.rank: rank 1000 exceeds 384, the most that the smallest targeted module (bert.encoder.layer.0.attention.self.query, 384x384) can use"),
