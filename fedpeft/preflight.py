@@ -10,13 +10,14 @@ from pathlib import Path
 
 
 def is_hydra_file(path: Path) -> bool:
-    """What Hydra writes into a run directory itself: ``.hydra/`` and the job's log."""
-    return path.name == ".hydra" or path.suffix == ".log"
+    """What the launcher writes into a run directory before the run starts: Hydra's ``.hydra/``
+    and the job's log, and ``fedpeft deploy``'s ``deploy/`` (certificates, keys, process logs)."""
+    return path.name in (".hydra", "deploy") or path.suffix == ".log"
 
 
 def check_run_dir(run_dir: Path | None) -> None:
     """A run directory that holds another run's files would get its metrics appended and its
-    adapters mixed: refuse it (resume comes later)."""
+    adapters mixed: refuse it (``resume=DIR`` continues a run instead)."""
     from fedpeft.config import ConfigError
 
     if run_dir is None or not run_dir.exists():
@@ -27,7 +28,7 @@ def check_run_dir(run_dir: Path | None) -> None:
     if held:
         more = f" and {len(held) - 3} more" if len(held) > 3 else ""
         raise ConfigError(f"hydra.run.dir: {run_dir} already holds {', '.join(held[:3])}{more} (a previous run?); "
-                          f"choose a new run directory (resume is not supported yet)")
+                          f"choose a new run directory, or continue that run with resume={run_dir}")
 
 
 @functools.lru_cache(maxsize=8)

@@ -13,7 +13,6 @@ around this adapter (:func:`wrap_central_dp`).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -97,7 +96,6 @@ class FlowerAdapter(FlowerStrategy):
         strategy: Strategy,
         model: GlobalModel,
         *,
-        settings: dict[str, Any],
         fraction: float,
         min_clients: int,
         client_spec: Callable[[int], ClientSpec],
@@ -109,10 +107,10 @@ class FlowerAdapter(FlowerStrategy):
         num_clients: int | None = None,
         identify_timeout: float | None = None,
         expected_examples: Callable[[int], int | None] | None = None,
+        config_digest: str = "",
     ) -> None:
         self.strategy = strategy
         self.model = strategy.init(model)
-        self.settings_json = json.dumps(settings, sort_keys=True)
         self.fraction = fraction
         self.min_clients = min_clients
         self.client_spec = client_spec
@@ -124,7 +122,7 @@ class FlowerAdapter(FlowerStrategy):
         self.seed = seed
         self.stopped: str | None = None  # why the run ended early (the privacy budget)
         self.sent: dict[int, tuple[ClientSpec, Any, Any]] = {}  # node id → (spec, payload, uplink reference)
-        self.seen: dict[int, int] = {}  # node id → base version it has (FLoRA merges)
+        self.seen: dict[int, int] = {}  # client (partition id) → the base version its node has (FLoRA merges)
         self.rank_now: dict[int, int] = {}  # client → its current rank, once it shrank (HetLoRA)
         self.stats: dict[int, RoundStats] = {}
         self.num_clients = num_clients  # partition ids are 0 .. num_clients - 1 (when known)
@@ -135,6 +133,30 @@ class FlowerAdapter(FlowerStrategy):
         # reply must then claim exactly that many; otherwise an int in [1, messages.MAX_EXAMPLES]
         self.expected_examples = expected_examples
         self.rounds_applied = 0  # rounds whose aggregate became the global model
+        self.config_digest = config_digest  # sent with each train message: a node checks its run config against it
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this adapter needs to continue a run after its last complete round: the
+        global model (with FLoRA's merges, FlexLoRA's factors), the sampler's random state, the
+        base version each client's node has, HetLoRA's pruned ranks, the privacy ledger."""
+        return {
+            "model": _model_state(self.model),
+            "rng": self.rng.getstate(),
+            "seen": dict(self.seen),
+            "rank_now": dict(self.rank_now),
+            "rounds_applied": self.rounds_applied,
+            "ledger": self.privacy.accountant.state_dict() if self.privacy is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model = _model_from_state(state["model"])
+        self.rng.setstate(state["rng"])
+        self.seen = {int(k): int(v) for k, v in state["seen"].items()}
+        self.rank_now = {int(k): int(v) for k, v in state["rank_now"].items()}
+        self.rounds_applied = int(state["rounds_applied"])
+        if self.privacy is not None:
+            for z, q, n in (state["ledger"] or {"history": []})["history"]:
+                self.privacy.accountant.step(z, q, n)
 
     def summary(self) -> None:
         log.info("fedpeft strategy %s, fraction %s, min clients %s", self.strategy.name, self.fraction, self.min_clients)
@@ -213,14 +235,15 @@ class FlowerAdapter(FlowerStrategy):
             if spec.client_id in self.rank_now:
                 spec = replace(spec, rank=min(spec.rank, self.rank_now[spec.client_id]))
             payload = self.strategy.payload(self.model, spec)
-            have = self.seen.get(node, 0)
+            have = self.seen.get(pid, 0)
             send_A = not payload.instructions.get("freeze_A", False)
             content = messages.encode(
                 payload.adapter,
                 payload.head,
                 {
                     **payload.instructions,
-                    "settings": self.settings_json,
+                    **({"noise-multiplier": self.privacy.noise_multiplier} if self.privacy is not None and self.privacy.mode in ("sample", "local") else {}),
+                    **({"config-digest": self.config_digest} if self.config_digest else {}),
                     "server-round": server_round,
                     "rank": spec.rank,
                     "alpha": float(spec.alpha),
@@ -313,7 +336,7 @@ class FlowerAdapter(FlowerStrategy):
                 reject(node, e)
                 continue
             stats.bytes_up += messages.num_bytes(msg.content)
-            self.seen[node] = payload.base_version
+            self.seen[spec.client_id] = payload.base_version
             rank = max(f.rank for f in update.adapter.values())
             if rank < spec.rank:
                 shrunk[spec.client_id] = rank
@@ -363,6 +386,22 @@ class FlowerAdapter(FlowerStrategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+
+def _adapter_state(adapter: dict) -> dict:
+    return {m: {"A": f.A, "B": f.B, "scaling": float(f.scaling)} for m, f in adapter.items()}
+
+
+def _adapter_from(state: dict) -> dict:
+    return {m: LoraFactors(f["A"], f["B"], float(f["scaling"])) for m, f in state.items()}
+
+
+def _model_state(model: GlobalModel) -> dict[str, Any]:
+    return {"adapter": _adapter_state(model.adapter), "head": dict(model.head), "merges": [_adapter_state(m) for m in model.merges]}
+
+
+def _model_from_state(state: dict[str, Any]) -> GlobalModel:
+    return GlobalModel(_adapter_from(state["adapter"]), dict(state["head"]), tuple(_adapter_from(m) for m in state["merges"]))
 
 
 def wrap_central_dp(adapter: FlowerAdapter, num_sampled: int) -> DifferentialPrivacyServerSideFixedClipping:

@@ -1,4 +1,6 @@
-"""``fedpeft simulate``: a ServerApp and the ClientApp on Flower's simulation engine (Ray backend)."""
+"""``fedpeft simulate``: the fedpeft ServerApp and ClientApp on Flower's simulation engine (Ray
+backend), in this process: the same apps ``flwr run .`` and a SuperLink run, configured by the same
+run config (:mod:`fedpeft.runconfig`)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,10 @@ import os
 import signal
 import sys
 import threading
-import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 log = logging.getLogger("fedpeft")
 
@@ -35,52 +35,6 @@ ENV_DEFAULTS = {
 def setup_env() -> None:
     for k, v in ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
-
-
-def client_settings(cfg: DictConfig) -> dict[str, Any]:
-    """What every client needs to know besides its payload (sent in each train message)."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    return {
-        "model": c["model"],
-        "data": {k: c["data"][k] for k in ("name", "text_column", "label_column", "group_column")},
-        "partition": c["partition"],
-        "train": c["train"],
-        "seed": c["seed"],
-        "failure_rate": c["profile"]["failure_rate"],
-        "reuse_model": c["engine"]["reuse_model"],
-        "device": c["engine"]["device"],
-        "num_cpus": c["engine"]["num_cpus"],
-        "privacy": {"mode": c["privacy"]["mode"], "clip": c["privacy"]["clip"], "noise_multiplier": c["privacy"]["noise_multiplier"]},
-        "compression": c["compression"],
-    }
-
-
-def privacy_plan(cfg: DictConfig, partitioner):
-    """The noise multiplier and what each round composes into the privacy ledger.
-
-    sample: every client runs ``train.local_steps`` DP-SGD steps per round at its Poisson rate
-    ``1/ceil(n_k/batch)``; the ledger takes the largest rate (the smallest partition) and counts
-    every round for every client (no amplification by client sampling is claimed).
-    central / local: one Gaussian release per round per client, at the client sampling rate
-    ``K/N`` (a fixed-size uniform sample, accounted as Poisson sampling at that rate, as in
-    McMahan et al. 2018).
-    ``privacy.target_epsilon`` without a noise multiplier: σ such that the last round spends it."""
-    from clients.train import sample_rate
-    from fedpeft.privacy import noise_multiplier_for
-    from fedpeft.server import PrivacyPlan, sample_size
-
-    pv = cfg.privacy
-    if pv.mode == "none":
-        return None
-    if pv.mode == "sample":
-        smallest = min(partitioner.load_partition(i).num_rows for i in range(cfg.clients))
-        q, steps = sample_rate(smallest, cfg.train.batch_size), cfg.train.local_steps
-    else:
-        q, steps = sample_size(cfg.clients, cfg.fraction, cfg.min_clients) / cfg.clients, 1
-    sigma = pv.noise_multiplier
-    if sigma is None:
-        sigma = noise_multiplier_for(pv.target_epsilon, pv.delta, q, steps * cfg.rounds)
-    return PrivacyPlan(pv.mode, float(sigma), pv.clip, q, steps, pv.delta, budget=pv.target_epsilon)
 
 
 def backend_config(cfg: DictConfig) -> dict[str, Any]:
@@ -126,43 +80,6 @@ def check_resources(cfg: DictConfig) -> None:
     if cfg.engine.num_cpus > cpus:
         raise ConfigError(f"engine.num_cpus: {cfg.engine.num_cpus:g} CPUs per client asked for, but this machine has {cpus} "
                           f"(a local Ray could not place one client; lower engine.num_cpus or set engine.ray_address)")
-
-
-def prepare_data(cfg: DictConfig):
-    """Load the dataset and partition it as the clients will (cached per process), check that the
-    model's task fits the data, and pick the server's fixed evaluation subset."""
-    from fedpeft import data as fdata
-    from fedpeft.config import ConfigError
-
-    ds = fdata.load(cfg.data.name, seed=cfg.seed, text_column=cfg.data.text_column, label_column=cfg.data.label_column, group_column=cfg.data.group_column)
-    if cfg.data.name in fdata.BUILTIN:  # the column keys rename a user's columns; a built-in's are fixed
-        cols = ds["train"].column_names
-        for key, given, default in (("text_column", cfg.data.text_column, "text"), ("label_column", cfg.data.label_column, "label"),
-                                    ("group_column", cfg.data.group_column, None)):
-            if given != default and not (key == "group_column" and given == "group" and "group" in cols):
-                raise ConfigError(f"data.{key}: built-in data {cfg.data.name!r} has the fixed columns {', '.join(cols)}; "
-                                  f"data.{key} only renames a column of a Hugging Face dataset or a local path (drop the override)")
-    task = fdata.task_of(ds)
-    if cfg.model.task == "classification" and task != "classification":
-        raise ConfigError(f"model.task: classification needs labelled data, but data {cfg.data.name!r} has no label column (use a causal_lm model, e.g. model=smollm2)")
-    num_labels = len(fdata.label_names(ds)) if cfg.model.task == "classification" else None
-    kw = {k: v for k, v in OmegaConf.to_container(cfg.partition).items() if k != "kind"}
-    partitioner = fdata.partition(ds["train"], cfg.partition.kind, cfg.clients, seed=cfg.seed, **kw)
-    test = ds["test"]
-    if cfg.data.eval_samples and len(test) > cfg.data.eval_samples:
-        test = test.shuffle(seed=cfg.seed).select(range(cfg.data.eval_samples))
-    return ds, partitioner, test, num_labels
-
-
-def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """The strategy config's keys that the named strategy's dataclass takes, plus the run seed."""
-    import dataclasses
-
-    import strategies
-
-    names = {f.name for f in dataclasses.fields(strategies.REGISTRY[cfg.strategy.name]) if f.init}
-    given = {**OmegaConf.to_container(cfg.strategy, resolve=True), "seed": cfg.seed}
-    return {k: v for k, v in given.items() if k in names and k != "name"}
 
 
 class QuietClientFailures(logging.Filter):
@@ -234,50 +151,54 @@ class StopOnInterrupt:
                 os._exit(code)
 
 
-def rank_tag(cfg: DictConfig, ranks: list[int]) -> str:
-    return str(ranks[0]) if len(set(ranks)) == 1 else f"{cfg.ranks.kind}:{min(ranks)}-{max(ranks)}"
+def project_dir() -> Path:
+    """The Flower app's directory: its pyproject.toml declares the run config keys the simulated
+    nodes' ``context.run_config`` is fused from."""
+    from fedpeft.config import ConfigError
+
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app.config]" not in pyproject.read_text():
+        raise ConfigError(f"the fedpeft app's pyproject.toml (with [tool.flwr.app.config]) is not in {root}; install fedpeft from its source tree (pip install -e .)")
+    return root
 
 
-class RunFailed(RuntimeError):
-    """The federation ran but failed as a whole (most clients failed alike, or nothing was applied);
-    the summary says ``status: failed`` and the completed rounds' checkpoints stay."""
+def simulate(run_config: dict[str, Any], num_supernodes: int, cfg: DictConfig) -> None:
+    """Run the module-level apps on Flower's simulation engine with ``run_config`` for the server
+    and every node (``run_simulation`` cannot pass a run config: this is its body, with one)."""
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.app import Context, RecordDict
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.telemetry import EventType
+
+    from clients.app import app as client_app
+    from fedpeft.serverapp import app as server_app
+
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = dict(run_config)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    _run_simulation(
+        num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE, client_app=client_app, server_app=server_app,
+        backend_config=backend_config(cfg), server_app_context=context, app_dir=str(project_dir()), run=run, is_app=True,
+    )
 
 
-def save_checkpoint(lm, path: Path) -> None:
-    """The active adapter in peft format at ``path``, written whole or not at all (a sibling
-    temporary directory, then a rename)."""
-    import shutil
-
-    from fedpeft.models import save_adapter
-
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(lm, tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
-
-def run(cfg: DictConfig, run_dir: Path, *, interruptible: bool = False) -> dict[str, Any]:
-    """Run one federation; returns the summary (also written to ``run_dir/summary.json``).
-    ``interruptible``: Ctrl-C ends the process within seconds (:class:`StopOnInterrupt`; the CLI)."""
+def run(cfg: DictConfig, run_dir: Path, *, interruptible: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run one federation (or, with ``resume``, continue the one in ``run_dir``); returns the summary
+    (also in ``run_dir/summary.json``). ``interruptible``: Ctrl-C ends the process within seconds
+    (:class:`StopOnInterrupt`; the CLI)."""
     setup_env()
     bind_ray_to_loopback(cfg)
-    from flwr.app import MetricRecord
-    from flwr.serverapp import ServerApp
-    from flwr.serverapp.exception import PrivacyBudgetExhausted
-    from flwr.simulation import run_simulation
-
-    import strategies
-    from clients.app import app as client_app
-    from clients.train import evaluate
-    from fedpeft import data as fdata
+    from fedpeft import serverapp
     from fedpeft.config import validate
-    from clients.app import save_merge
-    from fedpeft.models import build, module_shapes, read_adapter, use_adapter
-    from fedpeft.ranks import client_alpha, client_ranks
-    from fedpeft.server import Codecs, FederationFailed, FlowerAdapter, load_global, sample_size, wrap_central_dp
-    from fedpeft.tracking import Tracker, progress_line, say
-    from strategies.base import ClientSpec
+    from fedpeft.runconfig import to_run_config
 
     flwr_log = logging.getLogger("flwr")  # Flower's own console handler; keep it off Hydra's root one
     flwr_log.setLevel(cfg.engine.flower_log_level)
@@ -286,149 +207,25 @@ def run(cfg: DictConfig, run_dir: Path, *, interruptible: bool = False) -> dict[
         flwr_log.addFilter(QuietClientFailures())
     validate(cfg)
     check_resources(cfg)
-    from fedpeft.preflight import check_model, check_run_dir  # compose checks these too; --multirun jobs and API callers skip compose
-
-    check_run_dir(run_dir)
-    t_start = time.perf_counter()
-    ds, partitioner, test, num_labels = prepare_data(cfg)
-    check_model(cfg, num_labels)
-    sizes = [partitioner.load_partition(i).num_rows for i in range(min(cfg.clients, 3))]
-    ranks = client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)
-    alphas = [client_alpha(cfg.ranks, r, cfg.model.rank, cfg.model.alpha) for r in ranks]
-    lm = build(cfg.model, num_labels=num_labels, device=cfg.engine.device, seed=cfg.seed)
-    r_max = max(ranks)
-    use_adapter(lm, r_max, client_alpha(cfg.ranks, r_max, cfg.model.rank, cfg.model.alpha))
-    initial = read_adapter(lm)
-    strategy = strategies.build(cfg.strategy.name, **strategy_kwargs(cfg))
-    plan = privacy_plan(cfg, partitioner)
-    settings = client_settings(cfg)
-    if plan is not None:
-        settings["privacy"]["noise_multiplier"] = plan.noise_multiplier
-    merge_store = run_dir / "merges"
-    settings["merge_store"] = str(merge_store) if cfg.strategy.name == "flora" else None
-    adapter = FlowerAdapter(
-        strategy,
-        initial,
-        settings=settings,
-        fraction=cfg.fraction,
-        min_clients=cfg.min_clients,  # validate: at most clients
-        client_spec=lambda i: ClientSpec(client_id=i, rank=ranks[i], alpha=alphas[i]),
-        shapes=module_shapes(lm),
-        seed=cfg.seed,
-        on_merge=lambda v, merge: save_merge(merge_store, v, merge),
-        privacy=plan,
-        codecs=Codecs(cfg.compression.uplink, cfg.compression.downlink, cfg.compression.topk_fraction),
-        num_clients=cfg.clients,
-        identify_timeout=cfg.engine.round_timeout,
-        # each client's reply must claim its partition's size, which the server knows in simulation
-        expected_examples=lru_cache(maxsize=None)(lambda i: partitioner.load_partition(i).num_rows),
-    )
-    flower_strategy = wrap_central_dp(adapter, sample_size(cfg.clients, cfg.fraction, cfg.min_clients)) if cfg.privacy.mode == "central" else adapter
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tracker = Tracker(
-        run_dir,
-        resolved,
-        mode=cfg.tracking.mode,
-        project=cfg.tracking.project,
-        group=cfg.tracking.experiment,
-        tags=[f"strategy:{cfg.strategy.name}", f"clients:{cfg.clients}", f"ranks:{rank_tag(cfg, ranks)}", f"data:{cfg.data.name}", f"partition:{cfg.partition.kind}"],
-    )
-    baseline = {"majority_rate": fdata.majority_rate(test)} if cfg.model.task == "classification" else {}
-    (run_dir / "ranks.json").write_text(json.dumps({"ranks": ranks, "alphas": alphas}) + "\n")
-    if plan is not None:
-        say(
-            f"privacy: {plan.mode}-level DP, noise multiplier {plan.noise_multiplier:.4f}, clip {plan.clip}, "
-            f"δ={plan.delta}, {plan.steps_per_round} step(s) per round at sampling rate {plan.sample_rate:.4g}"
-            + (f", budget ε={plan.budget}" if plan.budget is not None else "")
-        )
-        (run_dir / "privacy.json").write_text(json.dumps({"mode": plan.mode, "noise_multiplier": plan.noise_multiplier, "clip": plan.clip, "sample_rate": plan.sample_rate, "steps_per_round": plan.steps_per_round, "delta": plan.delta, "budget": plan.budget}) + "\n")
-    say(f"client ranks ({cfg.ranks.kind}, alpha {cfg.ranks.alpha}): {ranks if len(ranks) <= 20 else ranks[:20] + ['...']}")
-    say(
-        f"{cfg.strategy.name} on {cfg.data.name} ({len(ds['train'])} train / {len(test)} eval examples, "
-        f"{cfg.partition.kind} over {cfg.clients} clients, e.g. sizes {sizes}), model {cfg.model.name} "
-        f"LoRA on {list(cfg.model.target_modules)}; run dir {run_dir}"
-    )
-    history: list[dict[str, Any]] = []
-    guard = threading.Lock()
-    failure: list[str] = []  # why the federation failed (FederationFailed), once
-
-    def evaluate_fn(server_round: int, arrays) -> MetricRecord:
-        if cfg.privacy.mode == "central":  # Flower's DP wrapper noised the aggregate
-            adapter.adopt(arrays)
-        load_global(lm, adapter.model)
-        metrics = evaluate(lm, test, cfg.model.eval_batch_size)
-        stats = adapter.stats.get(server_round)
-        row: dict[str, Any] = dict(metrics)
-        if stats is not None:
-            row.update(stats.train_metrics)
-            row.update(
-                clients_sampled=stats.sampled, clients_replied=stats.replied, clients_failed=stats.failed,
-                clients_rejected=stats.rejected, bytes_down=stats.bytes_down, bytes_up=stats.bytes_up,
-                round_seconds=round(stats.seconds, 3), round_applied=int(stats.applied),
-            )
-            if stats.epsilon is not None:
-                row["epsilon"] = stats.epsilon
-        with guard:  # a round's checkpoint and its metrics row are written whole (see StopOnInterrupt)
-            if cfg.tracking.save_adapters:
-                save_checkpoint(lm, tracker.checkpoint_dir(server_round))
-            tracker.log_round(server_round, row)
-            history.append({"round": server_round, **row})
-        say(progress_line(server_round, cfg.rounds, row, time.perf_counter() - t_start))
-        return MetricRecord({k: float(v) for k, v in metrics.items()})
-
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid, context) -> None:
-        try:
-            flower_strategy.start(grid, adapter.arrays(), num_rounds=cfg.rounds, timeout=cfg.engine.round_timeout, evaluate_fn=evaluate_fn)
-        except PrivacyBudgetExhausted:
-            say(f"stopped: {adapter.stopped}; the last checkpoint is round {len(history) - 1}")
-        except FederationFailed as e:
-            failure.append(str(e))
-
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "strategy": cfg.strategy.name, "rounds": cfg.rounds, "clients": cfg.clients, **baseline}
-    status = "failed"
-
-    def finish(status: str) -> None:
-        summary.update(status=status, seconds=round(time.perf_counter() - t_start, 1), history=history, rounds_applied=adapter.rounds_applied)
-        if history:
-            summary["final"] = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
-        if plan is not None:
-            summary["privacy"] = {"mode": plan.mode, "noise_multiplier": plan.noise_multiplier, "epsilon": plan.accountant.epsilon(), "delta": plan.delta}
-        tracker.finish(summary, exit_code={"finished": 0, "stopped": 0, "interrupted": 130}.get(status, 1))
+    run_dir = Path(run_dir).resolve()
+    run_config = to_run_config(cfg, run_dir, resume=resume, shared_dir=str(run_dir / "state"))
 
     def interrupted() -> None:
-        last = f"round {len(history) - 1}" + (f" (adapter in {tracker.checkpoint_dir(len(history) - 1)})" if cfg.tracking.save_adapters and history else "")
-        say(f"interrupted: the run is stopped; the last complete round is {last}")
-        finish("interrupted")
+        for fed in serverapp.CURRENT:
+            fed.interrupted()
 
-    try:
-        if interruptible:
-            start_ray(cfg)
-        with StopOnInterrupt(guard, interrupted) if interruptible else contextlib.nullcontext():
-            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients, backend_config=backend_config(cfg))
-        if failure:
-            summary["error"] = failure[0]
-            raise RunFailed(f"{failure[0]}; stopped after round {len(history) - 1}")
-        if adapter.stopped:
-            status = "stopped"
-            summary["stopped"] = adapter.stopped
-        elif len(history) != cfg.rounds + 1:
-            raise RunFailed(f"the simulation ended after {len(history) - 1} of {cfg.rounds} rounds")
-        elif adapter.rounds_applied == 0:
-            summary["error"] = "no round applied an update"
-            raise RunFailed(f"no round applied an update (clients failed or were rejected every round; see the log and {run_dir / 'metrics.jsonl'})")
-        else:
-            status = "finished"
-    finally:
-        finish(status)
-    final = history[-1]
-    where = f"; adapter in {tracker.checkpoint_dir(len(history) - 1)}" if cfg.tracking.save_adapters else f"; results in {run_dir}"
-    if "accuracy" in final:
-        say(f"done in {summary['seconds']:.0f}s: test accuracy {final['accuracy']:.4f} (majority-class rate {baseline['majority_rate']:.4f}){where}")
-    else:
-        say(f"done in {summary['seconds']:.0f}s: test perplexity {final['perplexity']:.2f}{where}")
-    return summary
+    guard = _Guards()
+    if interruptible:
+        start_ray(cfg)
+    with StopOnInterrupt(guard, interrupted) if interruptible else contextlib.nullcontext():
+        simulate(run_config, cfg.clients, cfg)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+class _Guards:
+    """The running federation's write guard (its rounds are written whole), for StopOnInterrupt."""
+
+    def acquire(self, timeout: float) -> bool:
+        from fedpeft import serverapp
+
+        return all(fed.guard.acquire(timeout=timeout) for fed in serverapp.CURRENT)

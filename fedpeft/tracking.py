@@ -21,7 +21,8 @@ def wandb_mode(mode: str) -> str:
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, config: Mapping[str, Any], *, mode: str, project: str, group: str, tags: list[str]):
+    def __init__(self, run_dir: Path, config: Mapping[str, Any], *, mode: str, project: str, group: str, tags: list[str], resume: bool = False):
+        """``resume``: continue the run in ``run_dir`` (its W&B run too: same id, logging from the next step)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -31,7 +32,11 @@ class Tracker:
         if self.mode != "disabled":
             import wandb
 
+            id_file = self.run_dir / "wandb-id"
+            run_id = id_file.read_text().strip() if resume and id_file.exists() else None
             self.wandb = wandb.init(
+                id=run_id,
+                resume="allow" if run_id else None,
                 project=project,
                 group=group,
                 name=self.run_dir.name,
@@ -41,6 +46,7 @@ class Tracker:
                 mode=self.mode,
                 settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True),
             )
+            id_file.write_text(self.wandb.id + "\n")
 
     def log_round(self, server_round: int, metrics: Mapping[str, Any]) -> None:
         row = {"round": server_round, "elapsed_s": round(time.perf_counter() - self.t0, 3), **metrics}

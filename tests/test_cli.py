@@ -84,7 +84,7 @@ def test_an_existing_run_dir_is_refused_and_left_as_it_was(tmp_path, monkeypatch
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1, err
     assert lines[0].startswith("fedpeft: config error: hydra.run.dir: old already holds adapters, metrics.jsonl"), lines[0]
-    assert "resume is not supported yet" in lines[0]
+    assert "or continue that run with resume=old" in lines[0]
     assert sorted(tmp_path.rglob("*")) == before
     assert (old / "metrics.jsonl").read_text().count("\n") == 3
     # an empty directory, or one with only Hydra's own files, is fine

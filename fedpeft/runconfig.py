@@ -1,0 +1,109 @@
+"""A fedpeft run as Flower sees it: the run config every ServerApp and ClientApp reads.
+
+Flower gives each app ``context.run_config``: the app's ``[tool.flwr.app.config]`` in
+pyproject.toml, overridden by the launcher (``fedpeft simulate``/``deploy``, ``flwr run
+--run-config``). Its keys:
+
+- ``config``: the resolved fedpeft config as JSON (what ``fedpeft simulate`` composed and
+  validated). Empty when the app is started by ``flwr run .`` directly: the app then composes
+  ``configs/`` itself with
+- ``overrides``: Hydra overrides, the same ``KEY=VALUE`` / ``GROUP=OPTION`` words ``fedpeft
+  simulate`` takes;
+- ``run-dir``: where the server writes (empty: ``runs/flwr/<time>``); ``resume``: continue the run
+  in ``run-dir`` from its last complete round;
+- ``shared-dir``: simulation only: a directory every simulated node can read, because all of them
+  run in this machine's worker processes. Several nodes share one worker process, so a worker may
+  lack a FLoRA base merge its node already has: it reads it from the server's state here; and
+  clients keep their own state (top-k residuals) under it, so that a resumed run has it. Empty in
+  a deployment: merges travel only in messages, and a node keeps its state in
+  ``node_config["state-dir"]`` (if given).
+
+Both apps get the typed :class:`fedpeft.config.Config` (dataclasses), never a dict read by key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedpeft import config as C
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the launcher says about the run besides its config."""
+
+    run_dir: Path
+    resume: bool = False
+    shared_dir: str = ""
+
+
+def to_run_config(cfg: DictConfig, run_dir: Path, *, resume: bool = False, shared_dir: str = "") -> dict[str, str | bool]:
+    """The run config a launcher passes to Flower for a composed, validated ``cfg``."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    return {"config": json.dumps(resolved, sort_keys=True), "overrides": "", "run-dir": str(Path(run_dir).resolve()),
+            "resume": bool(resume), "shared-dir": shared_dir}
+
+
+def schema() -> C.Config:
+    return C.Config(strategy=C.StrategyConfig(), model=C.ModelConfig(), data=C.DataConfig(), partition=C.PartitionConfig(),
+                    engine=C.EngineConfig(), tracking=C.TrackingConfig(), ranks=C.RanksConfig(), privacy=C.PrivacyConfig(),
+                    compression=C.CompressionConfig())
+
+
+def typed(container: dict[str, Any]) -> DictConfig:
+    """``container`` merged into the structured schema: an unknown key or a wrong type fails here,
+    naming the key (:class:`fedpeft.config.ConfigError`)."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema()), container)
+    except Exception as e:
+        from fedpeft.cli import config_error_line
+
+        raise C.ConfigError(config_error_line(e)) from e
+
+
+@lru_cache(maxsize=4)
+def _config(config_json: str, overrides: str) -> DictConfig:
+    if config_json:
+        cfg = typed(json.loads(config_json))
+        C.validate(cfg)
+        return cfg
+    from fedpeft.cli import compose
+
+    return compose(overrides.split())
+
+
+def load(run_config: dict[str, Any]) -> tuple[DictConfig, RunSpec]:
+    """The validated config and the run spec from a Flower ``run_config``."""
+    cfg = _config(str(run_config.get("config", "")), str(run_config.get("overrides", "")))
+    run_dir = str(run_config.get("run-dir", "")) or str(Path("runs") / "flwr" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    return cfg, RunSpec(Path(run_dir), bool(run_config.get("resume", False)), str(run_config.get("shared-dir", "")))
+
+
+@lru_cache(maxsize=4)
+def _settings(config_json: str, overrides: str) -> C.Config:
+    return OmegaConf.to_object(_config(config_json, overrides))
+
+
+def digest(cfg: DictConfig) -> str:
+    """A short fingerprint of a resolved config: the server sends it with every train message and
+    a node refuses to train with a config that differs (another app version, a stale override)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_digest(run_config: dict[str, Any]) -> str:
+    return digest(_config(str(run_config.get("config", "")), str(run_config.get("overrides", ""))))
+
+
+def settings(run_config: dict[str, Any]) -> C.Config:
+    """The typed config a ClientApp trains with (cached per run config)."""
+    return _settings(str(run_config.get("config", "")), str(run_config.get("overrides", "")))

@@ -1,0 +1,417 @@
+"""The fedpeft ServerApp: one module-level Flower app for ``fedpeft simulate``, ``flwr run .``,
+``fedpeft deploy`` and a real SuperLink.
+
+Everything it needs comes from ``context.run_config`` (:mod:`fedpeft.runconfig`). A
+:class:`Federation` holds the run: the server's evaluation model, the strategy behind a
+:class:`fedpeft.server.FlowerAdapter`, the tracker; it drives the rounds, and at the end of every
+round writes the checkpoint, the metrics row and the whole server state (``state/server.pt``,
+atomically), so that ``resume`` continues from the last complete round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
+from omegaconf import DictConfig, OmegaConf
+
+from fedpeft import runconfig
+from fedpeft.config import ConfigError
+
+log = logging.getLogger("fedpeft")
+
+STATE = Path("state") / "server.pt"  # relative to the run dir
+MERGES = Path("state") / "merges"
+
+
+class RunFailed(RuntimeError):
+    """The federation ran but failed as a whole (most clients failed alike, or nothing was applied);
+    the summary says ``status: failed`` and the completed rounds' checkpoints stay."""
+
+
+def prepare_data(cfg: DictConfig):
+    """Load the dataset and partition it as the clients will (cached per process), check that the
+    model's task fits the data, and pick the server's fixed evaluation subset."""
+    from fedpeft import data as fdata
+
+    ds = fdata.load(cfg.data.name, seed=cfg.seed, text_column=cfg.data.text_column, label_column=cfg.data.label_column, group_column=cfg.data.group_column)
+    if cfg.data.name in fdata.BUILTIN:  # the column keys rename a user's columns; a built-in's are fixed
+        cols = ds["train"].column_names
+        for key, given, default in (("text_column", cfg.data.text_column, "text"), ("label_column", cfg.data.label_column, "label"),
+                                    ("group_column", cfg.data.group_column, None)):
+            if given != default and not (key == "group_column" and given == "group" and "group" in cols):
+                raise ConfigError(f"data.{key}: built-in data {cfg.data.name!r} has the fixed columns {', '.join(cols)}; "
+                                  f"data.{key} only renames a column of a Hugging Face dataset or a local path (drop the override)")
+    task = fdata.task_of(ds)
+    if cfg.model.task == "classification" and task != "classification":
+        raise ConfigError(f"model.task: classification needs labelled data, but data {cfg.data.name!r} has no label column (use a causal_lm model, e.g. model=smollm2)")
+    num_labels = len(fdata.label_names(ds)) if cfg.model.task == "classification" else None
+    kw = {k: v for k, v in OmegaConf.to_container(cfg.partition).items() if k != "kind"}
+    partitioner = fdata.partition(ds["train"], cfg.partition.kind, cfg.clients, seed=cfg.seed, **kw)
+    test = ds["test"]
+    if cfg.data.eval_samples and len(test) > cfg.data.eval_samples:
+        test = test.shuffle(seed=cfg.seed).select(range(cfg.data.eval_samples))
+    return ds, partitioner, test, num_labels
+
+
+def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The strategy config's keys that the named strategy's dataclass takes, plus the run seed."""
+    import dataclasses
+
+    import strategies
+
+    names = {f.name for f in dataclasses.fields(strategies.REGISTRY[cfg.strategy.name]) if f.init}
+    given = {**OmegaConf.to_container(cfg.strategy, resolve=True), "seed": cfg.seed}
+    return {k: v for k, v in given.items() if k in names and k != "name"}
+
+
+def privacy_plan(cfg: DictConfig, partitioner):
+    """The noise multiplier and what each round composes into the privacy ledger.
+
+    sample: every client runs ``train.local_steps`` DP-SGD steps per round at its Poisson rate
+    ``1/ceil(n_k/batch)``; the ledger takes the largest rate (the smallest partition) and counts
+    every round for every client (no amplification by client sampling is claimed).
+    central / local: one Gaussian release per round per client, at the client sampling rate
+    ``K/N`` (a fixed-size uniform sample, accounted as Poisson sampling at that rate, as in
+    McMahan et al. 2018).
+    ``privacy.target_epsilon`` without a noise multiplier: σ such that the last round spends it."""
+    from clients.train import sample_rate
+    from fedpeft.privacy import noise_multiplier_for
+    from fedpeft.server import PrivacyPlan, sample_size
+
+    pv = cfg.privacy
+    if pv.mode == "none":
+        return None
+    if pv.mode == "sample":
+        smallest = min(partitioner.load_partition(i).num_rows for i in range(cfg.clients))
+        q, steps = sample_rate(smallest, cfg.train.batch_size), cfg.train.local_steps
+    else:
+        q, steps = sample_size(cfg.clients, cfg.fraction, cfg.min_clients) / cfg.clients, 1
+    sigma = pv.noise_multiplier
+    if sigma is None:
+        sigma = noise_multiplier_for(pv.target_epsilon, pv.delta, q, steps * cfg.rounds)
+    return PrivacyPlan(pv.mode, float(sigma), pv.clip, q, steps, pv.delta, budget=pv.target_epsilon)
+
+
+def rank_tag(cfg: DictConfig, ranks: list[int]) -> str:
+    return str(ranks[0]) if len(set(ranks)) == 1 else f"{cfg.ranks.kind}:{min(ranks)}-{max(ranks)}"
+
+
+def save_checkpoint(lm, path: Path) -> None:
+    """The active adapter in peft format at ``path``, written whole or not at all (a sibling
+    temporary directory, then a rename)."""
+    from fedpeft.models import save_adapter
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(lm, tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def changed_keys(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two resolved configs (``rounds`` may grow)."""
+    out = []
+    for k in sorted(set(saved) | set(new)):
+        key = f"{prefix}{k}"
+        a, b = saved.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, key + ".")
+        elif a != b and not (key == "rounds" and isinstance(a, int) and isinstance(b, int) and b >= a):
+            out.append(key)
+    return out
+
+
+def load_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
+    """The server state of the run in ``run_dir`` to continue with ``cfg``; refuses a run with no
+    complete round, a changed config (naming the keys; ``rounds`` may grow) or nothing left to do."""
+    path = Path(run_dir) / STATE
+    if not path.is_file():
+        raise ConfigError(f"resume: {run_dir} has no complete round to resume from (no {STATE})")
+    state = torch.load(path, weights_only=False)
+    diff = changed_keys(state["config"], OmegaConf.to_container(cfg, resolve=True))
+    if diff:
+        raise ConfigError(f"resume: the config differs from the run's in {', '.join(diff)} (only rounds may change, and only grow)")
+    if state["round"] >= cfg.rounds:
+        raise ConfigError(f"resume: {run_dir} already finished all {cfg.rounds} rounds (raise rounds to continue it)")
+    return state
+
+
+# The federation running in this process, for an in-process launcher's Ctrl-C handler.
+CURRENT: list["Federation"] = []
+
+
+class Federation:
+    """One run of the federation on the server: set up from the config (or from the run dir's
+    state, to resume), then :meth:`run` drives the rounds on a Flower grid."""
+
+    def __init__(self, cfg: DictConfig, spec: runconfig.RunSpec) -> None:
+        self.cfg, self.run_dir, self.resume = cfg, Path(spec.run_dir), spec.resume
+        self.t_start = time.perf_counter()
+        self.guard = threading.Lock()  # a round's checkpoint, metrics row and state are written whole
+        self.history: list[dict[str, Any]] = []
+        self.failure: str | None = None
+        self.status = "failed"
+        self.state = self.saved_state() if self.resume else None
+        if not self.resume:
+            from fedpeft.preflight import check_run_dir
+
+            check_run_dir(self.run_dir)
+        self.load_model()
+        self.build_adapter()
+        if self.state is not None:
+            self.adapter.load_state_dict(self.state["adapter"])
+            self.trim_to(self.state["round"])
+        self.open_tracking()
+
+    # ---------------------------------------------------------------- setup
+
+    def saved_state(self) -> dict[str, Any]:
+        return load_state(self.run_dir, self.cfg)
+
+    def load_model(self) -> None:
+        from fedpeft.models import build, use_adapter
+        from fedpeft.preflight import check_model
+        from fedpeft.ranks import client_alpha, client_ranks
+
+        cfg = self.cfg
+        self.ds, self.partitioner, self.test, num_labels = prepare_data(cfg)
+        check_model(cfg, num_labels)
+        self.ranks = client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)
+        self.alphas = [client_alpha(cfg.ranks, r, cfg.model.rank, cfg.model.alpha) for r in self.ranks]
+        self.lm = build(cfg.model, num_labels=num_labels, device=cfg.engine.device, seed=cfg.seed)
+        r_max = max(self.ranks)
+        use_adapter(self.lm, r_max, client_alpha(cfg.ranks, r_max, cfg.model.rank, cfg.model.alpha))
+
+    def build_adapter(self) -> None:
+        import strategies
+        from clients.app import save_merge
+        from fedpeft.models import module_shapes, read_adapter
+        from fedpeft.server import Codecs, FlowerAdapter, sample_size, wrap_central_dp
+        from strategies.base import ClientSpec
+
+        cfg = self.cfg
+        self.plan = privacy_plan(cfg, self.partitioner)
+        merges = self.run_dir / MERGES
+        ranks, alphas, partitioner = self.ranks, self.alphas, self.partitioner
+        self.adapter = FlowerAdapter(
+            strategies.build(cfg.strategy.name, **strategy_kwargs(cfg)),
+            read_adapter(self.lm),
+            fraction=cfg.fraction,
+            min_clients=cfg.min_clients,
+            client_spec=lambda i: ClientSpec(client_id=i, rank=ranks[i], alpha=alphas[i]),
+            shapes=module_shapes(self.lm),
+            seed=cfg.seed,
+            on_merge=lambda v, merge: save_merge(merges, v, merge),
+            privacy=self.plan,
+            codecs=Codecs(cfg.compression.uplink, cfg.compression.downlink, cfg.compression.topk_fraction),
+            num_clients=cfg.clients,
+            identify_timeout=cfg.engine.round_timeout,
+            # a reply from a node serving a partition must claim that partition's size
+            expected_examples=lru_cache(maxsize=None)(lambda i: partitioner.load_partition(i).num_rows),
+            config_digest=runconfig.digest(cfg),
+        )
+        central = cfg.privacy.mode == "central"
+        self.strategy = wrap_central_dp(self.adapter, sample_size(cfg.clients, cfg.fraction, cfg.min_clients)) if central else self.adapter
+
+    def trim_to(self, last: int) -> None:
+        """Resume: keep what the state's last round wrote and drop anything a killed round left
+        after it (a metrics row, an adapter); the history is the metrics rows kept."""
+        path = self.run_dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        kept = [r for r in rows if r["round"] <= last]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+        for d in (self.run_dir / "adapters").glob("round_*"):
+            if not d.name.endswith(".tmp") and int(d.name.split("_")[1]) > last or d.name.endswith(".tmp"):
+                shutil.rmtree(d, ignore_errors=True)
+        self.history = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in kept]
+
+    def open_tracking(self) -> None:
+        from fedpeft import data as fdata
+        from fedpeft.tracking import Tracker
+
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.resume:
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            (self.run_dir / "ranks.json").write_text(json.dumps({"ranks": self.ranks, "alphas": self.alphas}) + "\n")
+            if self.plan is not None:
+                p = self.plan
+                (self.run_dir / "privacy.json").write_text(json.dumps({"mode": p.mode, "noise_multiplier": p.noise_multiplier, "clip": p.clip, "sample_rate": p.sample_rate,
+                                                                        "steps_per_round": p.steps_per_round, "delta": p.delta, "budget": p.budget}) + "\n")
+        self.tracker = Tracker(
+            self.run_dir, OmegaConf.to_container(cfg, resolve=True), mode=cfg.tracking.mode, project=cfg.tracking.project,
+            group=cfg.tracking.experiment, resume=self.resume,
+            tags=[f"strategy:{cfg.strategy.name}", f"clients:{cfg.clients}", f"ranks:{rank_tag(cfg, self.ranks)}", f"data:{cfg.data.name}", f"partition:{cfg.partition.kind}"],
+        )
+        self.baseline = {"majority_rate": fdata.majority_rate(self.test)} if cfg.model.task == "classification" else {}
+
+    def banner(self) -> None:
+        from fedpeft.tracking import say
+
+        cfg, plan = self.cfg, self.plan
+        if plan is not None:
+            say(f"privacy: {plan.mode}-level DP, noise multiplier {plan.noise_multiplier:.4f}, clip {plan.clip}, "
+                f"δ={plan.delta}, {plan.steps_per_round} step(s) per round at sampling rate {plan.sample_rate:.4g}"
+                + (f", budget ε={plan.budget}" if plan.budget is not None else ""))
+        ranks = self.ranks
+        say(f"client ranks ({cfg.ranks.kind}, alpha {cfg.ranks.alpha}): {ranks if len(ranks) <= 20 else ranks[:20] + ['...']}")
+        sizes = [self.partitioner.load_partition(i).num_rows for i in range(min(cfg.clients, 3))]
+        say(f"{cfg.strategy.name} on {cfg.data.name} ({len(self.ds['train'])} train / {len(self.test)} eval examples, "
+            f"{cfg.partition.kind} over {cfg.clients} clients, e.g. sizes {sizes}), model {cfg.model.name} "
+            f"LoRA on {list(cfg.model.target_modules)}; run dir {self.run_dir}")
+        if self.state is not None:
+            say(f"resuming after round {self.state['round']} of {cfg.rounds}")
+
+    # ---------------------------------------------------------------- rounds
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
+        """The global model's test metrics and the round's statistics: one metrics row."""
+        from clients.train import evaluate
+        from fedpeft.server import load_global
+
+        if self.cfg.privacy.mode == "central":  # Flower's DP wrapper noised the aggregate
+            self.adapter.adopt(arrays)
+        load_global(self.lm, self.adapter.model)
+        row: dict[str, Any] = dict(evaluate(self.lm, self.test, self.cfg.model.eval_batch_size))
+        stats = self.adapter.stats.get(server_round)
+        if stats is not None:
+            row.update(stats.train_metrics)
+            row.update(
+                clients_sampled=stats.sampled, clients_replied=stats.replied, clients_failed=stats.failed,
+                clients_rejected=stats.rejected, bytes_down=stats.bytes_down, bytes_up=stats.bytes_up,
+                round_seconds=round(stats.seconds, 3), round_applied=int(stats.applied),
+            )
+            if stats.epsilon is not None:
+                row["epsilon"] = stats.epsilon
+        return row
+
+    def record(self, server_round: int, row: dict[str, Any]) -> None:
+        """End of a round: the adapter checkpoint, the metrics row, then the server state, each
+        written whole; the state last, so a run killed before it resumes at this round again."""
+        from fedpeft.tracking import progress_line, say
+
+        with self.guard:
+            if self.cfg.tracking.save_adapters:
+                save_checkpoint(self.lm, self.tracker.checkpoint_dir(server_round))
+            self.tracker.log_round(server_round, row)
+            self.history.append({"round": server_round, **row})
+            atomic_save({"round": server_round, "config": OmegaConf.to_container(self.cfg, resolve=True),
+                         "adapter": self.adapter.state_dict()}, self.run_dir / STATE)
+        say(progress_line(server_round, self.cfg.rounds, row, time.perf_counter() - self.t_start))
+
+    def rounds(self, grid: Grid) -> None:
+        """Flower's round loop (``Strategy.start``: configure_train → send_and_receive →
+        aggregate_train → evaluate), from the round after the last complete one."""
+        arrays = self.adapter.arrays()
+        first = 1
+        if self.state is None:
+            self.record(0, self.evaluate(0, arrays))
+        else:
+            first = self.state["round"] + 1
+        for r in range(first, self.cfg.rounds + 1):
+            messages = self.strategy.configure_train(r, arrays, ConfigRecord(), grid)
+            replies = grid.send_and_receive(messages, timeout=self.cfg.engine.round_timeout)
+            new, _ = self.strategy.aggregate_train(r, replies)
+            if new is not None:
+                arrays = new
+            self.record(r, self.evaluate(r, arrays))
+
+    def run(self, grid: Grid) -> dict[str, Any]:
+        from fedpeft.server import FederationFailed
+        from fedpeft.tracking import say
+
+        self.banner()
+        CURRENT.append(self)
+        try:
+            try:
+                self.rounds(grid)
+            except PrivacyBudgetExhausted:
+                say(f"stopped: {self.adapter.stopped}; the last checkpoint is round {len(self.history) - 1}")
+            except FederationFailed as e:
+                self.failure = str(e)
+            self.status = self.outcome()
+        finally:
+            CURRENT.remove(self)
+            with self.guard:
+                self.finish(self.status)
+        if self.status == "failed":
+            raise RunFailed(self.summary["error"] + (f"; stopped after round {len(self.history) - 1}" if self.failure else ""))
+        self.say_done()
+        return self.summary
+
+    def outcome(self) -> str:
+        if self.failure:
+            self.error = self.failure
+            return "failed"
+        if self.adapter.stopped:
+            return "stopped"
+        if self.adapter.rounds_applied == 0:
+            self.error = f"no round applied an update (clients failed or were rejected every round; see the log and {self.run_dir / 'metrics.jsonl'})"
+            return "failed"
+        return "finished"
+
+    def finish(self, status: str) -> None:
+        """Write ``summary.json`` (and close W&B) with ``status``."""
+        cfg, plan = self.cfg, self.plan
+        s: dict[str, Any] = {"run_dir": str(self.run_dir), "strategy": cfg.strategy.name, "rounds": cfg.rounds, "clients": cfg.clients, **self.baseline}
+        s.update(status=status, seconds=round(time.perf_counter() - self.t_start, 1), history=self.history, rounds_applied=self.adapter.rounds_applied)
+        if status == "failed":
+            s["error"] = getattr(self, "error", None) or "the run ended before its rounds were done"
+        if self.adapter.stopped:
+            s["stopped"] = self.adapter.stopped
+        if self.history:
+            s["final"] = {k: v for k, v in self.history[-1].items() if isinstance(v, (int, float))}
+        if plan is not None:
+            s["privacy"] = {"mode": plan.mode, "noise_multiplier": plan.noise_multiplier, "epsilon": plan.accountant.epsilon(), "delta": plan.delta}
+        self.summary = s
+        self.tracker.finish(s, exit_code={"finished": 0, "stopped": 0, "interrupted": 130}.get(status, 1))
+
+    def interrupted(self) -> None:
+        """Ctrl-C / SIGTERM (called by the launcher with :attr:`guard` held): record the run as interrupted."""
+        from fedpeft.tracking import say
+
+        last = len(self.history) - 1
+        where = f" (adapter in {self.tracker.checkpoint_dir(last)})" if self.cfg.tracking.save_adapters and self.history else ""
+        say(f"interrupted: the run is stopped; the last complete round is round {last}{where}; continue it with resume={self.run_dir}")
+        self.finish("interrupted")
+
+    def say_done(self) -> None:
+        from fedpeft.tracking import say
+
+        final, last = self.history[-1], len(self.history) - 1
+        where = f"; adapter in {self.tracker.checkpoint_dir(last)}" if self.cfg.tracking.save_adapters else f"; results in {self.run_dir}"
+        if "accuracy" in final:
+            say(f"done in {self.summary['seconds']:.0f}s: test accuracy {final['accuracy']:.4f} (majority-class rate {self.baseline['majority_rate']:.4f}){where}")
+        else:
+            say(f"done in {self.summary['seconds']:.0f}s: test perplexity {final['perplexity']:.2f}{where}")
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Read the run config, set the federation up (or pick it up from its state) and run it."""
+    cfg, spec = runconfig.load(context.run_config)
+    Federation(cfg, spec).run(grid)
