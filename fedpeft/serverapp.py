@@ -413,5 +413,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Read the run config, set the federation up (or pick it up from its state) and run it."""
+    from fedpeft.simulation import setup_env
+
+    setup_env()
     cfg, spec = runconfig.load(context.run_config)
     Federation(cfg, spec).run(grid)
