@@ -108,9 +108,11 @@ app = ClientApp()
 @app.query()
 def query_handler(msg: Message, context: Context) -> Message:
     """The server asks each node once which partition (client id) it serves: Flower's node ids are
-    random, the partition id in ``context.node_config`` is what ranks and sampling follow."""
+    random, the partition id in ``context.node_config`` is what ranks and sampling follow; and
+    whether it trains on its own local data (``data-path``) rather than that partition."""
     pid = int(context.node_config["partition-id"])
-    return Message(content=RecordDict({messages.CONFIG: ConfigRecord({"partition-id": pid})}), reply_to=msg)
+    local = "data-path" in context.node_config  # a device with its own data: the server cannot know its size
+    return Message(content=RecordDict({messages.CONFIG: ConfigRecord({"partition-id": pid, "local-data": local})}), reply_to=msg)
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,9 @@ def read_step(msg: Message, context: Context) -> Step:
         raise ValueError(f"this node's run config (digest {runconfig.settings_digest(context.run_config)}) differs from the server's "
                          f"({c['config-digest']}): are both running the same fedpeft app and config?")
     nm = c.get("noise-multiplier")
+    mode = runconfig.settings(context.run_config).privacy.mode
+    if mode in ("sample", "local") and not isinstance(nm, (int, float)):
+        raise ValueError(f"privacy.mode={mode}, but the train message carries no noise-multiplier (a server without this run's privacy plan?)")
     return Step(
         settings=runconfig.settings(context.run_config), decoded=dec, server_round=int(c["server-round"]),
         partition_id=int(context.node_config["partition-id"]), rank=int(c["rank"]), alpha=float(c["alpha"]),

@@ -128,6 +128,7 @@ class FlowerAdapter(FlowerStrategy):
         self.num_clients = num_clients  # partition ids are 0 .. num_clients - 1 (when known)
         self.identify_timeout = identify_timeout
         self.partition_of: dict[int, int] = {}  # node id → its partition id (= client id), asked once
+        self.local_data: set[int] = set()  # clients whose node trains on its own data (a device), not its partition
         self._t0 = 0.0
         # partition id → that client's example count where the server knows it (simulation): a
         # reply must then claim exactly that many; otherwise an int in [1, messages.MAX_EXAMPLES]
@@ -189,6 +190,10 @@ class FlowerAdapter(FlowerStrategy):
                     log.warning("node %d left out: it did not identify its partition (%s)", node, e)
                     continue
                 self.partition_of[node] = held[pid] = pid
+                if reply.content.config_records[messages.CONFIG].get("local-data") is True:
+                    self.local_data.add(pid)
+                else:
+                    self.local_data.discard(pid)
         return {n: p for n, p in self.partition_of.items() if n in nodes}
 
     def sample(self, grid: Grid) -> dict[int, int]:
@@ -282,7 +287,8 @@ class FlowerAdapter(FlowerStrategy):
             codec=self.codecs.uplink,
         )
         cfg = content.config_records[messages.CONFIG]
-        expected = self.expected_examples(spec.client_id) if self.expected_examples is not None else None
+        known = self.expected_examples is not None and spec.client_id not in self.local_data
+        expected = self.expected_examples(spec.client_id) if known else None
         n = messages.check_num_examples(cfg.get("num-examples"), expected)
         if "partition-id" in cfg and cfg["partition-id"] != spec.client_id:
             raise messages.UpdateError(f"partition-id is {cfg['partition-id']!r}, expected {spec.client_id}")
@@ -371,6 +377,8 @@ class FlowerAdapter(FlowerStrategy):
                 server_round, len(updates), stats.sampled, self.min_clients,
             )
         stats.train_metrics = _weighted_mean(metric_rows)
+        if any("train_seconds" in m for _, m in metric_rows):  # the slowest client: round_seconds minus it is the framework's overhead
+            stats.train_metrics["train_seconds_max"] = max(m["train_seconds"] for _, m in metric_rows if "train_seconds" in m)
         stats.seconds = time.perf_counter() - self._t0
         metrics = {
             **stats.train_metrics,

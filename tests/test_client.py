@@ -2,13 +2,16 @@
 
 import pytest
 import torch
+from dataclasses import replace
 from types import SimpleNamespace
 
 from clients import app as client_app
 from clients.train import TrainSettings, batch_order, evaluate, train
 from fedpeft import data as fdata
+from fedpeft.config import ModelConfig
 from fedpeft.lora import LoraFactors
 from fedpeft.models import ModelError, build, read_adapter, write_adapter
+from fedpeft.runconfig import schema
 from strategies.base import Payload
 
 MODEL = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=48)
@@ -85,11 +88,12 @@ def test_worker_caches_one_model_and_rebuilds_when_reuse_is_off(monkeypatch, twe
 
     monkeypatch.setattr(client_app, "build", counting_build)
     monkeypatch.setattr(client_app, "_MODELS", {})
-    settings = {"model": vars(MODEL), "device": "cpu", "seed": 0, "reuse_model": True}
+    base = schema()  # the typed config a ClientApp gets (fedpeft.runconfig.settings)
+    settings = replace(base, model=ModelConfig(**vars(MODEL)), engine=replace(base.engine, device="cpu", reuse_model=True), seed=0)
     m1 = client_app.get_model(settings, 2)
     m2 = client_app.get_model(settings, 2)
     assert m1 is m2 and len(builds) == 1
-    m3 = client_app.get_model({**settings, "reuse_model": False}, 2)
+    m3 = client_app.get_model(replace(settings, engine=replace(settings.engine, reuse_model=False)), 2)
     assert m3 is not m1 and len(builds) == 2
 
 

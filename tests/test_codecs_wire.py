@@ -82,7 +82,7 @@ def test_topk_error_feedback_through_the_encoder_loses_nothing():
 
 def test_adapter_compresses_payloads_and_decodes_delta_updates_against_what_it_sent():
     g = GlobalModel(adapter=adapter(5), head=HEAD)
-    fa = FlowerAdapter(FedAvg(), g, settings={}, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
+    fa = FlowerAdapter(FedAvg(), g, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
                        shapes=SHAPES, seed=0, codecs=Codecs(uplink="int4", downlink="int8"))
     grid = FakeGrid({7: 0, 8: 1})
     msgs = list(fa.configure_train(1, fa.arrays(), ConfigRecord(), grid))
@@ -111,7 +111,7 @@ def test_fresh_starts_and_frozen_A_have_references_too():
     g = GlobalModel(adapter=adapter(5), head=HEAD)
     ffa = FFALoRA(seed=3)
     model = ffa.init(GlobalModel(adapter={m: LoraFactors(torch.zeros(4, i), torch.zeros(o, 4), 2.0) for m, (o, i) in SHAPES.items()}, head=HEAD))
-    fa = FlowerAdapter(ffa, model, settings={}, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
+    fa = FlowerAdapter(ffa, model, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
                        shapes=SHAPES, seed=0, codecs=Codecs(uplink="int8"))
     msgs = list(fa.configure_train(1, fa.arrays(), ConfigRecord(), FakeGrid({3: 0})))
     spec, payload, reference = fa.sent[3]

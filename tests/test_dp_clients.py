@@ -8,7 +8,7 @@ import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from clients.app import local_dp
+from clients.app import noised_update
 from clients.train import DPSettings, TrainSettings, train
 from fedpeft import data as fdata
 from fedpeft import messages
@@ -83,7 +83,7 @@ def test_local_dp_clips_the_update_and_adds_noise_of_std_sigma_C():
     head = {k: head0[k] + head1[k] for k in head0}
     ref = messages.tensors_of(start, head0)
     C = 0.5
-    out, h, norm = local_dp(end, head, ref, C, 0.0, torch.Generator().manual_seed(0))
+    out, h, norm = noised_update(end, head, ref, C, 0.0, torch.Generator().manual_seed(0))
     delta = {k: v - ref[k] for k, v in messages.tensors_of(out, h).items()}
     true = {k: v - ref[k] for k, v in messages.tensors_of(end, head).items()}
     assert norm == pytest.approx(update_norm(true), rel=1e-6) and norm > 10 * C
@@ -91,7 +91,7 @@ def test_local_dp_clips_the_update_and_adds_noise_of_std_sigma_C():
     cos = sum((delta[k] * true[k]).sum() for k in delta) / (update_norm(delta) * update_norm(true))
     assert float(cos) == pytest.approx(1.0, abs=1e-5)
     sigma = 2.0
-    out, h, _ = local_dp(end, head, ref, C, sigma, torch.Generator().manual_seed(1))
+    out, h, _ = noised_update(end, head, ref, C, sigma, torch.Generator().manual_seed(1))
     noisy = {k: v - ref[k] for k, v in messages.tensors_of(out, h).items()}
     noise = torch.cat([(noisy[k] - delta[k]).flatten() for k in noisy])
     n = noise.numel()
@@ -99,7 +99,7 @@ def test_local_dp_clips_the_update_and_adds_noise_of_std_sigma_C():
     ratio = float(noise.std()) / (sigma * C)
     assert abs(ratio - 1) < tol and tol < 0.1  # a scale 10% off would fail
     # FFA-LoRA (A not sent): A is untouched, the noise goes to B and the head only.
-    ffa, _, _ = local_dp(end, head, messages.tensors_of(start, head0, send_A=False), C, sigma, torch.Generator().manual_seed(2), send_A=False)
+    ffa, _, _ = noised_update(end, head, messages.tensors_of(start, head0, send_A=False), C, sigma, torch.Generator().manual_seed(2), send_A=False)
     assert all(torch.equal(ffa[m].A, end[m].A) for m in end)
 
 
@@ -107,7 +107,7 @@ def test_central_dp_with_flowers_wrapper_clips_averages_and_noises(task_identity
     g0 = GlobalModel(*_adapters(r=8, scale=0.0))
     sigma, C, K = 1.5, 0.2, 4
     plan = PrivacyPlan("central", sigma, C, sample_rate=0.5, steps_per_round=1, delta=1e-5)
-    fa = FlowerAdapter(FedAvg(weighting="uniform"), g0, settings={}, fraction=0.5, min_clients=K, client_spec=lambda i: ClientSpec(i, 8, 16.0),
+    fa = FlowerAdapter(FedAvg(weighting="uniform"), g0, fraction=0.5, min_clients=K, client_spec=lambda i: ClientSpec(i, 8, 16.0),
                        shapes={"l0.q": (200, 300), "l0.v": (200, 300)}, seed=0, privacy=plan)
     dp = wrap_central_dp(fa, K)
     grid = FakeGrid({n: i for i, n in enumerate(range(101, 109))})
@@ -138,7 +138,7 @@ def test_a_round_that_would_exceed_the_budget_is_not_started(task_identity):
     eps2 = ref.epsilon_after(1.0, 1.0, 1)
     plan = PrivacyPlan("local", 1.0, 0.1, sample_rate=1.0, steps_per_round=1, delta=1e-5, budget=(eps1 + eps2) / 2)
     g0 = GlobalModel(*_adapters(scale=0.0))
-    fa = FlowerAdapter(FedAvg(), g0, settings={}, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
+    fa = FlowerAdapter(FedAvg(), g0, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
                        shapes={"l0.q": (200, 300), "l0.v": (200, 300)}, seed=0, privacy=plan)
     grid = FakeGrid({1: 0, 2: 1})
     assert len(list(fa.configure_train(1, fa.arrays(), ConfigRecord(), grid))) == 2

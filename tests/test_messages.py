@@ -59,7 +59,7 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 def make_adapter_strategy():
     g = GlobalModel(adapter=adapter(0.0), head=HEAD)
-    fa = FlowerAdapter(FedAvg(), g, settings={}, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
+    fa = FlowerAdapter(FedAvg(), g, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
                        shapes={"l0.q": (6, 8), "l0.v": (6, 8)}, seed=0)
     grid = FakeGrid({11: 0, 12: 1, 13: 2, 14: 3, 15: 4})
     msgs = fa.configure_train(1, fa.arrays(), ConfigRecord(), grid)

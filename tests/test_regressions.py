@@ -2,8 +2,9 @@
 part 5). Each test fails when its behaviour is removed; how that was checked is noted in each.
 
 In-process only (no Ray): the server side is ``fedpeft.server.FlowerAdapter`` over a ``FakeGrid``,
-the client side is ``clients.app.train_handler`` called with real Flower ``Message`` s and a real
-``flwr.app.Context``. One MiniLM per module (the client app's own cached model).
+the client side is ``clients.app.app`` (the ClientApp: ``train_handler`` behind its mods, as Flower
+calls it) with real Flower ``Message`` s and a real ``flwr.app.Context`` whose run config is built
+the way a run builds it. One MiniLM per module (the client app's own cached model).
 """
 
 import copy
@@ -16,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 import strategies
 from clients import app as client_app
 from clients.train import DPSettings, TrainSettings, train
-from fedpeft import compression, messages
+from fedpeft import compression, messages, runconfig
 from fedpeft import data as fdata
 from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for, seeded_lora_A, truncate
 from fedpeft.models import apply_merge, layer, module_shapes, read_adapter, use_adapter
@@ -35,6 +36,11 @@ SHAPES = {"l0.q": (48, 64), "l0.v": (48, 64)}
 ALPHA = 8.0
 RANK = 4  # the client rank of the MiniLM tests (model.rank=4, model.alpha=8)
 NUM_PARTITIONS = 10
+RUN_ID = 1  # the run id of every node context here (the client app's model cache is keyed by it)
+BASE = [
+    "engine.device=cpu", "engine.num_cpus=1", "model.rank=4", "model.alpha=8", "model.max_length=32",
+    "train.local_steps=2", "train.batch_size=8", "train.lr=3e-3", f"clients={NUM_PARTITIONS}",
+]
 
 
 def within(ratio: float, n: int) -> bool:
@@ -48,17 +54,29 @@ def within(ratio: float, n: int) -> bool:
 # ------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module")
-def settings():
-    """What every train message carries, built the way a run builds it (compose → client_settings)."""
+def _compose(*overrides):
     from fedpeft.cli import compose
-    from fedpeft.simulation import client_settings
 
-    cfg = compose([
-        "engine.device=cpu", "engine.num_cpus=1", "model.rank=4", "model.alpha=8", "model.max_length=32",
-        "train.local_steps=2", "train.batch_size=8", "train.lr=3e-3", f"clients={NUM_PARTITIONS}",
-    ])
-    return client_settings(cfg)
+    return compose([*BASE, *overrides])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("run")
+
+
+@pytest.fixture(scope="module")
+def settings(run_dir):
+    """The typed config every ClientApp reads from its run config, built the way a run builds it
+    (compose → ``to_run_config`` → ``runconfig.settings``)."""
+    return runconfig.settings(runconfig.to_run_config(_compose(), run_dir, shared_dir=""))
+
+
+@pytest.fixture(scope="module")
+def run_config(run_dir):
+    """``run_config(*overrides)``: the run config a run with ``BASE`` plus ``overrides`` gives its
+    apps (no shared dir: a node keeps its state in Flower's node state only)."""
+    return lambda *overrides: runconfig.to_run_config(_compose(*overrides), run_dir, shared_dir="")
 
 
 @pytest.fixture(scope="module")
@@ -68,28 +86,21 @@ def lm(settings):
     several times slower. The thread count is restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    ds = fdata.load(settings["data"]["name"], seed=settings["seed"])
-    yield client_app.get_model(settings, len(fdata.label_names(ds)))
+    ds = fdata.load(settings.data.name, seed=settings.seed)
+    yield client_app.get_model(settings, len(fdata.label_names(ds)), RUN_ID)
     torch.set_num_threads(threads)
 
 
-def with_settings(settings, **changes):
-    out = copy.deepcopy(settings)
-    for key, value in changes.items():
-        out[key] = {**out[key], **value}
-    return out
+def node_context(node: int, pid: int, run_config: dict) -> Context:
+    return Context(run_id=RUN_ID, node_id=node, node_config={"partition-id": pid, "num-partitions": NUM_PARTITIONS}, state=RecordDict(), run_config=run_config)
 
 
-def node_context(node: int, pid: int) -> Context:
-    return Context(run_id=1, node_id=node, node_config={"partition-id": pid, "num-partitions": NUM_PARTITIONS}, state=RecordDict(), run_config={})
-
-
-def minilm_adapter(settings, lm, strategy=None, codecs=Codecs()):
+def minilm_adapter(lm, strategy=None, codecs=Codecs(), privacy=None):
     use_adapter(lm, RANK, ALPHA)
     return FlowerAdapter(
-        strategy or FedAvg(), read_adapter(lm), settings=settings, fraction=1.0, min_clients=1,
+        strategy or FedAvg(), read_adapter(lm), fraction=1.0, min_clients=1,
         client_spec=lambda i: ClientSpec(i, RANK, ALPHA), shapes=module_shapes(lm), seed=0, codecs=codecs,
-        num_clients=NUM_PARTITIONS,
+        num_clients=NUM_PARTITIONS, privacy=privacy,
     )
 
 
@@ -111,7 +122,7 @@ def test_hetlora_server_sends_a_pruned_client_its_pruned_rank_in_later_rounds():
     ranks = {0: 8, 1: 4}
     g = torch.Generator().manual_seed(0)
     start = {m: LoraFactors(torch.randn(8, i, generator=g), torch.zeros(o, 8), scaling_for(8, ALPHA)) for m, (o, i) in SHAPES.items()}
-    fa = FlowerAdapter(HetLoRA(gamma=0.5, r_min=1), GlobalModel(start, {}), settings={}, fraction=1.0, min_clients=1,
+    fa = FlowerAdapter(HetLoRA(gamma=0.5, r_min=1), GlobalModel(start, {}), fraction=1.0, min_clients=1,
                        client_spec=lambda i: ClientSpec(i, ranks[i], ALPHA), shapes=SHAPES, seed=0)
     grid = FakeGrid({101: 0, 102: 1})
 
@@ -174,7 +185,7 @@ def test_flora_merges_travel_in_the_messages_are_counted_and_rebuild_the_servers
     its merge arrays → the byte assertion fails; a merge sent twice or skipped → the per-round key
     sets differ."""
     ranks = {0: 4, 1: 2, 2: 3}
-    fa = FlowerAdapter(FLoRA(seed=0), read_adapter(lm), settings={}, fraction=1.0, min_clients=1,
+    fa = FlowerAdapter(FLoRA(seed=0), read_adapter(lm), fraction=1.0, min_clients=1,
                        client_spec=lambda i: ClientSpec(i, ranks[i], ALPHA), shapes=module_shapes(lm), seed=0)
     grid = FakeGrid({201: 0, 202: 1})
     worker = copy.deepcopy(lm)  # a worker whose node is 201, at base version 0
@@ -245,18 +256,21 @@ def _sent_delta(reply: Message) -> dict[str, torch.Tensor]:
     return compression.decode(arrays, cfg)
 
 
-def test_topk_residual_is_kept_in_the_node_state_and_feeds_the_next_update(settings, lm):
-    """Mutation checks (clients/app.py train_handler): without ``context.state[RESIDUAL] = ...`` the
-    residual is missing after call 1; reading the state but passing ``residual=None`` (or ``{}``) to
+def test_topk_residual_is_kept_in_the_node_state_and_feeds_the_next_update(run_config, lm):
+    """Mutation checks (clients/app.py, the ``compress_update`` mod): without
+    ``context.state[RESIDUAL] = ...`` (``save_residual``) the residual is missing after call 1;
+    reading the state (``load_residual``) but passing ``residual=None`` (or ``{}``) to
     ``messages.encode`` leaves call 2 equal to an empty-residual call; both fail."""
     frac = 0.1
-    s = with_settings(settings, compression={"uplink": "topk", "downlink": "none", "topk_fraction": frac, "error_feedback": True})
-    fa = minilm_adapter(s, lm, codecs=Codecs(uplink="topk", topk_fraction=frac))
+    rc = run_config("compression=topk", f"compression.topk_fraction={frac}", "compression.error_feedback=true", "compression.downlink=none")
+    s = runconfig.settings(rc)
+    assert (s.compression.uplink, s.compression.downlink, s.compression.topk_fraction, s.compression.error_feedback) == ("topk", "none", frac, True)
+    fa = minilm_adapter(lm, codecs=Codecs(uplink="topk", topk_fraction=frac))
     grid = FakeGrid({301: 0})
-    ctx = node_context(301, 0)
+    ctx = node_context(301, 0, rc)
 
     (msg1,) = fa.configure_train(1, fa.arrays(), ConfigRecord(), grid)
-    reply1 = client_app.train_handler(msg1, ctx)
+    reply1 = client_app.app(msg1, ctx)
     assert client_app.RESIDUAL in ctx.state.array_records  # written back to the node's state
     r1 = ctx.state[client_app.RESIDUAL].to_torch_state_dict()
     s1 = _sent_delta(reply1)
@@ -269,12 +283,12 @@ def test_topk_residual_is_kept_in_the_node_state_and_feeds_the_next_update(setti
     assert fa.stats[1].replied == 1
 
     (msg2,) = fa.configure_train(2, fa.arrays(), ConfigRecord(), grid)
-    reply2 = client_app.train_handler(msg2, ctx)
+    reply2 = client_app.app(msg2, ctx)
     r2 = ctx.state[client_app.RESIDUAL].to_torch_state_dict()
     s2 = _sent_delta(reply2)
     # the same message to a node with an empty state: the update Δ₂ alone
-    fresh = node_context(301, 0)
-    s2e = _sent_delta(client_app.train_handler(msg2, fresh))
+    fresh = node_context(301, 0, rc)
+    s2e = _sent_delta(client_app.app(msg2, fresh))
     r2e = fresh.state[client_app.RESIDUAL].to_torch_state_dict()
     assert any(not torch.equal(s2[k], s2e[k]) for k in s2)  # the residual changed what was sent
     for k in s2:  # lossless: sent₂ + residual₂ = Δ₂ + residual₁, and Δ₂ = sent₂(empty) + residual₂(empty)
@@ -287,11 +301,11 @@ def test_topk_residual_is_kept_in_the_node_state_and_feeds_the_next_update(setti
 
 
 def test_run_seed_reaches_ffa_loras_shared_A_on_server_and_client():
-    """Mutation checks: ``strategy_kwargs`` without ``"seed": cfg.seed`` (fedpeft/simulation.py) →
+    """Mutation checks: ``strategy_kwargs`` without ``"seed": cfg.seed`` (fedpeft/serverapp.py) →
     seeds 0 and 1 give the same A; ``FFALoRA.init`` drawing A with a fixed seed → the client's A
     (regenerated from ``A_seed``) differs from the server's for seed 1. Both fail."""
     from fedpeft.cli import compose
-    from fedpeft.simulation import strategy_kwargs
+    from fedpeft.serverapp import strategy_kwargs
 
     zeros = GlobalModel({m: LoraFactors(torch.zeros(8, i), torch.zeros(o, 8), 1.0) for m, (o, i) in SHAPES.items()}, {})
     A_server, A_client = {}, {}
@@ -301,7 +315,7 @@ def test_run_seed_reaches_ffa_loras_shared_A_on_server_and_client():
         for run in range(2):  # two runs of the same config
             s = strategies.build("ffa_lora", **kw)
             assert isinstance(s, FFALoRA) and s.seed == seed
-            fa = FlowerAdapter(s, zeros, settings={}, fraction=1.0, min_clients=1,
+            fa = FlowerAdapter(s, zeros, fraction=1.0, min_clients=1,
                                client_spec=lambda i: ClientSpec(i, RANK, ALPHA), shapes=SHAPES, seed=seed)
             (msg,) = fa.configure_train(1, fa.arrays(), ConfigRecord(), FakeGrid({401: 0}))
             assert not any(k.startswith("A/") for k in msg.content.array_records[messages.ARRAYS])  # A is not sent
@@ -377,20 +391,28 @@ def test_dp_sgd_clips_each_example_and_adds_noise_of_std_sigma_C_over_the_expect
 # ------------------------------------------------------------------ 6. local DP in the client app
 
 
-def test_local_dp_in_the_client_app_clips_to_C_and_adds_noise_sigma_C(settings, lm):
-    """``train_handler`` with ``privacy.mode=local``: the reply minus the start it trained from is
-    clipped to ‖Δ‖ ≤ C (σ = 0) and carries N(0, (σC)²) per entry (σ large).
+def test_local_dp_in_the_client_app_clips_to_C_and_adds_noise_sigma_C(run_config, lm):
+    """The ClientApp with ``privacy.mode=local`` (σ from the server's privacy plan, in the train
+    message): the reply minus the start it trained from is clipped to ‖Δ‖ ≤ C (σ = 0) and carries
+    N(0, (σC)²) per entry (σ large).
 
-    Mutation checks (clients/app.py): skipping ``local_dp`` → the σ=0 update's norm is the raw one
-    (> C) and the σ>0 deviation has std ≪ σC; noise ``σ`` instead of ``σ·C`` → std 1/C = 10x too
-    large. Both fail."""
+    Mutation checks (clients/app.py): the ``local_dp`` mod skipped (left out of
+    ``@app.train(mods=...)``, or returning the plain reply) → the σ=0 update's norm is the raw one
+    (> C) and the σ>0 deviation has std ≪ σC; noise ``σ`` instead of ``σ·C`` in ``noised_update``
+    → std 1/C = 10x too large. Both fail."""
+    from fedpeft.serverapp import privacy_plan
+
     C = 0.1
     grid = FakeGrid({501: 0})
     for sigma in (0.0, 30.0):
-        s = with_settings(settings, privacy={"mode": "local", "clip": C, "noise_multiplier": sigma})
-        fa = minilm_adapter(s, lm)
+        overrides = ("privacy=local", f"privacy.clip={C}", f"privacy.noise_multiplier={sigma}")
+        rc = run_config(*overrides)
+        s = runconfig.settings(rc)
+        assert (s.privacy.mode, s.privacy.clip, s.privacy.noise_multiplier) == ("local", C, sigma)
+        fa = minilm_adapter(lm, privacy=privacy_plan(_compose(*overrides), None))  # local DP: no partitioner needed
         (msg,) = fa.configure_train(1, fa.arrays(), ConfigRecord(), grid)
-        reply = client_app.train_handler(msg, node_context(501, 0))
+        assert float(messages.decode(msg.content).config["noise-multiplier"]) == sigma  # σ reaches the client in the message
+        reply = client_app.app(msg, node_context(501, 0, rc))
         start = messages.start_tensors(messages.decode(msg.content), fa.shapes, RANK, ALPHA)
         dec = messages.decode(reply.content)
         sent = messages.tensors_of(dec.adapter, dec.head)

@@ -257,7 +257,7 @@ def test_ctrl_c_stops_within_seconds_keeps_the_last_round_and_leaves_no_ray(sig,
 def test_a_run_whose_every_update_is_rejected_does_not_finish(tmp_path, monkeypatch):
     from fedpeft import messages
     from fedpeft.server import FlowerAdapter
-    from fedpeft.simulation import RunFailed
+    from fedpeft.serverapp import RunFailed
 
     def forged(self, node, msg):
         raise messages.UpdateError("forged for the test")
@@ -272,7 +272,7 @@ def test_a_run_whose_every_update_is_rejected_does_not_finish(tmp_path, monkeypa
 
 def test_most_clients_failing_alike_stops_the_run_with_that_error(tmp_path, monkeypatch):
     from fedpeft.server import FederationFailed, FlowerAdapter
-    from fedpeft.simulation import RunFailed
+    from fedpeft.serverapp import RunFailed
 
     original = FlowerAdapter.aggregate_train
 
