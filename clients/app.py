@@ -1,9 +1,14 @@
-"""The Flower ClientApp: decode the payload, train on this node's partition, reply with the update.
+"""The Flower ClientApp: decode the payload, train on this node's data, reply with the update.
 
-This module is imported by every simulation worker (Ray actor) and by a real SuperNode. Its
-module-level caches keep the base model and the partitioned data for the life of the worker
-process, so a worker loads the model once and serves many clients and rounds; only adapter
-tensors (and the head) arrive with each message.
+One module-level app for every engine: a simulation worker (Ray actor), ``flwr run`` and a real
+SuperNode import it. It reads the run's typed config from ``context.run_config``
+(:func:`fedpeft.runconfig.settings`) and who it is from ``context.node_config``
+(``partition-id``; ``num-partitions`` or a device's own ``data-path``; optional ``state-dir``).
+``train_handler`` trains and replies with the plain update; Flower mods around it add what wraps
+any strategy: the fault profile, local DP (clip and noise the update) and the uplink codec.
+Module-level caches keep the base model and the data for the life of the worker process, so a
+worker loads the model once and serves many clients and rounds; only adapter tensors (and the
+head) arrive with each message.
 """
 
 from __future__ import annotations

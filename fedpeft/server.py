@@ -122,6 +122,7 @@ class FlowerAdapter(FlowerStrategy):
         self.seed = seed
         self.stopped: str | None = None  # why the run ended early (the privacy budget)
         self.sent: dict[int, tuple[ClientSpec, Any, Any]] = {}  # node id → (spec, payload, uplink reference)
+        self.out: dict[int, Message] = {}  # node id → the train message sent to it this round
         self.seen: dict[int, int] = {}  # client (partition id) → the base version its node has (FLoRA merges)
         self.rank_now: dict[int, int] = {}  # client → its current rank, once it shrank (HetLoRA)
         self.stats: dict[int, RoundStats] = {}
@@ -176,8 +177,10 @@ class FlowerAdapter(FlowerStrategy):
         if unknown:
             ask = [Message(RecordDict({messages.CONFIG: ConfigRecord({"query": "partition-id"})}), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
             held = {p: n for n, p in self.partition_of.items() if n in nodes}
-            for reply in sorted(grid.send_and_receive(ask, timeout=self.identify_timeout), key=lambda m: m.metadata.src_node_id):
-                node = reply.metadata.src_node_id
+            replies = list(grid.send_and_receive(ask, timeout=self.identify_timeout))
+            asked = _ids({m.metadata.dst_node_id: m for m in ask})
+            for reply in sorted(replies, key=lambda m: _sender(m, asked)):
+                node = _sender(reply, asked)
                 try:
                     if reply.has_error():
                         raise ValueError(_one_line(reply.error.reason))
@@ -265,6 +268,7 @@ class FlowerAdapter(FlowerStrategy):
                 reference = messages.start_tensors(messages.decode(content), self.shapes, spec.rank, spec.alpha, send_A=send_A)
             self.sent[node] = (spec, payload, reference)
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        self.out = {m.metadata.dst_node_id: m for m in out}
         return out
 
     def check_reply(self, node: int, msg: Message) -> tuple[ClientUpdate, dict[str, float]]:
@@ -321,9 +325,10 @@ class FlowerAdapter(FlowerStrategy):
             log.warning("round %d: update from %s rejected: %s", server_round, self._who(node), _one_line(str(reason)))
 
         # Replies arrive in any order; aggregate in partition order so that float sums are reproducible.
-        order = lambda m: (self.partition_of.get(m.metadata.src_node_id, -1), m.metadata.src_node_id)  # noqa: E731
+        ids = _ids(self.out)
+        order = lambda m: (self.partition_of.get(_sender(m, ids), -1), _sender(m, ids))  # noqa: E731
         for msg in sorted(replies, key=order):
-            node = msg.metadata.src_node_id
+            node = _sender(msg, ids)
             if node not in self.sent:
                 reject(node, f"node {node} was not sampled in round {server_round}")
                 continue
@@ -470,6 +475,18 @@ def load_global(lm, model: GlobalModel) -> None:
     if previous not in ("default", name):  # e.g. the r_max adapter the initial state was read from: keep one
         lm.model.delete_adapter(previous)
     write_adapter(lm, adapter, model.head)
+
+
+def _ids(sent: dict[int, Message]) -> dict[str, int]:
+    """Message id → destination node of the messages sent (the grid gave each its id when it sent it)."""
+    return {m.metadata.message_id: node for node, m in sent.items() if m.metadata.message_id}
+
+
+def _sender(reply: Message, ids: dict[str, int]) -> int:
+    """The node a reply answers for: the destination of the message it replies to. A SuperLink
+    answers for a node that went offline itself, from its own node id, with a node-unavailable
+    error; the reply still belongs to that node."""
+    return ids.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
 def _weighted_mean(rows: list[tuple[int, dict[str, float]]]) -> dict[str, float]:

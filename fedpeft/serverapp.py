@@ -350,6 +350,9 @@ class Federation:
                 say(f"stopped: {self.adapter.stopped}; the last checkpoint is round {len(self.history) - 1}")
             except FederationFailed as e:
                 self.failure = str(e)
+            except (KeyboardInterrupt, SystemExit):  # a deployment's launcher stopping this process
+                self.status = "interrupted"
+                raise
             self.status = self.outcome()
         finally:
             CURRENT.remove(self)

@@ -47,7 +47,7 @@ class FakeGrid:
             self.queries += 1
             node = m.metadata.dst_node_id
             content = RecordDict({"config": ConfigRecord({"partition-id": self.nodes[node]})})
-            out.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False, content=content))
+            out.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=m.metadata.message_id), has_error=lambda: False, content=content))
         return out
 
 

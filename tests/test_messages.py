@@ -47,7 +47,7 @@ def test_decode_rejects_malformed_records_naming_the_problem():
 def _reply(node: int, ad, head, n=10, error=None):
     content = None if error else messages.encode(ad, head, {"num-examples": n})
     return SimpleNamespace(
-        metadata=SimpleNamespace(src_node_id=node),
+        metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=""),
         has_error=lambda: error is not None,
         error=SimpleNamespace(reason=error, code=2),
         content=content,

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from flwr.common.constant import ErrorCode
 from flwr.app import Array, ConfigRecord
 
 from fedpeft import compression, messages
@@ -38,8 +39,8 @@ def head(value: float):
     return {k: t + value for k, t in HEAD.items()}
 
 
-def reply(node: int, content=None, error=None, code=2):
-    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: error is not None, error=SimpleNamespace(reason=error, code=code), content=content)
+def reply(node: int, content=None, error=None, code=2, reply_to=""):
+    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=reply_to), has_error=lambda: error is not None, error=SimpleNamespace(reason=error, code=code), content=content)
 
 
 def setup(strategy=None, min_clients=1, **kw):
@@ -356,3 +357,20 @@ def test_replies_encoded_as_clients_encode_them_pass_the_checks(codec, send_A):
         assert got == r
         dec = messages.decode(content, ref if codec != "none" else None)
         messages.check_update(dec.adapter, dec.head, shapes, RANK, hd)
+
+
+def test_the_superlinks_unavailable_reply_for_a_dead_node_is_that_nodes_failure(caplog):
+    """A SuperLink answers for a node that went offline itself: an error reply from its own node id
+    (1) to the message sent to that node. It is that node's failure, not an unsolicited update.
+    Mutation check: matching replies by ``src_node_id`` only (fedpeft/server.py ``_sender``) rejects
+    it ("node 1 was not sampled") and counts node 14 as silent: fails."""
+    fa = setup()
+    for node, m in fa.out.items():
+        m.metadata.__dict__["_message_id"] = f"id-{node}"  # as the grid does when it sends them
+    dead = reply(1, error="Node 14 is unavailable", code=ErrorCode.NODE_UNAVAILABLE, reply_to="id-14")
+    _, metrics = fa.aggregate_train(1, [*good_replies(fa), reply(12, content_of()), dead])
+    s = fa.stats[1]
+    assert (s.sampled, s.replied, s.rejected, s.failed) == (4, 3, 0, 1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("client 3 on node 14 failed: Node 14 is unavailable" in l for l in lines), lines
+    assert not any("rejected" in l for l in lines)
