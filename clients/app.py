@@ -234,7 +234,11 @@ def train_handler(msg: Message, context: Context) -> Message:
     part, _ = local_data(s, context.node_config)
     lm = node_model(step, context)
     shared = runconfig.load(context.run_config)[1].shared_dir
-    sync_base(lm, step.base_version, step.decoded.merges, str(Path(shared) / "merges") if shared else None)
+    merges = dict(step.decoded.merges)
+    if not shared:  # a device: Flower 1.41 runs every message in a new ClientApp process; the node state keeps its merges
+        merges = {**kept_merges(context), **merges}
+        keep_merges(context, step.decoded.merges)
+    sync_base(lm, step.base_version, merges, str(Path(shared) / "merges") if shared else None)
     use_adapter(lm, step.rank, step.alpha)
     dp = DPSettings(step.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None
     update, metrics = train(
@@ -256,6 +260,32 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 RESERVED = ("server-round", "rank", "alpha", "base-version", "noise-multiplier", "config-digest")
 RESIDUAL = "topk-residual"
+
+
+MERGES = "base-merges"
+
+
+def kept_merges(context: Context) -> dict[int, dict[str, LoraFactors]]:
+    """The FLoRA base merges this node received in earlier rounds (its Flower node state)."""
+    if MERGES not in context.state.array_records:
+        return {}
+    out: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, t in context.state[MERGES].to_torch_state_dict().items():
+        version, part, module = key.split("/", 2)
+        out.setdefault(int(version), {}).setdefault(module, {})[part] = t
+    return {v: {m: LoraFactors(p["A"], p["B"], 1.0) for m, p in mods.items()} for v, mods in out.items()}
+
+
+def keep_merges(context: Context, merges: dict[int, dict[str, LoraFactors]]) -> None:
+    """Add ``merges`` to the ones this node keeps: a node is sent each merge once, and its next
+    round (a new process) must rebuild its base from all of them."""
+    if not merges:
+        return
+    tensors = context.state[MERGES].to_torch_state_dict() if MERGES in context.state.array_records else {}
+    for v, merge in merges.items():
+        for m, f in merge.items():
+            tensors[f"{v}/A/{m}"], tensors[f"{v}/B/{m}"] = f.A.contiguous(), f.B.contiguous()
+    context.state[MERGES] = ArrayRecord(torch_state_dict=tensors)
 
 
 def state_dir(step: Step, context: Context) -> Path | None:

@@ -54,3 +54,17 @@ class FakeGrid:
 @pytest.fixture
 def fake_grid():
     return FakeGrid
+
+
+def listeners():
+    """(address, port, pids) of every listening TCP socket, from ``ss -ltnp``."""
+    import re
+    import subprocess
+
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        fields = line.split()
+        addr, _, port = fields[3].rpartition(":")
+        rows.append((addr.strip("[]"), int(port), {int(p) for p in re.findall(r"pid=(\d+)", line)}))
+    return rows

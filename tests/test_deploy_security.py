@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import listeners
 
 from fedpeft.deploy import Deployment, DeploymentError, format_node_config, free_ports, make_node_keypair, make_pki
 
@@ -94,17 +95,6 @@ def make_toyapp(root: Path) -> Path:
     (app / "toyapp_mod" / "server.py").write_text(TOY_SERVER)
     (app / "toyapp_mod" / "client.py").write_text(TOY_CLIENT)
     return app
-
-
-def listeners() -> list[tuple[str, int, set[int]]]:
-    """(address, port, pids) of every listening TCP socket, from ``ss -ltnp``."""
-    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
-    rows = []
-    for line in out.splitlines():
-        fields = line.split()
-        addr, _, port = fields[3].rpartition(":")
-        rows.append((addr.strip("[]"), int(port), {int(p) for p in re.findall(r"pid=(\d+)", line)}))
-    return rows
 
 
 def alive(pids: set[int]) -> set[int]:

@@ -55,6 +55,29 @@ def test_workers_with_different_histories_reach_the_same_base_bit_for_bit(tmp_pa
     assert all(torch.equal(back[m].A, merges[2][m].A) for m in back)
 
 
+def test_a_device_rebuilds_its_base_in_a_new_process_from_the_merges_its_node_kept():
+    """Flower 1.41 runs each message in a new ClientApp process; the node state (Context.state)
+    survives. A device sent merge 1 in round 2 and only merge 2 in round 3 rebuilds W0 + both.
+    Mutation check: ``keep_merges`` doing nothing (clients/app.py) → round 3's sync raises."""
+    from flwr.app import Context, RecordDict
+
+    from clients.app import keep_merges, kept_merges
+
+    ref = new_model()
+    merges = {v: random_merge(ref, 2 + v, 20 + v) for v in (1, 2)}
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    keep_merges(ctx, {1: merges[1]})  # round 2's message
+    fresh = new_model()  # round 3: a new process, base at version 0; the message carries merge 2 only
+    sync_base(fresh, 2, {**kept_merges(ctx), 2: merges[2]}, None)
+    for v in (1, 2):
+        sync_base(ref, v, {v: merges[v]}, None)
+    for m in ref.modules:
+        assert torch.equal(layer(fresh, m).base_layer.weight, layer(ref, m).base_layer.weight)
+    keep_merges(ctx, {2: merges[2]})
+    back = kept_merges(ctx)
+    assert sorted(back) == [1, 2] and all(torch.equal(back[2][m].B, merges[2][m].B) for m in back[2])
+
+
 def test_flora_checkpoint_adapter_rebuilds_the_merged_model(tmp_path, tweets):
     base, merged = new_model(), new_model()
     merges = tuple(random_merge(base, r, 10 + r) for r in (5, 7))
