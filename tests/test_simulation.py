@@ -121,7 +121,7 @@ def test_heterogeneous_rank_strategies_run_with_partial_participation(strategy, 
     elif strategy == "flora":  # the two rounds' stacked merges, rebuilt into one adapter
         from clients.app import load_merge
 
-        merges = [load_merge(tmp_path / "run" / "merges", v) for v in (1, 2)]
+        merges = [load_merge(tmp_path / "run" / "state" / "merges", v) for v in (1, 2)]  # the server state's merge store
         assert rank == sum(next(iter(m.values())).rank for m in merges)
         r1 = summary["history"][1]
         assert r1["bytes_down"] < 0.05 * r1["bytes_up"]  # round 1: fresh inits travel as a seed, not tensors
