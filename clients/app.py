@@ -177,8 +177,10 @@ def start_of(step: Step, context: Context) -> dict[str, torch.Tensor]:
 
 def fault_profile(msg: Message, context: Context, call_next) -> Message:
     """``profile.failure_rate``: the client raises instead of training, seeded by (seed, round, client)."""
+    rate = runconfig.settings(context.run_config).profile.failure_rate
+    if rate == 0:  # off: the message is decoded once, by the train handler
+        return call_next(msg, context)
     step = read_step(msg, context)
-    rate = step.settings.profile.failure_rate
     if should_fail(step.settings.seed, step.server_round, step.partition_id, rate):
         raise InjectedFailure(f"client {step.partition_id}: injected failure in round {step.server_round} (profile.failure_rate={rate})")
     return call_next(msg, context)
@@ -189,10 +191,10 @@ def compress_update(msg: Message, context: Context, call_next) -> Message:
     codec; for top-k with error feedback the dropped part is kept as this node's residual
     (Flower's node state, and ``<state dir>/residual_<round>.safetensors`` for a resumed run)."""
     reply = call_next(msg, context)
-    step = read_step(msg, context)
-    codec = step.settings.compression
+    codec = runconfig.settings(context.run_config).compression
     if codec.uplink == "none" or reply.has_error():
         return reply
+    step = read_step(msg, context)
     rec = messages.decode(reply.content)
     residual = None
     if codec.uplink == "topk" and codec.error_feedback:
@@ -211,10 +213,10 @@ def local_dp(msg: Message, context: Context, call_next) -> Message:
     """``privacy.mode=local``: the update ``Δ`` (what is sent, minus the start) is clipped to
     ``‖Δ‖₂ ≤ clip`` and ``N(0, (σ·clip)²)`` is added to every entry, before any compression."""
     reply = call_next(msg, context)
-    step = read_step(msg, context)
-    pv = step.settings.privacy
+    pv = runconfig.settings(context.run_config).privacy
     if pv.mode != "local" or reply.has_error():
         return reply
+    step = read_step(msg, context)
     rec = messages.decode(reply.content)
     g = torch.Generator().manual_seed(step.seed(2))
     adapter, head, norm = noised_update(rec.adapter, rec.head, start_of(step, context), pv.clip, step.noise_multiplier, g, send_A=step.send_A)

@@ -100,8 +100,14 @@ def digest(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode()).hexdigest()[:16]
 
 
+@lru_cache(maxsize=4)
+def _digest(config_json: str, overrides: str) -> str:
+    return digest(_config(config_json, overrides))
+
+
 def settings_digest(run_config: dict[str, Any]) -> str:
-    return digest(_config(str(run_config.get("config", "")), str(run_config.get("overrides", ""))))
+    """:func:`digest` of a run config's config (cached: a node checks it with every message)."""
+    return _digest(str(run_config.get("config", "")), str(run_config.get("overrides", "")))
 
 
 def settings(run_config: dict[str, Any]) -> C.Config:

@@ -242,7 +242,7 @@ class Federation:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, path)
         for d in (self.run_dir / "adapters").glob("round_*"):
-            if not d.name.endswith(".tmp") and int(d.name.split("_")[1]) > last or d.name.endswith(".tmp"):
+            if d.name.endswith(".tmp") or int(d.name.split("_")[1]) > last:  # half-written, or after the state
                 shutil.rmtree(d, ignore_errors=True)
         self.history = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in kept]
 
