@@ -368,8 +368,11 @@ class FlowerAdapter(FlowerStrategy):
             log.warning("round %d: client %son node %d failed: %s", server_round, "" if pid is None else f"{pid} ", node, line)
         stats.replied = len(updates)
         stats.applied = len(updates) >= max(self.min_clients, 1)
+        diagnostics: dict[str, float] = {}
         if stats.applied:
             before = self.model.version
+            diagnose = getattr(self.strategy, "round_metrics", None)
+            diagnostics = diagnose(self.model, updates) if diagnose is not None else {}
             self.model = self.strategy.aggregate(self.model, updates)
             for v in range(before, self.model.version):
                 if self.on_merge is not None:
@@ -381,7 +384,7 @@ class FlowerAdapter(FlowerStrategy):
                 "round %d not applied: %d good update(s) of %d sampled, fewer than min_clients=%d; the global model is unchanged",
                 server_round, len(updates), stats.sampled, self.min_clients,
             )
-        stats.train_metrics = _weighted_mean(metric_rows)
+        stats.train_metrics = {**_weighted_mean(metric_rows), **diagnostics}
         if any("train_seconds" in m for _, m in metric_rows):  # the slowest client: round_seconds minus it is the framework's overhead
             stats.train_metrics["train_seconds_max"] = max(m["train_seconds"] for _, m in metric_rows if "train_seconds" in m)
         stats.seconds = time.perf_counter() - self._t0

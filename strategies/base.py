@@ -83,6 +83,8 @@ class Strategy(Protocol):
     weightings: ClassVar[tuple[str, ...]]  # the values ``strategy.weighting`` may take
     heterogeneous_ranks: ClassVar[bool]  # whether clients may have different ranks and scalings
     privacy_modes: ClassVar[tuple[str, ...]]  # the ``privacy.mode`` values it works with
+    # Optional: ``privacy_default = (group option, target ε)`` is applied when the user chooses no
+    # privacy group and no noise (``fedpeft.config.strategy_defaults``); DP-LoRA has one.
 
     def reply_ranks(self, rank: int) -> tuple[int, ...]:
         """The ranks a client given ``rank`` may answer with (HetLoRA's clients may prune)."""
@@ -95,3 +97,6 @@ class Strategy(Protocol):
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload: ...
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel: ...
+
+    # Optional: ``round_metrics(model, updates) -> {name: float}``, diagnostics of the round's
+    # aggregation that the server logs with the round's metrics (FedAvg's ``factor_avg_error``).

@@ -8,7 +8,8 @@ Every client receives the global ``(A, B)`` and the head; the server averages ea
 
 This is *not* the average of the clients' updates: ``(Σ p B)(Σ p A) = Σ p B A`` only up to the
 cross terms ``p_j p_k B_j A_k`` (j ≠ k). It needs every client at one rank and scaling; the
-heterogeneous-rank methods aggregate in effective-update units instead.
+heterogeneous-rank methods aggregate in effective-update units instead. :func:`factor_average_error`
+measures the gap each round (logged as ``factor_avg_error``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fedpeft.lora import average_factors, average_tensors, normalized_weights
+import math
+
+import torch
+
+from fedpeft.lora import LoraFactors, average_factors, average_tensors, normalized_weights
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
 
 
@@ -30,6 +35,28 @@ def client_weights(updates: list[ClientUpdate], weighting: str) -> list[float]:
     if weighting == "uniform":
         return normalized_weights([1.0] * len(updates))
     raise ValueError(f"strategy.weighting: unknown value {weighting!r}; expected num_examples or uniform")
+
+
+def factor_average_error(modules: list[list[LoraFactors]], p: list[float]) -> float:
+    """FedAvg-of-factors' relative error over all modules (one list of client factors per module):
+
+        ‖(Σ_k p_k B_k)(Σ_k p_k A_k) − Σ_k p_k B_k A_k‖_F / ‖Σ_k p_k B_k A_k‖_F,
+
+    norms squared and summed over modules, each term at its scaling. Computed in factored form,
+    never forming ``out × in`` matrices: a difference ``U V`` with ``U = [p_1 B_1 … p_K B_K, −B̄]``,
+    ``V = [A_1; …; A_K; Ā]`` has ``‖U V‖²_F = Σ (UᵀU) ⊙ (V Vᵀ)``. 0.0 when every update is zero.
+    """
+    err = ref = 0.0
+    for factors in modules:
+        s = factors[0].scaling
+        A = torch.cat([f.A.double() for f in factors])
+        B = torch.cat([w * f.B.double() for f, w in zip(factors, p)], dim=1)
+        A_bar = sum(w * f.A.double() for f, w in zip(factors, p))
+        B_bar = sum(w * f.B.double() for f, w in zip(factors, p))
+        U, V = torch.cat([B, -B_bar], dim=1), torch.cat([A, A_bar])
+        err += s * s * float(((U.T @ U) * (V @ V.T)).sum().clamp_min(0))
+        ref += s * s * float(((B.T @ B) * (A @ A.T)).sum())
+    return math.sqrt(err / ref) if ref > 0 else 0.0
 
 
 def check_weighting(strategy) -> None:
@@ -60,6 +87,13 @@ class FedAvg:
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
         return Payload(adapter=model.adapter, head=model.head)
+
+    def round_metrics(self, model: GlobalModel, updates: list[ClientUpdate]) -> dict[str, float]:
+        """``factor_avg_error``: :func:`factor_average_error` of this round's updates."""
+        if not updates:
+            return {}
+        p = client_weights(updates, self.weighting)
+        return {"factor_avg_error": factor_average_error([[u.adapter[n] for u in updates] for n in model.adapter], p)}
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
         if not updates:

@@ -116,3 +116,36 @@ def test_fedavg_payload_is_the_global_model_for_every_client_and_no_updates_keep
     assert s.aggregate(g, []) is g
     with pytest.raises(ValueError, match="unknown strategy"):
         build("nope")
+
+
+def test_factor_average_error_equals_the_dense_relative_error_over_modules():
+    from strategies.fedavg import factor_average_error
+
+    K = 4
+    p = normalized_weights([2, 1, 3, 2])
+    modules = [[rand_factors(4, seed=20 + k) for k in range(K)], [rand_factors(4, alpha=8.0, seed=40 + k) for k in range(K)]]
+    err = ref = 0.0
+    for fs in modules:  # dense: the product of the averages minus the average of the products
+        gap = delta(average_factors(fs, p)) - weighted_sum_delta(fs, p)
+        err += float(gap.norm() ** 2)
+        ref += float(weighted_sum_delta(fs, p).norm() ** 2)
+    dense = (err / ref) ** 0.5
+    assert dense > 0.3  # independent factors: a large gap
+    assert factor_average_error(modules, p) == pytest.approx(dense, rel=1e-9)
+    # Clients that agree on A (FFA-LoRA's frozen A) or on everything: FedAvg of factors is exact.
+    shared_A = [[LoraFactors(fs[0].A, f.B, f.scaling) for f in fs] for fs in modules]
+    assert factor_average_error(shared_A, p) < 1e-7
+    assert factor_average_error([[fs[0]] * K for fs in modules], p) < 1e-7
+    zero = LoraFactors(torch.zeros(4, IN, dtype=torch.float64), torch.zeros(OUT, 4, dtype=torch.float64), 2.0)
+    assert factor_average_error([[zero] * K], p) == 0.0
+
+
+def test_fedavg_logs_the_factor_average_error_of_its_round():
+    ups = [make_update(0, 10, 1, 1.0), make_update(1, 30, 2, 5.0)]
+    g0 = GlobalModel(adapter=ups[0].adapter, head=ups[0].head)
+    m = FedAvg().round_metrics(g0, ups)
+    from strategies.fedavg import factor_average_error
+
+    expected = factor_average_error([[u.adapter[n] for u in ups] for n in ("q", "v")], [0.25, 0.75])
+    assert m == {"factor_avg_error": pytest.approx(expected)} and expected > 0.1
+    assert FedAvg().round_metrics(g0, []) == {}
