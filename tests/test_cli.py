@@ -25,7 +25,8 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
         ("fraction=1.5", "fraction: must be in (0, 1], got 1.5"),
         ("partition.kind=random", "partition.kind: unknown value 'random'"),
         ("tracking.mode=loud", "tracking.mode: unknown value 'loud'"),
-        ("strategy=dp_lora", "privacy.mode: strategy=dp_lora does not work with privacy.mode=none; use privacy=sample"),
+        ("strategy=dp_lora privacy=none", "privacy.mode: strategy=dp_lora does not work with privacy.mode=none; use privacy=sample"),
+        ("strategy=dp_lora privacy=local", "privacy.mode: strategy=dp_lora does not work with privacy.mode=local; use privacy=sample"),
         ("privacy=sample", "privacy.noise_multiplier: privacy.mode=sample needs a noise multiplier or a privacy.target_epsilon"),
         ("privacy.target_epsilon=-1", "privacy.target_epsilon: must be positive"),
         ("privacy.mode=global", "privacy.mode: unknown value 'global'"),
@@ -72,6 +73,39 @@ def test_config_errors_are_one_line_naming_the_key_and_write_nothing(override, e
     assert lines[0].startswith("fedpeft: config error: ")
     assert expected in lines[0], lines[0]
     assert list(tmp_path.rglob("*")) == []  # no run dir, no .hydra/, no cli.log
+
+
+@pytest.mark.parametrize(
+    "words, expected",
+    [  # (mode, noise multiplier, target ε, clip) after composition
+        (["strategy=dp_lora"], ("sample", None, 8.0, 1.0)),
+        (["strategy=dp_lora", "privacy.noise_multiplier=1.5"], ("sample", 1.5, None, 1.0)),
+        (["strategy=dp_lora", "privacy.target_epsilon=3"], ("sample", None, 3.0, 1.0)),
+        (["strategy=dp_lora", "privacy.clip=0.5"], ("sample", None, 8.0, 0.5)),
+        (["strategy=dp_lora", "privacy=sample", "privacy.delta=1e-6"], ("sample", None, 8.0, 1.0)),
+        (["strategy=fedavg"], ("none", None, None, 1.0)),
+    ],
+)
+def test_dp_lora_as_typed_selects_sample_dp_with_its_default_target(words, expected, tmp_path):
+    """``strategy=dp_lora`` alone is sample-level DP at ε = 8 (DPLoRA.privacy_default); any
+    privacy key the user types wins over the default."""
+    from fedpeft.cli import compose
+
+    pv = compose([*words, f"hydra.run.dir={tmp_path / 'run'}"]).privacy
+    assert (pv.mode, pv.noise_multiplier, pv.target_epsilon, pv.clip) == expected
+
+
+def test_dp_lora_default_reaches_the_run_in_single_and_multirun(tmp_path, monkeypatch, capsys):
+    """The Hydra job path (``fedpeft simulate``, also ``--multirun``) applies the default per job."""
+    from fedpeft import simulation
+
+    seen = []
+    monkeypatch.setattr(simulation, "run", lambda cfg, run_dir, **kw: seen.append((cfg.strategy.name, cfg.privacy.mode, cfg.privacy.target_epsilon)))
+    assert run_cli(["simulate", "strategy=dp_lora", "clients=4"], tmp_path, monkeypatch, capsys)[0] == 0
+    assert seen == [("dp_lora", "sample", 8.0)]
+    seen.clear()
+    assert run_cli(["simulate", "--multirun", "strategy=fedavg,dp_lora", "clients=4"], tmp_path, monkeypatch, capsys)[0] == 0
+    assert seen == [("fedavg", "none", None), ("dp_lora", "sample", 8.0)]
 
 
 def test_an_existing_run_dir_is_refused_and_left_as_it_was(tmp_path, monkeypatch, capsys):
