@@ -27,6 +27,19 @@ class TrainSettings:
     batch_size: int
     lr: float
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.0  # sgd only
+
+
+def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    """A fresh optimizer per client and round: AdamW (the default), or SGD with ``momentum`` —
+    DP-SGD's own update, under which a coordinate whose gradient is mostly noise moves by the noise
+    times the learning rate, where Adam's normalisation moves every coordinate by about ``lr``."""
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    raise ValueError(f"train.optimizer: unknown value {settings.optimizer!r}; expected adamw or sgd")
 
 
 @dataclass(frozen=True)
@@ -105,7 +118,7 @@ def train(
     for p in frozen:
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    opt = make_optimizer(params, settings)
     prune = _Pruning(lm, ins) if ins.get("prune") else None
     model.train()
     devices = [lm.device] if lm.device.type == "cuda" else []

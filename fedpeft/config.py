@@ -88,6 +88,9 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.0
+    # adamw | sgd (with momentum): a fresh optimizer per client and round.
+    optimizer: str = "adamw"
+    momentum: float = 0.0
 
 
 @dataclass
@@ -250,6 +253,9 @@ def validate(cfg: Any) -> None:
     need(cfg.train.batch_size >= 1, "train.batch_size", f"must be at least 1, got {cfg.train.batch_size}")
     need(cfg.train.lr > 0, "train.lr", f"must be positive, got {cfg.train.lr}")
     need(cfg.train.weight_decay >= 0, "train.weight_decay", f"must be non-negative, got {cfg.train.weight_decay}")
+    one_of(cfg.train.optimizer, "train.optimizer", ("adamw", "sgd"))
+    need(0 <= cfg.train.momentum < 1, "train.momentum", f"must be in [0, 1), got {cfg.train.momentum}")
+    need(cfg.train.optimizer == "sgd" or cfg.train.momentum == 0, "train.momentum", "applies to train.optimizer=sgd only")
     need(cfg.partition.alpha > 0, "partition.alpha", f"must be positive, got {cfg.partition.alpha}")
     need(cfg.partition.shards_per_client >= 1, "partition.shards_per_client", "must be at least 1")
     need(cfg.partition.min_partition_size >= 1, "partition.min_partition_size", f"must be at least 1 (a client with no data cannot train), got {cfg.partition.min_partition_size}")

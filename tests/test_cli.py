@@ -42,6 +42,9 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
         ("strategy=ffa_lora privacy=central privacy.noise_multiplier=1", "privacy.mode: strategy=ffa_lora does not work with privacy.mode=central; use privacy=none | sample | local"),
         # values that used to pass and then fail every client, or fail far from the key
         ("train.weight_decay=-1", "train.weight_decay: must be non-negative, got -1.0"),
+        ("train.optimizer=lion", "train.optimizer: unknown value 'lion'; expected one of adamw, sgd"),
+        ("train.momentum=0.9", "train.momentum: applies to train.optimizer=sgd only"),
+        ("train.optimizer=sgd train.momentum=1.0", "train.momentum: must be in [0, 1), got 1.0"),
         ("engine.round_timeout=-1", "engine.round_timeout: must be positive"),
         ("seed=-1", "seed: must be in [0, 2**32), got -1"),
         ("model.dropout=1.5", "model.dropout: must be in [0, 1), got 1.5"),

@@ -120,3 +120,35 @@ def test_smollm2_causal_lm_on_a_shakespeare_role_lowers_perplexity():
     after = evaluate(lm, few, 8)
     assert after["perplexity"] < 0.9 * before["perplexity"], (before, after)
     assert before["perplexity"] < 1000  # a pretrained LM: a random one scores about its vocabulary size, 49,152
+
+
+def test_sgd_takes_exactly_the_step_lr_times_the_gradient(lm, tweets):
+    """``train.optimizer=sgd``: one local step moves every trained tensor by ``-lr · grad`` of that
+    step's batch (the batch ``batch_order`` gives), where AdamW moves it by about ``lr`` per entry."""
+    from clients.train import encode
+
+    part = tweets["train"].shuffle(seed=3).select(range(32))
+    g = read_adapter(lm)
+    start = {m: LoraFactors(f.A, torch.randn(f.B.shape, generator=torch.Generator().manual_seed(1)) * 0.01, f.scaling) for m, f in g.adapter.items()}
+    write_adapter(lm, start, g.head)
+    (idx,) = list(batch_order(len(part), 1, 8, seed=5))
+    lm.model.zero_grad(set_to_none=True)
+    lm.model.train()  # the base model's own dropout draws from torch's RNG, seeded as train() seeds it
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        lm.model(**encode(lm, part[idx])).loss.backward()
+    lm.model.eval()
+    name = next(iter(start))
+    lay = lm.model.get_submodule("base_model.model." + name)
+    grad_B = lay.lora_B["default"].weight.grad.clone()
+    grad_head = lm.model.get_submodule("base_model.model.classifier").modules_to_save["default"].weight.grad.clone()
+    lm.model.zero_grad(set_to_none=True)
+    lr = 0.5
+    sgd, _ = train(lm, Payload(start, g.head), part, TrainSettings(1, 8, lr, optimizer="sgd"), seed=5, client_id=0)
+    torch.testing.assert_close(sgd.adapter[name].B, start[name].B - lr * grad_B, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sgd.head["classifier.weight"], g.head["classifier.weight"] - lr * grad_head, rtol=1e-5, atol=1e-6)
+    adam, _ = train(lm, Payload(start, g.head), part, TrainSettings(1, 8, 1e-3), seed=5, client_id=0)
+    moved = (adam.adapter[name].B - start[name].B).abs()
+    # Adam's first step is lr·g/(|g| + eps): about lr for every entry, whatever its gradient's size.
+    assert moved.max() <= 1e-3 * (1 + 1e-5) and moved.median() > 0.9e-3
+    write_adapter(lm, g.adapter, g.head)
