@@ -116,7 +116,14 @@ class TrackingConfig:
     # auto (offline unless WANDB_API_KEY is set) | offline | online | disabled
     mode: str = "auto"
     project: str = "fedpeft"
+    # The run's directory (runs/<experiment>/...) and, unless group is set, its W&B group.
     experiment: str = "default"
+    # The W&B group (null: the experiment), e.g. one per sweep.
+    group: Optional[str] = None
+    # Extra W&B tags, after the ones naming the strategy, data, partition, ranks, privacy and
+    # compression and the run's Hydra overrides: e.g. the keys an experiment script varies.
+    # (null, not []: a run saved before this key existed still resumes with an unchanged config.)
+    tags: Optional[list[str]] = None
     # Save the global adapter in peft format after every round.
     save_adapters: bool = True
 

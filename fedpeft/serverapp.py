@@ -247,8 +247,11 @@ class Federation:
         self.history = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in kept]
 
     def open_tracking(self) -> None:
+        """Write the run's config files and open its :class:`fedpeft.tracking.Tracker`: a W&B run in
+        ``tracking.group`` (default: the experiment), ``job_type`` the strategy, tagged with what the
+        run is and the keys the user varied (Hydra's recorded overrides, then ``tracking.tags``)."""
         from fedpeft import data as fdata
-        from fedpeft.tracking import Tracker
+        from fedpeft.tracking import Tracker, hydra_overrides, run_tags, varied_keys
 
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -259,10 +262,11 @@ class Federation:
                 p = self.plan
                 (self.run_dir / "privacy.json").write_text(json.dumps({"mode": p.mode, "noise_multiplier": p.noise_multiplier, "clip": p.clip, "sample_rate": p.sample_rate,
                                                                         "steps_per_round": p.steps_per_round, "delta": p.delta, "budget": p.budget}) + "\n")
+        varied = varied_keys(hydra_overrides(self.run_dir)) + list(cfg.tracking.tags or [])
         self.tracker = Tracker(
             self.run_dir, OmegaConf.to_container(cfg, resolve=True), mode=cfg.tracking.mode, project=cfg.tracking.project,
-            group=cfg.tracking.experiment, resume=self.resume,
-            tags=[f"strategy:{cfg.strategy.name}", f"clients:{cfg.clients}", f"ranks:{rank_tag(cfg, self.ranks)}", f"data:{cfg.data.name}", f"partition:{cfg.partition.kind}"],
+            group=cfg.tracking.group or cfg.tracking.experiment, job_type=cfg.strategy.name, resume=self.resume,
+            tags=run_tags(cfg, rank_tag(cfg, self.ranks), varied),
         )
         self.baseline = {"majority_rate": fdata.majority_rate(self.test)} if cfg.model.task == "classification" else {}
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 log = logging.getLogger("fedpeft.tracking")
+
+# Override keys that are bookkeeping, not an experimental variable: not tagged.
+BOOKKEEPING = ("tracking", "hydra", "engine", "resume")
+MAX_TAG = 64  # W&B refuses longer tags
 
 
 def wandb_mode(mode: str) -> str:
@@ -20,9 +25,99 @@ def wandb_mode(mode: str) -> str:
     return mode
 
 
+def varied_keys(overrides: Iterable[str]) -> list[str]:
+    """The ``KEY=VALUE`` / ``GROUP=OPTION`` overrides that name an experimental variable: Hydra's
+    ``+``/``++`` prefixes dropped, bookkeeping keys (:data:`BOOKKEEPING`: ``tracking.*``,
+    ``hydra.*``, ``engine.*``, ``resume``) and deletions (``~KEY``) left out."""
+    out = []
+    for word in overrides:
+        word = str(word).strip().lstrip("+")
+        if not word or word.startswith("~") or "=" not in word:
+            continue
+        if word.split("=", 1)[0].split(".", 1)[0].split("/", 1)[0] in BOOKKEEPING:
+            continue
+        out.append(word)
+    return out
+
+
+def hydra_overrides(run_dir: Path) -> list[str]:
+    """The overrides ``fedpeft simulate`` (Hydra, single run or one job of a ``--multirun``) was
+    given for the run in ``run_dir``: Hydra records them in ``.hydra/overrides.yaml``. Empty where
+    Hydra wrote no such file (``fedpeft deploy``, ``flwr run``)."""
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    try:
+        return [str(w) for w in OmegaConf.load(path) or []]
+    except Exception as e:  # a damaged file must not stop a run
+        log.warning("could not read %s: %s", path, e)
+        return []
+
+
+def run_tags(cfg: Any, rank_tag: str, varied: Iterable[str] = ()) -> list[str]:
+    """W&B tags of a run: what it is (strategy, data, partition, clients, ranks, privacy and
+    compression when on) and then the ``varied`` keys (the user's overrides and ``tracking.tags``),
+    each once, in order, cut to W&B's 64 characters."""
+    tags = [f"strategy:{cfg.strategy.name}", f"data:{cfg.data.name}", f"partition:{cfg.partition.kind}",
+            f"clients:{cfg.clients}", f"ranks:{rank_tag}"]
+    if cfg.privacy.mode != "none":
+        tags.append(f"privacy:{cfg.privacy.mode}")
+    if cfg.compression.uplink != "none":
+        tags.append(f"uplink:{cfg.compression.uplink}")
+    if cfg.compression.downlink != "none":
+        tags.append(f"downlink:{cfg.compression.downlink}")
+    tags += [str(t) for t in varied]
+    out: list[str] = []
+    for t in tags:
+        t = t[:MAX_TAG]
+        if t and t not in out:
+            out.append(t)
+    return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def run_summary(summary: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The W&B run summary (one value per run, the runs table's columns) from ``summary.json``'s
+    content and the run's metrics rows: the summary's scalars (status, seconds, rounds, ...), its
+    dicts one level flat (``privacy/epsilon``: the ε spent, with DP); ``final/<metric>`` for every
+    number of the last row; ``best/accuracy`` (max) or ``best/perplexity`` (min) over rounds 1..R
+    (round 0 only if there is no other) and the round it came in (``best/round``); and
+    ``total/mb_up`` / ``total/mb_down`` (summed over the rounds): as ``fedpeft compare`` has them.
+    No key may be a logged metric's name: W&B sets those to the metric's last logged value after
+    this update (when it writes out the run's last history row)."""
+    out: dict[str, Any] = {}
+    for k, v in summary.items():
+        if isinstance(v, (int, float, str)):
+            out[k] = v
+        elif isinstance(v, Mapping):  # not the history (a list)
+            out.update({f"{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float, str))})
+    if rows:
+        out.update({f"final/{k}": v for k, v in rows[-1].items() if _number(v)})
+        for metric, pick in (("accuracy", max), ("perplexity", min)):
+            scored = [r for r in rows if _number(r.get(metric))]
+            scored = [r for r in scored if r["round"] >= 1] or scored  # as `fedpeft compare`: over rounds 1..R
+            if scored:
+                best = pick(scored, key=lambda r: r[metric])
+                out[f"best/{metric}"], out["best/round"] = best[metric], best["round"]
+                break
+        for key, name in (("bytes_up", "mb_up"), ("bytes_down", "mb_down")):
+            if any(key in r for r in rows):
+                out[f"total/{name}"] = sum(r.get(key, 0) for r in rows) / 1e6
+    return out
+
+
 class Tracker:
-    def __init__(self, run_dir: Path, config: Mapping[str, Any], *, mode: str, project: str, group: str, tags: list[str], resume: bool = False):
-        """``resume``: continue the run in ``run_dir`` (its W&B run too: same id, logging from the next step)."""
+    def __init__(self, run_dir: Path, config: Mapping[str, Any], *, mode: str, project: str, group: str, tags: list[str],
+                 job_type: str | None = None, resume: bool = False):
+        """One run's tracking: ``metrics.jsonl`` and, unless ``mode`` is disabled, a W&B run in
+        ``group`` (runs of one experiment) with ``job_type`` (the strategy), ``tags`` and the
+        resolved ``config``; the round is its x-axis. ``resume``: continue the run in ``run_dir``
+        (its W&B run too: the same id, from ``wandb-id``)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -39,6 +134,7 @@ class Tracker:
                 resume="allow" if run_id else None,
                 project=project,
                 group=group,
+                job_type=job_type,
                 name=self.run_dir.name,
                 tags=tags,
                 config=dict(config),
@@ -46,24 +142,42 @@ class Tracker:
                 mode=self.mode,
                 settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True),
             )
+            # Plots against the round, not W&B's internal step (a resumed run's rounds continue).
+            self.wandb.define_metric("round")
+            self.wandb.define_metric("*", step_metric="round")
             id_file.write_text(self.wandb.id + "\n")
+            if run_id is not None:
+                # A killed run's last rounds may be in metrics.jsonl but not in W&B (wandb-core, killed
+                # with it, had not written them out): log the rounds kept again, but those W&B says it
+                # has (online; offline it says none, so the newest offline run holds every round).
+                for row in self.rows():
+                    if row["round"] >= self.wandb.starting_step:
+                        self._log_wandb(row)
 
     def log_round(self, server_round: int, metrics: Mapping[str, Any]) -> None:
         row = {"round": server_round, "elapsed_s": round(time.perf_counter() - self.t0, 3), **metrics}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=server_round)
+            self._log_wandb(row)
+
+    def _log_wandb(self, row: Mapping[str, Any]) -> None:
+        """A metrics row's numbers, at step = round (its ``round`` field is the plots' x-axis)."""
+        self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["round"])
 
     def checkpoint_dir(self, server_round: int) -> Path:
         return self.run_dir / "adapters" / f"round_{server_round:03d}"
 
+    def rows(self) -> list[dict[str, Any]]:
+        """The run's metrics rows (a resumed run's too), as logged."""
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
     def finish(self, summary: Mapping[str, Any], exit_code: int = 0) -> None:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if self.wandb is not None:
-            for k, v in summary.items():
-                if isinstance(v, (int, float, str)):
-                    self.wandb.summary[k] = v
+            self.wandb.summary.update(run_summary(summary, self.rows()))
             self.wandb.finish(exit_code=exit_code)
             self.wandb = None
 
