@@ -1,7 +1,7 @@
 """A client's local training: one function, payload + partition → update + metrics.
 
 The Flower ClientApp (``clients.app``) calls it; a future cohort executor that trains many
-clients' adapters at once must reproduce its semantics: start from the payload, a fresh AdamW
+clients' adapters at once must reproduce its semantics: start from the payload, a fresh optimizer (AdamW, or SGD)
 over the adapter's trainable tensors, ``local_steps`` steps of ``batch_size`` examples drawn
 without replacement (reshuffled every pass) from a generator seeded by ``(seed, round, client)``.
 """

@@ -1,110 +1,99 @@
-"""Heterogeneous ranks on 20 Newsgroups: FedAvg at the smallest and the largest rank, HetLoRA, FLoRA,
-FlexLoRA and FFA-LoRA; Dirichlet(0.5) over 10 clients with ranks [64,32,16,16,8,8,4,4,4,4].
+"""Heterogeneous ranks on 20 Newsgroups: FedAvg with everyone at the smallest rank (r=4) and at the
+largest (r=64), HetLoRA, FLoRA, FlexLoRA and FFA-LoRA; Dirichlet(0.5) over 10 clients with ranks
+[64,32,16,16,8,8,4,4,4,4]; every method with each seed.
 
-One command runs the Hydra multirun (one job per method, in sequence) and then writes the table
-and the plot of test accuracy per round:
+One command runs the sweep (one `fedpeft simulate` per method and seed; re-running with the same
+``--dir`` skips what finished), then writes `fedpeft compare`'s table and plots and the papers'
+claims tested on paired seeds:
 
-    .venv/bin/python experiments/heterogeneous_ranks/run.py [--rounds 5] [--steps 20] [extra overrides...]
+    .venv/bin/python experiments/heterogeneous_ranks/run.py [--seeds 0 1 2] [--rounds 8] [--steps 10] [--dir DIR] [overrides...]
 
-Results go to experiments/heterogeneous_ranks/results/ (results.md, accuracy.png, and each
-run's metrics under runs/heterogeneous_ranks/).
+Results: experiments/heterogeneous_ranks/results/ (compare.md, compare.csv, runs.csv, the plots,
+claims.md); each run's metrics, config and W&B (offline) files under runs/heterogeneous_ranks/.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
+import math
 import sys
 from datetime import datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-METHODS = ["fedavg_r4", "fedavg_r64", "hetlora", "flora", "flexlora", "ffa_lora"]
-LABELS = {"fedavg_r4": "FedAvg r=4", "fedavg_r64": "FedAvg r=64", "hetlora": "HetLoRA", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa_lora": "FFA-LoRA"}
+sys.path.insert(0, str(HERE.parent))
+from sweep import ROOT, report, run_sweep, with_seeds  # noqa: E402
+
+METHODS = ["fedavg_r4", "hetlora", "flora", "flexlora", "ffa_lora", "fedavg_r64"]
+# (claim, better, worse): each paper's claim, as "better ≥ worse" in final test accuracy.
+CLAIMS = [
+    ("FLoRA ≥ zero-padding (HetLoRA) under heterogeneous ranks (FLoRA, Wang et al. 2024)", "flora", "hetlora"),
+    ("heterogeneous ranks (HetLoRA) ≥ everyone at the smallest rank (Cho et al. 2024)", "hetlora", "fedavg_r4"),
+    ("heterogeneous ranks (FLoRA) ≥ everyone at the smallest rank", "flora", "fedavg_r4"),
+    ("heterogeneous ranks (FlexLoRA) ≥ everyone at the smallest rank", "flexlora", "fedavg_r4"),
+    ("FlexLoRA ≥ HetLoRA (Bai et al. 2024)", "flexlora", "hetlora"),
+]
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def run(rounds: int, steps: int, extra: list[str], sweep_dir: Path) -> None:
-    cmd = [
-        str(Path(sys.executable).with_name("fedpeft")), "simulate", "--multirun",
-        f"hydra.searchpath=[file://{HERE / 'conf'}]", f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
-        "+method=" + ",".join(METHODS),
-        "data=newsgroups", "partition=dirichlet", "partition.alpha=0.5", "clients=10", f"rounds={rounds}",
-        f"train.local_steps={steps}", "tracking.save_adapters=false", *extra,
-    ]
-    print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+def final(run_dir: Path, metric: str = "accuracy") -> float | None:
+    import json
+
+    s = run_dir / "summary.json"
+    if not s.exists() or json.loads(s.read_text()).get("status") != "finished":
+        return None
+    return json.loads(s.read_text())["final"].get(metric)
 
 
-def collect(sweep_dir: Path) -> dict[str, dict]:
-    out = {}
-    for summary in sorted(sweep_dir.glob("*/summary.json")):
-        s = json.loads(summary.read_text())
-        overrides = (summary.parent / ".hydra" / "overrides.yaml").read_text()
-        method = next(m for m in METHODS if f"+method={m}" in overrides)
-        out[method] = s
-    return out
-
-
-def report(results: dict[str, dict], out_dir: Path, sweep_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rounds = max(len(s["history"]) for s in results.values()) - 1
+def claims(sweep_dir: Path, seeds: list[int]) -> list[str]:
+    """Each claim as the paired difference of final accuracy (same seed: same partition, same
+    initialisation, same client sampling) with a 95% t-interval over the seeds."""
     lines = [
-        "# Heterogeneous ranks on 20 Newsgroups",
-        "",
-        f"Measured {datetime.now():%Y-%m-%d} on a 2-core CPU; MiniLM-L6 + LoRA on query/value, 10 clients, Dirichlet(0.5),",
-        "ranks [64,32,16,16,8,8,4,4,4,4] (FedAvg: one rank for all), alpha 16, test accuracy on 1,000 held-out posts.",
-        f"Sweep: `{sweep_dir.relative_to(ROOT) if sweep_dir.is_relative_to(ROOT) else sweep_dir}`.",
-        "",
-        "| method | " + " | ".join(f"round {r}" for r in range(rounds + 1)) + " | MB up / round | seconds |",
-        "|---|" + "---|" * (rounds + 3),
+        "| claim | mean difference (better − worse) | 95% interval | seeds | holds here? |",
+        "|---|---|---|---|---|",
     ]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in METHODS:
-        if m not in results:
-            lines.append(f"| {LABELS[m]} | " + " | ".join("—" for _ in range(rounds + 1)) + " | failed | |")
+    for text, a, b in CLAIMS:
+        diffs = []
+        for s in seeds:
+            fa, fb = final(sweep_dir / f"{a}_seed{s}"), final(sweep_dir / f"{b}_seed{s}")
+            if fa is not None and fb is not None:
+                diffs.append(fa - fb)
+        n = len(diffs)
+        if n < 2:
+            lines.append(f"| {text} | — | — | {n} | not enough finished seed pairs |")
             continue
-        s = results[m]
-        acc = [h["accuracy"] for h in s["history"]]
-        up = [h.get("bytes_up", 0) for h in s["history"][1:]]
-        lines.append(f"| {LABELS[m]} | " + " | ".join(f"{a:.3f}" for a in acc) + f" | {sum(up) / max(len(up), 1) / 1e6:.2f} | {s['seconds']:.0f} |")
-        ax.plot(range(len(acc)), acc, marker="o", label=LABELS[m])
-    lines.append("")
-    lines.append(f"Majority-class rate: {next(iter(results.values()))['majority_rate']:.3f}.")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("20 Newsgroups, 10 clients, Dirichlet(0.5), heterogeneous ranks")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "accuracy.png", dpi=120)
-    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        mean = sum(diffs) / n
+        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+        half = T95[n - 1] * sd / math.sqrt(n)
+        lo, hi = mean - half, mean + half
+        verdict = "yes (interval above 0)" if lo > 0 else "no: the reverse holds (interval below 0)" if hi < 0 else "not shown (interval contains 0)"
+        lines.append(f"| {text} | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {n} | {verdict} |")
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--report-only", type=Path, help="only rebuild the table and plot from this sweep dir")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--dir", type=Path, help="sweep directory (re-running skips finished runs)")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild the report from --dir")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    sweep_dir = args.report_only or ROOT / "runs" / "heterogeneous_ranks" / f"sweep_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    sweep_dir = (args.dir or ROOT / "runs" / "heterogeneous_ranks" / f"sweep_{datetime.now():%Y-%m-%d_%H-%M-%S}").resolve()
+    common = [
+        f"hydra.searchpath=[file://{HERE / 'conf'}]", "data=newsgroups", "partition=dirichlet", "partition.alpha=0.5",
+        "clients=10", f"rounds={args.rounds}", f"train.local_steps={args.steps}", "data.eval_samples=500",
+        "tracking.save_adapters=false", *args.overrides,
+    ]
     if not args.report_only:
-        try:
-            run(args.rounds, args.steps, args.overrides, sweep_dir)
-        except subprocess.CalledProcessError as e:
-            print(f"the multirun failed (exit {e.returncode}); reporting what finished", file=sys.stderr)
-    report(collect(sweep_dir), HERE / "results", sweep_dir)
+        run_sweep(with_seeds({m: [f"+method={m}"] for m in METHODS}, args.seeds), common, sweep_dir, "heterogeneous ranks")
+    out = HERE / "results"
+    report(sweep_dir, out, "Heterogeneous ranks on 20 Newsgroups (10 clients, Dirichlet 0.5)")
+    report(sweep_dir, out / "factor_error", "FedAvg of factors: aggregation error per round", metric="factor_avg_error")
+    table = claims(sweep_dir, args.seeds)
+    (out / "claims.md").write_text("# The papers' claims, on paired seeds\n\n" + "\n".join(table) + "\n")
+    print("\n".join(table))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""The experiments' sweep runner: one `fedpeft simulate` process per run, into one sweep directory.
+
+A run that already finished (its summary.json says so) is skipped, so an interrupted sweep is
+continued by running the same command with the same ``--dir``: a run stopped after a complete round
+is resumed from it (``fedpeft simulate resume=DIR``, which refuses a changed config), one stopped
+before is kept aside (``<name>.incomplete-<time>``) and started again. A run that fails is reported and the
+sweep goes on. The report is `fedpeft compare` over the sweep directory.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def with_seeds(runs: dict[str, list[str]], seeds: list[int]) -> dict[str, list[str]]:
+    """Every run once per seed: ``<name>_seed<s>`` with ``seed=<s>``, seed by seed (a sweep cut short
+    has every setting at the seeds it reached, which is what paired comparisons need)."""
+    return {f"{name}_seed{s}": [*overrides, f"seed={s}"] for s in seeds for name, overrides in runs.items()}
+
+
+def finished(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
+
+
+def run_sweep(runs: dict[str, list[str]], common: list[str], sweep_dir: Path, label: str) -> list[str]:
+    """Run each ``name: overrides`` (after the ``common`` overrides) into ``sweep_dir/name``;
+    returns the names that failed."""
+    exe = str(Path(sys.executable).with_name("fedpeft"))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    failed, t0 = [], time.perf_counter()
+    for i, (name, overrides) in enumerate(runs.items(), 1):
+        out = sweep_dir / name
+        head = f"[{label} {i}/{len(runs)}, {time.perf_counter() - t0:.0f}s] {name}"
+        if finished(out):
+            print(f"{head}: already done", flush=True)
+            continue
+        cmd = [exe, "simulate", *common, *overrides, f"hydra.run.dir={out}"]
+        if (out / "state" / "server.pt").exists():  # killed or interrupted after a round: continue it
+            cmd = [exe, "simulate", f"resume={out}"]
+        elif out.exists():  # nothing to continue from, and fedpeft refuses to write into it: keep it aside
+            aside = out.with_name(f"{name}.incomplete-{datetime.now():%Y%m%d-%H%M%S}")
+            out.rename(aside)
+            print(f"{head}: the unfinished run is kept in {aside}", flush=True)
+        print(f"{head}: $ fedpeft {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            failed.append(name)
+            print(f"{head}: failed; going on with the others", file=sys.stderr, flush=True)
+    return failed
+
+
+def report(sweep_dir: Path, out_dir: Path, title: str, metric: str = "accuracy") -> int:
+    """`fedpeft compare` over the sweep: table, CSV and plots into ``out_dir``."""
+    from fedpeft import compare
+
+    return compare.main([str(sweep_dir), "--out", str(out_dir), "--metric", metric, "--title", title])
