@@ -3,7 +3,9 @@
 A run that already finished (its summary.json says so) is skipped, so an interrupted sweep is
 continued by running the same command with the same ``--dir``: a run stopped after a complete round
 is resumed from it (``fedpeft simulate resume=DIR``, which refuses a changed config), one stopped
-before is kept aside (``<name>.incomplete-<time>``) and started again. A run that fails is reported and the
+before is kept aside (``<name>.incomplete-<time>``) and started again. Asking for more ``rounds``
+than finished runs have extends them the same way (``resume=DIR rounds=N``): a resumed run equals
+an uninterrupted one, so a pilot's horizon can be lengthened without starting over. A run that fails is reported and the
 sweep goes on. The report is `fedpeft compare` over the sweep directory.
 """
 
@@ -30,6 +32,14 @@ def finished(run_dir: Path) -> bool:
     return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
 
 
+def run_rounds(run_dir: Path) -> int:
+    """The ``rounds`` a run was configured with (0 when it has no config yet)."""
+    import yaml
+
+    config = run_dir / "config.yaml"
+    return int(yaml.safe_load(config.read_text())["rounds"]) if config.exists() else 0
+
+
 def run_sweep(runs: dict[str, list[str]], common: list[str], sweep_dir: Path, label: str) -> list[str]:
     """Run each ``name: overrides`` (after the ``common`` overrides) into ``sweep_dir/name``;
     returns the names that failed."""
@@ -39,12 +49,14 @@ def run_sweep(runs: dict[str, list[str]], common: list[str], sweep_dir: Path, la
     for i, (name, overrides) in enumerate(runs.items(), 1):
         out = sweep_dir / name
         head = f"[{label} {i}/{len(runs)}, {time.perf_counter() - t0:.0f}s] {name}"
-        if finished(out):
+        rounds = [w.split("=", 1)[1] for w in [*common, *overrides] if w.startswith("rounds=")]
+        more = [f"rounds={rounds[-1]}"] if rounds and run_rounds(out) < int(rounds[-1]) else []
+        if finished(out) and not more:
             print(f"{head}: already done", flush=True)
             continue
         cmd = [exe, "simulate", *common, *overrides, f"hydra.run.dir={out}"]
-        if (out / "state" / "server.pt").exists():  # killed or interrupted after a round: continue it
-            cmd = [exe, "simulate", f"resume={out}"]
+        if (out / "state" / "server.pt").exists():  # stopped after a round, or asked for more rounds: continue it
+            cmd = [exe, "simulate", f"resume={out}", *more]
         elif out.exists():  # nothing to continue from, and fedpeft refuses to write into it: keep it aside
             aside = out.with_name(f"{name}.incomplete-{datetime.now():%Y%m%d-%H%M%S}")
             out.rename(aside)
