@@ -18,10 +18,10 @@ import threading
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from omegaconf import DictConfig, OmegaConf
@@ -153,6 +153,33 @@ def load_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     if state["round"] >= cfg.rounds:
         raise ConfigError(f"resume: {run_dir} already finished all {cfg.rounds} rounds (raise rounds to continue it)")
     return state
+
+
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float | None,
+                     on_poll: Callable[[int], None] | None = None, *, clock: Callable[[], float] = time.time,
+                     sleep: Callable[[float], None] = time.sleep) -> list[Message]:
+    """``grid.send_and_receive(messages, timeout=timeout)`` as Flower 1.41's grids implement it
+    (``InMemoryGrid`` for simulation, ``HttpGrid`` for a deployment): push the messages, then pull
+    their replies until every pushed message has one or ``timeout`` seconds have passed (``None``:
+    no limit), sleeping the grid's ``pull_interval`` between pulls (3 s, ``HttpGrid``'s, for a grid
+    without one). The same replies in the same order; a message with no reply by then has none in
+    the list (:meth:`fedpeft.server.FlowerAdapter.aggregate_train` counts its node as failed).
+    After every pull, ``on_poll`` gets the number of pushed messages answered so far."""
+    msg_ids = set(grid.push_messages(messages))
+    pushed = len(msg_ids)
+    interval = getattr(grid, "pull_interval", 3.0)
+    end_time = clock() + (timeout if timeout is not None else 0.0)
+    ret: list[Message] = []
+    while timeout is None or clock() < end_time:
+        res_msgs = list(grid.pull_messages(msg_ids))
+        ret.extend(res_msgs)
+        msg_ids.difference_update({msg.metadata.reply_to_message_id for msg in res_msgs})
+        if on_poll is not None:
+            on_poll(pushed - len(msg_ids))
+        if len(msg_ids) == 0:
+            break
+        sleep(interval)
+    return ret
 
 
 # The federation running in this process, for an in-process launcher's Ctrl-C handler.
@@ -335,7 +362,10 @@ class Federation:
 
     def rounds(self, grid: Grid) -> None:
         """Flower's round loop (``Strategy.start``: configure_train → send_and_receive →
-        aggregate_train → evaluate), from the round after the last complete one."""
+        aggregate_train → evaluate), from the round after the last complete one; while a round's
+        clients train, :class:`fedpeft.tracking.RoundProgress` shows how many have finished."""
+        from fedpeft.tracking import RoundProgress
+
         arrays = self.adapter.arrays()
         first = 1
         if self.state is None:
@@ -343,8 +373,12 @@ class Federation:
         else:
             first = self.state["round"] + 1
         for r in range(first, self.cfg.rounds + 1):
-            messages = self.strategy.configure_train(r, arrays, ConfigRecord(), grid)
-            replies = grid.send_and_receive(messages, timeout=self.cfg.engine.round_timeout)
+            messages = list(self.strategy.configure_train(r, arrays, ConfigRecord(), grid))
+            progress = RoundProgress(r, self.cfg.rounds, len(messages))
+            try:
+                replies = send_and_receive(grid, messages, self.cfg.engine.round_timeout, progress.update)
+            finally:
+                progress.close()
             new, _ = self.strategy.aggregate_train(r, replies)
             if new is not None:
                 arrays = new

@@ -202,3 +202,84 @@ def progress_line(server_round: int, rounds: int, m: Mapping[str, Any], elapsed:
 
 def say(line: str) -> None:
     print(f"[fedpeft] {line}", file=sys.stdout, flush=True)
+
+
+def duration(seconds: float) -> str:
+    """``45s``, ``2m10s``, ``1h03m``: a wait, to the second (minutes past an hour)."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class RoundProgress:
+    """Progress while a round's clients train: clients finished / sampled, time elapsed and an ETA.
+
+    The ETA assumes the clients still out finish at the round's rate so far (elapsed / finished
+    per client, so parallel workers are counted in); ``ETA —`` before the first reply. On a
+    terminal (``stream.isatty()``) one line redrawn in place (carriage return) at most every
+    :attr:`redraw` seconds or when a client finishes, first drawn after :attr:`delay` seconds;
+    cut to the terminal's width (a wrapped line could not be redrawn), and :meth:`close` blanks it
+    before the round's summary line. Otherwise (a log file, a pipe,
+    ``flwr run --stream``) a ``[fedpeft] training round k/R: 37/100 clients done, 2m10s elapsed, ETA
+    3m41s`` line every :attr:`every` seconds. A round over sooner prints nothing. No line starts
+    ``[fedpeft] round k/R``: that is the summary :func:`progress_line` writes once round k is
+    complete, and launchers and tests wait for it."""
+
+    every = 30.0  # seconds between two plain lines
+    delay = 1.0  # seconds before the terminal line first shows
+    redraw = 1.0  # seconds between two redraws of the terminal line with no new reply
+    width = 20  # characters of the terminal line's bar
+
+    def __init__(self, server_round: int, rounds: int, sampled: int, *, stream=None, clock=time.monotonic) -> None:
+        self.server_round, self.rounds, self.sampled = server_round, rounds, sampled
+        self.stream = sys.stdout if stream is None else stream
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+        self.clock = clock
+        self.t0 = clock()
+        self.last: float | None = None  # when a line was last written (drawn)
+        self.done = -1  # finished clients at the last line
+        self.shown = 0  # characters of the terminal line on screen (0: none)
+
+    def text(self, done: int, elapsed: float) -> str:
+        eta = duration(elapsed / done * (self.sampled - done)) if done else "—"
+        return f"{done}/{self.sampled} clients done, {duration(elapsed)} elapsed, ETA {eta}"
+
+    def update(self, done: int) -> None:
+        """``done`` of the sampled clients have replied; writes a line if one is due."""
+        now = self.clock()
+        elapsed = now - self.t0
+        if self.tty:
+            if elapsed < self.delay or (done == self.done and self.last is not None and now - self.last < self.redraw):
+                return
+            filled = self.width * done // self.sampled if self.sampled else self.width
+            line = (f"[fedpeft] training round {self.server_round}/{self.rounds} [{'#' * filled}{'-' * (self.width - filled)}] "
+                    + self.text(done, elapsed))
+            columns = self.columns()
+            if columns:
+                line = line[:columns - 1]
+            self.stream.write("\r" + line + " " * max(0, self.shown - len(line)))
+            self.shown = len(line)
+        else:
+            if now - (self.t0 if self.last is None else self.last) < self.every:
+                return
+            self.stream.write(f"[fedpeft] training round {self.server_round}/{self.rounds}: {self.text(done, elapsed)}\n")
+        self.stream.flush()
+        self.last, self.done = now, done
+
+    def columns(self) -> int | None:
+        """The terminal's width, or None where the stream has none."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            return None
+
+    def close(self) -> None:
+        """The wait is over: blank the terminal line (a plain line stays as written)."""
+        if self.tty and self.shown:
+            self.stream.write("\r" + " " * self.shown + "\r")
+            self.stream.flush()
+            self.shown = 0
