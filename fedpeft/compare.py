@@ -68,15 +68,12 @@ class Run:
         return vals[-1][1] if vals else math.nan
 
     def best(self, metric: str) -> float:
-        """Best value over the trained rounds (1..R; round 0 only if it is all there is)."""
-        vals = [v for r, v in self.values(metric) if r >= 1] or [v for _, v in self.values(metric)]
-        if not vals:
-            return math.nan
-        return min(vals) if lower_is_better(metric) else max(vals)
+        """Best value over the trained rounds (:func:`best_row`)."""
+        row = best_row(self.history, metric)
+        return math.nan if row is None else float(row[metric])
 
     def mb(self, direction: str) -> float:
-        """Total MB sent ``up`` or ``down`` over all rounds (bytes / 1e6)."""
-        return sum(float(r.get(f"bytes_{direction}") or 0) for r in self.history) / 1e6
+        return total_mb(self.history, direction)
 
     def cumulative_mb_up(self) -> list[tuple[int, float]]:
         total, out = 0.0, []
@@ -146,6 +143,21 @@ class Group:
             for r, mb in run.cumulative_mb_up():
                 cum.setdefault(r, []).append(mb)
         return np.array([np.mean(cum.get(r, [np.nan])) for r in rounds]), mean, std
+
+
+def best_row(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The row with the best ``metric`` over the trained rounds (1..R; round 0 only if it is all
+    there is): min for a loss-like metric (:func:`lower_is_better`), else max. None without it."""
+    scored = [r for r in rows if isinstance(r.get(metric), (int, float)) and not isinstance(r.get(metric), bool)]
+    scored = [r for r in scored if int(r["round"]) >= 1] or scored
+    if not scored:
+        return None
+    return (min if lower_is_better(metric) else max)(scored, key=lambda r: r[metric])
+
+
+def total_mb(rows: list[dict[str, Any]], direction: str) -> float:
+    """Total MB sent ``up`` or ``down`` over all rounds (bytes / 1e6)."""
+    return sum(float(r.get(f"bytes_{direction}") or 0) for r in rows) / 1e6
 
 
 def lower_is_better(metric: str) -> bool:

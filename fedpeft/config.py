@@ -197,11 +197,10 @@ def strategy_defaults(cfg: Any, words: list[str]) -> None:
     user's override ``words`` leave it open: with no ``privacy=…`` word (and privacy still off) the
     ``configs/privacy/<option>.yaml`` group is selected, the user's ``privacy.*`` words kept on top;
     with neither ``privacy.target_epsilon`` nor ``privacy.noise_multiplier`` given, the target is ε."""
-    from pathlib import Path
-
     from omegaconf import OmegaConf, open_dict
 
     import strategies
+    from fedpeft.cli import CONFIG_DIR
 
     default = getattr(strategies.REGISTRY.get(cfg.strategy.name), "privacy_default", None)
     if default is None:
@@ -211,7 +210,7 @@ def strategy_defaults(cfg: Any, words: list[str]) -> None:
     with open_dict(cfg):
         if "privacy" not in given and cfg.privacy.mode == "none":
             mine = {k.split(".", 1)[1]: cfg.privacy[k.split(".", 1)[1]] for k in given if k.startswith("privacy.")}
-            group = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "privacy" / f"{option}.yaml")
+            group = OmegaConf.load(CONFIG_DIR / "privacy" / f"{option}.yaml")
             cfg.privacy = OmegaConf.merge(cfg.privacy, group, mine)
         pv = cfg.privacy
         if pv.mode == option and pv.target_epsilon is None and pv.noise_multiplier is None:

@@ -97,17 +97,17 @@ def run_summary(summary: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> di
         elif isinstance(v, Mapping):  # not the history (a list)
             out.update({f"{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float, str))})
     if rows:
+        from fedpeft.compare import best_row, total_mb
+
         out.update({f"final/{k}": v for k, v in rows[-1].items() if _number(v)})
-        for metric, pick in (("accuracy", max), ("perplexity", min)):
-            scored = [r for r in rows if _number(r.get(metric))]
-            scored = [r for r in scored if r["round"] >= 1] or scored  # as `fedpeft compare`: over rounds 1..R
-            if scored:
-                best = pick(scored, key=lambda r: r[metric])
+        for metric in ("accuracy", "perplexity"):
+            best = best_row(rows, metric)
+            if best is not None:
                 out[f"best/{metric}"], out["best/round"] = best[metric], best["round"]
                 break
-        for key, name in (("bytes_up", "mb_up"), ("bytes_down", "mb_down")):
-            if any(key in r for r in rows):
-                out[f"total/{name}"] = sum(r.get(key, 0) for r in rows) / 1e6
+        for direction in ("up", "down"):
+            if any(f"bytes_{direction}" in r for r in rows):
+                out[f"total/mb_{direction}"] = total_mb(rows, direction)
     return out
 
 

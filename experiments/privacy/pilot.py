@@ -43,7 +43,7 @@ def signal_norm(lm, payload, rows, clip: float = 1.0) -> tuple[float, float]:
 def main() -> None:
     from clients.train import DPSettings, TrainSettings, evaluate, sample_rate, train
     from fedpeft import data as fdata
-    from fedpeft.models import build, read_adapter
+    from fedpeft.models import build, read_adapter, write_adapter
     from fedpeft.privacy import noise_multiplier_for
     from strategies.base import Payload
 
@@ -89,8 +89,6 @@ def main() -> None:
                 t0 = time.perf_counter()
                 payload = Payload(adapter=start.adapter, head=start.head, instructions={"freeze_A": True} if freeze else {})
                 update, _ = train(lm, payload, part, TrainSettings(local_steps=args.steps, batch_size=args.batch, lr=lr, optimizer=args.optimizer, momentum=args.momentum), seed=1, client_id=0, dp=dp)
-                from fedpeft.models import write_adapter
-
                 write_adapter(lm, update.adapter, update.head)
                 acc = evaluate(lm, test, 128)["accuracy"]
                 write_adapter(lm, start.adapter, start.head)
