@@ -16,17 +16,20 @@ from __future__ import annotations
 import json
 import os
 import random
+from copy import copy
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 
 from clients.train import DPSettings, TrainSettings, train
 from fedpeft import data as fdata
-from fedpeft import messages
+from fedpeft import cohorts, messages
 from fedpeft import privacy, runconfig
 from fedpeft.config import Config, DataConfig, PartitionConfig
 from fedpeft.lora import LoraFactors
@@ -226,11 +229,9 @@ def local_dp(msg: Message, context: Context, call_next) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.train(mods=[fault_profile, compress_update, local_dp])
-def train_handler(msg: Message, context: Context) -> Message:
-    """Train on this node's data from the payload; reply with the plain update (the mods above
-    add local DP and compression)."""
-    step = read_step(msg, context)
+def prepare(step: Step, context: Context) -> tuple[LoadedModel, Any]:
+    """This node's cached model with its base at the step's version (FLoRA's merges applied), and
+    its training data."""
     s = step.settings
     torch.set_num_threads(max(1, int(s.engine.num_cpus)))
     part, _ = local_data(s, context.node_config)
@@ -241,23 +242,92 @@ def train_handler(msg: Message, context: Context) -> Message:
         merges = {**kept_merges(context), **merges}
         keep_merges(context, step.decoded.merges)
     sync_base(lm, step.base_version, merges, str(Path(shared) / "merges") if shared else None)
-    use_adapter(lm, step.rank, step.alpha)
-    dp = DPSettings(step.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None
-    update, metrics = train(
-        lm,
-        Payload(adapter=step.decoded.adapter, head=step.decoded.head, instructions=step.instructions, base_version=step.base_version),
-        part,
-        TrainSettings(**asdict(s.train)),
-        seed=step.seed(0),
-        client_id=step.partition_id,
-        dp=dp,
-    )
+    return lm, part
+
+
+def payload_of(step: Step) -> Payload:
+    return Payload(adapter=step.decoded.adapter, head=step.decoded.head, instructions=step.instructions, base_version=step.base_version)
+
+
+def plain_reply(msg: Message, step: Step, update, metrics: dict) -> Message:
+    """The reply carrying the plain update (before the mods' local DP and compression)."""
     reply = {"num-examples": update.num_examples, "partition-id": step.partition_id}
     if not step.send_A:
         reply["A_seed"] = int(step.instructions["A_seed"])
     content = messages.encode(update.adapter, update.head, reply, send_A=step.send_A)
     content[messages.METRICS] = messages.metric_record({**metrics, "num-examples": update.num_examples})
     return Message(content=content, reply_to=msg)
+
+
+@app.train(mods=[fault_profile, compress_update, local_dp])
+def train_handler(msg: Message, context: Context) -> Message:
+    """Train on this node's data from the payload; reply with the plain update (the mods above
+    add local DP and compression)."""
+    step = read_step(msg, context)
+    s = step.settings
+    lm, part = prepare(step, context)
+    use_adapter(lm, step.rank, step.alpha)
+    dp = DPSettings(step.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None
+    update, metrics = train(lm, payload_of(step), part, TrainSettings(**asdict(s.train)), seed=step.seed(0), client_id=step.partition_id, dp=dp)
+    return plain_reply(msg, step, update, metrics)
+
+
+def _error(e: Exception) -> Error:
+    """A member's failure as Flower reports a ClientApp's exception (code and reason format)."""
+    return Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(type(e)) + ":<'" + str(e) + "'>")
+
+
+@app.train("cohort")
+def cohort_handler(msg: Message, context: Context) -> Message:
+    """``engine.kind=cohort``: train the message's K clients together (:func:`clients.cohort.train_cohort`,
+    one batched step over this worker's base model) and reply with each one's update.
+
+    Each member is handled as the per-client engine handles its own message, with its own
+    partition id: the fault profile first (a failing member is left out of the cohort and replies
+    its error), then training, then the same mods on its reply (local DP, the uplink codec; a
+    top-k residual lives in ``<shared-dir>/client_<id>``). A simulation engine only: the members'
+    data are partitions of the run's dataset and their state lives in the shared dir."""
+    from clients.cohort import CohortError, CohortJob, train_cohort
+
+    if not runconfig.load(context.run_config)[1].shared_dir:
+        raise CohortError("engine.kind=cohort runs on simulation workers only (this node has no shared dir): use engine.kind=per_client on devices")
+    members = []
+    for pid, content in cohorts.unpack(msg.content):
+        sub = Message(content=content, metadata=copy(msg.metadata))
+        node_config = {**context.node_config, "partition-id": pid}
+        members.append((sub, Context(run_id=context.run_id, node_id=context.node_id, node_config=node_config, state=RecordDict(), run_config=context.run_config)))
+    replies: list[RecordDict | Error | None] = [None] * len(members)
+    steps: dict[int, Step] = {}
+    for j, (sub, ctx) in enumerate(members):
+        try:
+            fault_profile(sub, ctx, lambda m, c: m)
+            steps[j] = read_step(sub, ctx)
+        except Exception as e:  # noqa: BLE001 - one member's failure is its reply, not the cohort's
+            replies[j] = _error(e)
+    if steps:
+        versions = {st.base_version for st in steps.values()}
+        if len(versions) > 1:
+            raise CohortError(f"the cohort's clients are on base versions {sorted(versions)}: one cohort trains on one base")
+        first = min(steps)
+        s = steps[first].settings
+        for j, st in steps.items():  # every member's merges: the base must reach the version for all
+            if st.decoded.merges and j != first:
+                steps[first].decoded.merges.update(st.decoded.merges)
+        lm, _ = prepare(steps[first], members[first][1])
+        jobs = [
+            CohortJob(payload_of(st), local_data(s, members[j][1].node_config)[0], st.seed(0), st.partition_id, st.rank, st.alpha)
+            for j, st in steps.items()
+        ]
+        results = train_cohort(lm, jobs, TrainSettings(**asdict(s.train)))
+        for (j, st), (update, metrics) in zip(steps.items(), results):
+            sub, ctx = members[j]
+            plain = plain_reply(sub, st, update, metrics)
+            try:
+                reply = compress_update(sub, ctx, lambda m, c: local_dp(m, c, lambda m2, c2: plain))
+                replies[j] = reply.error if reply.has_error() else reply.content
+            except Exception as e:  # noqa: BLE001
+                replies[j] = _error(e)
+    return Message(content=cohorts.pack_replies(replies), reply_to=msg)
 
 
 RESERVED = ("server-round", "rank", "alpha", "base-version", "noise-multiplier", "config-digest")

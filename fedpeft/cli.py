@@ -257,6 +257,7 @@ def deploy(args: list[str]) -> int:
     import signal
 
     from fedpeft import deploy as fdeploy
+    from fedpeft.config import ConfigError
     from fedpeft.simulation import setup_env
 
     setup_env()
@@ -271,6 +272,9 @@ def deploy(args: list[str]) -> int:
         else:
             cfg, run_dir = compose_run(rest)
             run_dir = run_dir or Path("runs") / cfg.tracking.experiment / "deploy"
+        if cfg.engine.kind == "cohort":
+            raise ConfigError("engine.kind=cohort batches clients on a simulation worker; a deployment's devices each train "
+                              "their own data: use engine.kind=per_client with fedpeft deploy")
     except _user_errors() as e:
         print(f"fedpeft: error: {e}", file=sys.stderr)
         return 2

@@ -109,6 +109,11 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     # Flower's own log level (DEBUG, INFO, WARNING, ...); fedpeft prints one line per round itself.
     flower_log_level: str = "WARNING"
+    # per_client: each Flower message trains one client (the reference, the default); cohort: a
+    # simulation worker receives up to cohort_size sampled clients in one message and trains them
+    # together, one batched step over one resident base model (clients/cohort.py).
+    kind: str = "per_client"
+    cohort_size: int = 8
 
 
 @dataclass
@@ -221,6 +226,7 @@ TASKS = ("classification", "causal_lm")
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 TRACKING_MODES = ("auto", "offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("per_client", "cohort")
 
 
 def validate(cfg: Any) -> None:
@@ -267,6 +273,10 @@ def validate(cfg: Any) -> None:
     need(cfg.partition.min_partition_size >= 1, "partition.min_partition_size", f"must be at least 1 (a client with no data cannot train), got {cfg.partition.min_partition_size}")
     need(cfg.engine.num_cpus > 0, "engine.num_cpus", f"must be positive, got {cfg.engine.num_cpus}")
     need(cfg.engine.num_gpus >= 0, "engine.num_gpus", f"must be non-negative, got {cfg.engine.num_gpus}")
+    one_of(cfg.engine.kind, "engine.kind", ENGINES)
+    need(cfg.engine.cohort_size >= 1, "engine.cohort_size", f"must be at least 1, got {cfg.engine.cohort_size}")
+    need(cfg.engine.kind != "cohort" or cfg.privacy.mode != "sample", "engine.kind",
+         "engine.kind=cohort does not train with sample-level DP (privacy.mode=sample, DP-SGD) yet: use engine.kind=per_client")
     need(cfg.engine.round_timeout > 0, "engine.round_timeout", f"must be positive (seconds), got {cfg.engine.round_timeout}")
     need(0 <= cfg.profile.failure_rate < 1, "profile.failure_rate", f"must be in [0, 1), got {cfg.profile.failure_rate}")
     need(0 < cfg.strategy.gamma <= 1, "strategy.gamma", f"must be in (0, 1], got {cfg.strategy.gamma}")

@@ -27,6 +27,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from omegaconf import DictConfig, OmegaConf
 
 from fedpeft import runconfig
+from fedpeft.cohorts import Cohorts
 from fedpeft.config import ConfigError
 
 log = logging.getLogger("fedpeft")
@@ -128,10 +129,13 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def changed_keys(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two resolved configs (``rounds`` may grow)."""
+    """The dotted keys whose values differ between two resolved configs; ``rounds`` may grow and
+    ``engine.*`` (how the clients run: Ray resources, device, per-client or cohort engine) may change."""
     out = []
     for k in sorted(set(saved) | set(new)):
         key = f"{prefix}{k}"
+        if key == "engine":
+            continue
         a, b = saved.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += changed_keys(a, b, key + ".")
@@ -149,24 +153,26 @@ def load_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     state = torch.load(path, weights_only=False)
     diff = changed_keys(state["config"], OmegaConf.to_container(cfg, resolve=True))
     if diff:
-        raise ConfigError(f"resume: the config differs from the run's in {', '.join(diff)} (only rounds may change, and only grow)")
+        raise ConfigError(f"resume: the config differs from the run's in {', '.join(diff)} (only rounds, which may only grow, and engine.* may change)")
     if state["round"] >= cfg.rounds:
         raise ConfigError(f"resume: {run_dir} already finished all {cfg.rounds} rounds (raise rounds to continue it)")
     return state
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float | None,
-                     on_poll: Callable[[int], None] | None = None, *, clock: Callable[[], float] = time.time,
-                     sleep: Callable[[float], None] = time.sleep) -> list[Message]:
+                     on_poll: Callable[[int], None] | None = None, *, weights: list[int] | None = None,
+                     clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> list[Message]:
     """``grid.send_and_receive(messages, timeout=timeout)`` as Flower 1.41's grids implement it
     (``InMemoryGrid`` for simulation, ``HttpGrid`` for a deployment): push the messages, then pull
     their replies until every pushed message has one or ``timeout`` seconds have passed (``None``:
     no limit), sleeping the grid's ``pull_interval`` between pulls (3 s, ``HttpGrid``'s, for a grid
     without one). The same replies in the same order; a message with no reply by then has none in
     the list (:meth:`fedpeft.server.FlowerAdapter.aggregate_train` counts its node as failed).
-    After every pull, ``on_poll`` gets the number of pushed messages answered so far."""
-    msg_ids = set(grid.push_messages(messages))
-    pushed = len(msg_ids)
+    After every pull, ``on_poll`` gets the number of pushed messages answered so far (with
+    ``weights``, one per message in order: their sum over the answered ones, e.g. clients per cohort)."""
+    pushed_ids = list(grid.push_messages(messages))
+    weight = dict(zip(pushed_ids, weights if weights is not None else [1] * len(pushed_ids)))
+    msg_ids = set(pushed_ids)
     interval = getattr(grid, "pull_interval", 3.0)
     end_time = clock() + (timeout if timeout is not None else 0.0)
     ret: list[Message] = []
@@ -175,7 +181,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float | N
         ret.extend(res_msgs)
         msg_ids.difference_update({msg.metadata.reply_to_message_id for msg in res_msgs})
         if on_poll is not None:
-            on_poll(pushed - len(msg_ids))
+            on_poll(sum(w for i, w in weight.items() if i not in msg_ids))
         if len(msg_ids) == 0:
             break
         sleep(interval)
@@ -227,6 +233,13 @@ class Federation:
         self.lm = build(cfg.model, num_labels=num_labels, device=cfg.engine.device, seed=cfg.seed)
         r_max = max(self.ranks)
         use_adapter(self.lm, r_max, client_alpha(cfg.ranks, r_max, cfg.model.rank, cfg.model.alpha))
+        if cfg.engine.kind == "cohort":  # a model the cohort engine cannot batch is refused before round 1
+            from clients.cohort import CohortError, check_model as check_cohort
+
+            try:
+                check_cohort(self.lm)
+            except CohortError as e:
+                raise ConfigError(f"engine.kind=cohort: {e}") from None
 
     def build_adapter(self) -> None:
         import strategies
@@ -376,7 +389,11 @@ class Federation:
             messages = list(self.strategy.configure_train(r, arrays, ConfigRecord(), grid))
             progress = RoundProgress(r, self.cfg.rounds, len(messages))
             try:
-                replies = send_and_receive(grid, messages, self.cfg.engine.round_timeout, progress.update)
+                if self.cfg.engine.kind == "cohort":  # K clients per message; one reply per client back
+                    batch = Cohorts(messages, self.adapter.partition_of, self.cfg.engine.cohort_size)
+                    replies = batch.split(send_and_receive(grid, batch.messages, self.cfg.engine.round_timeout, progress.update, weights=batch.weights))
+                else:
+                    replies = send_and_receive(grid, messages, self.cfg.engine.round_timeout, progress.update)
             finally:
                 progress.close()
             new, _ = self.strategy.aggregate_train(r, replies)

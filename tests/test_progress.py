@@ -284,7 +284,7 @@ def test_rounds_wait_through_push_and_pull_and_show_progress(monkeypatch, capsys
     grid = ScriptedGrid({7: 1, 8: 2, 9: 2}, pull_interval=0.0, on_pull=pulled.append)
     aggregated = []
     fed = object.__new__(Federation)
-    fed.cfg = OmegaConf.create({"rounds": 2, "engine": {"round_timeout": 60.0}})
+    fed.cfg = OmegaConf.create({"rounds": 2, "engine": {"round_timeout": 60.0, "kind": "per_client"}})
     fed.state = None
     fed.adapter = SimpleNamespace(arrays=lambda: "arrays0")
     fed.strategy = SimpleNamespace(
@@ -316,7 +316,7 @@ def test_rounds_clear_the_terminal_line_when_the_wait_fails(monkeypatch):
 
     grid = ScriptedGrid({7: 5}, pull_interval=0.0, on_pull=boom)
     fed = object.__new__(Federation)
-    fed.cfg = OmegaConf.create({"rounds": 1, "engine": {"round_timeout": 60.0}})
+    fed.cfg = OmegaConf.create({"rounds": 1, "engine": {"round_timeout": 60.0, "kind": "per_client"}})
     fed.state = {"round": 0}
     fed.adapter = SimpleNamespace(arrays=lambda: None)
     fed.strategy = SimpleNamespace(configure_train=lambda *a: [message(7)])

@@ -1,0 +1,636 @@
+"""The cohort engine's core: K clients' local training in one batched step over one frozen base model.
+
+:func:`train_cohort` takes K jobs — each exactly what :func:`clients.train.train` takes for one
+client (payload, partition, seed, client id; plus the client's rank and alpha, which ``train``
+reads from the model's active adapter) — and returns, per client, the ``(ClientUpdate, metrics)``
+that ``train`` would return, to float rounding. Not yet wired into Flower (issue 12, items 1, 2, 4).
+
+How one step works (K clients, module ``m`` with ``W [out × in]``):
+
+* **Data.** Client k's batch at step t is the one ``train`` uses: ``batch_order(len(data_k),
+  local_steps, batch_size, seed_k)``, tokenized by :func:`clients.train.encode` (padded to the
+  client's own longest row, as alone). The batches of a forward pass are right-padded to the pass's
+  longest row (pad token, attention 0, label -100) and concatenated along the batch dimension.
+  Right-padding keeps every real token at the position and with the keys it has alone (position
+  ids are ``arange``; the extra keys are masked), so the per-client computation is unchanged.
+  Padding is kept low by passes: longest batch first, a client whose batch is shorter than
+  ``(1 − pad_tolerance)`` × the pass's longest opens a new pass (gradients accumulate over a step's
+  passes, then one optimizer step), and it is measured: ``pad_fraction`` in the metrics (and
+  ``pad_fraction_alone``, what the per-client engine pads anyway).
+* **LoRA.** Each targeted peft ``Linear`` keeps its frozen ``base_layer(x)`` over all rows and adds
+  every client's own ``s_k · B_k A_k x`` to its rows with batched matmuls (``torch.bmm``) over the
+  stacks ``A [K × R × in]``, ``B [K × out × R]`` (``R`` = the cohort's largest rank for that module),
+  in peft's order of operations (``(x Aᵀ) Bᵀ · s``). Clients are ordered by their rows per step
+  (``min(batch_size, len(data))``, constant over the steps: a partition smaller than ``batch_size``
+  has fewer) and then by rank, so that clients with equal row counts and ranks are contiguous: one
+  ``bmm`` per such run, over a view of the activations and the run's live slice ``A[:, :r]``,
+  ``B[:, :, :r]`` of the stacks (one run for a uniform cohort, one per distinct rank otherwise; no
+  gather, no padded rows, no FLOPs on padded components). The batched matmul's backward computes
+  the factor gradients in ``F.linear``'s operand layout. Result, on this CPU in float32: most
+  clients' updates are bit for bit those of the per-client engine; the others differ by float
+  rounding, where a kernel's shape differs between the engines (extra sequence padding and its
+  attention mask; a matmul over a client's 2 rows alone and over 13 in the cohort picks another
+  kernel), amplified by AdamW to the per-client engine's own float32 accuracy (see the tests).
+* **Padding held at exactly zero.** Client k's components ``r_k..R`` are zero rows of ``A_k`` and
+  zero columns of ``B_k``, and no matmul reads them (each run uses its live slice), so their
+  gradient is exactly zero (the slice's backward writes zeros there). It would be zero even if they
+  were read: ``∂L/∂A_k[j] = s_k B_k[:, j]ᵀ G X`` and ``∂L/∂B_k[:, j] = s_k G (A_k[j] X)ᵀ`` each carry
+  the other factor's zero slice. HetLoRA's penalty reads the true-rank slices only. An elementwise
+  optimizer keeps them zero: AdamW's moments stay 0 and its step is ``0 / (0 + ε) = 0``, weight decay
+  multiplies 0, SGD's momentum buffer stays 0. (The tests check the stacks' padding after training.)
+* **Heads.** Each trained head tensor (peft's ``modules_to_save``, e.g. the classifier) becomes a
+  ``[K × …]`` stack; a ``Linear`` head is applied to each client's rows with ``torch.baddbmm`` (one
+  per run of equal row counts), any other head module per client through
+  ``torch.func.functional_call``.
+* **Loss.** The model runs without labels; client k's loss is computed on its own rows exactly as
+  the model computes it alone (mean cross-entropy over its examples for classification, the model's
+  own causal-LM loss, a mean over its predicted tokens), plus HetLoRA's ``λ_k · Σ_m tail_m`` when
+  it prunes. The cohort's objective is the SUM over clients. A client's rows depend only on its own
+  adapter and head (transformer rows do not interact), so the gradient of the sum with respect to
+  client k's tensors is exactly the gradient of client k's own objective.
+* **Optimizer.** One optimizer (``clients.train.make_optimizer``: AdamW or SGD, same lr, weight
+  decay, momentum) over the stacked tensors. This is exactly K per-client optimizers: AdamW and SGD
+  are elementwise (each entry's update reads only that entry's gradient, moments and value), every
+  client takes the same number of steps (``local_steps``; the bias corrections use the step count)
+  with the same hyperparameters, so client k's slice of the stack follows the same recursion as its
+  own tensor would alone.
+* **FFA-LoRA** (``freeze_A``): a frozen client's A is a constant, never an optimizer parameter (in a
+  mixed cohort its slice is taken from a constant by ``torch.where``, so neither its gradient nor
+  weight decay can reach it). **Fresh inits** (empty payload adapter): ``fedpeft.lora.fresh_adapter``
+  at the client's rank and scaling, seeded by ``init_seed`` — what ``fresh_init`` does.
+  **HetLoRA**: the penalty above, and the rank shrink of ``train`` (the same rule: shrink to
+  ``max(⌊γ r⌋, r_min)`` when the tail term decreased).
+
+Dropout: ``train`` seeds torch's RNG per client (a forked RNG seeded by the client's seed); a
+cohort forks the RNG once, seeded by the first job's seed when K = 1 (then it matches ``train``
+draw for draw) and by a hash of all jobs' seeds otherwise. With dropout on (the base model's own
+hidden/attention dropout, or ``lora_dropout``), each client's dropout masks are i.i.d. draws as
+alone, but not the same draws: the cohort equals the per-client engine in distribution, not bit for
+bit. The equivalence tests switch dropout off (every ``nn.Dropout`` at ``p = 0``).
+
+Not supported (each raises :class:`CohortError`, one line naming the setting): DP-SGD
+(``privacy.mode=sample``), LoRA variants such as DoRA, LoRA on non-``Linear`` modules, merged
+adapters, multi-label/regression classification heads, clients of one cohort on different FLoRA
+base versions. bf16 autocast is not offered; a base model loaded in bf16 runs as peft runs it (the
+LoRA path in the adapter's dtype, float32, added to the base output in its dtype).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from clients.train import DPSettings, TrainSettings, batch_order, encode, make_optimizer
+from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for, truncate
+from fedpeft.models import PREFIX, LoadedModel, ModelError, active, layer, module_shapes, scaling_of
+from strategies.base import ClientUpdate, Payload
+
+
+class CohortError(ValueError):
+    """A cohort the engine cannot train as asked; one line, naming the setting."""
+
+
+@dataclass(frozen=True)
+class CohortJob:
+    """One client of a cohort: what ``train(lm, payload, data, settings, seed, client_id, dp)`` takes.
+
+    ``rank`` / ``alpha``: the client's LoRA rank and alpha. ``train`` reads them from the model's
+    active adapter (the app calls ``use_adapter(lm, rank, alpha)`` first); a cohort has no single
+    active adapter, so a job with an empty payload adapter (a fresh init) should carry them; when
+    left out, the model's active adapter's rank and scaling are used, as ``train`` would. With a
+    non-empty payload the factors' own shapes and scalings are used (``rank`` must agree if given).
+    """
+
+    payload: Payload
+    data: Any
+    seed: int
+    client_id: int
+    rank: int | None = None
+    alpha: float | None = None
+    dp: DPSettings | None = None
+
+
+def as_job(job: CohortJob | Sequence[Any]) -> CohortJob:
+    return job if isinstance(job, CohortJob) else CohortJob(*job)
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+def check_model(lm: LoadedModel) -> None:
+    """Refuse (:class:`CohortError`, one line naming the setting) a model the cohort engine cannot
+    batch; the server calls it before the first round."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    name = active(lm)
+    if lm.task not in ("classification", "causal_lm"):
+        raise CohortError(f"model.task={lm.task!r}: the cohort engine trains classification and causal_lm only")
+    if getattr(lm.lora, "use_dora", False):
+        raise CohortError("model.use_dora: DoRA is not supported by the cohort engine; use engine.kind=per_client")
+    for m in lm.modules:
+        lay = layer(lm, m)
+        if not isinstance(lay, LoraLinear):
+            raise CohortError(f"model.target_modules: {m} is a {type(lay).__name__}; the cohort engine batches LoRA on Linear layers only")
+        if lay.merged:
+            raise CohortError(f"{m}: the LoRA adapter is merged into the base weights; unmerge it before training a cohort")
+        if name in getattr(lay, "lora_variant", {}):
+            raise CohortError(f"{m}: LoRA variant {type(lay.lora_variant[name]).__name__} is not supported by the cohort engine")
+    if lm.task == "classification":
+        cfg = lm.model.get_base_model().config
+        if cfg.problem_type not in (None, "single_label_classification") or cfg.num_labels < 2:
+            raise CohortError(f"classification with problem_type={cfg.problem_type!r}, num_labels={cfg.num_labels}: the cohort engine trains single-label classification only")
+    # What train() optimises: the active adapter's LoRA factors and its modules_to_save copies.
+    # Anything else trainable would be silently frozen here: refuse instead.
+    marks = (f".lora_A.{name}.", f".lora_B.{name}.", f".modules_to_save.{name}.")
+    for pname, p in lm.model.named_parameters():
+        if p.requires_grad and not any(k in pname for k in marks):
+            raise CohortError(f"the model trains {pname}, which is neither a LoRA factor nor a head tensor; the cohort engine cannot batch it")
+
+
+def _check_jobs(lm: LoadedModel, jobs: list[CohortJob]) -> None:
+    if not jobs:
+        raise CohortError("train_cohort: no jobs")
+    for j in jobs:
+        if j.dp is not None:
+            raise CohortError("privacy.mode=sample: DP-SGD is not supported by the cohort engine yet; use engine.kind=per_client")
+        if len(j.data) == 0:
+            raise ValueError(f"client {j.client_id}: its partition is empty")
+        if j.payload.base_version != lm.base_version:
+            raise CohortError(
+                f"client {j.client_id}: its payload asks for base version {j.payload.base_version} but the model holds "
+                f"{lm.base_version}; every client of a cohort trains on the same base (sync it first)"
+            )
+        if set(j.payload.head) != set(lm.head):
+            raise ModelError(f"head tensors {sorted(j.payload.head)} do not match the model's {sorted(lm.head)}")
+
+
+def _start(lm: LoadedModel, job: CohortJob) -> dict[str, LoraFactors]:
+    """The factors client ``job`` starts from: its payload's, or a fresh seeded LoRA."""
+    p = job.payload
+    shapes = module_shapes(lm)
+    if p.adapter:
+        missing, extra = set(lm.modules) - set(p.adapter), set(p.adapter) - set(lm.modules)
+        if missing or extra:
+            raise ModelError(f"adapter does not fit the model: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+        for m, f in p.adapter.items():
+            if f.shape != tuple(shapes[m]):
+                raise ModelError(f"{m}: factors A {tuple(f.A.shape)}, B {tuple(f.B.shape)} do not fit the module's {tuple(shapes[m])}")
+        r0 = p.adapter[lm.modules[0]].rank
+        if job.rank is not None and job.rank != r0:
+            raise CohortError(f"client {job.client_id}: rank {job.rank} but its payload's factors have rank {r0}")
+        return dict(p.adapter)
+    if "init_seed" not in p.instructions:
+        raise CohortError(f"client {job.client_id}: an empty payload adapter needs instructions['init_seed'] (a fresh LoRA)")
+    if job.rank is None:  # the active adapter's, as train()'s fresh_init
+        rank = layer(lm, lm.modules[0]).lora_A[active(lm)].weight.shape[0]
+        scaling = scaling_of(lm, lm.modules[0])
+    else:
+        if job.alpha is None:
+            raise CohortError(f"client {job.client_id}: a fresh LoRA at rank {job.rank} needs the client's alpha too")
+        rank, scaling = int(job.rank), scaling_for(int(job.rank), float(job.alpha), bool(getattr(lm.lora, "use_rslora", False)))
+    return fresh_adapter(shapes, rank, scaling, int(p.instructions["init_seed"]))
+
+
+# ----------------------------------------------------------------------------------------- stacks
+
+
+class _BatchedLinear(torch.autograd.Function):
+    """``y[k] = x[k] W[k]ᵀ (+ b[k])`` over ``x [G, M, in]``, ``W [G, out, in]``: one ``bmm`` for G
+    clients. Its backward computes ``∂W[k] = G[k]ᵀ x[k]`` (not autograd's ``(x[k]ᵀ G[k])ᵀ`` for a
+    ``bmm``), the operand layout that ``F.linear``'s own backward uses, so that on CPU each client's
+    gradient is bit for bit the one the per-client engine computes (checked by the tests)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        ctx.save_for_backward(x, W)
+        ctx.has_bias = b is not None
+        if b is None:
+            return torch.bmm(x, W.transpose(1, 2))
+        return torch.baddbmm(b.unsqueeze(1), x, W.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, W = ctx.saved_tensors
+        gx = torch.bmm(g, W) if ctx.needs_input_grad[0] else None
+        gW = torch.bmm(g.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        gb = g.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gW, gb
+
+
+def _linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return _BatchedLinear.apply(x, W, b)
+
+
+
+
+def _take(t: torch.Tensor, sel) -> torch.Tensor:
+    return t[sel] if isinstance(sel, slice) else t.index_select(0, sel)
+
+
+class _Rows:
+    """One forward pass: its clients (``members``, stack indices in row order) and their rows.
+
+    Members are ordered by rows per step, then rank, so that clients with equal row counts (and, per
+    module, equal ranks) form runs of consecutive rows, each a ``[G, rows·…, d]`` view of the base's
+    ``[N, …, d]`` activations (no gather, no copy of activations). A run's stack slices are views
+    when its members are consecutive in the stacks, small index-selects otherwise."""
+
+    def __init__(self, members: list[int], counts: list[int], device: torch.device):
+        self.members, self.counts, self.device = members, counts, device
+        self.K = len(members)
+        self.n = sum(counts)
+        self.offsets = [sum(counts[:j]) for j in range(self.K)]
+        self.groups = self.runs([0] * self.K)
+
+    def runs(self, keys: list[int]) -> list[tuple[Any, int, int, int]]:
+        """Maximal runs of consecutive members with equal row counts and equal ``keys`` (one per
+        member): ``(stack selection, first row, end row, key)``."""
+        out, j = [], 0
+        while j < self.K:
+            e = j
+            while e < self.K and self.counts[e] == self.counts[j] and keys[e] == keys[j]:
+                e += 1
+            idx = self.members[j:e]
+            if idx == list(range(idx[0], idx[0] + len(idx))):
+                sel = slice(idx[0], idx[0] + len(idx))
+            else:
+                sel = torch.tensor(idx, dtype=torch.long, device=self.device)
+            out.append((sel, self.offsets[j], self.offsets[j] + self.counts[j] * (e - j), keys[j]))
+            j = e
+        return out
+
+    def apply(self, x: torch.Tensor, runs: list[tuple[Any, int, int, int]], fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """``fn(x_g [G, rows·…, in], sel, key) -> [G, rows·…, out]`` per run, back to ``[N, …, out]``."""
+        if x.shape[0] != self.n:
+            raise RuntimeError(f"cohort engine: a layer saw {x.shape[0]} rows, expected {self.n} (batch-first inputs)")
+        # split, not slices: a slice's backward writes its gradient into a zero tensor of the
+        # whole input, once per run; split's backward concatenates the runs' gradients once
+        pieces = [x] if len(runs) == 1 else x.split([r1 - r0 for _, r0, r1, _ in runs])
+        outs = []
+        for (sel, r0, r1, key), xr in zip(runs, pieces):
+            g = (sel.stop - sel.start) if isinstance(sel, slice) else sel.numel()
+            y = fn(xr.reshape(g, -1, x.shape[-1]), sel, key)
+            outs.append(y.reshape(r1 - r0, *x.shape[1:-1], y.shape[-1]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def split(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each member's rows of ``t`` (one split: its backward is one concatenation)."""
+        return t.split(self.counts)
+
+
+class _Stacks:
+    """The cohort's trainable state: per module ``A [K × R × in]``, ``B [K × out × R]`` and the
+    scalings ``s [K]``; per head tensor a ``[K × …]`` stack; which clients freeze A; HetLoRA's masks."""
+
+    def __init__(self, lm: LoadedModel, jobs: list[CohortJob], starts: list[dict[str, LoraFactors]]):
+        K, dev = len(jobs), lm.device
+        name = active(lm)
+        self.K, self.modules = K, lm.modules
+        self.order = list(range(K))  # the callers' index of each stacked client (set by _train)
+        self.ranks = {m: [s[m].rank for s in starts] for m in lm.modules}
+        self.frozen = [bool(j.payload.instructions.get("freeze_A")) for j in jobs]
+        self.A: dict[str, torch.Tensor] = {}  # leaf (trained, or constant when every client freezes A)
+        self.A_const: dict[str, torch.Tensor] = {}  # mixed cohorts only: the frozen clients' A
+        self.B: dict[str, torch.Tensor] = {}
+        self.s: dict[str, torch.Tensor] = {}
+        self.scalings = {m: [float(s[m].scaling) for s in starts] for m in lm.modules}
+        self._frozen_mask = torch.tensor(self.frozen, device=dev).view(K, 1, 1)
+        for m in lm.modules:
+            dtype = layer(lm, m).lora_A[name].weight.dtype
+            R = max(self.ranks[m])
+            out_f, in_f = starts[0][m].shape
+            A = torch.zeros(K, R, in_f, dtype=dtype, device=dev)
+            B = torch.zeros(K, out_f, R, dtype=dtype, device=dev)
+            for k, s in enumerate(starts):
+                r = s[m].rank
+                A[k, :r] = s[m].A.to(dev, dtype)
+                B[k, :, :r] = s[m].B.to(dev, dtype)
+            if any(self.frozen) and not all(self.frozen):
+                self.A_const[m] = A.clone()
+            self.A[m] = A.requires_grad_(not all(self.frozen))
+            self.B[m] = B.requires_grad_(True)
+            self.s[m] = torch.tensor(self.scalings[m], dtype=dtype, device=dev)
+        self.head: dict[str, torch.Tensor] = {}
+        if lm.head:  # in the model's head dtype, as write_adapter copies it into the model
+            from peft import get_peft_model_state_dict
+
+            state = get_peft_model_state_dict(lm.model, adapter_name=name)
+            for h in lm.head:
+                self.head[h] = torch.stack([j.payload.head[h].to(dev, state[PREFIX + h].dtype) for j in jobs]).requires_grad_(True)
+        # HetLoRA: per client (γ, λ, r_min) when it prunes; the tail masks over components, per module.
+        self.prune = [j.payload.instructions if j.payload.instructions.get("prune") else None for j in jobs]
+        self.tail: dict[str, torch.Tensor] = {}
+        self.dtype = layer(lm, lm.modules[0]).lora_A[name].weight.dtype
+        self.lam = torch.tensor([float(p["prune_lambda"]) if p else 0.0 for p in self.prune], dtype=self.dtype, device=dev)
+        if any(self.prune):
+            from strategies.hetlora import _tail_start
+
+            for m in lm.modules:
+                mask = torch.zeros(K, max(self.ranks[m]), device=dev)
+                for k, p in enumerate(self.prune):
+                    if p:
+                        r = self.ranks[m][k]
+                        mask[k, _tail_start(r, float(p["prune_gamma"])) : r] = 1.0
+                self.tail[m] = mask
+
+    def params(self) -> list[torch.Tensor]:
+        return [t for t in (*self.A.values(), *self.B.values(), *self.head.values()) if t.requires_grad]
+
+    def effective_A(self) -> dict[str, torch.Tensor]:
+        """A as the forward uses it: in a mixed cohort, the frozen clients' slices are constants."""
+        if not self.A_const:
+            return self.A
+        return {m: torch.where(self._frozen_mask, self.A_const[m], self.A[m]) for m in self.modules}
+
+    def tail_term(self, A: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[K]``: each pruning client's ``Σ_m ‖B[:, ⌊γr⌋:r]‖_F ‖A[⌊γr⌋:r]‖_F`` (HetLoRA's
+        ``tail_norm`` on its true-rank slices), zero for the others. ``vector_norm``'s gradient at a
+        zero tail is zero, as in ``tail_norm``."""
+        total = torch.zeros(self.K, dtype=self.dtype, device=self.lam.device)
+        for m in self.modules:
+            mask = self.tail[m].to(A[m].dtype)
+            tb = torch.linalg.vector_norm(self.B[m] * mask[:, None, :], dim=(1, 2))
+            ta = torch.linalg.vector_norm(A[m] * mask[:, :, None], dim=(1, 2))
+            total = total + (tb * ta).to(total.dtype)
+        return total
+
+    def factors(self, k: int) -> dict[str, LoraFactors]:
+        A = self.effective_A()
+        out = {}
+        for m in self.modules:
+            r = self.ranks[m][k]
+            out[m] = LoraFactors(A[m][k, :r].detach().cpu().clone(), self.B[m][k, :, :r].detach().cpu().clone(), self.scalings[m][k])
+        return out
+
+
+# ----------------------------------------------------------------------------------------- forward
+
+
+class _Forward:
+    """Overrides the forward of every targeted LoRA layer and of every head wrapper for the duration
+    of a cohort (instance attributes, removed afterwards); :meth:`set_rows` before each pass."""
+
+    def __init__(self, lm: LoadedModel, stacks: _Stacks):
+        from peft.utils.other import ModulesToSaveWrapper
+
+        self.lm, self.stacks = lm, stacks
+        self.rows: _Rows | None = None
+        self.runs: dict[str, list] = {}
+        self.A: dict[str, torch.Tensor] = {}
+        self.patched: list[torch.nn.Module] = []
+        self.name = active(lm)
+        # Heads: group the trained tensors by their modules_to_save wrapper.
+        self.heads: dict[str, tuple[torch.nn.Module, list[tuple[str, str]]]] = {}
+        for h in lm.head:
+            parts = h.split(".")
+            for i in range(len(parts) - 1, 0, -1):
+                mod = lm.model.get_submodule(PREFIX + ".".join(parts[:i]))
+                if isinstance(mod, ModulesToSaveWrapper):
+                    path = ".".join(parts[:i])
+                    self.heads.setdefault(path, (mod, []))[1].append((h, ".".join(parts[i:])))
+                    break
+            else:
+                raise CohortError(f"head tensor {h} is not in a peft modules_to_save module; the cohort engine cannot batch it")
+
+    def set_rows(self, rows: _Rows) -> None:
+        """The next forward pass's clients; per module, its runs of equal rows and rank."""
+        self.rows = rows
+        self.runs = {m: rows.runs([self.stacks.ranks[m][k] for k in rows.members]) for m in self.lm.modules}
+        self.A = self.stacks.effective_A()
+
+    def __enter__(self) -> "_Forward":
+        for m in self.lm.modules:
+            self._patch(layer(self.lm, m), self._lora_forward(m, layer(self.lm, m)))
+        for path, (wrapper, tensors) in self.heads.items():
+            self._patch(wrapper, self._head_forward(wrapper.modules_to_save[self.name], tensors))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mod in self.patched:
+            del mod.forward
+        self.patched.clear()
+
+    def _patch(self, mod: torch.nn.Module, fn: Callable) -> None:
+        mod.forward = fn
+        self.patched.append(mod)
+
+    def _lora_forward(self, m: str, lay: torch.nn.Module) -> Callable:
+        base, drop = lay.base_layer, lay.lora_dropout[self.name]
+        B, s, K = self.stacks.B[m], self.stacks.s[m], self.stacks.K
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            result = base(x, *args, **kwargs)
+            A = self.A[m]
+
+            def delta(xg: torch.Tensor, sel, r: int) -> torch.Tensor:
+                # The run's live components only: the padding r..R never enters a matmul.
+                if sel == slice(0, K) and r == A.shape[1]:
+                    a, b, sc = A, B, s
+                else:
+                    a, b, sc = _take(A, sel)[:, :r], _take(B, sel)[:, :, :r], _take(s, sel)
+                return _linear(_linear(xg, a), b) * sc.view(-1, 1, 1)  # peft's (x Aᵀ) Bᵀ · s
+
+            return (result + self.rows.apply(drop(x.to(B.dtype)), self.runs[m], delta)).to(result.dtype)
+
+        return forward
+
+    def _head_forward(self, template: torch.nn.Module, tensors: list[tuple[str, str]]) -> Callable:
+        stacks = self.stacks.head
+        linear = isinstance(template, torch.nn.Linear) and {p for _, p in tensors} <= {"weight", "bias"}
+        names = dict((p, h) for h, p in tensors)
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            rows = self.rows
+            if linear and not args and not kwargs:
+                W, b = stacks[names["weight"]], stacks[names["bias"]] if "bias" in names else None
+                return rows.apply(x.to(W.dtype), rows.groups, lambda xg, sel, _: _linear(xg, _take(W, sel), None if b is None else _take(b, sel)))
+            outs = []
+            for k, xk in zip(rows.members, rows.split(x)):
+                params = {p: stacks[h][k] for h, p in tensors}
+                outs.append(torch.func.functional_call(template, params, (xk, *args), kwargs))
+            return torch.cat(outs, dim=0)
+
+        return forward
+
+
+# ----------------------------------------------------------------------------------------- batches
+
+
+def _collate(lm: LoadedModel, batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
+    """Right-pad each client's batch to the cohort's longest row and concatenate; the labels apart."""
+    T = max(b["input_ids"].shape[1] for b in batches)
+    fills = {"input_ids": lm.tokenizer.pad_token_id, "labels": -100}
+    cat: dict[str, torch.Tensor] = {}
+    for key in batches[0]:
+        parts = []
+        for b in batches:
+            t = b[key]
+            if t.dim() == 2 and not (key == "labels" and lm.task == "classification") and t.shape[1] < T:
+                t = F.pad(t, (0, T - t.shape[1]), value=fills.get(key, 0))
+            parts.append(t)
+        cat[key] = torch.cat(parts, dim=0)
+    labels = cat.pop("labels")
+    real = int(torch.stack([b["attention_mask"].sum() for b in batches]).sum())  # one device sync
+    alone = sum(b["input_ids"].numel() for b in batches)
+    stats = {"tokens": real, "slots": cat["input_ids"].numel(), "slots_alone": alone}
+    return cat, labels, stats
+
+
+def _client_losses(lm: LoadedModel, logits: torch.Tensor, labels: torch.Tensor, rows: _Rows) -> list[torch.Tensor]:
+    """Each client's loss on its own rows, as the model computes it for that client's batch alone."""
+    base = lm.model.get_base_model()
+    out = []
+    for lg, lb in zip(rows.split(logits), rows.split(labels)):
+        if lm.task == "classification":  # transformers' single-label loss: mean cross-entropy
+            out.append(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1)))
+        else:  # the model's own causal-LM loss (shift, ignore -100, mean over predicted tokens)
+            out.append(base.loss_function(logits=lg, labels=lb, vocab_size=base.config.vocab_size))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- train
+
+
+def train_cohort(
+    lm: LoadedModel,
+    jobs: Sequence[CohortJob | Sequence[Any]],
+    settings: TrainSettings,
+    *,
+    pad_tolerance: float | None = 0.1,
+    max_tokens: int | None = None,
+) -> list[tuple[ClientUpdate, dict[str, float]]]:
+    """Train K clients together over ``lm``'s frozen base; per client what ``train`` returns.
+
+    Each step runs one forward/backward pass over the clients' batches concatenated, or several
+    (gradients accumulated, then one optimizer step; exact either way, since a client's gradient
+    comes from its own rows only): clients are taken longest batch first, and a client whose batch
+    is shorter than ``(1 − pad_tolerance)`` × the pass's longest starts a new pass, so that short
+    batches are not padded to long ones (``pad_tolerance=None``: always one pass); ``max_tokens``
+    caps a pass's token slots (rows × length; memory), a client's batch being never split.
+
+    Metrics per client: ``train_loss`` / ``train_loss_first`` / ``train_loss_last`` (its own mean
+    loss per step, as alone), ``rank_after_pruning`` (HetLoRA), ``train_seconds`` (the cohort's wall
+    time, shared by its clients), ``cohort_size``, ``cohort_passes`` (forward passes per step, on
+    average), ``pad_fraction`` (share of the cohort's token slots that are padding, over all steps)
+    and ``pad_fraction_alone`` (the same share had each client's batches run alone, i.e. the
+    per-client engine's padding).
+    """
+    results, _ = _train(lm, [as_job(j) for j in jobs], settings, pad_tolerance=pad_tolerance, max_tokens=max_tokens)
+    return results
+
+
+def _passes(lengths: list[int], counts: list[int], pad_tolerance: float | None, max_tokens: int | None) -> list[list[int]]:
+    """The step's forward passes: lists of stack indices (ascending, i.e. by rows then rank)."""
+    if pad_tolerance is not None and not 0.0 <= pad_tolerance <= 1.0:
+        raise CohortError(f"engine.pad_tolerance must be in [0, 1], got {pad_tolerance}")
+    out: list[list[int]] = []
+    cur: list[int] = []
+    T = 0
+    for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        short = pad_tolerance is not None and lengths[k] < (1.0 - pad_tolerance) * T
+        full = max_tokens is not None and (sum(counts[c] for c in cur) + counts[k]) * T > max_tokens
+        if cur and (short or full):
+            out.append(sorted(cur))
+            cur = []
+        if not cur:
+            T = lengths[k]
+        cur.append(k)
+    out.append(sorted(cur))
+    return out
+
+
+def _train(
+    lm: LoadedModel, jobs: list[CohortJob], settings: TrainSettings, *, pad_tolerance: float | None = 0.1, max_tokens: int | None = None
+) -> tuple[list[tuple[ClientUpdate, dict[str, float]]], _Stacks]:
+    t0 = time.perf_counter()
+    check_model(lm)
+    _check_jobs(lm, jobs)
+    K = len(jobs)
+    given = jobs
+    # Stacked in order of rows per step, then rank (stable): a pass's equal rows and ranks are runs.
+    counts = [min(settings.batch_size, len(j.data)) for j in given]
+    starts = [_start(lm, j) for j in given]
+    order = sorted(range(K), key=lambda k: (-counts[k], -starts[k][lm.modules[0]].rank))
+    jobs = [given[i] for i in order]
+    counts = [counts[i] for i in order]
+    starts = [starts[i] for i in order]
+    stacks = _Stacks(lm, jobs, starts)
+    stacks.order = order
+    opt = make_optimizer(stacks.params(), settings)
+    pruning = any(stacks.prune)
+    if pruning:
+        with torch.no_grad():
+            start_term = stacks.tail_term(stacks.effective_A()).tolist()
+    model = lm.model
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    seed = given[0].seed if K == 1 else hash(tuple(j.seed for j in given)) % (2**31)
+    orders = [batch_order(len(j.data), settings.local_steps, settings.batch_size, j.seed) for j in jobs]
+    losses: list[list[float]] = [[] for _ in jobs]
+    totals = {"tokens": 0, "slots": 0, "slots_alone": 0, "passes": 0}
+    try:
+        for p, _ in flags:  # only the stacks train: no gradient for the base, peft's own adapter or head
+            p.requires_grad_(False)
+        model.train()
+        with torch.random.fork_rng(devices=devices), _Forward(lm, stacks) as fwd:
+            torch.manual_seed(seed)
+            for _ in range(settings.local_steps):
+                batches = [encode(lm, j.data[next(o)]) for j, o in zip(jobs, orders)]
+                if [b["input_ids"].shape[0] for b in batches] != counts:
+                    raise RuntimeError(f"cohort engine: batch sizes {[b['input_ids'].shape[0] for b in batches]} differ from the planned {counts}")
+                for members in _passes([b["input_ids"].shape[1] for b in batches], counts, pad_tolerance, max_tokens):
+                    inputs, labels, stats = _collate(lm, [batches[k] for k in members])
+                    for key in stats:
+                        totals[key] += stats[key]
+                    totals["passes"] += 1
+                    rows = _Rows(members, [counts[k] for k in members], lm.device)
+                    fwd.set_rows(rows)
+                    logits = model(**inputs).logits
+                    per_client = _client_losses(lm, logits, labels, rows)
+                    values = torch.stack([v.detach() for v in per_client]).tolist()
+                    for k, v in zip(members, values):
+                        if not (v == v and abs(v) != float("inf")):
+                            raise FloatingPointError(f"client {jobs[k].client_id}: training loss became {v}")
+                        losses[k].append(v)
+                    torch.stack(per_client).sum().backward()
+                if pruning:  # HetLoRA's term reads no data: its own backward, into the same gradients
+                    (stacks.lam * stacks.tail_term(stacks.effective_A())).sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.eval()
+    if pruning:
+        with torch.no_grad():
+            end_term = stacks.tail_term(stacks.effective_A()).tolist()
+    seconds = time.perf_counter() - t0
+    pad = 1.0 - totals["tokens"] / max(totals["slots"], 1)
+    pad_alone = 1.0 - totals["tokens"] / max(totals["slots_alone"], 1)
+    results = []
+    for k, job in enumerate(jobs):
+        adapter = stacks.factors(k)
+        ls = losses[k]
+        metrics: dict[str, float] = {"train_loss": sum(ls) / len(ls), "train_loss_first": ls[0], "train_loss_last": ls[-1]}
+        if stacks.prune[k]:
+            from strategies.hetlora import pruned_rank
+
+            ins = stacks.prune[k]
+            rank = stacks.ranks[lm.modules[0]][k]
+            target = pruned_rank(rank, float(ins["prune_gamma"]), int(ins["prune_r_min"]))
+            new_rank = target if (target < rank and end_term[k] < start_term[k]) else rank
+            metrics["rank_after_pruning"] = new_rank
+            if new_rank < rank:
+                adapter = {m: truncate(f, new_rank) for m, f in adapter.items()}
+        metrics.update({"train_seconds": seconds, "cohort_size": K, "cohort_passes": totals["passes"] / settings.local_steps,
+                        "pad_fraction": pad, "pad_fraction_alone": pad_alone})
+        head = {h: stacks.head[h][k].detach().cpu().clone() for h in lm.head}
+        results.append((ClientUpdate(client_id=job.client_id, adapter=adapter, head=head, num_examples=len(job.data)), metrics))
+    back = [None] * K  # the callers' order
+    for i, res in zip(order, results):
+        back[i] = res
+    return back, stacks
