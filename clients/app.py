@@ -30,6 +30,7 @@ from flwr.clientapp import ClientApp
 from clients.train import DPSettings, TrainSettings, train
 from fedpeft import data as fdata
 from fedpeft import cohorts, messages
+from fedpeft import merges as merge_forms
 from fedpeft import privacy, runconfig
 from fedpeft.config import Config, DataConfig, PartitionConfig
 from fedpeft.lora import LoraFactors
@@ -98,7 +99,9 @@ def sync_base(lm: LoadedModel, target: int, merges: dict, store: str | None) -> 
     """Bring this worker's cached base to version ``target`` exactly: apply the missing FLoRA
     merges in order, from the message (all a device ever needs: the server sends each node the
     merges it has not seen) or, in simulation, where one worker process serves several nodes and so
-    may lack merges its node has, from the server's merge store (``shared-dir``)."""
+    may lack merges its node has, from the server's merge store (``shared-dir``). Message, store
+    and node state hold each merge in the one form the server chose for it (:mod:`fedpeft.merges`),
+    so every worker's base is the same bit for bit, whichever way its merges came."""
     if lm.base_version > target:
         raise RuntimeError(f"worker base is at version {lm.base_version}, ahead of the requested {target}")
     for v in range(lm.base_version + 1, target + 1):
@@ -315,7 +318,8 @@ def cohort_handler(msg: Message, context: Context) -> Message:
                 steps[first].decoded.merges.update(st.decoded.merges)
         lm, _ = prepare(steps[first], members[first][1])
         jobs = [
-            CohortJob(payload_of(st), local_data(s, members[j][1].node_config)[0], st.seed(0), st.partition_id, st.rank, st.alpha)
+            CohortJob(payload_of(st), local_data(s, members[j][1].node_config)[0], st.seed(0), st.partition_id, st.rank, st.alpha,
+                      DPSettings(st.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None)
             for j, st in steps.items()
         ]
         results = train_cohort(lm, jobs, TrainSettings(**asdict(s.train)))
@@ -337,26 +341,28 @@ RESIDUAL = "topk-residual"
 MERGES = "base-merges"
 
 
-def kept_merges(context: Context) -> dict[int, dict[str, LoraFactors]]:
-    """The FLoRA base merges this node received in earlier rounds (its Flower node state)."""
+def kept_merges(context: Context) -> dict[int, merge_forms.Merge]:
+    """The FLoRA base merges this node received in earlier rounds (its Flower node state), in the
+    form they came in (factors or dense, per module)."""
     if MERGES not in context.state.array_records:
         return {}
     out: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     for key, t in context.state[MERGES].to_torch_state_dict().items():
         version, part, module = key.split("/", 2)
         out.setdefault(int(version), {}).setdefault(module, {})[part] = t
-    return {v: {m: LoraFactors(p["A"], p["B"], 1.0) for m, p in mods.items()} for v, mods in out.items()}
+    return {v: {m: merge_forms.from_parts(p) for m, p in mods.items()} for v, mods in out.items()}
 
 
-def keep_merges(context: Context, merges: dict[int, dict[str, LoraFactors]]) -> None:
-    """Add ``merges`` to the ones this node keeps: a node is sent each merge once, and its next
-    round (a new process) must rebuild its base from all of them."""
+def keep_merges(context: Context, merges: dict[int, merge_forms.Merge]) -> None:
+    """Add ``merges`` to the ones this node keeps, in the form they came in: a node is sent each
+    merge once, and its next round (a new process) must rebuild its base from all of them."""
     if not merges:
         return
     tensors = context.state[MERGES].to_torch_state_dict() if MERGES in context.state.array_records else {}
     for v, merge in merges.items():
         for m, f in merge.items():
-            tensors[f"{v}/A/{m}"], tensors[f"{v}/B/{m}"] = f.A.contiguous(), f.B.contiguous()
+            for part, t in merge_forms.parts(f).items():
+                tensors[f"{v}/{part}/{m}"] = t
     context.state[MERGES] = ArrayRecord(torch_state_dict=tensors)
 
 
@@ -425,15 +431,17 @@ def merge_path(store: Path, version: int) -> Path:
 
 
 def save_merge(store: Path, version: int, merge: dict) -> None:
-    """One FLoRA base merge (stacked factors, scaling 1) as safetensors, written atomically."""
+    """One FLoRA base merge as safetensors, written atomically, per module in the form the server
+    sends it (:mod:`fedpeft.merges`): ``<module>.A`` and ``<module>.B`` (factors, scaling 1) or
+    ``<module>.D`` (dense ``ΔW``)."""
     from safetensors.torch import save_file
 
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for m, f in merge.items():
-        tensors[f"{m}.A"] = f.A.contiguous()
-        tensors[f"{m}.B"] = f.B.contiguous()
+        for part, t in merge_forms.parts(f).items():
+            tensors[f"{m}.{part}"] = t
     tmp = merge_path(store, version).with_suffix(".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, merge_path(store, version))
@@ -442,8 +450,9 @@ def save_merge(store: Path, version: int, merge: dict) -> None:
 def load_merge(store: Path, version: int) -> dict:
     from safetensors.torch import load_file
 
-    from fedpeft.lora import LoraFactors
-
     t = load_file(str(merge_path(store, version)))
-    modules = {k[: -len(".A")] for k in t if k.endswith(".A")}
-    return {m: LoraFactors(t[f"{m}.A"], t[f"{m}.B"], 1.0) for m in modules}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in t.items():
+        module, _, part = key.rpartition(".")
+        out.setdefault(module, {})[part] = tensor
+    return {m: merge_forms.from_parts(p) for m, p in out.items()}

@@ -3,7 +3,8 @@
 :func:`train_cohort` takes K jobs — each exactly what :func:`clients.train.train` takes for one
 client (payload, partition, seed, client id; plus the client's rank and alpha, which ``train``
 reads from the model's active adapter) — and returns, per client, the ``(ClientUpdate, metrics)``
-that ``train`` would return, to float rounding. Not yet wired into Flower (issue 12, items 1, 2, 4).
+that ``train`` would return, to float rounding. ``engine.kind=cohort`` runs it on a simulation
+worker (``clients.app.cohort_handler``).
 
 How one step works (K clients, module ``m`` with ``W [out × in]``):
 
@@ -68,8 +69,20 @@ hidden/attention dropout, or ``lora_dropout``), each client's dropout masks are 
 alone, but not the same draws: the cohort equals the per-client engine in distribution, not bit for
 bit. The equivalence tests switch dropout off (every ``nn.Dropout`` at ``p = 0``).
 
-Not supported (each raises :class:`CohortError`, one line naming the setting): DP-SGD
-(``privacy.mode=sample``), LoRA variants such as DoRA, LoRA on non-``Linear`` modules, merged
+**DP-SGD** (``privacy.mode=sample``; every job carries its ``DPSettings``): each client's batches
+are Poisson samples drawn as the per-client engine's Opacus loader draws them, from a generator
+seeded by the client's seed (:class:`_PoissonSampler`), so a client's batch sizes vary per step and
+clients of a pass form runs by equal batch size. The LoRA deltas and the Linear heads run through
+functions whose backward hands over every example's own gradients (LoRA factors are thin: forming
+``Σ_t g_t h_tᵀ`` per example costs T·r·d, less than the T²·d of the "ghost" norm identity); per
+client, each example's gradient over all its trained tensors is clipped to C, the sum gets
+``N(0, (σC)²)`` per entry drawn from the client's stream in Opacus's tensor order, and is divided by
+the client's expected batch size (:func:`_clip_and_noise`), then HetLoRA's term's gradient is added
+and the optimizer steps — Opacus's ``DPOptimizer`` step, per client. With dropout off, a client's
+DP-SGD update equals the per-client engine's, noise included (the tests check σ = 0 and σ > 0).
+
+Not supported (each raises :class:`CohortError`, one line naming the setting): DP-SGD with a head
+that is not a Linear layer, a cohort mixing DP and non-DP clients, LoRA variants such as DoRA, LoRA on non-``Linear`` modules, merged
 adapters, multi-label/regression classification heads, clients of one cohort on different FLoRA
 base versions. bf16 autocast is not offered; a base model loaded in bf16 runs as peft runs it (the
 LoRA path in the adapter's dtype, float32, added to the base output in its dtype).
@@ -77,6 +90,7 @@ LoRA path in the adapter's dtype, float32, added to the base output in its dtype
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -154,9 +168,9 @@ def check_model(lm: LoadedModel) -> None:
 def _check_jobs(lm: LoadedModel, jobs: list[CohortJob]) -> None:
     if not jobs:
         raise CohortError("train_cohort: no jobs")
+    if len({j.dp is None for j in jobs}) > 1:
+        raise CohortError("privacy.mode=sample: some clients of the cohort train with DP-SGD and some without; one cohort trains one way")
     for j in jobs:
-        if j.dp is not None:
-            raise CohortError("privacy.mode=sample: DP-SGD is not supported by the cohort engine yet; use engine.kind=per_client")
         if len(j.data) == 0:
             raise ValueError(f"client {j.client_id}: its partition is empty")
         if j.payload.base_version != lm.base_version:
@@ -223,6 +237,58 @@ class _BatchedLinear(torch.autograd.Function):
 
 def _linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     return _BatchedLinear.apply(x, W, b)
+
+
+class _LoraPerExample(torch.autograd.Function):
+    """DP-SGD's LoRA delta ``y[k] = s[k] · (x[k] A[k]ᵀ) B[k]ᵀ`` over ``x [G, n·T, in]`` (G clients
+    of n examples of T positions each). Its backward returns the input's gradient only and hands
+    ``sink`` every example's own factor gradients, what Opacus computes for peft's ``lora_A`` and
+    ``lora_B`` Linear layers: with ``g = s·∂L/∂y`` and ``h = x Aᵀ``,
+    ``∂B_i = Σ_t g_t h_tᵀ`` ``[G, n, out, r]`` and ``∂A_i = Σ_t (g_t B) x_tᵀ`` ``[G, n, r, in]``.
+    LoRA's factors are thin (r ≪ in, out), so each example's gradients are small and are formed
+    directly: the "ghost" identity ``‖Σ_t u_t v_tᵀ‖² = Σ_{t,t'} (u_t·u_t')(v_t·v_t')`` would cost T²
+    per example instead of T·r·d."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, s, n: int, sink, want_A: bool):
+        h = torch.bmm(x, A.transpose(1, 2))
+        ctx.save_for_backward(x, h, A, B, s)
+        ctx.n, ctx.sink, ctx.want_A = n, sink, want_A
+        return torch.bmm(h, B.transpose(1, 2)) * s.view(-1, 1, 1)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, h, A, B, s = ctx.saved_tensors
+        G, n = x.shape[0], ctx.n
+        g = gy * s.view(-1, 1, 1)
+        gh = torch.bmm(g, B)
+        gB = torch.einsum("gnto,gntr->gnor", g.reshape(G, n, -1, g.shape[-1]), h.reshape(G, n, -1, h.shape[-1]))
+        gA = torch.einsum("gntr,gnti->gnri", gh.reshape(G, n, -1, gh.shape[-1]), x.reshape(G, n, -1, x.shape[-1])) if ctx.want_A else None
+        ctx.sink(gA, gB)
+        gx = torch.bmm(gh, A) if ctx.needs_input_grad[0] else None
+        return gx, None, None, None, None, None, None
+
+
+class _LinearPerExample(torch.autograd.Function):
+    """DP-SGD's per-client Linear head ``y[k] = x[k] W[k]ᵀ + b[k]`` over ``x [G, n·T, in]``; its
+    backward hands ``sink`` each example's ``∂W_i = Σ_t g_t x_tᵀ`` and ``∂b_i = Σ_t g_t`` (Opacus's
+    Linear grad sampler) and returns the input's gradient only."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, n: int, sink):
+        ctx.save_for_backward(x, W)
+        ctx.n, ctx.sink, ctx.has_bias = n, sink, b is not None
+        return torch.bmm(x, W.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), x, W.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, W = ctx.saved_tensors
+        G, n = x.shape[0], ctx.n
+        g4 = gy.reshape(G, n, -1, gy.shape[-1])
+        gW = torch.einsum("gnto,gnti->gnoi", g4, x.reshape(G, n, -1, x.shape[-1]))
+        ctx.sink(gW, g4.sum(2) if ctx.has_bias else None)
+        gx = torch.bmm(gy, W) if ctx.needs_input_grad[0] else None
+        return gx, None, None, None, None
 
 
 
@@ -378,6 +444,9 @@ class _Forward:
         from peft.utils.other import ModulesToSaveWrapper
 
         self.lm, self.stacks = lm, stacks
+        # DP-SGD: each client's per-example gradients, {stack index: {tensor key: [n, ...]}}, filled
+        # by the backward pass (None: no DP, the stacks' gradients are autograd's).
+        self.per_example: dict[int, dict[tuple[str, str], torch.Tensor]] | None = None
         self.rows: _Rows | None = None
         self.runs: dict[str, list] = {}
         self.A: dict[str, torch.Tensor] = {}
@@ -395,6 +464,32 @@ class _Forward:
                     break
             else:
                 raise CohortError(f"head tensor {h} is not in a peft modules_to_save module; the cohort engine cannot batch it")
+
+    def linear_heads(self) -> bool:
+        """Every head is a Linear whose weight (and bias) train: what DP-SGD's per-example head gradients need."""
+        return all(isinstance(w.modules_to_save[self.name], torch.nn.Linear) and {p for _, p in t} <= {"weight", "bias"}
+                   for w, t in self.heads.values())
+
+    def _sink(self, sel, keys: tuple[tuple[str, str] | None, ...]) -> Callable:
+        """Where a run's per-example gradients go: member j of the run, tensor ``keys[i]``."""
+        members = list(range(sel.start, sel.stop)) if isinstance(sel, slice) else sel.tolist()
+
+        def sink(*grads: torch.Tensor | None) -> None:
+            for key, g in zip(keys, grads):
+                if key is None or g is None:
+                    continue
+                for j, k in enumerate(members):
+                    if key[0] == "A" and self.stacks.frozen[k]:
+                        continue
+                    store = self.per_example.setdefault(k, {})
+                    store[key] = store[key] + g[j] if key in store else g[j]
+
+        return sink
+
+    def rows_per_member(self, sel) -> int:
+        """The examples per client of a run (equal within a run)."""
+        k = sel.start if isinstance(sel, slice) else int(sel[0])
+        return self.rows.counts[self.rows.members.index(k)]
 
     def set_rows(self, rows: _Rows) -> None:
         """The next forward pass's clients; per module, its runs of equal rows and rank."""
@@ -432,6 +527,11 @@ class _Forward:
                     a, b, sc = A, B, s
                 else:
                     a, b, sc = _take(A, sel)[:, :r], _take(B, sel)[:, :, :r], _take(s, sel)
+                if self.per_example is not None:  # DP-SGD: every example's own factor gradients
+                    n = self.rows_per_member(sel)
+                    members = range(sel.start, sel.stop) if isinstance(sel, slice) else sel.tolist()
+                    want_A = not all(self.stacks.frozen[k] for k in members)
+                    return _LoraPerExample.apply(xg, a, b, sc, n, self._sink(sel, (("A", m), ("B", m))), want_A)
                 return _linear(_linear(xg, a), b) * sc.view(-1, 1, 1)  # peft's (x Aᵀ) Bᵀ · s
 
             return (result + self.rows.apply(drop(x.to(B.dtype)), self.runs[m], delta)).to(result.dtype)
@@ -447,7 +547,13 @@ class _Forward:
             rows = self.rows
             if linear and not args and not kwargs:
                 W, b = stacks[names["weight"]], stacks[names["bias"]] if "bias" in names else None
+                if self.per_example is not None:  # DP-SGD: every example's own head gradients
+                    keys = (("head", names["weight"]), ("head", names["bias"]) if b is not None else None)
+                    return rows.apply(x.to(W.dtype), rows.groups, lambda xg, sel, _: _LinearPerExample.apply(
+                        xg, _take(W, sel), None if b is None else _take(b, sel), self.rows_per_member(sel), self._sink(sel, keys)))
                 return rows.apply(x.to(W.dtype), rows.groups, lambda xg, sel, _: _linear(xg, _take(W, sel), None if b is None else _take(b, sel)))
+            if self.per_example is not None:
+                raise CohortError(f"privacy.mode=sample: the head {template.__class__.__name__} is not a Linear layer; the cohort engine clips per-example gradients of Linear heads only")
             outs = []
             for k, xk in zip(rows.members, rows.split(x)):
                 params = {p: stacks[h][k] for h, p in tensors}
@@ -490,6 +596,88 @@ def _client_losses(lm: LoadedModel, logits: torch.Tensor, labels: torch.Tensor, 
         else:  # the model's own causal-LM loss (shift, ignore -100, mean over predicted tokens)
             out.append(base.loss_function(logits=lg, labels=lb, vocab_size=base.config.vocab_size))
     return out
+
+
+# ----------------------------------------------------------------------------------------- DP-SGD
+
+
+class _PoissonSampler:
+    """One client's DP-SGD batches, drawn exactly as the per-client engine's Opacus loader draws
+    them after ``torch.manual_seed(seed)`` (``clients.train._dp_steps``): a ``DPDataLoader`` over
+    n examples at ``sample_rate = 1 / ceil(n / min(batch_size, n))``, whose iterator draws a base
+    seed when it starts a pass, then one Poisson mask (``rand(n) < rate``) per batch for
+    ``int(1 / rate)`` batches; an empty batch is skipped. The client's noise is drawn from the same
+    stream (on a GPU, from the device's generator with the same seed), after its mask, as Opacus
+    draws it from the default generator: a client's whole DP-SGD run equals the per-client
+    engine's draw for draw."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device):
+        self.n = n
+        self.rate = 1 / math.ceil(n / min(batch_size, n))  # DPDataLoader.from_data_loader: 1 / len(data_loader)
+        self.steps = int(1 / self.rate)  # UniformWithReplacementSampler: batches per pass
+        self.expected = int(n * self.rate)  # PrivacyEngine: the expected batch size the sum is divided by
+        self.g = torch.Generator().manual_seed(seed)
+        self.noise_g = self.g if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
+        self.left = 0
+
+    def next(self) -> list[int]:
+        while True:
+            if self.left == 0:  # a new pass: the DataLoader iterator's base seed
+                torch.empty((), dtype=torch.int64).random_(generator=self.g)
+                self.left = self.steps
+            mask = torch.rand(self.n, generator=self.g) < self.rate
+            self.left -= 1
+            idx = mask.nonzero(as_tuple=False).reshape(-1).tolist()
+            if idx:
+                return idx
+
+
+def _param_keys(lm: LoadedModel, flags: list[tuple[torch.nn.Parameter, bool]]) -> list[tuple[str, str]]:
+    """The trained tensors in the order the per-client engine's optimizer (and so Opacus) lists
+    them, ``model.parameters()``: ``("A", module)``, ``("B", module)``, ``("head", name)``."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    name = active(lm)
+    ids = {}
+    for m in lm.modules:
+        lay = layer(lm, m)
+        ids[id(lay.lora_A[name].weight)] = ("A", m)
+        ids[id(lay.lora_B[name].weight)] = ("B", m)
+    for h in lm.head:
+        parts = h.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            mod = lm.model.get_submodule(PREFIX + ".".join(parts[:i]))
+            if isinstance(mod, ModulesToSaveWrapper):
+                ids[id(mod.modules_to_save[name].get_parameter(".".join(parts[i:])))] = ("head", h)
+                break
+    return [ids[id(p)] for p, trains in flags if trains and id(p) in ids]
+
+
+def _clip_and_noise(stacks: _Stacks, k: int, grads: dict[tuple[str, str], torch.Tensor], keys: list[tuple[str, str]], dp: DPSettings, sampler: _PoissonSampler) -> None:
+    """Client ``k``'s DP-SGD gradient, as Opacus's ``DPOptimizer.pre_step`` forms it: every
+    example's gradient over all its trained tensors clipped to ``C`` (factor
+    ``min(1, C / (‖g_i‖ + 1e-6))``), summed, plus ``N(0, (σC)²)`` per entry (in the tensors' order,
+    skipping a frozen A), divided by the expected batch size; written into the client's live slices
+    of the stacks' gradients (its padding keeps a zero gradient)."""
+    keys = [key for key in keys if not (key[0] == "A" and stacks.frozen[k])]
+    per = [grads[key] for key in keys]
+    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in per], dim=1).norm(2, dim=1)
+    factor = (dp.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    std = dp.noise_multiplier * dp.max_grad_norm
+    for (kind, name), g in zip(keys, per):
+        summed = torch.einsum("i,i...", factor.to(g.dtype), g)
+        if std > 0:
+            summed = summed + torch.normal(mean=0, std=std, size=summed.shape, device=summed.device, generator=sampler.noise_g, dtype=summed.dtype)
+        grad = summed / sampler.expected
+        target = stacks.A[name] if kind == "A" else stacks.B[name] if kind == "B" else stacks.head[name]
+        if target.grad is None:
+            target.grad = torch.zeros_like(target)
+        if kind == "A":
+            target.grad[k, : grad.shape[0]] = grad
+        elif kind == "B":
+            target.grad[k, :, : grad.shape[1]] = grad
+        else:
+            target.grad[k] = grad
 
 
 # ----------------------------------------------------------------------------------------- train
@@ -569,7 +757,12 @@ def _train(
     flags = [(p, p.requires_grad) for p in model.parameters()]
     devices = [lm.device] if lm.device.type == "cuda" else []
     seed = given[0].seed if K == 1 else hash(tuple(j.seed for j in given)) % (2**31)
-    orders = [batch_order(len(j.data), settings.local_steps, settings.batch_size, j.seed) for j in jobs]
+    dp = jobs[0].dp is not None
+    if dp:
+        samplers = [_PoissonSampler(len(j.data), settings.batch_size, j.seed, lm.device) for j in jobs]
+        keys = _param_keys(lm, flags)
+    else:
+        orders = [batch_order(len(j.data), settings.local_steps, settings.batch_size, j.seed) for j in jobs]
     losses: list[list[float]] = [[] for _ in jobs]
     totals = {"tokens": 0, "slots": 0, "slots_alone": 0, "passes": 0}
     try:
@@ -578,10 +771,17 @@ def _train(
         model.train()
         with torch.random.fork_rng(devices=devices), _Forward(lm, stacks) as fwd:
             torch.manual_seed(seed)
+            if dp and not fwd.linear_heads():
+                raise CohortError("privacy.mode=sample: the cohort engine clips per-example gradients of Linear heads only")
             for _ in range(settings.local_steps):
-                batches = [encode(lm, j.data[next(o)]) for j, o in zip(jobs, orders)]
-                if [b["input_ids"].shape[0] for b in batches] != counts:
-                    raise RuntimeError(f"cohort engine: batch sizes {[b['input_ids'].shape[0] for b in batches]} differ from the planned {counts}")
+                if dp:  # each client's Poisson sample, drawn as the per-client engine's Opacus loader draws it
+                    batches = [encode(lm, j.data[smp.next()]) for j, smp in zip(jobs, samplers)]
+                    counts = [b["input_ids"].shape[0] for b in batches]
+                    fwd.per_example = {}
+                else:
+                    batches = [encode(lm, j.data[next(o)]) for j, o in zip(jobs, orders)]
+                    if [b["input_ids"].shape[0] for b in batches] != counts:
+                        raise RuntimeError(f"cohort engine: batch sizes {[b['input_ids'].shape[0] for b in batches]} differ from the planned {counts}")
                 for members in _passes([b["input_ids"].shape[1] for b in batches], counts, pad_tolerance, max_tokens):
                     inputs, labels, stats = _collate(lm, [batches[k] for k in members])
                     for key in stats:
@@ -596,7 +796,14 @@ def _train(
                         if not (v == v and abs(v) != float("inf")):
                             raise FloatingPointError(f"client {jobs[k].client_id}: training loss became {v}")
                         losses[k].append(v)
-                    torch.stack(per_client).sum().backward()
+                    if dp:  # Opacus's per-sample gradients are those of n × the batch's mean loss
+                        torch.stack([v * counts[k] for k, v in zip(members, per_client)]).sum().backward()
+                    else:
+                        torch.stack(per_client).sum().backward()
+                if dp:
+                    for k, job in enumerate(jobs):
+                        _clip_and_noise(stacks, k, fwd.per_example[k], keys, job.dp, samplers[k])
+                    fwd.per_example = None
                 if pruning:  # HetLoRA's term reads no data: its own backward, into the same gradients
                     (stacks.lam * stacks.tail_term(stacks.effective_A())).sum().backward()
                 opt.step()

@@ -275,8 +275,6 @@ def validate(cfg: Any) -> None:
     need(cfg.engine.num_gpus >= 0, "engine.num_gpus", f"must be non-negative, got {cfg.engine.num_gpus}")
     one_of(cfg.engine.kind, "engine.kind", ENGINES)
     need(cfg.engine.cohort_size >= 1, "engine.cohort_size", f"must be at least 1, got {cfg.engine.cohort_size}")
-    need(cfg.engine.kind != "cohort" or cfg.privacy.mode != "sample", "engine.kind",
-         "engine.kind=cohort does not train with sample-level DP (privacy.mode=sample, DP-SGD) yet: use engine.kind=per_client")
     need(cfg.engine.round_timeout > 0, "engine.round_timeout", f"must be positive (seconds), got {cfg.engine.round_timeout}")
     need(0 <= cfg.profile.failure_rate < 1, "profile.failure_rate", f"must be in [0, 1), got {cfg.profile.failure_rate}")
     need(0 < cfg.strategy.gamma <= 1, "strategy.gamma", f"must be in (0, 1], got {cfg.strategy.gamma}")

@@ -132,6 +132,7 @@ CASES = {
     "flexlora_int8": ["strategy=flexlora", "ranks=flora", "ranks.levels=[4,2,2,1]", "compression=int8"],
     "topk_error_feedback": ["compression=topk", "compression.topk_fraction=0.2"],
     "local_dp": ["privacy=local", "privacy.noise_multiplier=0.5"],
+    "dp_sgd_ffa_lora": ["strategy=ffa_lora", "privacy=sample", "privacy.noise_multiplier=0.7", "privacy.clip=0.1"],
     "injected_failures": ["profile.failure_rate=0.3", "min_clients=1"],
 }
 
@@ -225,8 +226,6 @@ def test_cohort_settings_are_checked_before_the_run(tmp_path):
         compose(["engine.kind=batched"])
     with pytest.raises(ConfigError, match="engine.cohort_size: must be at least 1"):
         compose(["engine.kind=cohort", "engine.cohort_size=0"])
-    with pytest.raises(ConfigError, match=r"engine.kind: engine.kind=cohort does not train with sample-level DP \(privacy.mode=sample"):
-        compose(["engine.kind=cohort", "privacy=sample", "privacy.noise_multiplier=1.0"])
 
 
 def test_fedpeft_deploy_refuses_the_cohort_engine_in_one_line(capsys):
