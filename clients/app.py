@@ -289,7 +289,9 @@ def cohort_handler(msg: Message, context: Context) -> Message:
     partition id: the fault profile first (a failing member is left out of the cohort and replies
     its error), then training, then the same mods on its reply (local DP, the uplink codec; a
     top-k residual lives in ``<shared-dir>/client_<id>``). A simulation engine only: the members'
-    data are partitions of the run's dataset and their state lives in the shared dir."""
+    data are partitions of the run's dataset and their state lives in the shared dir. If training
+    the cohort fails (one client's loss became NaN, ...), each member is trained alone instead, so
+    that a failing client fails alone."""
     from clients.cohort import CohortError, CohortJob, train_cohort
 
     if not runconfig.load(context.run_config)[1].shared_dir:
@@ -322,10 +324,25 @@ def cohort_handler(msg: Message, context: Context) -> Message:
                       DPSettings(st.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None)
             for j, st in steps.items()
         ]
-        results = train_cohort(lm, jobs, TrainSettings(**asdict(s.train)))
-        for (j, st), (update, metrics) in zip(steps.items(), results):
+        settings = TrainSettings(**asdict(s.train))
+        try:
+            results: list = train_cohort(lm, jobs, settings)
+        except CohortError:
+            raise  # a setting the cohort engine cannot train: every member's error, naming it
+        except Exception:  # noqa: BLE001 - one client's failure (its loss became NaN, ...) must not fail the others
+            results = []
+            for job in jobs:  # each member alone, as the per-client engine trains it
+                try:
+                    use_adapter(lm, job.rank, job.alpha)
+                    results.append(train(lm, job.payload, job.data, settings, seed=job.seed, client_id=job.client_id, dp=job.dp))
+                except Exception as e:  # noqa: BLE001
+                    results.append(e)
+        for (j, st), result in zip(steps.items(), results):
             sub, ctx = members[j]
-            plain = plain_reply(sub, st, update, metrics)
+            if isinstance(result, Exception):
+                replies[j] = _error(result)
+                continue
+            plain = plain_reply(sub, st, *result)
             try:
                 reply = compress_update(sub, ctx, lambda m, c: local_dp(m, c, lambda m2, c2: plain))
                 replies[j] = reply.error if reply.has_error() else reply.content

@@ -241,3 +241,32 @@ def test_a_run_may_resume_on_another_engine_but_not_with_other_settings():
     saved = {"rounds": 3, "engine": {"kind": "per_client", "num_cpus": 1}, "train": {"lr": 0.1}}
     assert changed_keys(saved, {"rounds": 5, "engine": {"kind": "cohort", "cohort_size": 8, "num_cpus": 2}, "train": {"lr": 0.1}}) == []
     assert changed_keys(saved, {"rounds": 3, "engine": {"kind": "cohort"}, "train": {"lr": 0.2}}) == ["train.lr"]
+
+
+def test_a_client_whose_training_fails_in_a_cohort_fails_alone(tmp_path, no_dropout):
+    """One member's loss becomes NaN (its payload carries a NaN): the cohort is retrained member by
+    member, that client replies its error and the others their updates; the round applies them."""
+    from fedpeft import messages
+    from fedpeft.lora import LoraFactors
+
+    cfg = compose([*BASE, "engine.kind=cohort", "engine.cohort_size=4", "rounds=1"])
+    run_dir = tmp_path / "run"
+    rc = to_run_config(cfg, run_dir, shared_dir=str(run_dir))
+    contexts = {100 + i: Context(run_id=13, node_id=100 + i, node_config={"partition-id": i, "num-partitions": 4}, state=RecordDict(), run_config=rc) for i in range(4)}
+    grid = AppGrid(contexts)
+    fed = Federation(cfg, RunSpec(run_dir, shared_dir=str(run_dir)))
+    msgs = list(fed.strategy.configure_train(1, fed.adapter.arrays(), ConfigRecord(), grid))
+    bad = next(m for m in msgs if fed.adapter.partition_of[m.metadata.dst_node_id] == 1)
+    dec = messages.decode(bad.content)
+    name, f = next(iter(dec.adapter.items()))
+    dec.adapter[name] = LoraFactors(f.A, torch.full_like(f.B, float("nan")), f.scaling)
+    bad.content = messages.encode(dec.adapter, dec.head, dec.config)
+    batch = cohorts.Cohorts(msgs, fed.adapter.partition_of, cfg.engine.cohort_size)
+    assert len(batch.messages) == 1
+    replies = batch.split(grid.send_and_receive(batch.messages))
+    by_pid = {fed.adapter.partition_of[r.metadata.src_node_id]: r for r in replies}
+    assert sorted(by_pid) == [0, 1, 2, 3]
+    assert by_pid[1].has_error() and "client 1: training loss became nan" in by_pid[1].error.reason
+    assert not any(by_pid[p].has_error() for p in (0, 2, 3))
+    _, metrics = fed.strategy.aggregate_train(1, replies)
+    assert (metrics["clients_replied"], metrics["clients_failed"], metrics["round_applied"]) == (3, 1, 1)
