@@ -10,7 +10,10 @@ With compression (:mod:`fedpeft.compression`) the arrays are the codec's encodin
 as its difference from the client's start (``config["delta"]``), which the server knows: what it
 sent, as the client decoded it, or the fresh LoRA :func:`fedpeft.lora.fresh_adapter` of the
 payload's ``init_seed``. FLoRA's base merges always travel at full precision (every client must
-train on the same base).
+train on the same base), each module's in the form the server chose (:mod:`fedpeft.merges`):
+``merge<v>/A/<module>`` and ``merge<v>/B/<module>`` (factors) or ``merge<v>/D/<module>`` (dense).
+The server encodes a merge once per round (:func:`encode_merge`) and every message that carries it
+holds the same ``Array`` objects; each message's byte count still includes them.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpeft import compression
+from fedpeft import merges as merge_forms
 from fedpeft.lora import Adapter, LoraFactors
 
 ARRAYS, CONFIG, METRICS = "adapter", "config", "metrics"
@@ -39,7 +43,34 @@ class Decoded:
     adapter: Adapter
     head: dict[str, torch.Tensor]
     config: dict[str, Any]
-    merges: dict[int, Adapter] = field(default_factory=dict)  # base version → stacked factors
+    merges: dict[int, merge_forms.Merge] = field(default_factory=dict)  # base version → its merge (factors or dense, per module)
+
+
+@dataclass(frozen=True)
+class EncodedMerge:
+    """One base version's merge as the ``Array`` s a message carries (``merge<v>/<part>/<module>``),
+    encoded once: :func:`encode` puts these very objects into every message it is given to."""
+
+    version: int
+    arrays: Mapping[str, Array]
+
+    def num_bytes(self) -> int:
+        """What the merge adds to a message's :func:`num_bytes` (Flower's count: data and keys)."""
+        return sum(len(a.data) + len(k) for k, a in self.arrays.items())
+
+
+def encode_merge(version: int, merge: Mapping[str, "merge_forms.Form"]) -> EncodedMerge:
+    """Serialise one merge's forms (factors at scaling 1, or dense) as Flower ``Array`` s, at their
+    own dtype (full precision: no codec)."""
+    arrays: dict[str, Array] = {}
+    for name, form in merge.items():
+        try:
+            parts = merge_forms.parts(form)
+        except ValueError as e:
+            raise ValueError(f"merge {version}, module {name}: {e}") from None
+        for part, t in parts.items():
+            arrays[f"merge{version}/{part}/{name}"] = Array.from_numpy_ndarray(t.cpu().numpy())
+    return EncodedMerge(version, arrays)
 
 
 def tensors_of(adapter: Adapter, head: Mapping[str, torch.Tensor], *, send_A: bool = True) -> dict[str, torch.Tensor]:
@@ -69,7 +100,7 @@ def encode(
     config: Mapping[str, Any],
     *,
     send_A: bool = True,
-    merges: Mapping[int, Adapter] | None = None,
+    merges: Mapping[int, "merge_forms.Merge | Adapter | EncodedMerge"] | None = None,
     codec: str = "none",
     fraction: float = 0.1,
     generator: torch.Generator | None = None,
@@ -78,7 +109,9 @@ def encode(
 ) -> RecordDict:
     """``send_A=False`` leaves out every ``A`` (FFA-LoRA: A is frozen and regenerated from
     ``config["A_seed"]`` by :func:`fedpeft.lora.seeded_lora_A`); ``merges`` carries FLoRA's
-    stacked factors of the base versions the receiver has not applied yet.
+    merges of the base versions the receiver has not applied yet: per module stacked factors
+    (scaling 1) or a dense ``ΔW``, or already encoded (:class:`EncodedMerge`, whose ``Array``
+    objects are put into this message as they are, not copied).
 
     ``codec`` compresses the arrays with :func:`fedpeft.compression.encode`: their values, or with
     ``reference`` (arrays of the same keys; a shrunk rank uses its leading slice) their difference
@@ -101,13 +134,14 @@ def encode(
         if residual is not None:
             residual.clear()
             residual.update(new_residual)
+    record = ArrayRecord(torch_state_dict=tensors)
     for version, merge in (merges or {}).items():
-        for name, f in merge.items():
-            if f.scaling != 1.0:
-                raise ValueError(f"merge {version}, module {name}: merges are stacked at scaling 1, got {f.scaling}")
-            tensors[f"merge{version}/A/{name}"] = f.A.detach().cpu().contiguous()
-            tensors[f"merge{version}/B/{name}"] = f.B.detach().cpu().contiguous()
-    return RecordDict({ARRAYS: ArrayRecord(torch_state_dict=tensors), CONFIG: ConfigRecord(cfg)})
+        encoded = merge if isinstance(merge, EncodedMerge) else encode_merge(version, merge)
+        if encoded.version != version:
+            raise ValueError(f"merge {encoded.version} was given as version {version}")
+        for key, array in encoded.arrays.items():
+            record[key] = array  # the same object in every message that carries this merge
+    return RecordDict({ARRAYS: record, CONFIG: ConfigRecord(cfg)})
 
 
 def slice_like(reference: Mapping[str, torch.Tensor], key: str, t: torch.Tensor) -> torch.Tensor:
@@ -121,14 +155,16 @@ def slice_like(reference: Mapping[str, torch.Tensor], key: str, t: torch.Tensor)
     return ref
 
 
-def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = None) -> Decoded:
+def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = None, *, with_merges: bool = True) -> Decoded:
     """Inverse of :func:`encode`; raises :class:`UpdateError` on a malformed record. A delta-coded
-    update needs the ``reference`` it was measured against."""
+    update needs the ``reference`` it was measured against. ``with_merges=False`` leaves the
+    merges' arrays undeserialised (``merges`` stays empty)."""
     from fedpeft.lora import seeded_lora_A
 
     if ARRAYS not in content.array_records or CONFIG not in content.config_records:
         raise UpdateError(f"reply lacks its '{ARRAYS}' arrays or '{CONFIG}' config record")
-    tensors = content.array_records[ARRAYS].to_torch_state_dict()
+    record = content.array_records[ARRAYS]
+    tensors = {k: torch.from_numpy(a.numpy()) for k, a in record.items() if with_merges or not k.startswith("merge")}
     cfg = dict(content.config_records[CONFIG])
     if "codec" in cfg:
         merges = {k: t for k, t in tensors.items() if k.startswith("merge")}
@@ -170,9 +206,9 @@ def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = N
             raise UpdateError(f"unexpected array {key!r}")
     for version, modules in sorted(merge_parts.items()):
         try:
-            out.merges[version] = {m: LoraFactors(p["A"], p["B"], 1.0) for m, p in modules.items()}
-        except (KeyError, ValueError) as e:
-            raise UpdateError(f"merge {version}: incomplete or inconsistent factors ({e})") from None
+            out.merges[version] = {m: merge_forms.from_parts(p) for m, p in modules.items()}
+        except ValueError as e:
+            raise UpdateError(f"merge {version}: incomplete or inconsistent parts ({e})") from None
     return out
 
 

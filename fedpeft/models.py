@@ -258,11 +258,17 @@ def fresh_init(lm: LoadedModel, seed: int) -> None:
 
 
 @torch.no_grad()
-def apply_merge(lm: LoadedModel, merge: dict[str, LoraFactors]) -> None:
-    """``W ← W + s·B·A`` for every module (FLoRA's base merge), then one base version more."""
+def apply_merge(lm: LoadedModel, merge: dict[str, "LoraFactors | torch.Tensor"]) -> None:
+    """``W ← W + s·B·A`` for every module (FLoRA's base merge), or ``W ← W + ΔW`` for a module whose
+    merge came dense (:mod:`fedpeft.merges`), then one base version more."""
     for m, f in merge.items():
         w = layer(lm, m).base_layer.weight
-        w += (f.scaling * (f.B.to(w.device, torch.float32) @ f.A.to(w.device, torch.float32))).to(w.dtype)
+        if isinstance(f, torch.Tensor):
+            if tuple(f.shape) != tuple(w.shape):
+                raise ValueError(f"merge of {m}: a dense ΔW of shape {tuple(f.shape)} does not fit the weight {tuple(w.shape)}")
+            w += f.to(w.device, torch.float32).to(w.dtype)
+        else:
+            w += (f.scaling * (f.B.to(w.device, torch.float32) @ f.A.to(w.device, torch.float32))).to(w.dtype)
     lm.base_version += 1
 
 

@@ -30,6 +30,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
+from fedpeft import merges as merge_forms
 from fedpeft import messages
 from fedpeft.lora import LoraFactors, scaling_for
 from fedpeft.privacy import Accountant
@@ -116,7 +117,9 @@ class FlowerAdapter(FlowerStrategy):
         self.client_spec = client_spec
         self.shapes = shapes
         self.rng = random.Random(seed)
-        self.on_merge = on_merge  # called with (version, stacked factors) for each new base merge
+        self.on_merge = on_merge  # called with (version, its forms: what every party applies) for each new base merge
+        self.forms: dict[int, merge_forms.Merge] = {}  # base version → its merge in the form it travels (chosen once)
+        self._encoded: dict[int, messages.EncodedMerge] = {}  # this round's encoded merges, shared by its messages
         self.privacy = privacy
         self.codecs = codecs
         self.seed = seed
@@ -139,10 +142,12 @@ class FlowerAdapter(FlowerStrategy):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything this adapter needs to continue a run after its last complete round: the
-        global model (with FLoRA's merges, FlexLoRA's factors), the sampler's random state, the
+        global model (with FLoRA's merges, FlexLoRA's factors), the forms FLoRA's merges travel in
+        (what the nodes applied: a resumed run sends the same), the sampler's random state, the
         base version each client's node has, HetLoRA's pruned ranks, the privacy ledger."""
         return {
             "model": _model_state(self.model),
+            "merge_forms": {v: {m: merge_forms.parts(f) for m, f in forms.items()} for v, forms in self.forms.items()},
             "rng": self.rng.getstate(),
             "seen": dict(self.seen),
             "rank_now": dict(self.rank_now),
@@ -152,6 +157,11 @@ class FlowerAdapter(FlowerStrategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model = _model_from_state(state["model"])
+        if "merge_forms" in state:
+            self.forms = {int(v): {m: merge_forms.from_parts(p) for m, p in forms.items()} for v, forms in state["merge_forms"].items()}
+        else:  # a state written before merges had forms: its nodes were sent the stacked factors
+            self.forms = {v + 1: dict(merge) for v, merge in enumerate(self.model.merges)}
+        self._encoded = {}
         self.rng.setstate(state["rng"])
         self.seen = {int(k): int(v) for k, v in state["seen"].items()}
         self.rank_now = {int(k): int(v) for k, v in state["rank_now"].items()}
@@ -229,8 +239,24 @@ class FlowerAdapter(FlowerStrategy):
         plan.accountant.step(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
         return after
 
+    def merge_form(self, version: int) -> merge_forms.Merge:
+        """Base version ``version``'s merge in the form every party applies: per module the
+        cheapest exact form of the strategy's stacked factors (:func:`fedpeft.merges.cheapest`),
+        chosen once; the messages, the merge store (``on_merge``) and the state carry this form."""
+        if version not in self.forms:
+            self.forms[version] = merge_forms.cheapest(self.model.merges[version - 1])
+        return self.forms[version]
+
+    def encoded_merge(self, version: int) -> messages.EncodedMerge:
+        """Base version ``version``'s merge encoded once per round: every message of the round that
+        carries it holds these same ``Array`` objects (each message's byte count includes them)."""
+        if version not in self._encoded:
+            self._encoded[version] = messages.encode_merge(version, self.merge_form(version))
+        return self._encoded[version]
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._t0 = time.perf_counter()
+        self._encoded = {}  # last round's encoded merges go with last round's messages
         if self.privacy is not None and self.privacy.mode == "central":
             self.adopt(arrays)
         epsilon = self.account(server_round)
@@ -258,14 +284,14 @@ class FlowerAdapter(FlowerStrategy):
                     "base-version": payload.base_version,
                 },
                 send_A=send_A,
-                merges={v + 1: self.model.merges[v] for v in range(have, payload.base_version)},
+                merges={v: self.encoded_merge(v) for v in range(have + 1, payload.base_version + 1)},
                 codec=self.codecs.downlink,
                 generator=torch.Generator().manual_seed(hash((self.seed, server_round, spec.client_id, 1)) % 2**31),
             )
             stats.bytes_down += messages.num_bytes(content)
             reference = None
             if self.codecs.uplink != "none":  # the start the client's delta-coded update is measured from
-                reference = messages.start_tensors(messages.decode(content), self.shapes, spec.rank, spec.alpha, send_A=send_A)
+                reference = messages.start_tensors(messages.decode(content, with_merges=False), self.shapes, spec.rank, spec.alpha, send_A=send_A)
             self.sent[node] = (spec, payload, reference)
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         self.out = {m.metadata.dst_node_id: m for m in out}
@@ -374,9 +400,10 @@ class FlowerAdapter(FlowerStrategy):
             diagnose = getattr(self.strategy, "round_metrics", None)
             diagnostics = diagnose(self.model, updates) if diagnose is not None else {}
             self.model = self.strategy.aggregate(self.model, updates)
-            for v in range(before, self.model.version):
+            for v in range(before + 1, self.model.version + 1):
+                forms = self.merge_form(v)  # chosen once, now: the store and every later message carry it
                 if self.on_merge is not None:
-                    self.on_merge(v + 1, self.model.merges[v])
+                    self.on_merge(v, forms)
             self.rank_now.update(shrunk)
             self.rounds_applied += 1
         else:

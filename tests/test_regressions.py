@@ -18,6 +18,7 @@ import strategies
 from clients import app as client_app
 from clients.train import DPSettings, TrainSettings, train
 from fedpeft import compression, messages, runconfig
+from fedpeft import merges as merge_forms
 from fedpeft import data as fdata
 from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for, seeded_lora_A, truncate
 from fedpeft.models import apply_merge, layer, module_shapes, read_adapter, use_adapter
@@ -176,7 +177,7 @@ def _without_merges(content: RecordDict) -> RecordDict:
 
 
 def _merge_data_bytes(merge) -> int:
-    return sum((f.A.numel() + f.B.numel()) * f.A.element_size() for f in merge.values())
+    return sum(merge_forms.numel(f) * 4 for f in merge.values())  # float32, in the form it travels
 
 
 def test_flora_merges_travel_in_the_messages_are_counted_and_rebuild_the_servers_base(settings, lm):
@@ -213,13 +214,13 @@ def test_flora_merges_travel_in_the_messages_are_counted_and_rebuild_the_servers
     msgs2 = train_round(2)
     assert all(merge_versions(m) == {1} for m in msgs2) and fa.model.version == 2
     for m in msgs2:  # the merge's arrays are in the bytes counted down
-        assert messages.num_bytes(m.content) - messages.num_bytes(_without_merges(m.content)) >= _merge_data_bytes(fa.model.merges[0])
+        assert messages.num_bytes(m.content) - messages.num_bytes(_without_merges(m.content)) >= _merge_data_bytes(fa.merge_form(1))
     grid.nodes[203] = 2  # a node that joins now lacks both merges
     msgs3 = list(fa.configure_train(3, fa.arrays(), ConfigRecord(), grid))
     by_node = {m.metadata.dst_node_id: m for m in msgs3}
     assert merge_versions(by_node[201]) == merge_versions(by_node[202]) == {2} and merge_versions(by_node[203]) == {1, 2}
     assert fa.stats[3].bytes_down == sum(messages.num_bytes(m.content) for m in msgs3)
-    need = _merge_data_bytes(fa.model.merges[0]) + _merge_data_bytes(fa.model.merges[1])
+    need = _merge_data_bytes(fa.merge_form(1)) + _merge_data_bytes(fa.merge_form(2))
     assert messages.num_bytes(by_node[203].content) - messages.num_bytes(_without_merges(by_node[203].content)) >= need
 
     # The clients apply the merges from the messages alone (no merge store) ...
@@ -231,10 +232,12 @@ def test_flora_merges_travel_in_the_messages_are_counted_and_rebuild_the_servers
     dec = messages.decode(by_node[203].content)
     client_app.sync_base(late, int(dec.config["base-version"]), dec.merges, None)
     assert worker.base_version == late.base_version == 2
-    # ... and reach the base the server's merges define: bit for bit what applying them gives, and W0 + Σ B_i A_i.
+    # ... and reach the base the server's merges define: bit for bit what applying them in the form
+    # the server chose gives (here, stacks of rank 6 on 384 × 384 modules: the stacks), and W0 + Σ B_i A_i.
     reference = copy.deepcopy(lm)
-    for merge in fa.model.merges:
-        apply_merge(reference, merge)
+    for v in range(1, fa.model.version + 1):
+        assert all(f is fa.model.merges[v - 1][m] for m, f in fa.merge_form(v).items())
+        apply_merge(reference, fa.merge_form(v))
     dense = merged_delta(fa.model)
     for m in lm.modules:
         w = layer(worker, m).base_layer.weight
