@@ -326,7 +326,7 @@ def cohort_handler(msg: Message, context: Context) -> Message:
         ]
         settings = TrainSettings(**asdict(s.train))
         try:
-            results: list = train_cohort(lm, jobs, settings)
+            results: list = train_cohort(lm, jobs, settings, autocast=torch.bfloat16 if s.engine.precision == "bf16" else None)
         except CohortError:
             raise  # a setting the cohort engine cannot train: every member's error, naming it
         except Exception:  # noqa: BLE001 - one client's failure (its loss became NaN, ...) must not fail the others

@@ -84,8 +84,9 @@ DP-SGD update equals the per-client engine's, noise included (the tests check σ
 Not supported (each raises :class:`CohortError`, one line naming the setting): DP-SGD with a head
 that is not a Linear layer, a cohort mixing DP and non-DP clients, LoRA variants such as DoRA, LoRA on non-``Linear`` modules, merged
 adapters, multi-label/regression classification heads, clients of one cohort on different FLoRA
-base versions. bf16 autocast is not offered; a base model loaded in bf16 runs as peft runs it (the
-LoRA path in the adapter's dtype, float32, added to the base output in its dtype).
+base versions. bf16: ``autocast=torch.bfloat16`` runs the frozen base under autocast and the
+LoRA path and heads in the adapter's dtype (float32); a base model loaded in bf16 runs as peft runs
+it (the LoRA path in the adapter's dtype, added to the base output in its dtype).
 """
 
 from __future__ import annotations
@@ -518,7 +519,7 @@ class _Forward:
         B, s, K = self.stacks.B[m], self.stacks.s[m], self.stacks.K
 
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            result = base(x, *args, **kwargs)
+            result = base(x, *args, **kwargs)  # under autocast (engine.precision=bf16): the base in bf16
             A = self.A[m]
 
             def delta(xg: torch.Tensor, sel, r: int) -> torch.Tensor:
@@ -534,7 +535,9 @@ class _Forward:
                     return _LoraPerExample.apply(xg, a, b, sc, n, self._sink(sel, (("A", m), ("B", m))), want_A)
                 return _linear(_linear(xg, a), b) * sc.view(-1, 1, 1)  # peft's (x Aᵀ) Bᵀ · s
 
-            return (result + self.rows.apply(drop(x.to(B.dtype)), self.runs[m], delta)).to(result.dtype)
+            with torch.autocast(x.device.type, enabled=False):  # the clients' LoRA in the adapter's dtype
+                out = self.rows.apply(drop(x.to(B.dtype)), self.runs[m], delta)
+            return (result + out).to(result.dtype)
 
         return forward
 
@@ -544,6 +547,10 @@ class _Forward:
         names = dict((p, h) for h, p in tensors)
 
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            with torch.autocast(x.device.type, enabled=False):  # the clients' heads in their own dtype
+                return head(x, *args, **kwargs)
+
+        def head(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             rows = self.rows
             if linear and not args and not kwargs:
                 W, b = stacks[names["weight"]], stacks[names["bias"]] if "bias" in names else None
@@ -690,8 +697,13 @@ def train_cohort(
     *,
     pad_tolerance: float | None = 0.1,
     max_tokens: int | None = None,
+    autocast: torch.dtype | None = None,
 ) -> list[tuple[ClientUpdate, dict[str, float]]]:
     """Train K clients together over ``lm``'s frozen base; per client what ``train`` returns.
+
+    ``autocast=torch.bfloat16`` (``engine.precision=bf16``): the frozen base runs under
+    ``torch.autocast`` in bf16 (on GPU, its matmuls on the tensor cores), while the clients' LoRA
+    deltas, heads, losses, gradients and optimizer states stay in the adapter's dtype (float32).
 
     Each step runs one forward/backward pass over the clients' batches concatenated, or several
     (gradients accumulated, then one optimizer step; exact either way, since a client's gradient
@@ -705,9 +717,10 @@ def train_cohort(
     time, shared by its clients), ``cohort_size``, ``cohort_passes`` (forward passes per step, on
     average), ``pad_fraction`` (share of the cohort's token slots that are padding, over all steps)
     and ``pad_fraction_alone`` (the same share had each client's batches run alone, i.e. the
-    per-client engine's padding).
+    per-client engine's padding), ``peak_memory_mb`` (on CUDA the device's peak allocated memory
+    during the cohort; on CPU the process's peak resident memory so far).
     """
-    results, _ = _train(lm, [as_job(j) for j in jobs], settings, pad_tolerance=pad_tolerance, max_tokens=max_tokens)
+    results, _ = _train(lm, [as_job(j) for j in jobs], settings, pad_tolerance=pad_tolerance, max_tokens=max_tokens, autocast=autocast)
     return results
 
 
@@ -732,9 +745,14 @@ def _passes(lengths: list[int], counts: list[int], pad_tolerance: float | None, 
 
 
 def _train(
-    lm: LoadedModel, jobs: list[CohortJob], settings: TrainSettings, *, pad_tolerance: float | None = 0.1, max_tokens: int | None = None
+    lm: LoadedModel, jobs: list[CohortJob], settings: TrainSettings, *, pad_tolerance: float | None = 0.1, max_tokens: int | None = None,
+    autocast: torch.dtype | None = None,
 ) -> tuple[list[tuple[ClientUpdate, dict[str, float]]], _Stacks]:
     t0 = time.perf_counter()
+    if autocast not in (None, torch.bfloat16):
+        raise CohortError(f"engine.precision: the cohort engine autocasts to bf16 only, not {autocast}")
+    if lm.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(lm.device)
     check_model(lm)
     _check_jobs(lm, jobs)
     K = len(jobs)
@@ -789,7 +807,8 @@ def _train(
                     totals["passes"] += 1
                     rows = _Rows(members, [counts[k] for k in members], lm.device)
                     fwd.set_rows(rows)
-                    logits = model(**inputs).logits
+                    with torch.autocast(lm.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                        logits = model(**inputs).logits
                     per_client = _client_losses(lm, logits, labels, rows)
                     values = torch.stack([v.detach() for v in per_client]).tolist()
                     for k, v in zip(members, values):
@@ -816,6 +835,12 @@ def _train(
         with torch.no_grad():
             end_term = stacks.tail_term(stacks.effective_A()).tolist()
     seconds = time.perf_counter() - t0
+    if lm.device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(lm.device) / 2**20
+    else:
+        import resource
+
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     pad = 1.0 - totals["tokens"] / max(totals["slots"], 1)
     pad_alone = 1.0 - totals["tokens"] / max(totals["slots_alone"], 1)
     results = []
@@ -834,7 +859,7 @@ def _train(
             if new_rank < rank:
                 adapter = {m: truncate(f, new_rank) for m, f in adapter.items()}
         metrics.update({"train_seconds": seconds, "cohort_size": K, "cohort_passes": totals["passes"] / settings.local_steps,
-                        "pad_fraction": pad, "pad_fraction_alone": pad_alone})
+                        "pad_fraction": pad, "pad_fraction_alone": pad_alone, "peak_memory_mb": peak_mb})
         head = {h: stacks.head[h][k].detach().cpu().clone() for h in lm.head}
         results.append((ClientUpdate(client_id=job.client_id, adapter=adapter, head=head, num_examples=len(job.data)), metrics))
     back = [None] * K  # the callers' order

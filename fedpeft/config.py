@@ -114,6 +114,9 @@ class EngineConfig:
     # together, one batched step over one resident base model (clients/cohort.py).
     kind: str = "per_client"
     cohort_size: int = 8
+    # fp32 | bf16: the cohort engine runs the frozen base under bf16 autocast (LoRA, heads,
+    # gradients and optimizer states stay float32); on a GPU, the base's matmuls on tensor cores.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -275,6 +278,9 @@ def validate(cfg: Any) -> None:
     need(cfg.engine.num_gpus >= 0, "engine.num_gpus", f"must be non-negative, got {cfg.engine.num_gpus}")
     one_of(cfg.engine.kind, "engine.kind", ENGINES)
     need(cfg.engine.cohort_size >= 1, "engine.cohort_size", f"must be at least 1, got {cfg.engine.cohort_size}")
+    one_of(cfg.engine.precision, "engine.precision", ("fp32", "bf16"))
+    need(cfg.engine.precision == "fp32" or cfg.engine.kind == "cohort", "engine.precision",
+         "bf16 autocast is the cohort engine's: set engine.kind=cohort, or engine.precision=fp32")
     need(cfg.engine.round_timeout > 0, "engine.round_timeout", f"must be positive (seconds), got {cfg.engine.round_timeout}")
     need(0 <= cfg.profile.failure_rate < 1, "profile.failure_rate", f"must be in [0, 1), got {cfg.profile.failure_rate}")
     need(0 < cfg.strategy.gamma <= 1, "strategy.gamma", f"must be in (0, 1], got {cfg.strategy.gamma}")
