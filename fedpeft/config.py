@@ -28,6 +28,14 @@ class StrategyConfig:
     gamma: float = 0.99
     lam: float = 1e-3
     r_min: int = 1
+    # FlexLoRA's SVD of the aggregate (strategies/flexlora.py): "auto" computes only the leading
+    # components, certified to within svd_tol·‖ΔW‖_F of the optimum per payload, where that pays
+    # (many clients), else the exact factored SVD; "exact" always the latter.
+    svd: str = "auto"
+    # The most components a round computes: at least this many (FlexLoRA; default the round's
+    # largest client rank). FFA-LoRA: the shared A's rank (default the initial adapter's).
+    r_max: Optional[int] = None
+    svd_tol: float = 1e-5
 
 
 @dataclass
@@ -286,6 +294,11 @@ def validate(cfg: Any) -> None:
     need(0 < cfg.strategy.gamma <= 1, "strategy.gamma", f"must be in (0, 1], got {cfg.strategy.gamma}")
     need(cfg.strategy.lam >= 0, "strategy.lam", f"must be non-negative, got {cfg.strategy.lam}")
     need(cfg.strategy.r_min >= 1, "strategy.r_min", f"must be at least 1, got {cfg.strategy.r_min}")
+    from strategies.flexlora import SVD_MODES
+
+    one_of(cfg.strategy.svd, "strategy.svd", SVD_MODES)
+    need(cfg.strategy.r_max is None or cfg.strategy.r_max >= 1, "strategy.r_max", f"must be at least 1 (or null), got {cfg.strategy.r_max}")
+    need(0 < cfg.strategy.svd_tol < 1, "strategy.svd_tol", f"must be in (0, 1), got {cfg.strategy.svd_tol}")
     from fedpeft.ranks import client_ranks
     from fedpeft.ranks import validate as validate_ranks
 

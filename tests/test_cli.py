@@ -50,6 +50,10 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
         ("model.dropout=1.5", "model.dropout: must be in [0, 1), got 1.5"),
         ("model.eval_batch_size=0", "model.eval_batch_size: must be at least 1"),
         ("strategy=hetlora strategy.gamma=0", "strategy.gamma: must be in (0, 1]"),
+        ("strategy=flexlora ranks=heavy_tail strategy.svd=fast", "strategy.svd: unknown value 'fast'; expected one of auto, exact"),
+        ("strategy=flexlora ranks=heavy_tail strategy.svd_tol=0", "strategy.svd_tol: must be in (0, 1), got 0.0"),
+        ("strategy=flexlora ranks=heavy_tail strategy.r_max=0", "strategy.r_max: must be at least 1 (or null), got 0"),
+        ("strategy=flexlora strategy.r_max=many", "strategy.r_max:"),
         ("partition=dirichlet partition.min_partition_size=-1", "partition.min_partition_size: must be at least 1"),
         ("partition=dirichlet partition.alpha=0.01 partition.min_partition_size=0 clients=50", "partition.min_partition_size: must be at least 1"),
         ("clients=4 min_clients=10", "min_clients: 10 clients per round asked for, but there are only clients=4"),
@@ -96,6 +100,27 @@ def test_dp_lora_as_typed_selects_sample_dp_with_its_default_target(words, expec
 
     pv = compose([*words, f"hydra.run.dir={tmp_path / 'run'}"]).privacy
     assert (pv.mode, pv.noise_multiplier, pv.target_epsilon, pv.clip) == expected
+
+
+@pytest.mark.parametrize(
+    "words, expected",
+    [
+        (["strategy=flexlora"], ("auto", None, 1e-5)),
+        (["strategy=flexlora", "strategy.svd=exact"], ("exact", None, 1e-5)),
+        (["strategy=flexlora", "strategy.r_max=96", "strategy.svd_tol=1e-4"], ("auto", 96, 1e-4)),
+    ],
+)
+def test_flexlora_svd_keys_reach_the_strategy(words, expected, tmp_path):
+    """``strategy.svd``, ``strategy.r_max`` and ``strategy.svd_tol`` compose, validate and arrive in
+    the FlexLoRA the server builds (fedpeft.serverapp.strategy_kwargs)."""
+    import strategies
+    from fedpeft.cli import compose
+    from fedpeft.serverapp import strategy_kwargs
+
+    cfg = compose([*words, "ranks=heavy_tail", f"hydra.run.dir={tmp_path / 'run'}"])
+    s = strategies.build(cfg.strategy.name, **strategy_kwargs(cfg))
+    assert (s.svd, s.r_max, s.svd_tol) == expected
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_dp_lora_default_reaches_the_run_in_single_and_multirun(tmp_path, monkeypatch, capsys):
