@@ -128,17 +128,22 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def changed_keys(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+def changed_keys(saved: dict[str, Any], new: dict[str, Any], prefix: str = "", defaults: dict[str, Any] | None = None) -> list[str]:
     """The dotted keys whose values differ between two resolved configs; ``rounds`` may grow and
-    ``engine.*`` (how the clients run: Ray resources, device, per-client or cohort engine) may change."""
+    ``engine.*`` (how the clients run: Ray resources, device, per-client or cohort engine) may change.
+    A key the saved config lacks (the run was saved before fedpeft had it) counts as unchanged when
+    the new value is its default in ``defaults`` (the config schema's)."""
     out = []
+    defaults = defaults or {}
     for k in sorted(set(saved) | set(new)):
         key = f"{prefix}{k}"
         if key == "engine":
             continue
         a, b = saved.get(k), new.get(k)
+        if k not in saved and k in defaults and b == defaults[k]:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += changed_keys(a, b, key + ".")
+            out += changed_keys(a, b, key + ".", defaults.get(k) if isinstance(defaults.get(k), dict) else None)
         elif a != b and not (key == "rounds" and isinstance(a, int) and isinstance(b, int) and b >= a):
             out.append(key)
     return out
@@ -151,7 +156,7 @@ def load_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"resume: {run_dir} has no complete round to resume from (no {STATE})")
     state = torch.load(path, weights_only=False)
-    diff = changed_keys(state["config"], OmegaConf.to_container(cfg, resolve=True))
+    diff = changed_keys(state["config"], OmegaConf.to_container(cfg, resolve=True), defaults=OmegaConf.to_container(OmegaConf.structured(runconfig.schema())))
     if diff:
         raise ConfigError(f"resume: the config differs from the run's in {', '.join(diff)} (only rounds, which may only grow, and engine.* may change)")
     if state["round"] >= cfg.rounds:

@@ -241,6 +241,10 @@ def test_a_run_may_resume_on_another_engine_but_not_with_other_settings():
     saved = {"rounds": 3, "engine": {"kind": "per_client", "num_cpus": 1}, "train": {"lr": 0.1}}
     assert changed_keys(saved, {"rounds": 5, "engine": {"kind": "cohort", "cohort_size": 8, "num_cpus": 2}, "train": {"lr": 0.1}}) == []
     assert changed_keys(saved, {"rounds": 3, "engine": {"kind": "cohort"}, "train": {"lr": 0.2}}) == ["train.lr"]
+    # A key added to fedpeft after the run was saved: unchanged at its default, a change otherwise.
+    defaults = {"train": {"lr": 0.003, "optimizer": "adamw"}}
+    assert changed_keys(saved, {"rounds": 3, "train": {"lr": 0.1, "optimizer": "adamw"}}, defaults=defaults) == []
+    assert changed_keys(saved, {"rounds": 3, "train": {"lr": 0.1, "optimizer": "sgd"}}, defaults=defaults) == ["train.optimizer"]
 
 
 def test_a_client_whose_training_fails_in_a_cohort_fails_alone(tmp_path, no_dropout):
