@@ -43,10 +43,12 @@ def test_a_run_killed_during_a_round_resumes_to_the_uninterrupted_result(uninter
     run_dir = tmp_path / "killed"
     proc = fedpeft(*RUN, f"hydra.run.dir={run_dir}")
     seen = []
-    for line in proc.stdout:  # round 2 is complete: kill the whole process tree (driver and Ray) during round 3
-        seen.append(line)
+    for line in proc.stdout:  # round 2 is complete: kill the whole process tree (driver and Ray) during round 3,
+        seen.append(line)     # as soon as a client has finished round 3 (its top-k residual for round 3 is written)
         if line.startswith("[fedpeft] round 2/3"):
-            time.sleep(2)
+            deadline = time.monotonic() + 10
+            while not list(run_dir.glob("state/client_*/residual_00003.safetensors")) and time.monotonic() < deadline:
+                time.sleep(0.01)
             os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
