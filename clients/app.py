@@ -315,10 +315,7 @@ def cohort_handler(msg: Message, context: Context) -> Message:
             raise CohortError(f"the cohort's clients are on base versions {sorted(versions)}: one cohort trains on one base")
         first = min(steps)
         s = steps[first].settings
-        for j, st in steps.items():  # every member's merges: the base must reach the version for all
-            if st.decoded.merges and j != first:
-                steps[first].decoded.merges.update(st.decoded.merges)
-        lm, _ = prepare(steps[first], members[first][1])
+        lm, _ = prepare(steps[first], members[first][1])  # merges its message lacks come from the shared dir's store
         jobs = [
             CohortJob(payload_of(st), local_data(s, members[j][1].node_config)[0], st.seed(0), st.partition_id, st.rank, st.alpha,
                       DPSettings(st.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None)

@@ -3,6 +3,8 @@ import sys
 
 import absl.logging
 import pytest
+import torch
+from torch.overrides import TorchFunctionMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -68,3 +70,23 @@ def listeners():
         addr, _, port = fields[3].rpartition(":")
         rows.append((addr.strip("[]"), int(port), {int(p) for p in re.findall(r"pid=(\d+)", line)}))
     return rows
+
+
+class LargestTensor(TorchFunctionMode):
+    """Records the largest tensor any torch function returns (no monkeypatching), and fails at once
+    when one exceeds ``limit`` elements (so a dense implementation fails fast instead of going on to
+    decompose a 20000 × 20000 matrix)."""
+
+    def __init__(self, limit=float("inf")):
+        super().__init__()
+        self.limit = limit
+        self.numel = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+                if t.numel() > self.limit:
+                    raise AssertionError(f"{func} made a {tuple(t.shape)} tensor")
+        return out

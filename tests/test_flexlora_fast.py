@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
+from conftest import LargestTensor
 
 from fedpeft.lora import (
     FactorsWithLeading,
@@ -297,24 +297,11 @@ def test_flexlora_aggregate_is_deterministic_given_seed_and_clients():
     assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B) and not torch.equal(a.A, c.A)
 
 
-class _Largest(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
-
-
 def test_the_randomized_path_never_forms_the_out_by_in_matrix():
     out, inp, ranks = 3000, 2500, cycle(40, [4])  # Σ r = 160, k = 4: ΔW would be 7.5 M entries
     factors, _ = decaying(out, inp, ranks, seed=8)
     ups, _ = updates_of(factors, ranks)
-    with _Largest() as probe:
+    with LargestTensor() as probe:
         g = FlexLoRA().aggregate(GlobalModel(adapter={}), ups).adapter["m"]
         FlexLoRA().payload(GlobalModel(adapter={"m": g}), ClientSpec(0, 4, ALPHA))
     assert type(g) is FactorsWithLeading

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
+from conftest import LargestTensor
 
 from fedpeft.lora import (
     LoraFactors,
@@ -259,26 +259,6 @@ def test_flexlora_client_rank_above_the_global_rank_gets_trainable_extra_compone
     assert isinstance(bf, SvdFactors) and bf.rank == 12 and not bf.A[8:].any() and not bf.B[:, 8:].any()
 
 
-class _LargestTensor(TorchFunctionMode):
-    """Records the largest tensor any torch function returns (no monkeypatching), and fails at once
-    when one exceeds ``limit`` elements (so a dense implementation fails fast instead of going on to
-    decompose a 20000 × 20000 matrix)."""
-
-    def __init__(self, limit):
-        super().__init__()
-        self.limit = limit
-        self.numel = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-                if t.numel() > self.limit:
-                    raise AssertionError(f"{func} made a {tuple(t.shape)} tensor")
-        return out
-
-
 def test_flexlora_never_forms_the_out_by_in_matrix():
     out = inp = 20_000  # ΔW would be 1.6 GB in float32
     ranks = [16, 8, 8, 8]
@@ -289,7 +269,7 @@ def test_flexlora_never_forms_the_out_by_in_matrix():
         ups.append(ClientUpdate(k, {"big": f}, {}, 10))
     s = FlexLoRA()
     # Time and peak memory are measured by experiments/benchmarks/flexlora_scale.py, not asserted here.
-    with _LargestTensor(limit=out * sum(ranks)) as probe:
+    with LargestTensor(limit=out * sum(ranks)) as probe:
         g = s.aggregate(GlobalModel(adapter={}), ups)
         pls = [s.payload(g, ClientSpec(k, r, ALPHA)) for k, r in enumerate(ranks)]
     assert probe.numel <= out * sum(ranks), probe.numel  # nothing bigger than the stacked factors
