@@ -48,12 +48,12 @@ class InjectedFailure(RuntimeError):
 def get_model(s: Config, num_labels: int | None, run_id: int = 0) -> LoadedModel:
     """The worker's cached model for these settings (built once), or a new one if reuse is off."""
     # A run with base merges (FLoRA) changes the base weights: key the cache by run as well.
-    key = json.dumps({"model": asdict(s.model), "labels": num_labels, "device": s.engine.device, "run": run_id}, sort_keys=True)
+    key = json.dumps({"model": asdict(s.model), "peft": asdict(s.peft), "labels": num_labels, "device": s.engine.device, "run": run_id}, sort_keys=True)
     if not s.engine.reuse_model:
-        return build(s.model, num_labels=num_labels, device=s.engine.device, seed=s.seed)
+        return build(s.model, num_labels=num_labels, device=s.engine.device, seed=s.seed, peft_cfg=s.peft)
     if key not in _MODELS:
         _MODELS.clear()  # one base model per worker: a new run replaces the old one
-        _MODELS[key] = build(s.model, num_labels=num_labels, device=s.engine.device, seed=s.seed)
+        _MODELS[key] = build(s.model, num_labels=num_labels, device=s.engine.device, seed=s.seed, peft_cfg=s.peft)
     return _MODELS[key]
 
 

@@ -144,8 +144,11 @@ def check_model(lm: LoadedModel) -> None:
     name = active(lm)
     if lm.task not in ("classification", "causal_lm"):
         raise CohortError(f"model.task={lm.task!r}: the cohort engine trains classification and causal_lm only")
-    if getattr(lm.lora, "use_dora", False):
-        raise CohortError("model.use_dora: DoRA is not supported by the cohort engine; use engine.kind=per_client")
+    from fedpeft.config import COHORT_METHODS
+
+    method = getattr(lm.method, "name", "lora")
+    if method not in COHORT_METHODS or getattr(lm.lora, "use_dora", False):
+        raise CohortError(f"peft={method}: the cohort engine batches peft={' | '.join(COHORT_METHODS)} only; use engine.kind=per_client")
     for m in lm.modules:
         lay = layer(lm, m)
         if not isinstance(lay, LoraLinear):

@@ -107,7 +107,7 @@ def train(
         raise ValueError(f"client {client_id}: its partition is empty")
     t0 = time.perf_counter()
     ins = payload.instructions
-    if payload.adapter:
+    if payload.adapter or not lm.modules:  # a method without LoRA factors has only "head" tensors
         write_adapter(lm, payload.adapter, payload.head)
     else:
         fresh_init(lm, int(ins["init_seed"]))

@@ -54,6 +54,21 @@ class ModelConfig:
 
 
 @dataclass
+class PeftConfig:
+    """The PEFT method (fedpeft/methods): lora | rslora | dora | loha | lokr | vera | ia3 |
+    prompt_tuning | prefix_tuning | bitfit. The LoRA family, LoHa, LoKr, VeRA and IA3 adapt
+    model.target_modules (LoRA-like ones at model.rank / model.alpha)."""
+
+    name: str = "lora"
+    # prompt_tuning, prefix_tuning: the number of virtual tokens.
+    num_virtual_tokens: int = 16
+    # vera: the rank of the shared frozen random projections (only two vectors per module train).
+    vera_rank: int = 256
+    # ia3: modules whose input (not output) is rescaled, added to the targets (e.g. [output.dense]).
+    feedforward_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RanksConfig:
     """Client LoRA ranks (fedpeft/ranks.py): fixed | list | tiers | uniform."""
 
@@ -194,6 +209,7 @@ class Config:
     privacy: PrivacyConfig = MISSING
     compression: CompressionConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     clients: int = 10
     rounds: int = 5
@@ -238,6 +254,7 @@ PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 TRACKING_MODES = ("auto", "offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("per_client", "cohort")
+COHORT_METHODS = ("lora", "rslora")  # what clients/cohort.py batches
 
 
 def validate(cfg: Any) -> None:
@@ -312,6 +329,22 @@ def validate(cfg: Any) -> None:
         need(len(ranks) == 1, "ranks.kind",
              f"strategy={name} needs one rank for all clients (ranks=fixed), but ranks.kind={cfg.ranks.kind} gives ranks {ranks}; "
              f"use a strategy that takes heterogeneous ranks ({', '.join(n for n, c in strategies.REGISTRY.items() if c.heterogeneous_ranks)})")
+    from fedpeft import methods
+
+    one_of(cfg.peft.name, "peft.name", tuple(methods.METHODS))
+    method = methods.get(cfg.peft.name)
+    need(cfg.peft.num_virtual_tokens >= 1, "peft.num_virtual_tokens", f"must be at least 1, got {cfg.peft.num_virtual_tokens}")
+    need(cfg.peft.vera_rank >= 1, "peft.vera_rank", f"must be at least 1, got {cfg.peft.vera_rank}")
+    need(not cfg.peft.feedforward_modules or method.name == "ia3", "peft.feedforward_modules", f"applies to peft=ia3 only, not peft={method.name}")
+    need(not cls.lora_update_only or method.lora_update, "peft.name",
+         f"strategy={name} aggregates LoRA factors (ΔW = s·B·A) and cannot take peft={method.name}; use peft="
+         f"{' | '.join(methods.lora_update_methods())}, or a strategy that averages any method's tensors "
+         f"({', '.join(n for n, c in strategies.REGISTRY.items() if not c.lora_update_only)})")
+    need(cfg.privacy.mode != "sample" or method.opacus, "privacy.mode",
+         f"sample-level DP-SGD needs Opacus's per-example gradients, which Opacus 1.6 lacks for peft={method.name}'s layers: use "
+         f"peft={' | '.join(n for n, m in methods.METHODS.items() if m.opacus)}, or privacy=local / central (they noise the update)")
+    need(cfg.engine.kind != "cohort" or method.name in COHORT_METHODS, "engine.kind",
+         f"the cohort engine batches peft={' | '.join(COHORT_METHODS)} only, not peft={method.name}: use engine.kind=per_client")
     from fedpeft.privacy import MODES
 
     one_of(cfg.privacy.mode, "privacy.mode", MODES)

@@ -90,7 +90,7 @@ def start_tensors(dec: "Decoded", shapes: Mapping[str, tuple[int, int]], rank: i
     an empty one the fresh LoRA of ``init_seed``; the reference of an uplink delta."""
     from fedpeft.lora import fresh_adapter, scaling_for
 
-    adapter = dec.adapter or fresh_adapter(shapes, rank, scaling_for(rank, alpha), int(dec.config["init_seed"]))
+    adapter = dec.adapter or (fresh_adapter(shapes, rank, scaling_for(rank, alpha), int(dec.config["init_seed"])) if shapes else {})
     return tensors_of(adapter, dec.head, send_A=send_A)
 
 

@@ -14,14 +14,15 @@ import re
 import shutil
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedpeft import assets
+from fedpeft import assets, methods
+from fedpeft.methods import PeftMethod
 from fedpeft.lora import LoraFactors
 from strategies.base import GlobalModel
 
@@ -30,6 +31,12 @@ log = logging.getLogger(__name__)
 PREFIX = "base_model.model."
 BUILTIN_MODELS = ("minilm", "smollm2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _default_peft() -> Any:
+    from fedpeft.config import PeftConfig
+
+    return PeftConfig()
 
 
 class ModelError(ValueError):
@@ -44,9 +51,11 @@ class LoadedModel:
     device: torch.device
     max_length: int
     modules: tuple[str, ...]  # LoRA-wrapped module names, in model order
-    head: tuple[str, ...]  # trained non-LoRA tensors (peft modules_to_save), by state-dict name
-    lora: Any = None  # the LoraConfig of the first adapter (template for other ranks)
+    head: tuple[str, ...]  # every other trained tensor (short state-dict name), averaged elementwise
+    lora: Any = None  # the LoraConfig of the first adapter (template for other ranks); None for non-LoRA methods
     base_version: int = 0  # how many FLoRA merges the base weights hold
+    method: Any = None  # the PeftMethod (fedpeft.methods)
+    groups: dict = field(default_factory=dict)  # short name → group, for everything trained and sent
 
 
 def converted_dir() -> Path:
@@ -102,8 +111,14 @@ def pick_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
-def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed: int = 0) -> LoadedModel:
-    """Load the base model, attach a fresh LoRA adapter (seeded) and return it in eval mode."""
+def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed: int = 0, peft_cfg: Any = None) -> LoadedModel:
+    """Load the base model, attach a fresh adapter of the PEFT method ``peft_cfg.name`` (default
+    LoRA; seeded) and return it in eval mode."""
+    method = methods.get(getattr(peft_cfg, "name", "lora"))
+    if peft_cfg is None:
+        peft_cfg = _default_peft()
+    if model_cfg.task not in method.tasks:
+        raise ModelError(f"peft={method.name} does not support model.task={model_cfg.task}")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -130,25 +145,59 @@ def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed:
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
-    lora = LoraConfig(
-        task_type=task_type,
-        r=model_cfg.rank,
-        lora_alpha=model_cfg.alpha,
-        lora_dropout=model_cfg.dropout,
-        target_modules=list(model_cfg.target_modules),
-    )
+    peft_config = method.config(model_cfg, peft_cfg, task_type)
     try:
         with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            model = get_peft_model(base, lora)
-    except ValueError as e:
-        raise ModelError(f"model.target_modules {list(model_cfg.target_modules)}: {str(e).splitlines()[0]}") from e
+            model = get_peft_model(base, peft_config)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:
+        raise ModelError(f"peft={method.name} on model {model_cfg.name!r} (model.target_modules {list(model_cfg.target_modules)}): {str(e).strip().splitlines()[0]}") from e
+    if method.freeze:
+        for n, p in model.named_parameters():
+            if re.search(method.freeze, n):
+                p.requires_grad_(False)
     dev = pick_device(device)
     model.to(dev).eval()
-    state = get_peft_model_state_dict(model)
-    modules = tuple(k[len(PREFIX) : -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight"))
-    head = tuple(k[len(PREFIX) :] for k in state if ".lora_A." not in k and ".lora_B." not in k)
-    return LoadedModel(model, tokenizer, model_cfg.task, dev, model_cfg.max_length, modules, head, lora)
+    groups = trained_groups(model, method)
+    modules = tuple(k[: -len(".lora_A.weight")] for k, g in groups.items() if g == "lora_A")
+    head = tuple(k for k, g in groups.items() if g not in ("lora_A", "lora_B"))
+    lora = peft_config if method.lora_update else None
+    return LoadedModel(model, tokenizer, model_cfg.task, dev, model_cfg.max_length, modules, head, lora, method=method, groups=groups)
+
+
+def short_name(key: str) -> str:
+    """A state-dict name without peft's ``base_model.model.`` prefix (prompt-learning names have none)."""
+    return key[len(PREFIX) :] if key.startswith(PREFIX) else key
+
+
+def full_name(name: str) -> str:
+    """The state-dict name of a short one (the inverse of :func:`short_name`)."""
+    return name if name == "prompt_embeddings" or name.startswith("base_model.") else PREFIX + name
+
+
+def trained_groups(model: PeftModel, method: PeftMethod) -> dict[str, str]:
+    """Every tensor of peft's state dict that is trained and sent, by short name → its group.
+
+    A tensor matching none of the method's groups is a :class:`ModelError` naming it; so is a
+    mismatch between the trainable parameters and what is sent (a trainable tensor nobody
+    would synchronise)."""
+    config = model.peft_config[model.active_adapter]
+    heads = tuple(getattr(config, "modules_to_save", None) or ())
+    out: dict[str, str] = {}
+    sent = 0
+    for key, t in get_peft_model_state_dict(model).items():
+        group = method.group_of(key, heads)
+        if group is None:
+            raise ModelError(f"peft={method.name}: state-dict tensor {key!r} belongs to none of the method's groups ({', '.join(method.groups)}, head)")
+        if group != "frozen":
+            out[short_name(key)] = group
+            sent += t.numel()
+    if not out:
+        raise ModelError(f"peft={method.name}: the model has nothing this method trains (no {', '.join(g for g in method.groups if g != 'frozen')} tensors)")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable != sent:
+        raise ModelError(f"peft={method.name}: {trainable} trainable parameters but {sent} in the tensors it sends ({', '.join(sorted(set(out.values())))})")
+    return out
 
 
 def adapter_name(rank: int, alpha: float) -> str:
@@ -160,6 +209,8 @@ def use_adapter(lm: LoadedModel, rank: int, alpha: float) -> str:
     the other adapters stay; a worker serving clients of several ranks keeps one adapter each)."""
     import dataclasses
 
+    if lm.lora is None:  # a method without ranks (IA3, prompt tuning, ...): its one adapter
+        return active(lm)
     cfg = lm.model.peft_config["default"]
     name = "default" if (cfg.r, float(cfg.lora_alpha)) == (rank, float(alpha)) else adapter_name(rank, alpha)
     if name not in lm.model.peft_config:
@@ -283,7 +334,7 @@ def read_adapter(lm: LoadedModel) -> GlobalModel:
         )
         for m in lm.modules
     }
-    head = {h: state[PREFIX + h].detach().cpu().clone() for h in lm.head}
+    head = {h: state[full_name(h)].detach().cpu().clone() for h in lm.head}
     return GlobalModel(adapter=adapter, head=head)
 
 
@@ -295,7 +346,8 @@ def save_adapter(lm: LoadedModel, path: Path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     name = active(lm)
-    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(lm.model, adapter_name=name).items()}
+    # cloned: peft may list one tensor under two names (BitFit: a head bias and its wrapper copy), which safetensors refuses
+    state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(lm.model, adapter_name=name).items()}
     save_file(state, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     lm.model.peft_config[name].save_pretrained(str(path))
 
@@ -320,9 +372,17 @@ def write_adapter(lm: LoadedModel, adapter: dict[str, LoraFactors], head: dict[s
             raise ModelError(f"{m}: scaling {f.scaling} differs from the model's {scaling_of(lm, m)}")
         state[f"{PREFIX}{m}.lora_A.weight"] = f.A
         state[f"{PREFIX}{m}.lora_B.weight"] = f.B
+    held = get_peft_model_state_dict(lm.model, adapter_name=active(lm))
     for h in lm.head:
-        state[PREFIX + h] = head[h]
-    result = set_peft_model_state_dict(lm.model, state, adapter_name=active(lm))
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ModelError(f"peft did not accept adapter keys {unexpected[:3]}")
+        if tuple(head[h].shape) != tuple(held[full_name(h)].shape):
+            raise ModelError(f"{h}: a tensor of shape {tuple(head[h].shape)} does not fit the model's {tuple(held[full_name(h)].shape)}")
+        state[full_name(h)] = head[h]
+    with warnings.catch_warnings():  # VeRA: its projections come from their seed, by design (fedpeft/methods/vera.py)
+        warnings.filterwarnings("ignore", message="Specified to not load vera_A and vera_B")
+        set_peft_model_state_dict(lm.model, state, adapter_name=active(lm))
+    # peft reports some keys it did load as unexpected (prompt embeddings, a bias also in a head):
+    # check what the model now holds instead.
+    now = get_peft_model_state_dict(lm.model, adapter_name=active(lm))
+    wrong = [k for k, t in state.items() if k not in now or not torch.equal(now[k].detach().cpu(), t.detach().cpu().to(now[k].dtype))]
+    if wrong:
+        raise ModelError(f"peft did not load adapter tensors {wrong[:3]}")

@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedpeft import merges as merge_forms
 from fedpeft import messages
-from fedpeft.lora import LoraFactors, scaling_for
+from fedpeft.lora import LoraFactors
 from fedpeft.privacy import Accountant
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Strategy
 
@@ -311,7 +311,7 @@ class FlowerAdapter(FlowerStrategy):
             self.shapes,
             {h: tuple(t.shape) for h, t in payload.head.items()},
             ranks,
-            scaling=scaling_for(spec.rank, spec.alpha),  # the client's peft scaling; a pruned rank keeps it
+            scaling=spec.scaling,  # the client's peft scaling; a pruned rank keeps it
             send_A=not payload.instructions.get("freeze_A", False),
             A_seed=payload.instructions.get("A_seed"),  # type: ignore[arg-type]
             codec=self.codecs.uplink,
@@ -374,7 +374,7 @@ class FlowerAdapter(FlowerStrategy):
                 continue
             stats.bytes_up += messages.num_bytes(msg.content)
             self.seen[spec.client_id] = payload.base_version
-            rank = max(f.rank for f in update.adapter.values())
+            rank = max((f.rank for f in update.adapter.values()), default=spec.rank)
             if rank < spec.rank:
                 shrunk[spec.client_id] = rank
             updates.append(update)
@@ -490,16 +490,20 @@ def load_global(lm, model: GlobalModel) -> None:
     """Load the global model into the server's evaluation adapter, with each module's own rank and
     alpha (``alpha = scaling · rank``: FLoRA's and FlexLoRA's global ranks are ``min(Σ r_k, out, in)``
     per module, so modules of different shapes get different ranks) as peft's ``rank_pattern`` /
-    ``alpha_pattern`` (:func:`fedpeft.models.lora_config`): what ``save_adapter`` writes then reloads
+    ``alpha_pattern`` (:func:`fedpeft.models.lora_config`; ``alpha = scaling · √rank`` with rsLoRA): what ``save_adapter`` writes then reloads
     with ``PeftModel.from_pretrained``. One evaluation adapter is kept, re-created when ranks change."""
     from fedpeft.lora import LoraFactors
     from fedpeft.models import active, lora_config, module_shapes, use_config, write_adapter
 
+    if lm.lora is None:  # a method without LoRA factors (IA3, prompt tuning, ...): its tensors only
+        write_adapter(lm, {}, model.head)
+        return
     adapter = global_adapter(model)
     if not adapter:  # nothing aggregated yet (FLoRA, FlexLoRA): a zero update
         adapter = {m: LoraFactors(torch.zeros(1, i), torch.zeros(o, 1), 1.0) for m, (o, i) in module_shapes(lm).items()}
     ranks = {m: f.rank for m, f in adapter.items()}
-    alphas = {m: f.scaling * f.rank for m, f in adapter.items()}
+    per_rank = (lambda r: r**0.5) if getattr(lm.lora, "use_rslora", False) else (lambda r: r)  # s = α/r, or α/√r (rsLoRA)
+    alphas = {m: f.scaling * per_rank(f.rank) for m, f in adapter.items()}
     previous = active(lm)
     name = use_config(lm, EVAL_ADAPTER, lora_config(lm, ranks, alphas))
     if previous not in ("default", name):  # e.g. the r_max adapter the initial state was read from: keep one

@@ -235,7 +235,7 @@ class Federation:
         check_model(cfg, num_labels)
         self.ranks = client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)
         self.alphas = [client_alpha(cfg.ranks, r, cfg.model.rank, cfg.model.alpha) for r in self.ranks]
-        self.lm = build(cfg.model, num_labels=num_labels, device=cfg.engine.device, seed=cfg.seed)
+        self.lm = build(cfg.model, num_labels=num_labels, device=cfg.engine.device, seed=cfg.seed, peft_cfg=cfg.peft)
         r_max = max(self.ranks)
         use_adapter(self.lm, r_max, client_alpha(cfg.ranks, r_max, cfg.model.rank, cfg.model.alpha))
         if cfg.engine.kind == "cohort":  # a model the cohort engine cannot batch is refused before round 1
@@ -257,12 +257,13 @@ class Federation:
         self.plan = privacy_plan(cfg, self.partitioner)
         merges = self.run_dir / MERGES
         ranks, alphas, partitioner = self.ranks, self.alphas, self.partitioner
+        rslora = cfg.peft.name == "rslora"
         self.adapter = FlowerAdapter(
             strategies.build(cfg.strategy.name, **strategy_kwargs(cfg)),
             read_adapter(self.lm),
             fraction=cfg.fraction,
             min_clients=cfg.min_clients,
-            client_spec=lambda i: ClientSpec(client_id=i, rank=ranks[i], alpha=alphas[i]),
+            client_spec=lambda i: ClientSpec(client_id=i, rank=ranks[i], alpha=alphas[i], rslora=rslora),
             shapes=module_shapes(self.lm),
             seed=cfg.seed,
             on_merge=lambda v, merge: save_merge(merges, v, merge),

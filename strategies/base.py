@@ -45,6 +45,14 @@ class ClientSpec:
     client_id: int  # the client's partition id
     rank: int
     alpha: float
+    rslora: bool = False  # scaling α/√r (peft=rslora) instead of α/r
+
+    @property
+    def scaling(self) -> float:
+        """The client's peft scaling: ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA)."""
+        from fedpeft.lora import scaling_for
+
+        return scaling_for(self.rank, self.alpha, self.rslora)
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,9 @@ class Strategy(Protocol):
     weightings: ClassVar[tuple[str, ...]]  # the values ``strategy.weighting`` may take
     heterogeneous_ranks: ClassVar[bool]  # whether clients may have different ranks and scalings
     privacy_modes: ClassVar[tuple[str, ...]]  # the ``privacy.mode`` values it works with
+    # True: it aggregates LoRA factors (ΔW = s·B·A) and takes only the PEFT methods whose update
+    # is one (fedpeft.methods: lora, rslora, dora); False: any method's tensors (FedAvg's rule).
+    lora_update_only: ClassVar[bool]
     # Optional: ``privacy_default = (group option, target ε)`` is applied when the user chooses no
     # privacy group and no noise (``fedpeft.config.strategy_defaults``); DP-LoRA has one.
 

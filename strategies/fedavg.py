@@ -6,6 +6,9 @@ Every client receives the global ``(A, B)`` and the head; the server averages ea
     A ← Σ_k p_k A_k,   B ← Σ_k p_k B_k,   head ← Σ_k p_k head_k,
     p_k = n_k / Σ_j n_j  (or 1/K with ``weighting="uniform"``).
 
+With a PEFT method other than LoRA (``peft=ia3``, ``prompt_tuning``, …; ``fedpeft/methods``) the
+adapter is empty and every trained tensor is averaged like the head: ``T ← Σ_k p_k T_k``.
+
 This is *not* the average of the clients' updates: ``(Σ p B)(Σ p A) = Σ p B A`` only up to the
 cross terms ``p_j p_k B_j A_k`` (j ≠ k). It needs every client at one rank and scaling; the
 heterogeneous-rank methods aggregate in effective-update units instead. :func:`factor_average_error`
@@ -75,6 +78,7 @@ class FedAvg:
     weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
     heterogeneous_ranks: ClassVar[bool] = False  # A and B are averaged separately: one rank and scaling
     privacy_modes: ClassVar[tuple[str, ...]] = PRIVACY_MODES
+    lora_update_only: ClassVar[bool] = False  # averages any PEFT method's tensors elementwise
 
     def __post_init__(self) -> None:
         check_weighting(self)
@@ -90,7 +94,7 @@ class FedAvg:
 
     def round_metrics(self, model: GlobalModel, updates: list[ClientUpdate]) -> dict[str, float]:
         """``factor_avg_error``: :func:`factor_average_error` of this round's updates."""
-        if not updates:
+        if not updates or not model.adapter:  # no LoRA factors (IA3, prompt tuning, ...): no cross terms
             return {}
         p = client_weights(updates, self.weighting)
         return {"factor_avg_error": factor_average_error([[u.adapter[n] for u in updates] for n in model.adapter], p)}

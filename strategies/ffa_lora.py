@@ -6,7 +6,7 @@ and averaged. With ``A`` fixed the average of ``B`` *is* the average of the upda
 no FedIT cross terms (and, under DP, no noise product ``ξ_B ξ_A``):
 
     A_shared = seeded_lora_A(module, r_max, in, seed)       (peft's kaiming-uniform init, seeded)
-    client k:  A_k = A_shared[:r_k],  B_k = B_glob[:, :r_k] / s_k,  scaling s_k = scaling_for(r_k, α_k)
+    client k:  A_k = A_shared[:r_k],  B_k = B_glob[:, :r_k] / s_k,  scaling s_k = α_k/r_k (α_k/√r_k with rsLoRA: ClientSpec.scaling)
     server:    B_glob = Σ_k p_k s_k pad(B_k, r_max),         p_k = n_k / Σ_j n_j (or 1/K)
     ⇒ ΔW_glob = B_glob A_shared = Σ_k p_k s_k B_k A_k        (exactly)
 
@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fedpeft.lora import LoraFactors, at_scaling, average_tensors, scaling_for, seeded_lora_A, truncate
+from fedpeft.lora import LoraFactors, at_scaling, average_tensors, seeded_lora_A, truncate
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
 from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
 
@@ -69,6 +69,7 @@ class FFALoRA:
     weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
+    lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
 
     def __post_init__(self) -> None:
         check_weighting(self)
@@ -88,7 +89,7 @@ class FFALoRA:
         return GlobalModel(adapter=adapter, head=model.head, merges=model.merges)
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
-        s = scaling_for(client.rank, client.alpha)
+        s = client.scaling
         adapter = {}
         for name, f in model.adapter.items():
             if client.rank > f.rank:

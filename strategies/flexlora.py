@@ -9,7 +9,7 @@ average that fits its rank:
                                                           whole adapter)
     ΔW_glob = U diag(S) Vᵀ                               (thin SVD from the factors: QR + small SVD,
                                                           :func:`fedpeft.lora.svd_factors`)
-    client k:  B_k = U_{r_k} diag(S_{r_k}) / s_k,  A_k = V_{r_k}ᵀ,  scaling s_k = scaling_for(r_k, α_k)
+    client k:  B_k = U_{r_k} diag(S_{r_k}) / s_k,  A_k = V_{r_k}ᵀ,  scaling s_k = α_k/r_k (α_k/√r_k with rsLoRA: ClientSpec.scaling)
     ⇒ s_k B_k A_k is the best rank-r_k approximation of ΔW_glob (Eckart–Young)
 
 The ``out × in`` matrix is never formed. Since every client's truncation shares one SVD, ``aggregate``
@@ -56,7 +56,6 @@ from fedpeft.lora import (
     LoraFactors,
     SvdFactors,
     leading_svd,
-    scaling_for,
     seeded_lora_A,
     stack,
     svd_form,
@@ -111,6 +110,7 @@ class FlexLoRA:
     weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
+    lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
 
     def __post_init__(self) -> None:
         check_weighting(self)
@@ -135,7 +135,7 @@ class FlexLoRA:
         seed = self.init_seed(client.client_id)
         if not model.adapter:
             return Payload(adapter={}, head=model.head, instructions={"init_seed": seed}, base_version=model.version)
-        s = scaling_for(client.rank, client.alpha)
+        s = client.scaling
         adapter = {}
         for name, g in model.adapter.items():
             f = client_factors(g, client.rank, s, seed=svd_seed(self.seed, name, (client.rank,)), tol=self.svd_tol)

@@ -52,6 +52,7 @@ class FLoRA:
     weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
+    lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
 
     def __post_init__(self) -> None:
         check_weighting(self)

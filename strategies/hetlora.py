@@ -4,7 +4,7 @@ of On-Device Foundation Models", EMNLP 2024.
 The server keeps one adapter at the largest rank ``r_max`` (in effective-update units: scaling 1.0,
 ``B`` carries the scaling). Each round
 
-    distribute (truncate):  A_k = A_g[:r_k],  B_k = B_g[:, :r_k] / s_k,   scaling s_k = scaling_for(r_k, α_k)
+    distribute (truncate):  A_k = A_g[:r_k],  B_k = B_g[:, :r_k] / s_k,   scaling s_k = α_k/r_k (α_k/√r_k with rsLoRA: ClientSpec.scaling)
     local training + rank self-pruning: the client adds ``λ · ‖B[:, ⌊γr⌋:]‖_F ‖A[⌊γr⌋:, :]‖_F`` to its
         loss (:func:`tail_norm`) and may return a smaller rank ``r'_k = max(⌊γ r_k⌋, r_min)``
         (:func:`pruned_rank`)
@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fedpeft.lora import LoraFactors, at_scaling, frobenius_of_product, normalized_weights, scaling_for, truncate
+from fedpeft.lora import LoraFactors, at_scaling, frobenius_of_product, normalized_weights, truncate
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
 from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
@@ -75,6 +75,7 @@ class HetLoRA:
     weightings: ClassVar[tuple[str, ...]] = ("sparsity", *WEIGHTINGS)
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
+    lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
 
     def __post_init__(self) -> None:
         check_weighting(self)
@@ -94,7 +95,7 @@ class HetLoRA:
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
         """Truncate to the client's rank; a rank above the server's ``r_max`` is a ``ValueError``
         (its extra components would be zero in both A and B, which gradient descent never revives)."""
-        s = scaling_for(client.rank, client.alpha)
+        s = client.scaling
         adapter = {}
         for name, g in model.adapter.items():
             if client.rank > g.rank:

@@ -1,0 +1,211 @@
+"""Every PEFT method through one seam (fedpeft/methods): what each trains and sends, FedAvg of its
+tensors, the strategies that refuse it, and its saved adapter reloading with peft.
+
+The federations run in-process (tests/test_cohort_engine.py's AppGrid: the real round loop,
+strategies and ClientApp, without Ray), two rounds each; a method's checkpoint of round 2 is
+loaded with ``PeftModel.from_pretrained`` on a fresh base model and must evaluate to the metrics
+the server logged for that round.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedpeft import methods
+from fedpeft.cli import compose
+from fedpeft.config import ConfigError, ModelConfig, PeftConfig
+from fedpeft.models import ModelError, build, read_adapter, write_adapter
+
+ALL = ["lora", "rslora", "dora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "prefix_tuning", "bitfit"]
+# What each method trains on MiniLM (query/value at r=4; IA3 adds output.dense), besides the head.
+GROUPS = {
+    "lora": {"lora_A", "lora_B"}, "rslora": {"lora_A", "lora_B"}, "dora": {"lora_A", "lora_B", "vector"},
+    "loha": {"factors"}, "lokr": {"factors"}, "vera": {"vector"}, "ia3": {"vector"},
+    "prompt_tuning": {"embeddings"}, "prefix_tuning": {"embeddings"}, "bitfit": {"bias"},
+}
+SMALL = ["model.rank=4", "model.alpha=8", "peft.num_virtual_tokens=4", "peft.vera_rank=16"]
+
+
+def test_every_listed_method_is_registered_with_a_config_group():
+    from fedpeft.cli import CONFIG_DIR
+
+    assert list(methods.METHODS) == ALL
+    assert sorted(p.stem for p in (CONFIG_DIR / "peft").glob("*.yaml")) == sorted(ALL)
+    assert methods.lora_update_methods() == ["lora", "rslora", "dora"]
+
+
+@pytest.fixture(scope="module")
+def minilm_models():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = build(ModelConfig(rank=4, alpha=8), num_labels=2, device="cpu", seed=0, peft_cfg=PeftConfig(name=name, num_virtual_tokens=4, vera_rank=16))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_each_method_sends_exactly_its_trainable_tensors_grouped(name, minilm_models):
+    lm = minilm_models(name)
+    assert set(lm.groups.values()) == GROUPS[name] | {"head"}
+    assert {lm.groups[h] for h in lm.head} == (GROUPS[name] - {"lora_A", "lora_B"}) | {"head"}
+    g = read_adapter(lm)
+    sent = sum(f.A.numel() + f.B.numel() for f in g.adapter.values()) + sum(t.numel() for t in g.head.values())
+    assert sent == sum(p.numel() for p in lm.model.parameters() if p.requires_grad)
+    assert bool(lm.modules) == (name in ("lora", "rslora", "dora"))
+    # Written tensors are what the model then holds (through peft's own state-dict functions).
+    g2 = {k: torch.randn_like(t) for k, t in g.head.items()}
+    write_adapter(lm, g.adapter, g2)
+    assert all(torch.equal(read_adapter(lm).head[k], g2[k]) for k in g2)
+    write_adapter(lm, g.adapter, g.head)
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank(minilm_models):
+    from fedpeft.models import scaling_of
+
+    assert scaling_of(minilm_models("lora"), minilm_models("lora").modules[0]) == pytest.approx(8 / 4)
+    assert scaling_of(minilm_models("rslora"), minilm_models("rslora").modules[0]) == pytest.approx(8 / 2)
+
+
+def test_a_trainable_tensor_outside_the_methods_groups_is_an_error_naming_it(minilm_models, monkeypatch):
+    """DoRA's magnitude read by a method that does not declare it: refused by name, never 'head'."""
+    lora = methods.get("lora")
+    blind = methods.PeftMethod("dora", methods.get("dora").config, lora.groups, lora_update=True)
+    monkeypatch.setitem(methods.METHODS, "dora", blind)
+    with pytest.raises(ModelError, match=r"peft=dora: state-dict tensor '.*lora_magnitude_vector' belongs to none of the method's groups"):
+        build(ModelConfig(rank=4, alpha=8), num_labels=2, device="cpu", seed=0, peft_cfg=PeftConfig(name="dora"))
+
+
+def test_a_model_without_bias_terms_refuses_bitfit():
+    with pytest.raises(ModelError, match="peft=bitfit: the model has nothing this method trains"):
+        build(ModelConfig(name="smollm2", task="causal_lm", target_modules=["q_proj"], max_length=16), num_labels=None, device="cpu", seed=0, peft_cfg=PeftConfig(name="bitfit"))
+
+
+@pytest.mark.parametrize("strategy", ["ffa_lora", "hetlora", "flora", "flexlora"])
+@pytest.mark.parametrize("method", ["ia3", "loha", "prompt_tuning"])
+def test_lora_structured_strategies_refuse_other_methods_in_one_line(strategy, method):
+    with pytest.raises(ConfigError) as e:
+        compose([f"strategy={strategy}", f"peft={method}"])
+    msg = str(e.value)
+    assert "\n" not in msg and f"strategy={strategy}" in msg and f"peft={method}" in msg, msg
+
+
+@pytest.mark.parametrize("strategy", ["ffa_lora", "hetlora", "flora", "flexlora"])
+def test_lora_structured_strategies_take_dora_and_rslora(strategy):
+    for method in ("dora", "rslora"):
+        assert compose([f"strategy={strategy}", f"peft={method}"]).peft.name == method
+
+
+def test_the_cohort_engine_refuses_methods_it_cannot_batch():
+    with pytest.raises(ConfigError, match=r"engine.kind: the cohort engine batches peft=lora \| rslora only, not peft=ia3"):
+        compose(["engine.kind=cohort", "peft=ia3"])
+
+
+def test_an_unknown_method_names_the_choices():
+    with pytest.raises(ConfigError, match="peft"):
+        compose(["peft.name=adapterhub"])
+
+
+# --------------------------------------------------------------------------- federations, in-process
+
+
+def federate(tmp_path, overrides, run_id=7):
+    from flwr.app import Context, RecordDict
+
+    from fedpeft.runconfig import RunSpec, to_run_config
+    from fedpeft.serverapp import Federation
+    from test_cohort_engine import AppGrid
+
+    cfg = compose(overrides)
+    rc = to_run_config(cfg, tmp_path, shared_dir=str(tmp_path))
+    contexts = {
+        100 + i: Context(run_id=run_id, node_id=100 + i, node_config={"partition-id": i, "num-partitions": cfg.clients}, state=RecordDict(), run_config=rc)
+        for i in range(cfg.clients)
+    }
+    fed = Federation(cfg, RunSpec(tmp_path, shared_dir=str(tmp_path)))
+    fed.run(AppGrid(contexts))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return fed, rows
+
+
+def reload_and_evaluate(fed, ckpt, task):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from clients.train import evaluate
+    from fedpeft.models import LoadedModel, model_path
+
+    cfg = fed.cfg
+    if task == "classification":
+        base = AutoModelForSequenceClassification.from_pretrained(model_path(cfg.model.name), num_labels=fed.lm.model.get_base_model().config.num_labels)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model_path(cfg.model.name), dtype=torch.float32)
+    base.config.pad_token_id = fed.lm.tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, ckpt).eval()
+    lm = LoadedModel(model, fed.lm.tokenizer, task, torch.device("cpu"), cfg.model.max_length, (), ())
+    return evaluate(lm, fed.test, cfg.model.eval_batch_size)
+
+
+FED = ["clients=3", "min_clients=3", "rounds=2", "model.max_length=32", "train.local_steps=3", "train.batch_size=8",
+       "train.lr=1e-2", "data.eval_samples=64", "tracking.mode=disabled", "engine.device=cpu", "partition=dirichlet", "partition.alpha=0.5"]
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("name", ALL)
+def test_each_method_federates_with_fedavg_and_its_checkpoint_reloads_to_the_logged_accuracy(name, tmp_path):
+    fed, rows = federate(tmp_path, [*FED, *SMALL, f"peft={name}"])
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[2]["clients_replied"] == 3 and rows[2]["clients_failed"] == 0
+    # FedAvg of every trained tensor: the global tensors moved from their start.
+    start = read_adapter(build(fed.cfg.model, num_labels=2, device="cpu", seed=fed.cfg.seed, peft_cfg=fed.cfg.peft))
+    moved = [k for k in start.head if not torch.equal(start.head[k], fed.adapter.model.head[k])]
+    assert len(moved) == len(start.head), set(start.head) - set(moved)
+    m = reload_and_evaluate(fed, tmp_path / "adapters" / "round_002", "classification")
+    assert m["accuracy"] == pytest.approx(rows[2]["accuracy"], abs=1e-9)
+    assert m["loss"] == pytest.approx(rows[2]["loss"], rel=1e-4)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("name", ["dora", "ia3", "prefix_tuning"])
+def test_causal_lm_methods_federate_and_reload_to_the_logged_perplexity(name, tmp_path):
+    fed, rows = federate(tmp_path, [*FED[:-2], *SMALL, "+preset=shakespeare", "clients=3", "min_clients=3", "fraction=1.0", "model.target_modules=[q_proj,v_proj]",
+                                    "model.max_length=24", "train.local_steps=2", "train.batch_size=4", "data.eval_samples=16", "model.eval_batch_size=8", f"peft={name}"])
+    assert rows[2]["loss"] < rows[0]["loss"], rows
+    m = reload_and_evaluate(fed, tmp_path / "adapters" / "round_002", "causal_lm")
+    assert m["loss"] == pytest.approx(rows[2]["loss"], rel=1e-4)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_dora_with_heterogeneous_ranks_averages_its_magnitude_like_fedavg(tmp_path):
+    """HetLoRA takes DoRA: the factors are zero-padded and aggregated, the magnitude averaged."""
+    fed, rows = federate(tmp_path, [*FED, *SMALL, "strategy=hetlora", "ranks=flora", "ranks.levels=[4,2,2]", "peft=dora"])
+    assert rows[2]["clients_replied"] == 3
+    mags = [k for k, g in fed.lm.groups.items() if g == "vector"]
+    assert mags and all(k in fed.adapter.model.head for k in mags)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("name", ["prefix_tuning", "bitfit"])
+def test_sample_level_dp_trains_the_methods_opacus_supports(name, tmp_path):
+    fed, rows = federate(tmp_path, [*FED, *SMALL, f"peft={name}", "privacy=sample", "privacy.noise_multiplier=0.5"])
+    assert rows[2]["clients_replied"] == 3 and rows[2]["epsilon"] > 0
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if not methods.get(n).opacus])
+def test_sample_level_dp_refuses_methods_without_opacus_gradients_in_one_line(name):
+    """Opacus 1.6 computes no per-example gradient for these peft layers (measured: the training
+    step raises); the config says so before anything runs. Update-level DP takes them."""
+    with pytest.raises(ConfigError, match=rf"privacy.mode: sample-level DP-SGD needs Opacus's per-example gradients, which Opacus 1.6 lacks for peft={name}'s layers"):
+        compose([f"peft={name}", "privacy=sample", "privacy.noise_multiplier=0.5"])
+    assert compose([f"peft={name}", "privacy=local", "privacy.noise_multiplier=0.5"]).peft.name == name
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_local_dp_noises_a_non_lora_methods_update(tmp_path):
+    fed, rows = federate(tmp_path, [*FED, *SMALL, "peft=ia3", "privacy=local", "privacy.noise_multiplier=0.5", "privacy.clip=0.5"])
+    assert rows[2]["clients_replied"] == 3 and rows[2]["epsilon"] > 0
