@@ -142,7 +142,13 @@ class Step:
 
     @property
     def send_A(self) -> bool:
-        return not bool(self.instructions.get("freeze_A"))
+        """Whether the reply carries A (not when A is frozen: FFA-LoRA, RoLoRA's B rounds)."""
+        return messages.uplink_factors(self.instructions)[0]
+
+    @property
+    def send_B(self) -> bool:
+        """Whether the reply carries B (not when B is frozen: RoLoRA's A rounds)."""
+        return messages.uplink_factors(self.instructions)[1]
 
     def seed(self, stream: int) -> int:
         """A seed for one random stream of this client in this round (0: training, 2: local DP noise, 3: codec)."""
@@ -175,7 +181,7 @@ def node_model(step: Step, context: Context) -> LoadedModel:
 
 def start_of(step: Step, context: Context) -> dict[str, torch.Tensor]:
     """The arrays this client started training from (the reference of its update's delta)."""
-    return messages.start_tensors(step.decoded, module_shapes(node_model(step, context)), step.rank, step.alpha, send_A=step.send_A)
+    return messages.start_tensors(step.decoded, module_shapes(node_model(step, context)), step.rank, step.alpha, send_A=step.send_A, send_B=step.send_B)
 
 
 # ------------------------------------------------------------------ mods (Flower's client middleware)
@@ -201,12 +207,12 @@ def compress_update(msg: Message, context: Context, call_next) -> Message:
     if codec.uplink == "none" or reply.has_error():
         return reply
     step = read_step(msg, context)
-    rec = messages.decode(reply.content)
+    rec = messages.decode(reply.content, kept=step.decoded.adapter)
     residual = None
     if codec.uplink == "topk" and codec.error_feedback:
         residual = load_residual(step, context)
     content = messages.encode(
-        rec.adapter, rec.head, rec.config, send_A=step.send_A, codec=codec.uplink, fraction=codec.topk_fraction,
+        rec.adapter, rec.head, rec.config, send_A=step.send_A, send_B=step.send_B, codec=codec.uplink, fraction=codec.topk_fraction,
         reference=start_of(step, context), generator=torch.Generator().manual_seed(step.seed(3)), residual=residual,
     )
     if residual is not None:
@@ -223,10 +229,11 @@ def local_dp(msg: Message, context: Context, call_next) -> Message:
     if pv.mode != "local" or reply.has_error():
         return reply
     step = read_step(msg, context)
-    rec = messages.decode(reply.content)
+    rec = messages.decode(reply.content, kept=step.decoded.adapter)
     g = torch.Generator().manual_seed(step.seed(2))
-    adapter, head, norm = noised_update(rec.adapter, rec.head, start_of(step, context), pv.clip, step.noise_multiplier, g, send_A=step.send_A)
-    content = messages.encode(adapter, head, rec.config, send_A=step.send_A)
+    adapter, head, norm = noised_update(rec.adapter, rec.head, start_of(step, context), pv.clip, step.noise_multiplier, g,
+                                        send_A=step.send_A, send_B=step.send_B)
+    content = messages.encode(adapter, head, rec.config, send_A=step.send_A, send_B=step.send_B)
     metrics = dict(reply.content.metric_records[messages.METRICS])
     content[messages.METRICS] = messages.metric_record({**metrics, "update_norm": norm})
     return Message(content=content, reply_to=msg)
@@ -255,9 +262,9 @@ def payload_of(step: Step) -> Payload:
 def plain_reply(msg: Message, step: Step, update, metrics: dict) -> Message:
     """The reply carrying the plain update (before the mods' local DP and compression)."""
     reply = {"num-examples": update.num_examples, "partition-id": step.partition_id}
-    if not step.send_A:
+    if not step.send_A and "A_seed" in step.instructions:
         reply["A_seed"] = int(step.instructions["A_seed"])
-    content = messages.encode(update.adapter, update.head, reply, send_A=step.send_A)
+    content = messages.encode(update.adapter, update.head, reply, send_A=step.send_A, send_B=step.send_B)
     content[messages.METRICS] = messages.metric_record({**metrics, "num-examples": update.num_examples})
     return Message(content=content, reply_to=msg)
 
@@ -425,17 +432,18 @@ def save_residual(step: Step, context: Context, residual: dict[str, torch.Tensor
         files[r].unlink(missing_ok=True)
 
 
-def noised_update(adapter: dict, head: dict, start: dict, clip: float, noise_multiplier: float, generator: torch.Generator, *, send_A: bool = True) -> tuple[dict, dict, float]:
+def noised_update(adapter: dict, head: dict, start: dict, clip: float, noise_multiplier: float, generator: torch.Generator, *,
+                  send_A: bool = True, send_B: bool = True) -> tuple[dict, dict, float]:
     """Local client-level DP: the update ``Δ`` (what is sent, minus ``start``) is clipped to
     ``‖Δ‖₂ ≤ clip`` and ``N(0, (σ·clip)²)`` is added to every entry; returns ``start + Δ̃`` as an
     adapter and head, and ``‖Δ‖`` before clipping."""
-    sent = messages.tensors_of(adapter, head, send_A=send_A)
+    sent = messages.tensors_of(adapter, head, send_A=send_A, send_B=send_B)
     ref = {k: messages.slice_like(start, k, t) for k, t in sent.items()}
     clipped, norm = privacy.clip({k: t - ref[k] for k, t in sent.items()}, clip)
     noisy = privacy.gaussian_noise(clipped, noise_multiplier * clip, generator)
     out = {k: ref[k] + noisy[k] for k in sent}
     new_adapter = {
-        m: LoraFactors(out[f"A/{m}"] if send_A else f.A, out[f"B/{m}"], f.scaling) for m, f in adapter.items()
+        m: LoraFactors(out[f"A/{m}"] if send_A else f.A, out[f"B/{m}"] if send_B else f.B, f.scaling) for m, f in adapter.items()
     }
     return new_adapter, {h: out[f"head/{h}"] for h in head}, norm
 

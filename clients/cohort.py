@@ -81,7 +81,8 @@ the client's expected batch size (:func:`_clip_and_noise`), then HetLoRA's term'
 and the optimizer steps — Opacus's ``DPOptimizer`` step, per client. With dropout off, a client's
 DP-SGD update equals the per-client engine's, noise included (the tests check σ = 0 and σ > 0).
 
-Not supported (each raises :class:`CohortError`, one line naming the setting): DP-SGD with a head
+Not supported (each raises :class:`CohortError`, one line naming the setting): ``freeze_B`` (RoLoRA's
+rounds that train A; the config refuses ``strategy=rolora`` with ``engine.kind=cohort``), DP-SGD with a head
 that is not a Linear layer, a cohort mixing DP and non-DP clients, LoRA variants such as DoRA, LoRA on non-``Linear`` modules, merged
 adapters, multi-label/regression classification heads, clients of one cohort on different FLoRA
 base versions. bf16: ``autocast=torch.bfloat16`` runs the frozen base under autocast and the
@@ -177,6 +178,8 @@ def _check_jobs(lm: LoadedModel, jobs: list[CohortJob]) -> None:
     for j in jobs:
         if len(j.data) == 0:
             raise ValueError(f"client {j.client_id}: its partition is empty")
+        if j.payload.instructions.get("freeze_B"):
+            raise CohortError("freeze_B (strategy=rolora): the cohort engine does not batch a frozen B; use engine.kind=per_client")
         if j.payload.base_version != lm.base_version:
             raise CohortError(
                 f"client {j.client_id}: its payload asks for base version {j.payload.base_version} but the model holds "

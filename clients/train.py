@@ -96,12 +96,14 @@ def train(
     """Train the active adapter from ``payload`` on ``data`` (a ``datasets.Dataset``).
 
     Instructions honoured: an empty ``payload.adapter`` starts a fresh LoRA seeded by
-    ``init_seed`` (FLoRA, FlexLoRA's first round); ``freeze_A`` trains B only (FFA-LoRA);
+    ``init_seed`` (FLoRA, FlexLoRA's first round); ``freeze_A`` trains B only (FFA-LoRA, RoLoRA's B
+    rounds); ``freeze_B`` trains A only (RoLoRA's A rounds);
     ``prune`` adds HetLoRA's rank self-pruning term ``λ Σ_modules ‖B[:, ⌊γr⌋:]‖_F ‖A[⌊γr⌋:, :]‖_F``
     to the loss and shrinks the rank to ``max(⌊γr⌋, r_min)`` when that term decreased.
 
     ``dp``: train with DP-SGD through Opacus on exactly the trainable tensors (with ``freeze_A``,
-    B and the head); the cached model is wrapped for this call only and unwrapped afterwards.
+    B and the head; with ``freeze_B``, A and the head); the cached model is wrapped for this call only
+    and unwrapped afterwards.
     """
     if len(data) == 0:
         raise ValueError(f"client {client_id}: its partition is empty")
@@ -114,7 +116,10 @@ def train(
         write_adapter(lm, read_adapter(lm).adapter, payload.head)
     model = lm.model
     name = active(lm)
+    if ins.get("freeze_A") and ins.get("freeze_B"):
+        raise ValueError(f"client {client_id}: freeze_A and freeze_B together leave no LoRA factor to train")
     frozen = [layer(lm, m).lora_A[name].weight for m in lm.modules] if ins.get("freeze_A") else []
+    frozen += [layer(lm, m).lora_B[name].weight for m in lm.modules] if ins.get("freeze_B") else []
     for p in frozen:
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -36,6 +36,8 @@ class StrategyConfig:
     # largest client rank). FFA-LoRA: the shared A's rank (default the initial adapter's).
     r_max: Optional[int] = None
     svd_tol: float = 1e-5
+    # RoLoRA: the factor trained in the odd rounds (A or B); the other trains in the even rounds.
+    first: str = "B"
 
 
 @dataclass
@@ -316,6 +318,7 @@ def validate(cfg: Any) -> None:
     one_of(cfg.strategy.svd, "strategy.svd", SVD_MODES)
     need(cfg.strategy.r_max is None or cfg.strategy.r_max >= 1, "strategy.r_max", f"must be at least 1 (or null), got {cfg.strategy.r_max}")
     need(0 < cfg.strategy.svd_tol < 1, "strategy.svd_tol", f"must be in (0, 1), got {cfg.strategy.svd_tol}")
+    one_of(cfg.strategy.first, "strategy.first", ("A", "B"))
     from fedpeft.ranks import client_ranks
     from fedpeft.ranks import validate as validate_ranks
 
@@ -348,6 +351,9 @@ def validate(cfg: Any) -> None:
     from fedpeft.privacy import MODES
 
     one_of(cfg.privacy.mode, "privacy.mode", MODES)
+    engines = getattr(cls, "engines", ENGINES)
+    need(cfg.engine.kind in engines, "engine.kind",
+         f"strategy={name} does not run on engine.kind={cfg.engine.kind}; use engine.kind={' | '.join(engines)}")
     need(cfg.privacy.mode in cls.privacy_modes, "privacy.mode",
          f"strategy={name} does not work with privacy.mode={cfg.privacy.mode}; use privacy={' | '.join(cls.privacy_modes)}")
     validate_privacy(cfg, need, one_of)

@@ -73,25 +73,38 @@ def encode_merge(version: int, merge: Mapping[str, "merge_forms.Form"]) -> Encod
     return EncodedMerge(version, arrays)
 
 
-def tensors_of(adapter: Adapter, head: Mapping[str, torch.Tensor], *, send_A: bool = True) -> dict[str, torch.Tensor]:
-    """The arrays an adapter travels as: ``A/<module>`` (unless ``send_A`` is false), ``B/<module>``, ``head/<name>``."""
+def uplink_factors(instructions: Mapping[str, Any]) -> tuple[bool, bool]:
+    """``(send_A, send_B)`` of a client's update: a factor the client keeps frozen (``freeze_A``,
+    ``freeze_B``) is not sent back; the server has it (it sent it, or its seed ``A_seed``)."""
+    return not instructions.get("freeze_A", False), not instructions.get("freeze_B", False)
+
+
+def downlink_sends_A(instructions: Mapping[str, Any]) -> bool:
+    """Whether a payload carries ``A``: not when the client regenerates it from ``A_seed`` (FFA-LoRA)."""
+    return not (instructions.get("freeze_A", False) and "A_seed" in instructions)
+
+
+def tensors_of(adapter: Adapter, head: Mapping[str, torch.Tensor], *, send_A: bool = True, send_B: bool = True) -> dict[str, torch.Tensor]:
+    """The arrays an adapter travels as: ``A/<module>`` (unless ``send_A`` is false), ``B/<module>``
+    (unless ``send_B`` is false), ``head/<name>``."""
     out: dict[str, torch.Tensor] = {}
     for name, f in adapter.items():
         if send_A:
             out[f"A/{name}"] = f.A.detach().cpu().float().contiguous()
-        out[f"B/{name}"] = f.B.detach().cpu().float().contiguous()
+        if send_B:
+            out[f"B/{name}"] = f.B.detach().cpu().float().contiguous()
     for name, t in head.items():
         out[f"head/{name}"] = t.detach().cpu().float().contiguous()
     return out
 
 
-def start_tensors(dec: "Decoded", shapes: Mapping[str, tuple[int, int]], rank: int, alpha: float, *, send_A: bool = True) -> dict[str, torch.Tensor]:
+def start_tensors(dec: "Decoded", shapes: Mapping[str, tuple[int, int]], rank: int, alpha: float, *, send_A: bool = True, send_B: bool = True) -> dict[str, torch.Tensor]:
     """What a client starts training from, as arrays: the payload's adapter (as decoded), or for
     an empty one the fresh LoRA of ``init_seed``; the reference of an uplink delta."""
     from fedpeft.lora import fresh_adapter, scaling_for
 
     adapter = dec.adapter or (fresh_adapter(shapes, rank, scaling_for(rank, alpha), int(dec.config["init_seed"])) if shapes else {})
-    return tensors_of(adapter, dec.head, send_A=send_A)
+    return tensors_of(adapter, dec.head, send_A=send_A, send_B=send_B)
 
 
 def encode(
@@ -100,6 +113,7 @@ def encode(
     config: Mapping[str, Any],
     *,
     send_A: bool = True,
+    send_B: bool = True,
     merges: Mapping[int, "merge_forms.Merge | Adapter | EncodedMerge"] | None = None,
     codec: str = "none",
     fraction: float = 0.1,
@@ -108,7 +122,9 @@ def encode(
     residual: dict[str, torch.Tensor] | None = None,
 ) -> RecordDict:
     """``send_A=False`` leaves out every ``A`` (FFA-LoRA: A is frozen and regenerated from
-    ``config["A_seed"]`` by :func:`fedpeft.lora.seeded_lora_A`); ``merges`` carries FLoRA's
+    ``config["A_seed"]`` by :func:`fedpeft.lora.seeded_lora_A`; RoLoRA's reply: the receiver has the
+    frozen A it sent, :func:`decode`'s ``kept``), ``send_B=False`` every ``B`` (RoLoRA's reply, whose
+    B is frozen; never both); ``merges`` carries FLoRA's
     merges of the base versions the receiver has not applied yet: per module stacked factors
     (scaling 1) or a dense ``ΔW``, or already encoded (:class:`EncodedMerge`, whose ``Array``
     objects are put into this message as they are, not copied).
@@ -117,9 +133,9 @@ def encode(
     ``reference`` (arrays of the same keys; a shrunk rank uses its leading slice) their difference
     from it. ``residual`` is the sender's top-k error-feedback memory, updated in place."""
     cfg: dict[str, Any] = dict(config)
-    if not send_A and "A_seed" not in cfg:
-        raise ValueError("send_A=False needs config['A_seed'] so that the receiver can regenerate A")
-    tensors = tensors_of(adapter, head, send_A=send_A)
+    if not send_A and not send_B:
+        raise ValueError("send_A=False and send_B=False: an adapter travels with at least one factor")
+    tensors = tensors_of(adapter, head, send_A=send_A, send_B=send_B)
     for name, f in adapter.items():
         if not send_A:
             cfg[f"in_features/{name}"] = int(f.A.shape[1])
@@ -155,10 +171,12 @@ def slice_like(reference: Mapping[str, torch.Tensor], key: str, t: torch.Tensor)
     return ref
 
 
-def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = None, *, with_merges: bool = True) -> Decoded:
+def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = None, *, with_merges: bool = True, kept: Adapter | None = None) -> Decoded:
     """Inverse of :func:`encode`; raises :class:`UpdateError` on a malformed record. A delta-coded
     update needs the ``reference`` it was measured against. ``with_merges=False`` leaves the
-    merges' arrays undeserialised (``merges`` stays empty)."""
+    merges' arrays undeserialised (``merges`` stays empty). ``kept``: the adapter whose factor a
+    reply leaves out (the receiver sent it; the client kept it frozen): a missing ``B``, or a
+    missing ``A`` without ``A_seed``, is taken from it."""
     from fedpeft.lora import seeded_lora_A
 
     if ARRAYS not in content.array_records or CONFIG not in content.config_records:
@@ -181,17 +199,25 @@ def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = N
     merge_parts: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
         kind, _, name = key.partition("/")
-        if kind == "B":
+        if kind in ("A", "B") and (kind == "B" or f"B/{name}" not in tensors):  # each module once
+            if f"B/{name}" in tensors:
+                B = tensors[f"B/{name}"]
+            elif kept is not None and name in kept:
+                B = kept[name].B.detach().cpu().float()
+            else:
+                raise UpdateError(f"module {name}: A without B (and no kept B)")
             if f"scaling/{name}" not in cfg:
-                raise UpdateError(f"module {name}: B without a scaling")
+                raise UpdateError(f"module {name}: {kind} without a scaling")
             if f"A/{name}" in tensors:
                 A = tensors[f"A/{name}"]
             elif f"in_features/{name}" in cfg and "A_seed" in cfg:
-                A = seeded_lora_A(name, t.shape[1], int(cfg[f"in_features/{name}"]), int(cfg["A_seed"]))
+                A = seeded_lora_A(name, B.shape[1], int(cfg[f"in_features/{name}"]), int(cfg["A_seed"]))
+            elif kept is not None and name in kept:
+                A = kept[name].A.detach().cpu().float()
             else:
                 raise UpdateError(f"module {name}: B without A (and no A_seed to regenerate it)")
             try:
-                out.adapter[name] = LoraFactors(A, t, float(cfg[f"scaling/{name}"]))
+                out.adapter[name] = LoraFactors(A, B, float(cfg[f"scaling/{name}"]))
             except ValueError as e:
                 raise UpdateError(f"module {name}: {e}") from None
         elif kind == "head":
@@ -200,8 +226,7 @@ def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = N
             part, _, module = name.partition("/")
             merge_parts.setdefault(int(kind[5:]), {}).setdefault(module, {})[part] = t
         elif kind == "A":
-            if f"B/{name}" not in tensors:
-                raise UpdateError(f"module {name}: A without B")
+            pass  # with its module's B, above
         else:
             raise UpdateError(f"unexpected array {key!r}")
     for version, modules in sorted(merge_parts.items()):
@@ -295,11 +320,12 @@ def check_reply_layout(
     *,
     scaling: float,
     send_A: bool = True,
+    send_B: bool = True,
     A_seed: int | None = None,
     codec: str = "none",
 ) -> int:
     """Check a reply against what its client was sent, before anything is deserialised: keys and
-    declared shapes (``A/<module>`` unless A was not sent, ``B/<module>``, ``head/<name>``; with an
+    declared shapes (``A/<module>`` unless A is not sent back, ``B/<module>`` likewise, ``head/<name>``; with an
     uplink ``codec`` their ``<key>#<part>`` arrays and ``shape/<key>`` entries), one rank in
     ``ranks`` for every module, each array's ``.npy`` header, dtype and size as the codec makes
     them, the scalings (``scaling``, finite), and for a frozen A its ``in_features`` and
@@ -316,21 +342,23 @@ def check_reply_layout(
     else:
         declared = {k[len("shape/"):]: _dims(k, v) for k, v in cfg.items() if k.startswith("shape/")}
     rank = max(ranks)
-    for i, m in enumerate(sorted(shapes)):  # the rank: B's columns, one of ``ranks``, the same in every module
-        s = declared.get(f"B/{m}")
+    part, axis = ("B", 1) if send_B else ("A", 0)
+    for i, m in enumerate(sorted(shapes)):  # the rank: B's columns (A's rows), one of ``ranks``, the same in every module
+        s = declared.get(f"{part}/{m}")
         if s is None:
-            raise UpdateError(f"array 'B/{m}' is missing")
-        r = s[1] if len(s) == 2 else None
+            raise UpdateError(f"array '{part}/{m}' is missing")
+        r = s[axis] if len(s) == 2 else None
         if r not in ranks:
-            raise UpdateError(f"array 'B/{m}' has shape {s}: rank {r}, expected rank {' or '.join(map(str, ranks))}")
+            raise UpdateError(f"array '{part}/{m}' has shape {s}: rank {r}, expected rank {' or '.join(map(str, ranks))}")
         if i and r != rank:
-            raise UpdateError(f"array 'B/{m}' is at rank {r}, other modules at rank {rank}")
+            raise UpdateError(f"array '{part}/{m}' is at rank {r}, other modules at rank {rank}")
         rank = r
     want: dict[str, tuple[int, ...]] = {}
     for m, (o, i) in shapes.items():
         if send_A:
             want[f"A/{m}"] = (rank, i)
-        want[f"B/{m}"] = (o, rank)
+        if send_B:
+            want[f"B/{m}"] = (o, rank)
     want.update({f"head/{h}": tuple(int(d) for d in s) for h, s in head.items()})
     extra = sorted(set(declared) - set(want))
     if extra:
@@ -366,8 +394,10 @@ def check_reply_layout(
         if not send_A and (isinstance(v, bool) or not isinstance(v, int) or v != i):
             raise UpdateError(f"in_features/{m} is {v!r}, expected {i}")
     v = cfg.get("A_seed")
-    if not send_A and (isinstance(v, bool) or not isinstance(v, int) or v != A_seed):
+    if not send_A and A_seed is not None and (isinstance(v, bool) or not isinstance(v, int) or v != A_seed):
         raise UpdateError(f"A_seed is {v!r}, expected {A_seed!r} (the one sent)")
+    if not send_A and A_seed is None and v is not None:  # A is the one the server sent, not regenerated
+        raise UpdateError(f"A_seed is {v!r}, but none was sent")
     allowed = {f"scaling/{m}" for m in shapes} | {f"in_features/{m}" for m in shapes if not send_A} | {f"shape/{k}" for k in want if codec != "none"}
     for k in cfg:
         if k.startswith(("scaling/", "in_features/", "shape/")) and k not in allowed:

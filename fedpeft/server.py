@@ -109,9 +109,15 @@ class FlowerAdapter(FlowerStrategy):
         identify_timeout: float | None = None,
         expected_examples: Callable[[int], int | None] | None = None,
         config_digest: str = "",
+        base_weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.strategy = strategy
-        self.model = strategy.init(model)
+        if getattr(strategy, "needs_base_weights", False):  # FeDeRA: its init decomposes the pre-trained weights
+            if base_weights is None:
+                raise ValueError(f"strategy={strategy.name} initialises from the pre-trained weights: pass base_weights")
+            self.model = strategy.init(model, base_weights=base_weights)
+        else:
+            self.model = strategy.init(model)
         self.fraction = fraction
         self.min_clients = min_clients
         self.client_spec = client_spec
@@ -119,6 +125,7 @@ class FlowerAdapter(FlowerStrategy):
         self.rng = random.Random(seed)
         self.on_merge = on_merge  # called with (version, its forms: what every party applies) for each new base merge
         self.forms: dict[int, merge_forms.Merge] = {}  # base version → its merge in the form it travels (chosen once)
+        self.published = 0  # base merges handed to on_merge (the store); init's (FeDeRA) go at round 1
         self._encoded: dict[int, messages.EncodedMerge] = {}  # this round's encoded merges, shared by its messages
         self.privacy = privacy
         self.codecs = codecs
@@ -152,6 +159,7 @@ class FlowerAdapter(FlowerStrategy):
             "seen": dict(self.seen),
             "rank_now": dict(self.rank_now),
             "rounds_applied": self.rounds_applied,
+            "merges_published": self.published,
             "ledger": self.privacy.accountant.state_dict() if self.privacy is not None else None,
         }
 
@@ -166,6 +174,7 @@ class FlowerAdapter(FlowerStrategy):
         self.seen = {int(k): int(v) for k, v in state["seen"].items()}
         self.rank_now = {int(k): int(v) for k, v in state["rank_now"].items()}
         self.rounds_applied = int(state["rounds_applied"])
+        self.published = int(state.get("merges_published", self.model.version))  # older states: every merge came from a round
         if self.privacy is not None:
             for z, q, n in (state["ledger"] or {"history": []})["history"]:
                 self.privacy.accountant.step(z, q, n)
@@ -247,6 +256,16 @@ class FlowerAdapter(FlowerStrategy):
             self.forms[version] = merge_forms.cheapest(self.model.merges[version - 1])
         return self.forms[version]
 
+    def publish(self) -> None:
+        """Choose the form of every merge not yet handed to ``on_merge`` (the run's merge store) and
+        hand it over: a round's merge when the round is applied, a strategy's initial merge (FeDeRA)
+        before round 1's messages go out."""
+        for v in range(self.published + 1, self.model.version + 1):
+            forms = self.merge_form(v)  # chosen once, now: the store and every later message carry it
+            if self.on_merge is not None:
+                self.on_merge(v, forms)
+            self.published = v
+
     def encoded_merge(self, version: int) -> messages.EncodedMerge:
         """Base version ``version``'s merge encoded once per round: every message of the round that
         carries it holds these same ``Array`` objects (each message's byte count includes them)."""
@@ -260,6 +279,7 @@ class FlowerAdapter(FlowerStrategy):
         if self.privacy is not None and self.privacy.mode == "central":
             self.adopt(arrays)
         epsilon = self.account(server_round)
+        self.publish()
         sampled = self.sample(grid)
         stats = self.stats[server_round] = RoundStats(sampled=len(sampled), epsilon=epsilon)
         self.sent = {}
@@ -270,7 +290,7 @@ class FlowerAdapter(FlowerStrategy):
                 spec = replace(spec, rank=min(spec.rank, self.rank_now[spec.client_id]))
             payload = self.strategy.payload(self.model, spec)
             have = self.seen.get(pid, 0)
-            send_A = not payload.instructions.get("freeze_A", False)
+            up_A, up_B = messages.uplink_factors(payload.instructions)
             content = messages.encode(
                 payload.adapter,
                 payload.head,
@@ -283,7 +303,7 @@ class FlowerAdapter(FlowerStrategy):
                     "alpha": float(spec.alpha),
                     "base-version": payload.base_version,
                 },
-                send_A=send_A,
+                send_A=messages.downlink_sends_A(payload.instructions),
                 merges={v: self.encoded_merge(v) for v in range(have + 1, payload.base_version + 1)},
                 codec=self.codecs.downlink,
                 generator=torch.Generator().manual_seed(hash((self.seed, server_round, spec.client_id, 1)) % 2**31),
@@ -291,7 +311,7 @@ class FlowerAdapter(FlowerStrategy):
             stats.bytes_down += messages.num_bytes(content)
             reference = None
             if self.codecs.uplink != "none":  # the start the client's delta-coded update is measured from
-                reference = messages.start_tensors(messages.decode(content, with_merges=False), self.shapes, spec.rank, spec.alpha, send_A=send_A)
+                reference = messages.start_tensors(messages.decode(content, with_merges=False), self.shapes, spec.rank, spec.alpha, send_A=up_A, send_B=up_B)
             self.sent[node] = (spec, payload, reference)
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         self.out = {m.metadata.dst_node_id: m for m in out}
@@ -306,13 +326,15 @@ class FlowerAdapter(FlowerStrategy):
         spec, payload, reference = self.sent[node]
         content = msg.content
         ranks = tuple(self.strategy.reply_ranks(spec.rank))
+        up_A, up_B = messages.uplink_factors(payload.instructions)
         messages.check_reply_layout(
             content,
             self.shapes,
             {h: tuple(t.shape) for h, t in payload.head.items()},
             ranks,
             scaling=spec.scaling,  # the client's peft scaling; a pruned rank keeps it
-            send_A=not payload.instructions.get("freeze_A", False),
+            send_A=up_A,
+            send_B=up_B,
             A_seed=payload.instructions.get("A_seed"),  # type: ignore[arg-type]
             codec=self.codecs.uplink,
         )
@@ -322,7 +344,8 @@ class FlowerAdapter(FlowerStrategy):
         n = messages.check_num_examples(cfg.get("num-examples"), expected)
         if "partition-id" in cfg and cfg["partition-id"] != spec.client_id:
             raise messages.UpdateError(f"partition-id is {cfg['partition-id']!r}, expected {spec.client_id}")
-        dec = messages.decode(content, reference)
+        # a factor the client kept frozen is not in its reply: the one it was sent (RoLoRA)
+        dec = messages.decode(content, reference, kept=None if up_A and up_B else payload.adapter)
         messages.check_update(dec.adapter, dec.head, self.shapes, max(ranks), payload.head)
         metrics = dict(content.metric_records[messages.METRICS]) if messages.METRICS in content.metric_records else {}
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
@@ -396,14 +419,10 @@ class FlowerAdapter(FlowerStrategy):
         stats.applied = len(updates) >= max(self.min_clients, 1)
         diagnostics: dict[str, float] = {}
         if stats.applied:
-            before = self.model.version
             diagnose = getattr(self.strategy, "round_metrics", None)
             diagnostics = diagnose(self.model, updates) if diagnose is not None else {}
             self.model = self.strategy.aggregate(self.model, updates)
-            for v in range(before + 1, self.model.version + 1):
-                forms = self.merge_form(v)  # chosen once, now: the store and every later message carry it
-                if self.on_merge is not None:
-                    self.on_merge(v, forms)
+            self.publish()
             self.rank_now.update(shrunk)
             self.rounds_applied += 1
         else:
@@ -445,11 +464,13 @@ def _adapter_from(state: dict) -> dict:
 
 
 def _model_state(model: GlobalModel) -> dict[str, Any]:
-    return {"adapter": _adapter_state(model.adapter), "head": dict(model.head), "merges": [_adapter_state(m) for m in model.merges]}
+    return {"adapter": _adapter_state(model.adapter), "head": dict(model.head), "merges": [_adapter_state(m) for m in model.merges],
+            "aggregations": model.aggregations}
 
 
 def _model_from_state(state: dict[str, Any]) -> GlobalModel:
-    return GlobalModel(_adapter_from(state["adapter"]), dict(state["head"]), tuple(_adapter_from(m) for m in state["merges"]))
+    return GlobalModel(_adapter_from(state["adapter"]), dict(state["head"]), tuple(_adapter_from(m) for m in state["merges"]),
+                       int(state.get("aggregations", 0)))
 
 
 def wrap_central_dp(adapter: FlowerAdapter, num_sampled: int) -> DifferentialPrivacyServerSideFixedClipping:

@@ -249,7 +249,7 @@ class Federation:
     def build_adapter(self) -> None:
         import strategies
         from clients.app import save_merge
-        from fedpeft.models import module_shapes, read_adapter
+        from fedpeft.models import layer, module_shapes, read_adapter
         from fedpeft.server import Codecs, FlowerAdapter, sample_size, wrap_central_dp
         from strategies.base import ClientSpec
 
@@ -258,8 +258,11 @@ class Federation:
         merges = self.run_dir / MERGES
         ranks, alphas, partitioner = self.ranks, self.alphas, self.partitioner
         rslora = cfg.peft.name == "rslora"
+        strategy = strategies.build(cfg.strategy.name, **strategy_kwargs(cfg))
+        # FeDeRA initialises from the pre-trained weights: the server model's base weights are W_0 (merges never touch them)
+        base = {m: layer(self.lm, m).base_layer.weight.detach() for m in self.lm.modules} if getattr(strategy, "needs_base_weights", False) else None
         self.adapter = FlowerAdapter(
-            strategies.build(cfg.strategy.name, **strategy_kwargs(cfg)),
+            strategy,
             read_adapter(self.lm),
             fraction=cfg.fraction,
             min_clients=cfg.min_clients,
@@ -274,6 +277,7 @@ class Federation:
             # a reply from a node serving a partition must claim that partition's size
             expected_examples=lru_cache(maxsize=None)(lambda i: partitioner.load_partition(i).num_rows),
             config_digest=runconfig.digest(cfg),
+            base_weights=base,
         )
         central = cfg.privacy.mode == "central"
         self.strategy = wrap_central_dp(self.adapter, sample_size(cfg.clients, cfg.fraction, cfg.min_clients)) if central else self.adapter

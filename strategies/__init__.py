@@ -8,10 +8,13 @@ from __future__ import annotations
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
 from strategies.dp_lora import DPLoRA
 from strategies.fedavg import FedAvg
+from strategies.federa import FeDeRA
+from strategies.fedex_lora import FedExLoRA
 from strategies.ffa_lora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
 from strategies.hetlora import HetLoRA
+from strategies.rolora import RoLoRA
 
 REGISTRY: dict[str, type] = {
     "fedavg": FedAvg,
@@ -20,6 +23,9 @@ REGISTRY: dict[str, type] = {
     "flora": FLoRA,
     "flexlora": FlexLoRA,
     "dp_lora": DPLoRA,
+    "fedex_lora": FedExLoRA,
+    "rolora": RoLoRA,
+    "federa": FeDeRA,
 }
 
 
@@ -43,6 +49,9 @@ __all__ = [
     "FLoRA",
     "FlexLoRA",
     "DPLoRA",
+    "FedExLoRA",
+    "RoLoRA",
+    "FeDeRA",
     "build",
     "REGISTRY",
 ]

@@ -25,13 +25,17 @@ from fedpeft.lora import Adapter
 class GlobalModel:
     """The server's state. ``adapter`` may be empty (FLoRA keeps everything in ``merges``).
 
-    ``merges``: stacked factors (scaling 1) merged into the base weights, one entry per round, in
-    order; ``W_t = W_0 + Σ_i B_i A_i``. ``len(merges)`` is the base version clients must train on.
+    ``merges``: stacked factors (scaling 1) merged into the base weights, in order;
+    ``W_t = W_0 + Σ_i B_i A_i``. ``len(merges)`` is the base version clients must train on.
+    ``aggregations``: how many rounds this state has aggregated, for a strategy whose payload depends
+    on it (RoLoRA alternates the factor it trains); saved and resumed with the rest, left 0 by the
+    strategies that do not count.
     """
 
     adapter: Adapter
     head: dict[str, Tensor] = field(default_factory=dict)
     merges: tuple[Adapter, ...] = ()
+    aggregations: int = 0
 
     @property
     def version(self) -> int:
@@ -63,7 +67,8 @@ class Payload:
     fresh LoRA of your rank" (peft's init: random A, zero B) seeded by ``instructions["init_seed"]``.
     ``base_version``: the base (``W_0`` plus the first ``base_version`` merges) to train on; the
     Flower adapter ships the merges a client has not seen yet.
-    ``instructions``: plain scalars, e.g. ``{"freeze_A": True}`` or HetLoRA's pruning settings.
+    ``instructions``: plain scalars, e.g. ``{"freeze_A": True}`` (``"freeze_B"`` likewise) or
+    HetLoRA's pruning settings. A frozen factor is not sent back (:func:`fedpeft.messages.uplink_factors`).
     """
 
     adapter: Adapter
@@ -96,13 +101,19 @@ class Strategy(Protocol):
     lora_update_only: ClassVar[bool]
     # Optional: ``privacy_default = (group option, target ε)`` is applied when the user chooses no
     # privacy group and no noise (``fedpeft.config.strategy_defaults``); DP-LoRA has one.
+    # Optional: ``engines: ClassVar[tuple[str, ...]]``, the ``engine.kind`` values it works with
+    # (default: all); RoLoRA's ``freeze_B`` is not batched by the cohort engine.
+    # Optional: ``needs_base_weights: ClassVar[bool]``; when true the server calls
+    # ``init(model, base_weights={module: W [out × in]})`` with its frozen pre-trained weights (FeDeRA).
+    # Optional: ``lora_update_only: ClassVar[bool]``, the method's update is ``s·B·A`` (LoRA's).
 
     def reply_ranks(self, rank: int) -> tuple[int, ...]:
         """The ranks a client given ``rank`` may answer with (HetLoRA's clients may prune)."""
         ...
 
     def init(self, model: GlobalModel) -> GlobalModel:
-        """The starting state, from the server's freshly initialized peft adapter (at ``model.rank``)."""
+        """The starting state, from the server's freshly initialized peft adapter (at ``model.rank``).
+        A strategy that declares ``needs_base_weights`` takes ``base_weights`` as well."""
         ...
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload: ...

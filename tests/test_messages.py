@@ -117,8 +117,13 @@ def test_ffa_payloads_leave_A_out_and_the_receiver_regenerates_it():
         assert torch.equal(dec.adapter[m].A, A[m]) and torch.equal(dec.adapter[m].B, ad[m].B)
     saved = messages.num_bytes(full) - messages.num_bytes(half)
     assert saved >= 2 * 4 * 8 * 4  # both A matrices (float32) are not sent
-    with pytest.raises(ValueError, match="A_seed"):
-        messages.encode(ad, HEAD, {}, send_A=False)
+    # Without A_seed the receiver must hold the A it sent (RoLoRA's reply: decode's ``kept``).
+    unseeded = messages.encode(ad, HEAD, {}, send_A=False)
+    with pytest.raises(messages.UpdateError, match="no A_seed to regenerate it"):
+        messages.decode(unseeded)
+    assert all(torch.equal(f.A, A[m]) for m, f in messages.decode(unseeded, kept=ad).adapter.items())
+    with pytest.raises(ValueError, match="at least one factor"):
+        messages.encode(ad, HEAD, {}, send_A=False, send_B=False)
 
 
 def test_merges_travel_with_their_versions():
