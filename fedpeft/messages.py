@@ -73,25 +73,27 @@ def encode_merge(version: int, merge: Mapping[str, "merge_forms.Form"]) -> Encod
     return EncodedMerge(version, arrays)
 
 
-def tensors_of(adapter: Adapter, head: Mapping[str, torch.Tensor], *, send_A: bool = True) -> dict[str, torch.Tensor]:
-    """The arrays an adapter travels as: ``A/<module>`` (unless ``send_A`` is false), ``B/<module>``, ``head/<name>``."""
+def tensors_of(adapter: Adapter, head: Mapping[str, torch.Tensor], *, send_A: bool = True, send_B: bool = True) -> dict[str, torch.Tensor]:
+    """The arrays an adapter travels as: ``A/<module>`` (unless ``send_A`` is false), ``B/<module>``
+    (unless ``send_B`` is false), ``head/<name>``."""
     out: dict[str, torch.Tensor] = {}
     for name, f in adapter.items():
         if send_A:
             out[f"A/{name}"] = f.A.detach().cpu().float().contiguous()
-        out[f"B/{name}"] = f.B.detach().cpu().float().contiguous()
+        if send_B:
+            out[f"B/{name}"] = f.B.detach().cpu().float().contiguous()
     for name, t in head.items():
         out[f"head/{name}"] = t.detach().cpu().float().contiguous()
     return out
 
 
-def start_tensors(dec: "Decoded", shapes: Mapping[str, tuple[int, int]], rank: int, alpha: float, *, send_A: bool = True) -> dict[str, torch.Tensor]:
+def start_tensors(dec: "Decoded", shapes: Mapping[str, tuple[int, int]], rank: int, alpha: float, *, send_A: bool = True, send_B: bool = True) -> dict[str, torch.Tensor]:
     """What a client starts training from, as arrays: the payload's adapter (as decoded), or for
     an empty one the fresh LoRA of ``init_seed``; the reference of an uplink delta."""
     from fedpeft.lora import fresh_adapter, scaling_for
 
     adapter = dec.adapter or fresh_adapter(shapes, rank, scaling_for(rank, alpha), int(dec.config["init_seed"]))
-    return tensors_of(adapter, dec.head, send_A=send_A)
+    return tensors_of(adapter, dec.head, send_A=send_A, send_B=send_B)
 
 
 def encode(
@@ -100,6 +102,7 @@ def encode(
     config: Mapping[str, Any],
     *,
     send_A: bool = True,
+    send_B: bool = True,
     merges: Mapping[int, "merge_forms.Merge | Adapter | EncodedMerge"] | None = None,
     codec: str = "none",
     fraction: float = 0.1,
@@ -108,7 +111,9 @@ def encode(
     residual: dict[str, torch.Tensor] | None = None,
 ) -> RecordDict:
     """``send_A=False`` leaves out every ``A`` (FFA-LoRA: A is frozen and regenerated from
-    ``config["A_seed"]`` by :func:`fedpeft.lora.seeded_lora_A`); ``merges`` carries FLoRA's
+    ``config["A_seed"]`` by :func:`fedpeft.lora.seeded_lora_A`); ``send_B=False`` leaves out
+    every ``B`` (FedSA-LoRA: each client keeps its own; ``out_features/<module>`` lets the receiver
+    decode a zero ``B`` in its place, which it replaces with its own); ``merges`` carries FLoRA's
     merges of the base versions the receiver has not applied yet: per module stacked factors
     (scaling 1) or a dense ``ΔW``, or already encoded (:class:`EncodedMerge`, whose ``Array``
     objects are put into this message as they are, not copied).
@@ -119,10 +124,14 @@ def encode(
     cfg: dict[str, Any] = dict(config)
     if not send_A and "A_seed" not in cfg:
         raise ValueError("send_A=False needs config['A_seed'] so that the receiver can regenerate A")
-    tensors = tensors_of(adapter, head, send_A=send_A)
+    if not (send_A or send_B):
+        raise ValueError("send_A=False and send_B=False: an adapter needs at least one of its factors on the wire")
+    tensors = tensors_of(adapter, head, send_A=send_A, send_B=send_B)
     for name, f in adapter.items():
         if not send_A:
             cfg[f"in_features/{name}"] = int(f.A.shape[1])
+        if not send_B:
+            cfg[f"out_features/{name}"] = int(f.B.shape[0])
         cfg[f"scaling/{name}"] = float(f.scaling)
     if reference is not None:
         tensors = {k: t - slice_like(reference, k, t) for k, t in tensors.items()}
@@ -176,7 +185,7 @@ def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = N
         if reference is None:
             raise UpdateError("a delta-coded update arrived without the reference it was measured against")
         tensors = {k: t + slice_like(reference, k, t) if not k.startswith("merge") else t for k, t in tensors.items()}
-    skip = ("scaling/", "in_features/", "shape/")
+    skip = ("scaling/", "in_features/", "out_features/", "shape/")
     out = Decoded({}, {}, {k: v for k, v in cfg.items() if not k.startswith(skip) and k not in ("codec", "delta")})
     merge_parts: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
@@ -200,8 +209,17 @@ def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = N
             part, _, module = name.partition("/")
             merge_parts.setdefault(int(kind[5:]), {}).setdefault(module, {})[part] = t
         elif kind == "A":
-            if f"B/{name}" not in tensors:
-                raise UpdateError(f"module {name}: A without B")
+            if f"B/{name}" in tensors:
+                continue
+            if f"out_features/{name}" not in cfg or f"scaling/{name}" not in cfg:
+                raise UpdateError(f"module {name}: A without B (and no out_features and scaling for B's zero placeholder)")
+            out_features = cfg[f"out_features/{name}"]
+            if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
+                raise UpdateError(f"module {name}: out_features/{name} is {out_features!r}")
+            try:  # B is not on the wire (FedSA-LoRA's personal B): zeros, which the receiver replaces
+                out.adapter[name] = LoraFactors(t, t.new_zeros(out_features, t.shape[0]), float(cfg[f"scaling/{name}"]))
+            except ValueError as e:
+                raise UpdateError(f"module {name}: {e}") from None
         else:
             raise UpdateError(f"unexpected array {key!r}")
     for version, modules in sorted(merge_parts.items()):
@@ -295,15 +313,17 @@ def check_reply_layout(
     *,
     scaling: float,
     send_A: bool = True,
+    send_B: bool = True,
     A_seed: int | None = None,
     codec: str = "none",
 ) -> int:
     """Check a reply against what its client was sent, before anything is deserialised: keys and
-    declared shapes (``A/<module>`` unless A was not sent, ``B/<module>``, ``head/<name>``; with an
+    declared shapes (``A/<module>`` unless A was not sent, ``B/<module>`` unless B was not sent,
+    ``head/<name>``; with an
     uplink ``codec`` their ``<key>#<part>`` arrays and ``shape/<key>`` entries), one rank in
     ``ranks`` for every module, each array's ``.npy`` header, dtype and size as the codec makes
     them, the scalings (``scaling``, finite), and for a frozen A its ``in_features`` and
-    ``A_seed``. So no size a client declares is allocated unchecked. Returns the reply's rank;
+    ``A_seed``, for a personal B its ``out_features``. So no size a client declares is allocated unchecked. Returns the reply's rank;
     raises :class:`UpdateError` naming the key."""
     if set(content.array_records) != {ARRAYS} or CONFIG not in content.config_records:
         raise UpdateError(f"reply holds array records {sorted(content.array_records)} and config records {sorted(content.config_records)}, expected '{ARRAYS}' and '{CONFIG}'")
@@ -315,22 +335,26 @@ def check_reply_layout(
         declared = {k: _dims(f"array {k!r}", a.shape) for k, a in record.items()}
     else:
         declared = {k[len("shape/"):]: _dims(k, v) for k, v in cfg.items() if k.startswith("shape/")}
+    if not (send_A or send_B):
+        raise UpdateError("neither A nor B was to be sent: nothing to check")
     rank = max(ranks)
-    for i, m in enumerate(sorted(shapes)):  # the rank: B's columns, one of ``ranks``, the same in every module
-        s = declared.get(f"B/{m}")
+    part, dim = ("B", 1) if send_B else ("A", 0)
+    for i, m in enumerate(sorted(shapes)):  # the rank: B's columns (A's rows), one of ``ranks``, the same in every module
+        s = declared.get(f"{part}/{m}")
         if s is None:
-            raise UpdateError(f"array 'B/{m}' is missing")
-        r = s[1] if len(s) == 2 else None
+            raise UpdateError(f"array '{part}/{m}' is missing")
+        r = s[dim] if len(s) == 2 else None
         if r not in ranks:
-            raise UpdateError(f"array 'B/{m}' has shape {s}: rank {r}, expected rank {' or '.join(map(str, ranks))}")
+            raise UpdateError(f"array '{part}/{m}' has shape {s}: rank {r}, expected rank {' or '.join(map(str, ranks))}")
         if i and r != rank:
-            raise UpdateError(f"array 'B/{m}' is at rank {r}, other modules at rank {rank}")
+            raise UpdateError(f"array '{part}/{m}' is at rank {r}, other modules at rank {rank}")
         rank = r
     want: dict[str, tuple[int, ...]] = {}
     for m, (o, i) in shapes.items():
         if send_A:
             want[f"A/{m}"] = (rank, i)
-        want[f"B/{m}"] = (o, rank)
+        if send_B:
+            want[f"B/{m}"] = (o, rank)
     want.update({f"head/{h}": tuple(int(d) for d in s) for h, s in head.items()})
     extra = sorted(set(declared) - set(want))
     if extra:
@@ -365,12 +389,16 @@ def check_reply_layout(
         v = cfg.get(f"in_features/{m}")
         if not send_A and (isinstance(v, bool) or not isinstance(v, int) or v != i):
             raise UpdateError(f"in_features/{m} is {v!r}, expected {i}")
+        v = cfg.get(f"out_features/{m}")
+        if not send_B and (isinstance(v, bool) or not isinstance(v, int) or v != o):
+            raise UpdateError(f"out_features/{m} is {v!r}, expected {o}")
     v = cfg.get("A_seed")
     if not send_A and (isinstance(v, bool) or not isinstance(v, int) or v != A_seed):
         raise UpdateError(f"A_seed is {v!r}, expected {A_seed!r} (the one sent)")
-    allowed = {f"scaling/{m}" for m in shapes} | {f"in_features/{m}" for m in shapes if not send_A} | {f"shape/{k}" for k in want if codec != "none"}
+    allowed = ({f"scaling/{m}" for m in shapes} | {f"in_features/{m}" for m in shapes if not send_A}
+               | {f"out_features/{m}" for m in shapes if not send_B} | {f"shape/{k}" for k in want if codec != "none"})
     for k in cfg:
-        if k.startswith(("scaling/", "in_features/", "shape/")) and k not in allowed:
+        if k.startswith(("scaling/", "in_features/", "out_features/", "shape/")) and k not in allowed:
             raise UpdateError(f"unexpected config entry {k!r}")
     return rank
 

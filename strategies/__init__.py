@@ -8,6 +8,7 @@ from __future__ import annotations
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
 from strategies.dp_lora import DPLoRA
 from strategies.fedavg import FedAvg
+from strategies.fedsa_lora import FedSALoRA
 from strategies.ffa_lora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
@@ -20,7 +21,14 @@ REGISTRY: dict[str, type] = {
     "flora": FLoRA,
     "flexlora": FlexLoRA,
     "dp_lora": DPLoRA,
+    "fedsa_lora": FedSALoRA,
 }
+
+
+def personalized(name: str) -> bool:
+    """Whether strategy ``name`` evaluates each client's own model on a held-out split of its
+    partition (``personalized``, FedSA-LoRA) instead of one global model on the server."""
+    return bool(getattr(REGISTRY[name], "personalized", False))
 
 
 def build(name: str, **kwargs) -> Strategy:
@@ -43,6 +51,8 @@ __all__ = [
     "FLoRA",
     "FlexLoRA",
     "DPLoRA",
+    "FedSALoRA",
     "build",
+    "personalized",
     "REGISTRY",
 ]

@@ -55,7 +55,9 @@ class Payload:
     fresh LoRA of your rank" (peft's init: random A, zero B) seeded by ``instructions["init_seed"]``.
     ``base_version``: the base (``W_0`` plus the first ``base_version`` merges) to train on; the
     Flower adapter ships the merges a client has not seen yet.
-    ``instructions``: plain scalars, e.g. ``{"freeze_A": True}`` or HetLoRA's pruning settings.
+    ``instructions``: plain scalars, e.g. ``{"freeze_A": True}`` (A is not sent: regenerated from
+    ``A_seed``), ``{"personal_B": True}`` (B is not sent either way: the client uses its own) or
+    HetLoRA's pruning settings.
     """
 
     adapter: Adapter
@@ -100,3 +102,6 @@ class Strategy(Protocol):
 
     # Optional: ``round_metrics(model, updates) -> {name: float}``, diagnostics of the round's
     # aggregation that the server logs with the round's metrics (FedAvg's ``factor_avg_error``).
+    # Optional: ``personalized = True`` (a ClassVar; FedSA-LoRA): clients keep their own state and
+    # the global model alone is not a model, so every client trains on 80% of its partition and
+    # evaluates its own model on the other 20% (``fedpeft.data.held_out``); the run reports those.
