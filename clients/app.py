@@ -27,14 +27,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordD
 from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 
-from clients.train import DPSettings, TrainSettings, train
+import strategies
+from clients.train import DPSettings, TrainSettings, evaluate, train
 from fedpeft import data as fdata
 from fedpeft import cohorts, messages
 from fedpeft import merges as merge_forms
 from fedpeft import privacy, runconfig
 from fedpeft.config import Config, DataConfig, PartitionConfig
 from fedpeft.lora import LoraFactors
-from fedpeft.models import LoadedModel, apply_merge, build, module_shapes, use_adapter
+from fedpeft.models import LoadedModel, apply_merge, build, module_shapes, use_adapter, write_adapter
 from strategies.base import Payload
 
 
@@ -78,8 +79,8 @@ def _local_data(path: str, data_json: str, seed: int):
     return _load(path, DataConfig(**json.loads(data_json)), seed)
 
 
-def local_data(s: Config, node_config: dict):
-    """This node's training data and the dataset it comes from: on a device, the file at
+def node_data(s: Config, node_config: dict):
+    """This node's data and the dataset it comes from: on a device, the file at
     ``node_config["data-path"]`` (any format ``data.name`` takes, with the same columns), all of
     its train split; in simulation (and a local deployment), partition ``partition-id`` of
     ``num-partitions`` of ``data.name``, split as the server splits it."""
@@ -88,6 +89,20 @@ def local_data(s: Config, node_config: dict):
         return ds["train"], ds
     partitioner, ds = get_partitioner(s.data, s.partition, int(node_config["num-partitions"]), s.seed)
     return partitioner.load_partition(int(node_config["partition-id"])), ds
+
+
+def local_data(s: Config, node_config: dict):
+    """This node's training data (:func:`node_data`; with a ``personalized`` strategy the 80% of
+    it that :func:`fedpeft.data.held_out` leaves for training) and the dataset it comes from."""
+    part, ds = node_data(s, node_config)
+    return (fdata.held_out(part, s.seed)["train"] if strategies.personalized(s.strategy.name) else part), ds
+
+
+def held_out_data(s: Config, node_config: dict):
+    """This node's held-out 20% (:func:`fedpeft.data.held_out`), on which it evaluates its own model."""
+    if not strategies.personalized(s.strategy.name):
+        raise ValueError(f"strategy={s.strategy.name} evaluates the global model on the server, not on clients")
+    return fdata.held_out(node_data(s, node_config)[0], s.seed)["test"]
 
 
 def should_fail(seed: int, server_round: int, partition_id: int, rate: float) -> bool:
@@ -147,7 +162,7 @@ class Step:
 
     @property
     def send_B(self) -> bool:
-        """Whether the reply carries B (not when B is frozen: RoLoRA's A rounds)."""
+        """Whether the reply carries B (not when B is frozen, RoLoRA's A rounds, or personal, FedSA-LoRA)."""
         return messages.uplink_factors(self.instructions)[1]
 
     def seed(self, stream: int) -> int:
@@ -175,7 +190,7 @@ def read_step(msg: Message, context: Context) -> Step:
 
 def node_model(step: Step, context: Context) -> LoadedModel:
     s = step.settings
-    _, ds = local_data(s, context.node_config)
+    _, ds = node_data(s, context.node_config)
     return get_model(s, len(fdata.label_names(ds)) if s.model.task == "classification" else None, context.run_id)
 
 
@@ -255,8 +270,29 @@ def prepare(step: Step, context: Context) -> tuple[LoadedModel, Any]:
     return lm, part
 
 
-def payload_of(step: Step) -> Payload:
-    return Payload(adapter=step.decoded.adapter, head=step.decoded.head, instructions=step.instructions, base_version=step.base_version)
+def payload_of(step: Step, context: Context, *, through: int | None = None) -> Payload:
+    """What this client starts from: the message's payload; with ``personal_B`` (FedSA-LoRA) its
+    A (the global one) with this client's own B as of round ``through`` (default: the round before
+    this one; :func:`load_personal_B`), or peft's init B = 0 before its first training round."""
+    adapter = step.decoded.adapter
+    if step.instructions.get("personal_B"):
+        own = load_personal_B(step, context, through=step.server_round - 1 if through is None else through)
+        adapter = with_personal_B(adapter, own, step.partition_id)
+    return Payload(adapter=adapter, head=step.decoded.head, instructions=step.instructions, base_version=step.base_version)
+
+
+def with_personal_B(adapter: dict[str, LoraFactors], own: dict[str, torch.Tensor], client_id: int) -> dict[str, LoraFactors]:
+    """``adapter``'s A and scalings with the client's own B per module (``own``; empty: keep
+    ``adapter``'s B, the zero placeholder a payload without B decodes to)."""
+    if not own:
+        return dict(adapter)
+    out = {}
+    for m, f in adapter.items():
+        B = own.get(m)
+        if B is None or tuple(B.shape) != tuple(f.B.shape):
+            raise ValueError(f"client {client_id}: its stored B of module {m!r} is {None if B is None else tuple(B.shape)}, expected {tuple(f.B.shape)}")
+        out[m] = LoraFactors(f.A, B.to(dtype=f.B.dtype, device=f.B.device), f.scaling)
+    return out
 
 
 def plain_reply(msg: Message, step: Step, update, metrics: dict) -> Message:
@@ -278,8 +314,29 @@ def train_handler(msg: Message, context: Context) -> Message:
     lm, part = prepare(step, context)
     use_adapter(lm, step.rank, step.alpha)
     dp = DPSettings(step.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None
-    update, metrics = train(lm, payload_of(step), part, TrainSettings(**asdict(s.train)), seed=step.seed(0), client_id=step.partition_id, dp=dp)
+    update, metrics = train(lm, payload_of(step, context), part, TrainSettings(**asdict(s.train)), seed=step.seed(0), client_id=step.partition_id, dp=dp)
+    if step.instructions.get("personal_B"):
+        save_personal_B(step, context, update.adapter)
     return plain_reply(msg, step, update, metrics)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Personalised evaluation (a ``personalized`` strategy, FedSA-LoRA): this client's own model,
+    the message's global A and head with its own B as of this round (:func:`payload_of`), on its
+    held-out split (:func:`held_out_data`); replies ``accuracy`` and ``loss`` (or ``loss`` and
+    ``perplexity``) with its ``partition-id`` and ``num-examples``."""
+    step = read_step(msg, context)
+    s = step.settings
+    lm, _ = prepare(step, context)
+    use_adapter(lm, step.rank, step.alpha)
+    payload = payload_of(step, context, through=step.server_round)
+    write_adapter(lm, payload.adapter, payload.head)
+    data = held_out_data(s, context.node_config)
+    metrics = evaluate(lm, data, s.model.eval_batch_size)
+    content = RecordDict({messages.CONFIG: ConfigRecord({"partition-id": step.partition_id, "num-examples": len(data)}),
+                          messages.METRICS: messages.metric_record(metrics)})
+    return Message(content=content, reply_to=msg)
 
 
 def _error(e: Exception) -> Error:
@@ -324,7 +381,7 @@ def cohort_handler(msg: Message, context: Context) -> Message:
         s = steps[first].settings
         lm, _ = prepare(steps[first], members[first][1])  # merges its message lacks come from the shared dir's store
         jobs = [
-            CohortJob(payload_of(st), local_data(s, members[j][1].node_config)[0], st.seed(0), st.partition_id, st.rank, st.alpha,
+            CohortJob(payload_of(st, members[j][1]), local_data(s, members[j][1].node_config)[0], st.seed(0), st.partition_id, st.rank, st.alpha,
                       DPSettings(st.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None)
             for j, st in steps.items()
         ]
@@ -348,6 +405,8 @@ def cohort_handler(msg: Message, context: Context) -> Message:
                 continue
             plain = plain_reply(sub, st, *result)
             try:
+                if st.instructions.get("personal_B"):
+                    save_personal_B(st, ctx, result[0].adapter)
                 reply = compress_update(sub, ctx, lambda m, c: local_dp(m, c, lambda m2, c2: plain))
                 replies[j] = reply.error if reply.has_error() else reply.content
             except Exception as e:  # noqa: BLE001
@@ -396,40 +455,72 @@ def state_dir(step: Step, context: Context) -> Path | None:
     return Path(shared) / f"client_{step.partition_id}" if shared else None
 
 
-def _residual_files(where: Path) -> dict[int, Path]:
-    return {int(p.stem.split("_")[1]): p for p in where.glob("residual_*.safetensors")} if where.is_dir() else {}
+def _round_files(where: Path, stem: str) -> dict[int, Path]:
+    return {int(p.stem.rsplit("_", 1)[1]): p for p in where.glob(f"{stem}_*.safetensors")} if where.is_dir() else {}
+
+
+def load_round_tensors(where: Path | None, stem: str, before: int) -> dict[str, torch.Tensor]:
+    """The tensors this client last wrote in a round before ``before`` (:func:`save_round_tensors`), or {}."""
+    from safetensors.torch import load_file
+
+    earlier = {r: p for r, p in _round_files(where, stem).items() if r < before} if where else {}
+    return load_file(str(earlier[max(earlier)])) if earlier else {}
+
+
+def save_round_tensors(where: Path, stem: str, server_round: int, tensors: dict[str, torch.Tensor]) -> None:
+    """``<where>/<stem>_<round>.safetensors``, written atomically; the two latest files stay (a
+    resumed run re-runs the round after its last complete one, and reads the one before it)."""
+    from safetensors.torch import save_file
+
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / f"{stem}_{server_round:05d}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+    files = _round_files(where, stem)
+    for r in sorted(files)[:-2]:
+        files[r].unlink(missing_ok=True)
 
 
 def load_residual(step: Step, context: Context) -> dict[str, torch.Tensor]:
     """This node's top-k residual: from its Flower node state, or (a new process: a resumed run or a
     restarted node) the last one it wrote before this round."""
-    from safetensors.torch import load_file
-
     if RESIDUAL in context.state.array_records:
         return context.state[RESIDUAL].to_torch_state_dict()
-    where = state_dir(step, context)
-    earlier = {r: p for r, p in _residual_files(where).items() if r < step.server_round} if where else {}
-    return load_file(str(earlier[max(earlier)])) if earlier else {}
+    return load_round_tensors(state_dir(step, context), "residual", step.server_round)
 
 
 def save_residual(step: Step, context: Context, residual: dict[str, torch.Tensor]) -> None:
     """Keep the residual in the node state and, where there is a state dir, in
-    ``residual_<round>.safetensors`` (atomic); the two latest files stay (a resumed round reads
-    the one before it)."""
-    from safetensors.torch import save_file
-
+    ``residual_<round>.safetensors`` (:func:`save_round_tensors`)."""
     context.state[RESIDUAL] = ArrayRecord(torch_state_dict=residual)
     where = state_dir(step, context)
+    if where is not None:
+        save_round_tensors(where, "residual", step.server_round, residual)
+
+
+PERSONAL_B = "personal-B"
+
+
+def load_personal_B(step: Step, context: Context, *, through: int) -> dict[str, torch.Tensor]:
+    """FedSA-LoRA: this client's own B per module as it left its last training round ``≤ through``
+    ({} before its first). Where there is a state dir (``<shared-dir>/client_<id>`` in simulation,
+    so any worker serving this client and a resumed run find it), ``personal_B_<round>.safetensors``;
+    else (a device without ``state-dir``) the Flower node state."""
+    where = state_dir(step, context)
+    if where is not None:
+        return load_round_tensors(where, "personal_B", through + 1)
+    return context.state[PERSONAL_B].to_torch_state_dict() if PERSONAL_B in context.state.array_records else {}
+
+
+def save_personal_B(step: Step, context: Context, adapter: dict[str, LoraFactors]) -> None:
+    """Keep this client's trained B (never sent) for its next round: see :func:`load_personal_B`."""
+    tensors = {m: f.B for m, f in adapter.items()}
+    where = state_dir(step, context)
     if where is None:
-        return
-    where.mkdir(parents=True, exist_ok=True)
-    path = where / f"residual_{step.server_round:05d}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in residual.items()}, str(tmp))
-    os.replace(tmp, path)
-    files = _residual_files(where)
-    for r in sorted(files)[:-2]:
-        files[r].unlink(missing_ok=True)
+        context.state[PERSONAL_B] = ArrayRecord(torch_state_dict={m: t.detach().cpu().contiguous() for m, t in tensors.items()})
+    else:
+        save_round_tensors(where, "personal_B", step.server_round, tensors)
 
 
 def noised_update(adapter: dict, head: dict, start: dict, clip: float, noise_multiplier: float, generator: torch.Generator, *,

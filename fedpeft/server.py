@@ -3,6 +3,8 @@
 ``configure_train`` samples nodes and sends each its own message (the strategy's per-client
 payload); ``aggregate_train`` decodes and checks the replies, counts failures, and hands the good
 updates to the strategy's pure ``aggregate``. Communication is counted from the records sent.
+For a ``personalized`` strategy (FedSA-LoRA) ``configure_evaluate`` sends every client an evaluate
+message and ``aggregate_evaluate`` collects each client's metrics on its own held-out split.
 
 Privacy and compression wrap every strategy here: the adapter keeps the run's privacy ledger
 (ε after every round; a round that would exceed ``privacy.target_epsilon`` is not started),
@@ -146,6 +148,9 @@ class FlowerAdapter(FlowerStrategy):
         self.expected_examples = expected_examples
         self.rounds_applied = 0  # rounds whose aggregate became the global model
         self.config_digest = config_digest  # sent with each train message: a node checks its run config against it
+        self.eval_out: dict[int, Message] = {}  # node id → the evaluate message sent to it (personalised evaluation)
+        self.eval_of: dict[int, int] = {}  # node id → the client (partition id) it evaluates
+        self.personal: dict[int, dict[str, float]] = {}  # round → the personalised evaluation's metrics
 
     def state_dict(self) -> dict[str, Any]:
         """Everything this adapter needs to continue a run after its last complete round: the
@@ -285,26 +290,19 @@ class FlowerAdapter(FlowerStrategy):
         self.sent = {}
         out = []
         for node, pid in sampled.items():
-            spec = self.client_spec(pid)
-            if spec.client_id in self.rank_now:
-                spec = replace(spec, rank=min(spec.rank, self.rank_now[spec.client_id]))
-            payload = self.strategy.payload(self.model, spec)
-            have = self.seen.get(pid, 0)
+            spec, payload = self.payload_of(pid)
             up_A, up_B = messages.uplink_factors(payload.instructions)
+            down_A, down_B = messages.downlink_factors(payload.instructions)
             content = messages.encode(
                 payload.adapter,
                 payload.head,
                 {
-                    **payload.instructions,
                     **({"noise-multiplier": self.privacy.noise_multiplier} if self.privacy is not None and self.privacy.mode in ("sample", "local") else {}),
-                    **({"config-digest": self.config_digest} if self.config_digest else {}),
-                    "server-round": server_round,
-                    "rank": spec.rank,
-                    "alpha": float(spec.alpha),
-                    "base-version": payload.base_version,
+                    **self.header(server_round, spec, payload),
                 },
-                send_A=messages.downlink_sends_A(payload.instructions),
-                merges={v: self.encoded_merge(v) for v in range(have + 1, payload.base_version + 1)},
+                send_A=down_A,
+                send_B=down_B,
+                merges=self.new_merges(pid, payload.base_version),
                 codec=self.codecs.downlink,
                 generator=torch.Generator().manual_seed(hash((self.seed, server_round, spec.client_id, 1)) % 2**31),
             )
@@ -316,6 +314,28 @@ class FlowerAdapter(FlowerStrategy):
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         self.out = {m.metadata.dst_node_id: m for m in out}
         return out
+
+    def payload_of(self, pid: int):
+        """Client ``pid``'s spec (its rank as it shrank, HetLoRA) and the strategy's payload for it."""
+        spec = self.client_spec(pid)
+        if spec.client_id in self.rank_now:
+            spec = replace(spec, rank=min(spec.rank, self.rank_now[spec.client_id]))
+        return spec, self.strategy.payload(self.model, spec)
+
+    def header(self, server_round: int, spec: ClientSpec, payload) -> dict[str, Any]:
+        """A train or evaluate message's config: the strategy's instructions and the reserved keys."""
+        return {
+            **payload.instructions,
+            **({"config-digest": self.config_digest} if self.config_digest else {}),
+            "server-round": server_round,
+            "rank": spec.rank,
+            "alpha": float(spec.alpha),
+            "base-version": payload.base_version,
+        }
+
+    def new_merges(self, pid: int, version: int) -> dict[int, messages.EncodedMerge]:
+        """The base merges client ``pid``'s node has not seen, up to ``version``."""
+        return {v: self.encoded_merge(v) for v in range(self.seen.get(pid, 0) + 1, version + 1)}
 
     def check_reply(self, node: int, msg: Message) -> tuple[ClientUpdate, dict[str, float]]:
         """The update in ``node``'s reply, checked against what was sent to it: its records, keys,
@@ -449,10 +469,97 @@ class FlowerAdapter(FlowerStrategy):
         return (self.arrays() if stats.applied else None), MetricRecord({k: float(v) for k, v in metrics.items()})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []  # the global adapter is evaluated on the server (evaluate_fn)
+        """Personalised evaluation, for a strategy that declares ``personalized`` (FedSA-LoRA):
+        every connected client is sent the strategy's payload for it (the global A and head, full
+        precision, B never) in an evaluate message, and evaluates its own model on its held-out
+        split (:func:`clients.app.evaluate_handler`). Other strategies: none (the server
+        evaluates the global adapter itself)."""
+        self.eval_out, self.eval_of = {}, {}
+        if not getattr(self.strategy, "personalized", False):
+            return []
+        out = []
+        for node, pid in sorted(self.identify(grid).items(), key=lambda kv: kv[1]):
+            spec, payload = self.payload_of(pid)
+            send_A, send_B = messages.downlink_factors(payload.instructions)
+            content = messages.encode(payload.adapter, payload.head, self.header(server_round, spec, payload), send_A=send_A, send_B=send_B,
+                                      merges=self.new_merges(pid, payload.base_version))
+            self.eval_of[node] = pid
+            out.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
+        self.eval_out = {m.metadata.dst_node_id: m for m in out}
+        return out
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        """The clients' own metrics (:func:`personal_metrics`) as this round's ``personal`` metrics.
+        A client whose evaluation failed (an error reply, a malformed one, or none within the
+        round timeout) is left out with a one-line warning and counted (``personal/failed``); it
+        never ends the run."""
+        if not self.eval_out:
+            return None
+        ids = _ids(self.eval_out)
+        rows: dict[int, dict[str, float]] = {}
+        failures: list[tuple[int, str]] = []
+        answered: set[int] = set()
+        for msg in sorted(replies, key=lambda m: self.eval_of.get(_sender(m, ids), -1)):
+            node = _sender(msg, ids)
+            if node not in self.eval_of or node in answered:
+                log.warning("round %d: evaluation reply from %s ignored: %s", server_round, self._who(node),
+                            "a second reply" if node in answered else "it was not asked to evaluate")
+                continue
+            answered.add(node)
+            pid = self.eval_of[node]
+            try:
+                if msg.has_error():
+                    raise ValueError(_one_line(msg.error.reason))
+                rows[pid] = check_eval_reply(msg.content, pid)
+            except (messages.UpdateError, KeyError, ValueError, TypeError) as e:
+                failures.append((node, _one_line(str(e))))
+        failures += [(node, "no reply within the round timeout (engine.round_timeout)") for node in sorted(set(self.eval_of) - answered, key=self.eval_of.get)]
+        for node, line in failures:
+            log.warning("round %d: client %d on node %d failed evaluation: %s", server_round, self.eval_of[node], node, line)
+        metrics = {**personal_metrics(rows), "personal/clients": len(rows), "personal/failed": len(failures),
+                   "personal/bytes_down": sum(messages.num_bytes(m.content) for m in self.eval_out.values())}
+        self.personal[server_round] = metrics
+        return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+
+def check_eval_reply(content: RecordDict, pid: int) -> dict[str, float]:
+    """A client's evaluation reply: its ``partition-id`` is ``pid``, ``num-examples`` a positive
+    int, and its metrics finite numbers; returns the metrics (without ``num-examples``)."""
+    cfg = content.config_records[messages.CONFIG]
+    if cfg.get("partition-id") != pid:
+        raise messages.UpdateError(f"partition-id is {cfg.get('partition-id')!r}, expected {pid}")
+    messages.check_num_examples(cfg.get("num-examples"))
+    metrics = dict(content.metric_records[messages.METRICS])
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise messages.UpdateError(f"metric {k!r} is {v!r}, not a finite number")
+    if not metrics:
+        raise messages.UpdateError("the evaluation reply holds no metrics")
+    return {k: float(v) for k, v in metrics.items()}
+
+
+PERCENTILES = (10, 50, 90)
+
+
+def personal_metrics(rows: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Per-client metrics → the round's: for every metric ``m`` the clients report, its mean over
+    clients (unweighted: each client's own model counts once) ``personal/<m>_mean`` and
+    percentiles ``personal/<m>_p10``, ``_p50``, ``_p90`` (linear interpolation, numpy's default);
+    and the main metric (accuracy, or perplexity for a language model) of each client,
+    ``personal_<main>/client_<id>``."""
+    import numpy as np
+
+    if not rows:
+        return {}
+    keys = sorted({k for m in rows.values() for k in m})
+    main = "accuracy" if "accuracy" in keys else "perplexity" if "perplexity" in keys else keys[0]
+    out: dict[str, float] = {f"personal_{main}/client_{pid}": m[main] for pid, m in sorted(rows.items()) if main in m}
+    for k in keys:
+        values = np.array([m[k] for _, m in sorted(rows.items()) if k in m], dtype=np.float64)
+        out[f"personal/{k}_mean"] = float(values.mean())
+        for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES)):
+            out[f"personal/{k}_p{q}"] = float(v)
+    return out
 
 
 def _adapter_state(adapter: dict) -> dict:

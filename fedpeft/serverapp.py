@@ -6,6 +6,13 @@ Everything it needs comes from ``context.run_config`` (:mod:`fedpeft.runconfig`)
 :class:`fedpeft.server.FlowerAdapter`, the tracker; it drives the rounds, and at the end of every
 round writes the checkpoint, the metrics row and the whole server state (``state/server.pt``,
 atomically), so that ``resume`` continues from the last complete round.
+
+A ``personalized`` strategy (FedSA-LoRA) has no global model to evaluate: after each round's
+aggregate (and before round 1) every client evaluates its own model on its held-out split
+(evaluate messages, :meth:`fedpeft.server.FlowerAdapter.configure_evaluate`), and the row's
+``accuracy`` and ``loss`` (``perplexity``) are then the *mean over clients* of theirs
+(``personal/accuracy_mean``), next to the per-client values and percentiles; the server's own
+test-set evaluation is skipped.
 """
 
 from __future__ import annotations
@@ -77,6 +84,16 @@ def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in given.items() if k in names and k != "name"}
 
 
+def train_size(cfg: DictConfig, partitioner, client: int) -> int:
+    """Client ``client``'s training examples: its partition, less the held-out 20% of a
+    ``personalized`` strategy (:func:`fedpeft.data.held_out`)."""
+    import strategies
+    from fedpeft import data as fdata
+
+    part = partitioner.load_partition(client)
+    return len(fdata.held_out(part, cfg.seed)["train"]) if strategies.personalized(cfg.strategy.name) else part.num_rows
+
+
 def privacy_plan(cfg: DictConfig, partitioner):
     """The noise multiplier and what each round composes into the privacy ledger.
 
@@ -95,7 +112,7 @@ def privacy_plan(cfg: DictConfig, partitioner):
     if pv.mode == "none":
         return None
     if pv.mode == "sample":
-        smallest = min(partitioner.load_partition(i).num_rows for i in range(cfg.clients))
+        smallest = min(train_size(cfg, partitioner, i) for i in range(cfg.clients))
         q, steps = sample_rate(smallest, cfg.train.batch_size), cfg.train.local_steps
     else:
         q, steps = sample_size(cfg.clients, cfg.fraction, cfg.min_clients) / cfg.clients, 1
@@ -275,7 +292,7 @@ class Federation:
             num_clients=cfg.clients,
             identify_timeout=cfg.engine.round_timeout,
             # a reply from a node serving a partition must claim that partition's size
-            expected_examples=lru_cache(maxsize=None)(lambda i: partitioner.load_partition(i).num_rows),
+            expected_examples=lru_cache(maxsize=None)(lambda i: train_size(cfg, partitioner, i)),
             config_digest=runconfig.digest(cfg),
             base_weights=base,
         )
@@ -349,14 +366,22 @@ class Federation:
     # ---------------------------------------------------------------- rounds
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
-        """The global model's test metrics and the round's statistics: one metrics row."""
+        """The global model's test metrics (a ``personalized`` strategy: the means of the clients'
+        own, :meth:`personal_evaluation`) and the round's statistics: one metrics row."""
+        import strategies
         from clients.train import evaluate
         from fedpeft.server import load_global
 
         if self.cfg.privacy.mode == "central":  # Flower's DP wrapper noised the aggregate
             self.adapter.adopt(arrays)
-        load_global(self.lm, self.adapter.model)
-        row: dict[str, Any] = dict(evaluate(self.lm, self.test, self.cfg.model.eval_batch_size))
+        load_global(self.lm, self.adapter.model)  # what the round's checkpoint saves
+        row: dict[str, Any] = {}
+        if strategies.personalized(self.cfg.strategy.name):
+            personal = self.adapter.personal.get(server_round, {})
+            row.update({k[len("personal/"):-len("_mean")]: v for k, v in personal.items() if k.startswith("personal/") and k.endswith("_mean")})
+            row.update(personal)
+        else:
+            row.update(evaluate(self.lm, self.test, self.cfg.model.eval_batch_size))
         stats = self.adapter.stats.get(server_round)
         if stats is not None:
             row.update(stats.train_metrics)
@@ -392,6 +417,7 @@ class Federation:
         arrays = self.adapter.arrays()
         first = 1
         if self.state is None:
+            self.personal_evaluation(0, arrays, grid)
             self.record(0, self.evaluate(0, arrays))
         else:
             first = self.state["round"] + 1
@@ -409,7 +435,15 @@ class Federation:
             new, _ = self.strategy.aggregate_train(r, replies)
             if new is not None:
                 arrays = new
+            self.personal_evaluation(r, arrays, grid)
             self.record(r, self.evaluate(r, arrays))
+
+    def personal_evaluation(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> None:
+        """Flower's evaluate step (``configure_evaluate`` → send_and_receive → ``aggregate_evaluate``):
+        for a ``personalized`` strategy every client evaluates its own model; nothing otherwise."""
+        messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        if messages:
+            self.strategy.aggregate_evaluate(server_round, send_and_receive(grid, messages, self.cfg.engine.round_timeout))
 
     def run(self, grid: Grid) -> dict[str, Any]:
         from fedpeft.server import FederationFailed
@@ -476,12 +510,17 @@ class Federation:
     def say_done(self) -> None:
         from fedpeft.tracking import say
 
+        import strategies
+
         final, last = self.history[-1], len(self.history) - 1
         where = f"; adapter in {self.tracker.checkpoint_dir(last)}" if self.cfg.tracking.save_adapters else f"; results in {self.run_dir}"
+        what = "personalised (mean over clients' held-out splits)" if strategies.personalized(self.cfg.strategy.name) else "test"
         if "accuracy" in final:
-            say(f"done in {self.summary['seconds']:.0f}s: test accuracy {final['accuracy']:.4f} (majority-class rate {self.baseline['majority_rate']:.4f}){where}")
+            say(f"done in {self.summary['seconds']:.0f}s: {what} accuracy {final['accuracy']:.4f} (majority-class rate {self.baseline['majority_rate']:.4f}){where}")
+        elif "perplexity" in final:
+            say(f"done in {self.summary['seconds']:.0f}s: {what} perplexity {final['perplexity']:.2f}{where}")
         else:
-            say(f"done in {self.summary['seconds']:.0f}s: test perplexity {final['perplexity']:.2f}{where}")
+            say(f"done in {self.summary['seconds']:.0f}s: no evaluation in the last round (see the log){where}")
 
 
 app = ServerApp()

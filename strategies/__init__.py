@@ -10,6 +10,7 @@ from strategies.dp_lora import DPLoRA
 from strategies.fedavg import FedAvg
 from strategies.federa import FeDeRA
 from strategies.fedex_lora import FedExLoRA
+from strategies.fedsa_lora import FedSALoRA
 from strategies.ffa_lora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
@@ -26,7 +27,14 @@ REGISTRY: dict[str, type] = {
     "fedex_lora": FedExLoRA,
     "rolora": RoLoRA,
     "federa": FeDeRA,
+    "fedsa_lora": FedSALoRA,
 }
+
+
+def personalized(name: str) -> bool:
+    """Whether strategy ``name`` evaluates each client's own model on a held-out split of its
+    partition (``personalized``, FedSA-LoRA) instead of one global model on the server."""
+    return bool(getattr(REGISTRY[name], "personalized", False))
 
 
 def build(name: str, **kwargs) -> Strategy:
@@ -52,6 +60,8 @@ __all__ = [
     "FedExLoRA",
     "RoLoRA",
     "FeDeRA",
+    "FedSALoRA",
     "build",
+    "personalized",
     "REGISTRY",
 ]

@@ -67,8 +67,10 @@ class Payload:
     fresh LoRA of your rank" (peft's init: random A, zero B) seeded by ``instructions["init_seed"]``.
     ``base_version``: the base (``W_0`` plus the first ``base_version`` merges) to train on; the
     Flower adapter ships the merges a client has not seen yet.
-    ``instructions``: plain scalars, e.g. ``{"freeze_A": True}`` (``"freeze_B"`` likewise) or
-    HetLoRA's pruning settings. A frozen factor is not sent back (:func:`fedpeft.messages.uplink_factors`).
+    ``instructions``: plain scalars, e.g. ``{"freeze_A": True}`` (``"freeze_B"`` likewise: a frozen
+    factor is not sent back, and an A regenerated from ``A_seed`` is not sent at all),
+    ``{"personal_B": True}`` (B is not sent either way: the client uses its own) or HetLoRA's pruning
+    settings (:func:`fedpeft.messages.uplink_factors`, :func:`fedpeft.messages.downlink_factors`).
     """
 
     adapter: Adapter
@@ -122,3 +124,6 @@ class Strategy(Protocol):
 
     # Optional: ``round_metrics(model, updates) -> {name: float}``, diagnostics of the round's
     # aggregation that the server logs with the round's metrics (FedAvg's ``factor_avg_error``).
+    # Optional: ``personalized = True`` (a ClassVar; FedSA-LoRA): clients keep their own state and
+    # the global model alone is not a model, so every client trains on 80% of its partition and
+    # evaluates its own model on the other 20% (``fedpeft.data.held_out``); the run reports those.

@@ -290,6 +290,7 @@ def test_rounds_wait_through_push_and_pull_and_show_progress(monkeypatch, capsys
     fed.strategy = SimpleNamespace(
         configure_train=lambda r, arrays, config, g: iter([message(n) for n in (7, 8, 9)]),  # an iterator: counted once
         aggregate_train=lambda r, replies: (aggregated.append((r, sorted(m.metadata.src_node_id for m in replies))), (f"arrays{r}", None))[1],
+        configure_evaluate=lambda r, arrays, config, g: [],  # no personalised evaluation (Flower's evaluate step: nothing to send)
     )
     fed.evaluate = lambda r, arrays: {"arrays": arrays}
     fed.record = lambda r, row: print(f"summary {r} {row['arrays']}")

@@ -141,6 +141,7 @@ PRIVATE_RUNS = {
     "hetlora": ["ranks=flora", "privacy=local", "privacy.noise_multiplier=0.5", "compression=topk"],
     "flora": ["ranks=flora", "privacy=sample", "privacy.noise_multiplier=1.0", "compression=int8"],
     "flexlora": ["ranks=flora", "privacy=local", "privacy.noise_multiplier=0.5", "compression=bf16"],
+    "fedsa_lora": ["privacy=local", "privacy.noise_multiplier=0.5", "compression=topk"],  # A and the head only, both ways
 }
 
 
