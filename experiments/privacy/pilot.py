@@ -59,9 +59,11 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=2)
     ap.add_argument("--measure", action="store_true", help="only measure DP-SGD's signal and noise norms (no training)")
     ap.add_argument("--epsilon", type=float, default=8.0)
+    ap.add_argument("--data", default="rotten_tomatoes", help="a built-in dataset (fedpeft.data)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    ds = fdata.load("rotten_tomatoes", seed=0)
+    ds = fdata.load(args.data, seed=0)
+    num_labels = len(set(ds["train"]["label"]))
     n = len(ds["train"]) // args.clients
     part = ds["train"].shuffle(seed=0).select(range(n))
     test = ds["test"].shuffle(seed=0).select(range(500))
@@ -70,7 +72,7 @@ def main() -> None:
     print(f"partition {n} examples, q = {q:.4f}, {args.steps} steps: σ = {sigma:.3f} for ε = {args.epsilon}")
     for modules, rank, freeze in ((args.modules, args.rank, False), (args.modules, args.rank, True))[1 if args.ffa_only else 0:]:
         model_cfg = SimpleNamespace(name="minilm", task="classification", target_modules=modules, rank=rank, alpha=2.0 * rank, dropout=0.0, max_length=64)
-        lm = build(model_cfg, num_labels=2, device="cpu", seed=0)
+        lm = build(model_cfg, num_labels=num_labels, device="cpu", seed=0)
         start = read_adapter(lm)
         d = sum(p.numel() for p in lm.model.parameters() if p.requires_grad) - (sum(f.A.numel() for f in start.adapter.values()) if freeze else 0)
         if args.measure:
