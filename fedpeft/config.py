@@ -58,7 +58,7 @@ class ModelConfig:
 @dataclass
 class PeftConfig:
     """The PEFT method (fedpeft/methods): lora | rslora | dora | loha | lokr | vera | ia3 |
-    prompt_tuning | prefix_tuning | bitfit. The LoRA family, LoHa, LoKr, VeRA and IA3 adapt
+    prompt_tuning | prefix_tuning | bitfit | lora_xs. The LoRA family, LoHa, LoKr, VeRA and IA3 adapt
     model.target_modules (LoRA-like ones at model.rank / model.alpha)."""
 
     name: str = "lora"
@@ -68,6 +68,8 @@ class PeftConfig:
     vera_rank: int = 256
     # ia3: modules whose input (not output) is rescaled, added to the targets (e.g. [output.dense]).
     feedforward_modules: list[str] = field(default_factory=list)
+    # lora_xs (Fed-SB's R): the trained coordinates of each r×r core; null: r² (R unconstrained).
+    u: Optional[int] = None
 
 
 @dataclass
@@ -227,7 +229,8 @@ def register() -> None:
 
 
 def strategy_defaults(cfg: Any, words: list[str]) -> None:
-    """Apply the chosen strategy's ``privacy_default = (option, ε)`` to ``cfg`` in place, where the
+    """Apply the chosen strategy's ``peft_default`` (Fed-SB: ``peft=lora_xs``) where the user chose no
+    ``peft=…``, and its ``privacy_default = (option, ε)`` to ``cfg`` in place, where the
     user's override ``words`` leave it open: with no ``privacy=…`` word (and privacy still off) the
     ``configs/privacy/<option>.yaml`` group is selected, the user's ``privacy.*`` words kept on top;
     with neither ``privacy.target_epsilon`` nor ``privacy.noise_multiplier`` given, the target is ε."""
@@ -236,11 +239,17 @@ def strategy_defaults(cfg: Any, words: list[str]) -> None:
     import strategies
     from fedpeft.cli import CONFIG_DIR
 
-    default = getattr(strategies.REGISTRY.get(cfg.strategy.name), "privacy_default", None)
+    cls = strategies.REGISTRY.get(cfg.strategy.name)
+    given = {w.lstrip("+~").split("=", 1)[0] for w in words}
+    peft = getattr(cls, "peft_default", None)  # Fed-SB trains LoRA-XS's core: peft=lora_xs unless the user chose
+    if peft is not None and "peft" not in given and "peft.name" not in given and cfg.peft.name == "lora":
+        with open_dict(cfg):
+            mine = {k.split(".", 1)[1]: cfg.peft[k.split(".", 1)[1]] for k in given if k.startswith("peft.")}
+            cfg.peft = OmegaConf.merge(cfg.peft, OmegaConf.load(CONFIG_DIR / "peft" / f"{peft}.yaml"), mine)
+    default = getattr(cls, "privacy_default", None)
     if default is None:
         return
     option, epsilon = default
-    given = {w.lstrip("+~").split("=", 1)[0] for w in words}
     with open_dict(cfg):
         if "privacy" not in given and cfg.privacy.mode == "none":
             mine = {k.split(".", 1)[1]: cfg.privacy[k.split(".", 1)[1]] for k in given if k.startswith("privacy.")}
@@ -339,6 +348,8 @@ def validate(cfg: Any) -> None:
     need(cfg.peft.num_virtual_tokens >= 1, "peft.num_virtual_tokens", f"must be at least 1, got {cfg.peft.num_virtual_tokens}")
     need(cfg.peft.vera_rank >= 1, "peft.vera_rank", f"must be at least 1, got {cfg.peft.vera_rank}")
     need(not cfg.peft.feedforward_modules or method.name == "ia3", "peft.feedforward_modules", f"applies to peft=ia3 only, not peft={method.name}")
+    wanted = getattr(cls, "peft_methods", None)
+    need(wanted is None or method.name in wanted, "peft.name", f"strategy={name} trains peft={' | '.join(wanted or ())} only, not peft={method.name}")
     need(not cls.lora_update_only or method.lora_update, "peft.name",
          f"strategy={name} aggregates LoRA factors (ΔW = s·B·A) and cannot take peft={method.name}; use peft="
          f"{' | '.join(methods.lora_update_methods())}, or a strategy that averages any method's tensors "

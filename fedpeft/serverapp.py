@@ -337,6 +337,21 @@ class Federation:
         )
         self.baseline = {"majority_rate": fdata.majority_rate(self.test)} if cfg.model.task == "classification" else {}
 
+    def method_line(self) -> str:
+        """What the clients train: the PEFT method, where, and how many parameters by group."""
+        from peft import get_peft_model_state_dict
+
+        from fedpeft.models import active, short_name
+
+        lm, cfg = self.lm, self.cfg
+        counts: dict[str, int] = {}
+        for key, t in get_peft_model_state_dict(lm.model, adapter_name=active(lm)).items():
+            group = lm.groups.get(short_name(key))
+            if group is not None:
+                counts[group] = counts.get(group, 0) + t.numel()
+        where = "" if cfg.peft.name in ("prompt_tuning", "prefix_tuning", "bitfit") else f" on {list(cfg.model.target_modules)}"
+        return f"peft={cfg.peft.name}{where}, {sum(counts.values()):,} trained parameters ({', '.join(f'{k} {v:,}' for k, v in counts.items())})"
+
     def banner(self) -> None:
         from fedpeft.tracking import say
 
@@ -350,7 +365,7 @@ class Federation:
         sizes = [self.partitioner.load_partition(i).num_rows for i in range(min(cfg.clients, 3))]
         say(f"{cfg.strategy.name} on {cfg.data.name} ({len(self.ds['train'])} train / {len(self.test)} eval examples, "
             f"{cfg.partition.kind} over {cfg.clients} clients, e.g. sizes {sizes}), model {cfg.model.name} "
-            f"LoRA on {list(cfg.model.target_modules)}; run dir {self.run_dir}")
+            f"{self.method_line()}; run dir {self.run_dir}")
         if self.state is not None:
             say(f"resuming after round {self.state['round']} of {cfg.rounds}")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
 from strategies.dp_lora import DPLoRA
+from strategies.fed_sb import FedSB
 from strategies.fedavg import FedAvg
 from strategies.federa import FeDeRA
 from strategies.fedex_lora import FedExLoRA
@@ -28,6 +29,7 @@ REGISTRY: dict[str, type] = {
     "rolora": RoLoRA,
     "federa": FeDeRA,
     "fedsa_lora": FedSALoRA,
+    "fed_sb": FedSB,
 }
 
 
@@ -61,6 +63,7 @@ __all__ = [
     "RoLoRA",
     "FeDeRA",
     "FedSALoRA",
+    "FedSB",
     "build",
     "personalized",
     "REGISTRY",

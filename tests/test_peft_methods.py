@@ -19,12 +19,12 @@ from fedpeft.cli import compose
 from fedpeft.config import ConfigError, ModelConfig, PeftConfig
 from fedpeft.models import ModelError, build, read_adapter, write_adapter
 
-ALL = ["lora", "rslora", "dora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "prefix_tuning", "bitfit"]
+ALL = ["lora", "rslora", "dora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "lora_xs"]
 # What each method trains on MiniLM (query/value at r=4; IA3 adds output.dense), besides the head.
 GROUPS = {
     "lora": {"lora_A", "lora_B"}, "rslora": {"lora_A", "lora_B"}, "dora": {"lora_A", "lora_B", "vector"},
     "loha": {"factors"}, "lokr": {"factors"}, "vera": {"vector"}, "ia3": {"vector"},
-    "prompt_tuning": {"embeddings"}, "prefix_tuning": {"embeddings"}, "bitfit": {"bias"},
+    "prompt_tuning": {"embeddings"}, "prefix_tuning": {"embeddings"}, "bitfit": {"bias"}, "lora_xs": {"core"},
 }
 SMALL = ["model.rank=4", "model.alpha=8", "peft.num_virtual_tokens=4", "peft.vera_rank=16"]
 
@@ -209,3 +209,56 @@ def test_sample_level_dp_refuses_methods_without_opacus_gradients_in_one_line(na
 def test_local_dp_noises_a_non_lora_methods_update(tmp_path):
     fed, rows = federate(tmp_path, [*FED, *SMALL, "peft=ia3", "privacy=local", "privacy.noise_multiplier=0.5", "privacy.clip=0.5"])
     assert rows[2]["clients_replied"] == 3 and rows[2]["epsilon"] > 0
+
+
+# --------------------------------------------------------------------------- Fed-SB (LoRA-XS's core)
+
+
+def test_fed_sb_selects_lora_xs_and_refuses_other_methods():
+    assert compose(["strategy=fed_sb"]).peft.name == "lora_xs"
+    with pytest.raises(ConfigError, match=r"peft.name: strategy=fed_sb trains peft=lora_xs only, not peft=lora"):
+        compose(["strategy=fed_sb", "peft=lora"])
+
+
+def test_averaging_lora_xs_cores_is_the_average_update_exactly():
+    """Fed-SB's defining property on peft's own layers: with A₀, B₀ frozen and shared, averaging the
+    trained coordinates v (R = Σ v_i P_i) gives ΔW = Σ p_k B₀ R_k A₀ exactly; FedAvg does it."""
+    from fedpeft.models import layer, short_name
+    from strategies import FedSB
+    from strategies.base import ClientUpdate, GlobalModel
+
+    lm = build(ModelConfig(rank=4, alpha=8), num_labels=2, device="cpu", seed=0, peft_cfg=PeftConfig(name="lora_xs"))
+    assert {lm.groups[h] for h in lm.head} == {"core", "head"}
+    cores = [h for h in lm.head if lm.groups[h] == "core"]
+    assert all(read_adapter(lm).head[h].numel() == 16 for h in cores)  # r² coordinates per module
+    g = torch.Generator().manual_seed(0)
+    start = read_adapter(lm)
+    updates, deltas = [], []
+    modules = [n[: -len(".weight")] for n, _ in lm.model.base_model.model.named_parameters() if n.endswith("attention.self.query.base_layer.weight")]
+    for k, n in enumerate((30, 50, 20)):
+        head = {h: torch.randn(t.shape, generator=g, dtype=t.dtype) for h, t in start.head.items()}
+        write_adapter(lm, {}, head)
+        deltas.append({m: layer(lm, m[: -len(".base_layer")]).get_delta_weight("default").double() for m in modules})
+        updates.append(ClientUpdate(client_id=k, adapter={}, head=head, num_examples=n))
+    avg = FedSB().aggregate(GlobalModel(adapter={}, head=start.head), updates)
+    write_adapter(lm, {}, avg.head)
+    p = [0.3, 0.5, 0.2]
+    for m in modules:
+        want = sum(pk * d[m] for pk, d in zip(p, deltas))
+        got = layer(lm, m[: -len(".base_layer")]).get_delta_weight("default").double()
+        assert float((got - want).norm()) <= 1e-5 * float(want.norm()), m
+    # What travels per module: r² = 16 numbers (LoRA: r·(in + out) = 3,072).
+    assert sum(start.head[h].numel() for h in cores) == 12 * 16
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_fed_sb_federates_and_sends_only_the_cores_and_the_head(tmp_path):
+    fed, rows = federate(tmp_path / "sb", [*FED, "model.rank=4", "model.alpha=8", "strategy=fed_sb"])
+    lora, lrows = federate(tmp_path / "lora", [*FED, "model.rank=4", "model.alpha=8"])
+    assert fed.cfg.peft.name == "lora_xs" and rows[2]["clients_replied"] == 3
+    tensors = 4 * (12 * 16 + 770)  # float32: 12 cores of r² = 16, the head
+    per_client = rows[2]["bytes_up"] / 3
+    assert tensors < per_client < tensors + 14 * 200, per_client  # + each array's .npy header and key
+    assert lrows[2]["bytes_up"] / rows[2]["bytes_up"] > 10  # LoRA at r=4 sends 37,634 numbers a client
+    m = reload_and_evaluate(fed, tmp_path / "sb" / "adapters" / "round_002", "classification")
+    assert m["accuracy"] == pytest.approx(rows[2]["accuracy"], abs=1e-9)

@@ -8,10 +8,11 @@ Every tensor travels under its state-dict name, as ``get_peft_model_state_dict``
   strategies (FFA-LoRA, HetLoRA, FLoRA, FlexLoRA, …) work on these;
 * ``vector`` — one vector per module (DoRA's magnitude, IA3's scalings, VeRA's λ's);
 * ``factors`` — other per-module factors (LoHa's Hadamard factors, LoKr's Kronecker factors);
+* ``core`` — LoRA-XS's ``r × r`` core between frozen factors (Fed-SB), in its peft coordinates;
 * ``embeddings`` — virtual-token embeddings (prompt and prefix tuning);
 * ``bias`` — bias terms (BitFit);
 * ``head`` — the task head, found through peft's own ``modules_to_save``;
-* ``frozen`` — in the state dict but never trained or sent (VeRA's shared random projections).
+* ``frozen`` — in the state dict but never trained or sent (LoRA-XS's frozen factors, BitFit's placeholder).
 
 Everything but the LoRA factors is averaged elementwise by every strategy (FedAvg's rule); a
 trainable tensor that matches no group is an error naming it, never silently "head".
@@ -23,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-GROUPS = ("lora_A", "lora_B", "vector", "factors", "embeddings", "bias", "head", "frozen")
+GROUPS = ("lora_A", "lora_B", "vector", "factors", "core", "embeddings", "bias", "head", "frozen")
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,10 @@ class PeftMethod:
 
 
 def _registry() -> dict[str, PeftMethod]:
-    from fedpeft.methods import bitfit, ia3, lora, lycoris, prompts, vera
+    from fedpeft.methods import bitfit, ia3, lora, lora_xs, lycoris, prompts, vera
 
     out: dict[str, PeftMethod] = {}
-    for mod in (lora, lycoris, vera, ia3, prompts, bitfit):
+    for mod in (lora, lycoris, vera, ia3, prompts, bitfit, lora_xs):
         for m in mod.METHODS:
             out[m.name] = m
     return out
