@@ -383,6 +383,6 @@ def write_adapter(lm: LoadedModel, adapter: dict[str, LoraFactors], head: dict[s
     # peft reports some keys it did load as unexpected (prompt embeddings, a bias also in a head):
     # check what the model now holds instead.
     now = get_peft_model_state_dict(lm.model, adapter_name=active(lm))
-    wrong = [k for k, t in state.items() if k not in now or not torch.equal(now[k].detach().cpu(), t.detach().cpu().to(now[k].dtype))]
+    wrong = [k for k, t in state.items() if k not in now or not torch.allclose(now[k].detach().cpu(), t.detach().cpu().to(now[k].dtype), rtol=0, atol=0, equal_nan=True)]
     if wrong:
         raise ModelError(f"peft did not load adapter tensors {wrong[:3]}")
