@@ -88,6 +88,12 @@ class Run:
         return float(s) if isinstance(s, (int, float)) else math.nan
 
     @property
+    def params(self) -> float:
+        """Parameters a client trains and sends (``summary.trainable_params``; nan for older runs)."""
+        n = (self.summary or {}).get("trainable_params")
+        return float(n) if isinstance(n, (int, float)) else math.nan
+
+    @property
     def epsilon(self) -> float | None:
         """ε spent (``summary.privacy.epsilon``), None without DP."""
         privacy = (self.summary or {}).get("privacy")
@@ -118,8 +124,8 @@ class Group:
         return mean_std([getattr(r, what)(self.metric) for r in self.runs])
 
     def mean(self, what: str) -> float:
-        """Mean over the seeds of ``mb_up``, ``mb_down`` or ``seconds``."""
-        vals = {"mb_up": lambda r: r.mb("up"), "mb_down": lambda r: r.mb("down"), "seconds": lambda r: r.seconds}[what]
+        """Mean over the seeds of ``mb_up``, ``mb_down``, ``seconds`` or ``params``."""
+        vals = {"mb_up": lambda r: r.mb("up"), "mb_down": lambda r: r.mb("down"), "seconds": lambda r: r.seconds, "params": lambda r: r.params}[what]
         return float(np.mean([vals(r) for r in self.runs]))
 
     @property
@@ -413,11 +419,14 @@ def table(groups: list[Group], metric: str) -> str:
     d = metric_digits(groups)
     direction = "min" if lower_is_better(metric) else "max"
     with_eps = any(g.epsilon is not None for g in groups)
-    head = ["group", "n", "seeds", f"final {metric}", f"best {metric} ({direction})", "MB up", "MB down", "seconds"] + (["ε"] if with_eps else [])
+    with_params = any(not math.isnan(g.mean("params")) for g in groups)
+    head = ["group", "n", "seeds", f"final {metric}", f"best {metric} ({direction})", "MB up", "MB down", "seconds"] + (["trained params"] if with_params else []) + (["ε"] if with_eps else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         row = [g.label, str(g.n), ", ".join(show(s) for s in g.seeds), pm(*g.stat("final"), d), pm(*g.stat("best"), d),
                fmt(g.mean("mb_up"), 2), fmt(g.mean("mb_down"), 2), fmt(g.mean("seconds"), 1)]
+        if with_params:
+            row.append("—" if math.isnan(g.mean("params")) else f"{g.mean('params'):,.0f}")
         if with_eps:
             row.append(fmt(g.epsilon, 2))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
@@ -452,10 +461,11 @@ def write_csvs(groups: list[Group], problems: list[Run], out_dir: Path, metric: 
     with group_csv.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["group", *keys, "n", "seeds", f"{metric}_final_mean", f"{metric}_final_std", f"{metric}_best_mean",
-                    f"{metric}_best_std", "mb_up", "mb_down", "seconds", "epsilon"])
+                    f"{metric}_best_std", "mb_up", "mb_down", "seconds", "epsilon", "trainable_params"])
         for g in groups:
             w.writerow([g.label, *(show(g.values[k]) for k in keys), g.n, " ".join(show(s) for s in g.seeds), *map(num, g.stat("final")),
-                        *map(num, g.stat("best")), num(g.mean("mb_up")), num(g.mean("mb_down")), num(g.mean("seconds")), num(g.epsilon)])
+                        *map(num, g.stat("best")), num(g.mean("mb_up")), num(g.mean("mb_down")), num(g.mean("seconds")), num(g.epsilon),
+                        num(g.mean("params"))])
     runs_csv = out_dir / "runs.csv"
     with runs_csv.open("w", newline="") as f:
         w = csv.writer(f)

@@ -337,18 +337,22 @@ class Federation:
         )
         self.baseline = {"majority_rate": fdata.majority_rate(self.test)} if cfg.model.task == "classification" else {}
 
-    def method_line(self) -> str:
-        """What the clients train: the PEFT method, where, and how many parameters by group."""
+    def trained_counts(self) -> dict[str, int]:
+        """The parameters a client trains and sends at the model's rank, by group (fedpeft/methods)."""
         from peft import get_peft_model_state_dict
 
         from fedpeft.models import active, short_name
 
-        lm, cfg = self.lm, self.cfg
         counts: dict[str, int] = {}
-        for key, t in get_peft_model_state_dict(lm.model, adapter_name=active(lm)).items():
-            group = lm.groups.get(short_name(key))
+        for key, t in get_peft_model_state_dict(self.lm.model, adapter_name=active(self.lm)).items():
+            group = self.lm.groups.get(short_name(key))
             if group is not None:
                 counts[group] = counts.get(group, 0) + t.numel()
+        return counts
+
+    def method_line(self) -> str:
+        """What the clients train: the PEFT method, where, and how many parameters by group."""
+        cfg, counts = self.cfg, self.trained_counts()
         where = "" if cfg.peft.name in ("prompt_tuning", "prefix_tuning", "bitfit") else f" on {list(cfg.model.target_modules)}"
         return f"peft={cfg.peft.name}{where}, {sum(counts.values()):,} trained parameters ({', '.join(f'{k} {v:,}' for k, v in counts.items())})"
 
@@ -501,6 +505,8 @@ class Federation:
         """Write ``summary.json`` (and close W&B) with ``status``."""
         cfg, plan = self.cfg, self.plan
         s: dict[str, Any] = {"run_dir": str(self.run_dir), "strategy": cfg.strategy.name, "rounds": cfg.rounds, "clients": cfg.clients, **self.baseline}
+        counts = self.trained_counts()
+        s.update(peft=cfg.peft.name, trainable_params=sum(counts.values()), trainable_by_group=counts)
         s.update(status=status, seconds=round(time.perf_counter() - self.t_start, 1), history=self.history, rounds_applied=self.adapter.rounds_applied)
         if status == "failed":
             s["error"] = getattr(self, "error", None) or "the run ended before its rounds were done"

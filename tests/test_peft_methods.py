@@ -262,3 +262,19 @@ def test_fed_sb_federates_and_sends_only_the_cores_and_the_head(tmp_path):
     assert lrows[2]["bytes_up"] / rows[2]["bytes_up"] > 10  # LoRA at r=4 sends 37,634 numbers a client
     m = reload_and_evaluate(fed, tmp_path / "sb" / "adapters" / "round_002", "classification")
     assert m["accuracy"] == pytest.approx(rows[2]["accuracy"], abs=1e-9)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_runs_record_their_trained_parameters_and_compare_shows_them(tmp_path):
+    from fedpeft import compare
+
+    counts = {}
+    for name in ("ia3", "prompt_tuning"):
+        fed, _ = federate(tmp_path / name, [*FED, *SMALL, "rounds=1", f"peft={name}"])
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        counts[name] = sum(p.numel() for p in fed.lm.model.parameters() if p.requires_grad)
+        assert summary["peft"] == name and summary["trainable_params"] == counts[name]
+        assert sum(summary["trainable_by_group"].values()) == counts[name] and "head" in summary["trainable_by_group"]
+    assert compare.main([str(tmp_path), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "trained params" in md and f"{counts['ia3']:,}" in md and f"{counts['prompt_tuning']:,}" in md
