@@ -1,0 +1,66 @@
+"""PEFT methods and the federated methods after FLoRA on 20 Newsgroups: every PEFT method with
+FedAvg, and FedEx-LoRA, FedSA-LoRA, RoLoRA, FeDeRA and Fed-SB (LoRA at r=8 where they take it;
+Fed-SB trains LoRA-XS's 8×8 cores); Dirichlet(0.5) over 10 clients, half of them a round, the same
+rounds and local steps for all, each with every seed.
+
+One command runs the sweep (one `fedpeft simulate` per setting and seed; re-running with the same
+``--dir`` skips what finished and extends what has fewer rounds) and writes `fedpeft compare`'s
+table (final accuracy mean ± std over seeds, trained parameters, MB up, seconds) and plots
+(accuracy against round and against cumulative MB uploaded):
+
+    .venv/bin/python experiments/peft_methods/run.py [--seeds 0 1 2] [--rounds 10] [--steps 10] [--dir DIR] [overrides...]
+
+FedSA-LoRA's accuracy is the mean over the clients' own held-out splits (its global A alone is no
+model); every other row is the server's test-set accuracy.
+
+Results: experiments/peft_methods/results/ (compare.md, compare.csv, runs.csv, the plots); each
+run's metrics, config and W&B (offline) files under the sweep directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from sweep import ROOT, report, run_sweep, with_seeds  # noqa: E402
+
+METHODS = ["lora", "rslora", "dora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "prefix_tuning", "bitfit"]
+STRATEGIES = ["fedex_lora", "fedsa_lora", "rolora", "federa", "fed_sb"]
+
+
+def runs() -> dict[str, list[str]]:
+    out = {f"fedavg_{m}": ["strategy=fedavg", f"peft={m}"] for m in METHODS}
+    out.update({s: [f"strategy={s}"] for s in STRATEGIES})  # Fed-SB selects peft=lora_xs itself
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--dir", type=Path, help="sweep directory (re-running skips finished runs)")
+    ap.add_argument("--only", nargs="+", help="run only these settings (names as in the table: fedavg_ia3, fed_sb, ...)")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild the report from --dir")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    sweep_dir = (args.dir or ROOT / "runs" / "peft_methods" / f"sweep_{datetime.now():%Y-%m-%d_%H-%M-%S}").resolve()
+    common = [
+        "data=newsgroups", "partition=dirichlet", "partition.alpha=0.5", "clients=10", "fraction=0.5",
+        f"rounds={args.rounds}", f"train.local_steps={args.steps}", "data.eval_samples=500", "model.rank=8", "model.alpha=16",
+        "tracking.experiment=peft_methods", "tracking.save_adapters=false", *args.overrides,
+    ]
+    chosen = {k: v for k, v in runs().items() if not args.only or k in args.only}
+    if args.only and set(args.only) - set(chosen):
+        ap.error(f"--only: unknown settings {sorted(set(args.only) - set(chosen))}; expected some of {', '.join(runs())}")
+    if not args.report_only:
+        run_sweep(with_seeds(chosen, args.seeds), common, sweep_dir, "PEFT methods")
+    report(sweep_dir, HERE / "results", "PEFT methods and strategies on 20 Newsgroups (10 clients, Dirichlet 0.5)")
+
+
+if __name__ == "__main__":
+    main()
