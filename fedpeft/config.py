@@ -353,7 +353,7 @@ def validate(cfg: Any) -> None:
     need(not cls.lora_update_only or method.lora_update, "peft.name",
          f"strategy={name} aggregates LoRA factors (ΔW = s·B·A) and cannot take peft={method.name}; use peft="
          f"{' | '.join(methods.lora_update_methods())}, or a strategy that averages any method's tensors "
-         f"({', '.join(n for n, c in strategies.REGISTRY.items() if not c.lora_update_only)})")
+         f"({', '.join(n for n, c in strategies.REGISTRY.items() if not c.lora_update_only and getattr(c, 'peft_methods', None) is None)})")
     need(cfg.privacy.mode != "sample" or method.opacus, "privacy.mode",
          f"sample-level DP-SGD needs Opacus's per-example gradients, which Opacus 1.6 lacks for peft={method.name}'s layers: use "
          f"peft={' | '.join(n for n, m in methods.METHODS.items() if m.opacus)}, or privacy=local / central (they noise the update)")
