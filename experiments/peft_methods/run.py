@@ -14,14 +14,13 @@ FedSA-LoRA's accuracy is the mean over the clients' own held-out splits (its glo
 model); every other row is the server's test-set accuracy.
 
 Results: experiments/peft_methods/results/ (compare.md, compare.csv, runs.csv, the plots); each
-run's metrics, config and W&B (offline) files under the sweep directory.
+run's config, metrics and summary under sweep/ (kept in git; checkpoints and W&B files are not).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -43,12 +42,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--dir", type=Path, help="sweep directory (re-running skips finished runs)")
+    ap.add_argument("--dir", type=Path, help="sweep directory (default: sweep/ here; re-running skips finished runs)")
     ap.add_argument("--only", nargs="+", help="run only these settings (names as in the table: fedavg_ia3, fed_sb, ...)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from --dir")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    sweep_dir = (args.dir or ROOT / "runs" / "peft_methods" / f"sweep_{datetime.now():%Y-%m-%d_%H-%M-%S}").resolve()
+    sweep_dir = (args.dir or HERE / "sweep").resolve()  # kept in git: finished runs carry over between machines
     common = [
         "data=newsgroups", "partition=dirichlet", "partition.alpha=0.5", "clients=10", "fraction=0.5",
         f"rounds={args.rounds}", f"train.local_steps={args.steps}", "data.eval_samples=500", "model.rank=8", "model.alpha=16",

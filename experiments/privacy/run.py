@@ -15,14 +15,14 @@ Two sweeps, each run a real `fedpeft simulate` (Flower + Ray) per setting and se
     .venv/bin/python experiments/privacy/run.py [--sweep privacy|compression|all] [--seeds 0 1 2] [--dir DIR] [overrides...]
 
 Results: experiments/privacy/results/{privacy,compression}/ (compare.md, compare.csv, runs.csv,
-plots); each run's metrics, config and W&B (offline) files under runs/privacy/.
+plots); each run's config, metrics and summary under sweep/{privacy,compression}/ (kept in git;
+checkpoints and W&B files are not).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -83,12 +83,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", choices=["privacy", "compression", "all"], default="privacy")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--dir", type=Path, help="sweep directory (re-running skips finished runs)")
+    ap.add_argument("--dir", type=Path, help="sweep directory (default: sweep/ here; re-running skips finished runs)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the reports from --dir")
     ap.add_argument("--epsilons", nargs="+", default=EPSILONS, choices=EPSILONS, help="the privacy sweep's targets (inf: no DP)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    sweep_dir = (args.dir or ROOT / "runs" / "privacy" / f"sweep_{datetime.now():%Y-%m-%d_%H-%M-%S}").resolve()
+    sweep_dir = (args.dir or HERE / "sweep").resolve()  # kept in git: finished runs carry over between machines
     book = ["tracking.save_adapters=false", "tracking.experiment=privacy"]
     for sweep, runs, settings, title in (
         ("privacy", privacy_runs(args.epsilons), DP_SETTINGS, "Sample-level DP on Reuters R8: accuracy against ε"),
