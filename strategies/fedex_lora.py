@@ -34,7 +34,7 @@ import torch
 
 from fedpeft.lora import LoraFactors, average_factors
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
-from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights, factor_average_error
+from strategies.fedavg import FedAvg, client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
 
@@ -51,34 +51,17 @@ def residual(factors: list[LoraFactors], p: list[float]) -> tuple[LoraFactors, L
 
 
 @dataclass(frozen=True)
-class FedExLoRA:
-    weighting: str = "num_examples"
+class FedExLoRA(FedAvg):
+    """FedAvg's rounds and ``factor_avg_error`` (here: the residual folded into the base, relative to
+    the average update); the payload carries the base version, the aggregate the residual merge."""
+
     name: str = "fedex_lora"
-    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
-    heterogeneous_ranks: ClassVar[bool] = False  # A and B are averaged separately: one rank and scaling
     # Central DP would noise the averaged factors but not the residual merged into the base.
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True
 
-    def __post_init__(self) -> None:
-        check_weighting(self)
-
-    def reply_ranks(self, rank: int) -> tuple[int, ...]:
-        return (rank,)
-
-    def init(self, model: GlobalModel) -> GlobalModel:
-        return model
-
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
         return Payload(adapter=model.adapter, head=model.head, base_version=model.version)
-
-    def round_metrics(self, model: GlobalModel, updates: list[ClientUpdate]) -> dict[str, float]:
-        """``factor_avg_error``: the residual folded into the base, relative to the average update
-        (:func:`strategies.fedavg.factor_average_error`)."""
-        if not updates:
-            return {}
-        p = client_weights(updates, self.weighting)
-        return {"factor_avg_error": factor_average_error([module_factors(updates, n) for n in model.adapter], p)}
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
         if not updates:
