@@ -21,7 +21,7 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
         ("+train.bogus=3", "unknown key 'train.bogus'"),
         ("rounds=abc", "rounds: Value 'abc' of type 'str' could not be converted to Integer"),
         ("train.lr=fast", "train.lr:"),
-        ("strategy=nope", "strategy: no option 'nope'; available: dp_lora, fedavg"),
+        ("strategy=nope", "strategy: no option 'nope'; available: dp_lora, fed_sb, fedavg, federa"),
         ("fraction=1.5", "fraction: must be in (0, 1], got 1.5"),
         ("partition.kind=random", "partition.kind: unknown value 'random'"),
         ("tracking.mode=loud", "tracking.mode: unknown value 'loud'"),
@@ -212,7 +212,7 @@ def test_missing_asset_says_what_to_run(tmp_path, monkeypatch, capsys):
 def test_help_lists_groups_and_keys(tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(["simulate", "--help"], tmp_path, monkeypatch, capsys)
     assert code == 0
-    for group in ("strategy: dp_lora, fedavg", "model: minilm, smollm2", "partition: dirichlet, iid, natural, shards", "engine: ray", "privacy: central, local, none, sample", "compression: bf16, fp16, int4, int8, none, topk"):
+    for group in ("strategy: dp_lora, fed_sb, fedavg, federa, fedex_lora, fedsa_lora, ffa_lora", "peft: bitfit, dora, ia3, loha, lokr, lora, lora_xs", "model: minilm, smollm2", "partition: dirichlet, iid, natural, shards", "engine: ray", "privacy: central, local, none, sample", "compression: bf16, fp16, int4, int8, none, topk"):
         assert group in out, out
     for key in ("clients: 10", "rounds:", "fraction:", "seed:", "local_steps:", "num_gpus:", "ray_address:", "failure_rate:", "target_epsilon:", "topk_fraction:"):
         assert key in out
