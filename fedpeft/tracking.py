@@ -111,6 +111,9 @@ def run_summary(summary: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> di
     return out
 
 
+RUN_IN_USE_TRIES, RUN_IN_USE_WAIT = 12, 5.0  # a resumed W&B run whose id is still held: up to a minute
+
+
 class Tracker:
     def __init__(self, run_dir: Path, config: Mapping[str, Any], *, mode: str, project: str, group: str, tags: list[str],
                  job_type: str | None = None, resume: bool = False):
@@ -129,19 +132,29 @@ class Tracker:
 
             id_file = self.run_dir / "wandb-id"
             run_id = id_file.read_text().strip() if resume and id_file.exists() else None
-            self.wandb = wandb.init(
-                id=run_id,
-                resume="allow" if run_id else None,
-                project=project,
-                group=group,
-                job_type=job_type,
-                name=self.run_dir.name,
-                tags=tags,
-                config=dict(config),
-                dir=str(self.run_dir),
-                mode=self.mode,
-                settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True),
-            )
+            for attempt in range(1, RUN_IN_USE_TRIES + 1):
+                try:
+                    self.wandb = wandb.init(
+                        id=run_id,
+                        resume="allow" if run_id else None,
+                        project=project,
+                        group=group,
+                        job_type=job_type,
+                        name=self.run_dir.name,
+                        tags=tags,
+                        config=dict(config),
+                        dir=str(self.run_dir),
+                        mode=self.mode,
+                        settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True),
+                    )
+                    break
+                except Exception as e:  # noqa: BLE001 - wandb raises its own ServerResponseError
+                    # A run killed moments ago leaves its wandb service holding the run id until it
+                    # notices its parent is gone: wait for it rather than failing the resume.
+                    if run_id is None or "is in use" not in str(e) or attempt == RUN_IN_USE_TRIES:
+                        raise
+                    say(f"W&B run {run_id} is still held by the interrupted run's wandb service; retrying in {RUN_IN_USE_WAIT:g} s")
+                    time.sleep(RUN_IN_USE_WAIT)
             # Plots against the round, not W&B's internal step (a resumed run's rounds continue).
             self.wandb.define_metric("round")
             self.wandb.define_metric("*", step_metric="round")
