@@ -377,8 +377,8 @@ def write_adapter(lm: LoadedModel, adapter: dict[str, LoraFactors], head: dict[s
         if tuple(head[h].shape) != tuple(held[full_name(h)].shape):
             raise ModelError(f"{h}: a tensor of shape {tuple(head[h].shape)} does not fit the model's {tuple(held[full_name(h)].shape)}")
         state[full_name(h)] = head[h]
-    with warnings.catch_warnings():  # VeRA: its projections come from their seed, by design (fedpeft/methods/vera.py)
-        warnings.filterwarnings("ignore", message="Specified to not load vera_A and vera_B")
+    with warnings.catch_warnings():  # VeRA's and TinyLoRA's projections come from their seed, by design (fedpeft/methods)
+        warnings.filterwarnings("ignore", message="Specified to not load (vera_A and vera_B|tinylora_P)")
         set_peft_model_state_dict(lm.model, state, adapter_name=active(lm))
     # peft reports some keys it did load as unexpected (prompt embeddings, a bias also in a head):
     # check what the model now holds instead.
