@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,11 @@ HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--multirun", "-m", "--cfg", "-c"
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        # A parent that used W&B (a notebook, a sweep driver, pytest) passes its wandb service down
+        # in WANDB_SERVICE. Sharing it would outlive this process: a run killed here would keep its
+        # W&B run id held there, and its resume would be refused ("run ID ... is in use").
+        os.environ.pop("WANDB_SERVICE", None)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")

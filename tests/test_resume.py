@@ -30,6 +30,16 @@ def rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(l).items() if "seconds" not in k and k != "elapsed_s"} for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def parent_with_a_wandb_service(tmp_path_factory):
+    """This process holds a wandb service, as it does after any in-process test with W&B, and its
+    WANDB_SERVICE is inherited by every fedpeft started here: a killed run's W&B id must not stay held."""
+    import wandb
+
+    wandb.init(mode="offline", dir=str(tmp_path_factory.mktemp("parent_wandb")), settings=wandb.Settings(console="off", quiet=True)).finish()
+    assert os.environ.get("WANDB_SERVICE")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("resume") / "whole"
