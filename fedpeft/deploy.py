@@ -184,6 +184,18 @@ def _proc_table() -> dict[int, int]:
     return table
 
 
+def descendants(roots: set[int], table: dict[int, int] | None = None) -> set[int]:
+    """The live ``roots`` and every live process below them."""
+    table = _proc_table() if table is None else table
+    found, grew = {r for r in roots if r in table}, True
+    while grew:
+        more = {pid for pid, ppid in table.items() if ppid in found} - found
+        found |= more
+        grew = bool(more)
+    return found
+
+
+
 def _environ_has(pid: int, entry: bytes) -> bool:
     try:
         return entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -482,7 +494,7 @@ class Deployment:
         """Send ``sig`` to node ``i``'s process group (its superexec and clientapp too), as a crash
         of its machine would; waits for the node itself to exit."""
         proc = self.procs[f"supernode-{i}"]
-        _signal_once(self._descendants({proc.pid}), sig)
+        _signal_once(descendants({proc.pid}), sig)
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -497,17 +509,7 @@ class Deployment:
         marker = self.marker.encode()
         found = {pid for pid in table if _environ_has(pid, marker)}
         found |= {p.pid for p in self.procs.values() if p.poll() is None}
-        return self._descendants(found, table) - {os.getpid()}
-
-    @staticmethod
-    def _descendants(roots: set[int], table: dict[int, int] | None = None) -> set[int]:
-        table = _proc_table() if table is None else table
-        found, grew = {r for r in roots if r in table}, True
-        while grew:
-            more = {pid for pid, ppid in table.items() if ppid in found} - found
-            found |= more
-            grew = bool(more)
-        return found
+        return descendants(found, table) - {os.getpid()}
 
     def _stop(self, victims: set[int], grace: float) -> None:
         """SIGTERM our process groups and ``victims``, then SIGKILL whatever of ours is left."""

@@ -11,10 +11,13 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+
+from fedpeft.deploy import descendants
 
 log = logging.getLogger("fedpeft")
 
@@ -114,8 +117,8 @@ class StopOnInterrupt:
     Flower's simulation engine waits for the clients' running calls and the server's round (up to
     ``engine.round_timeout``) before it returns, minutes after a Ctrl-C. Instead, the first signal
     waits for a round that is being written (``guard``: its checkpoint and metrics row are written
-    whole), records the run as interrupted (``finish``), shuts Ray down (its GCS, raylet and worker
-    processes) and leaves the process with exit code 130. A second signal while that happens is
+    whole), records the run as interrupted (``finish``) and leaves the process with exit code 130
+    (143 for SIGTERM) at once; Ray's processes end with it (:func:`_reap_when_gone`). A second signal while that happens is
     ignored. Only for the command line (it ends the process), and only in the main thread."""
 
     def __init__(self, guard, finish) -> None:
@@ -141,14 +144,55 @@ class StopOnInterrupt:
                 self.finish()
         finally:
             try:
-                import ray
-
-                if ray.is_initialized():
-                    ray.shutdown()
+                _reap_when_gone(os.getpid(), _ray_processes())
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
+
+
+def _ray_processes() -> set[int]:
+    """This process's Ray descendants: GCS, raylet, its agents and workers (not wandb's service)."""
+    def is_ray(pid: int) -> bool:
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        return args.startswith(b"ray::") or package in args
+
+    import ray
+
+    package = os.path.dirname(ray.__file__).encode()
+    return {pid for pid in descendants({os.getpid()}) if pid != os.getpid() and is_ray(pid)}
+
+
+def _reap_when_gone(parent: int, pids: set[int]) -> None:
+    """Start a detached process that, once ``parent`` has exited, gives ``pids`` ``grace`` seconds
+    and SIGKILLs what is left. Ray is not shut down in-process: Flower's threads still call it, and
+    a call after ``ray.shutdown`` either starts a second, orphaned cluster or ends the process with
+    Ray's exit code. Exiting at once, the GCS and raylet die with this process (Ray's fate
+    sharing); the raylet's agents notice only by polling, and one that then reports the raylet's
+    death to the stopped GCS can wait a minute for it: the reaper ends them."""
+    if pids:
+        import subprocess
+
+        code = f"from fedpeft.simulation import _reap; _reap({parent}, {sorted(pids)})"
+        subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _reap(parent: int, pids: list[int], grace: float = 3.0) -> None:
+    deadline = time.monotonic() + 60
+    while parent in descendants({parent}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    deadline = time.monotonic() + grace
+    while (alive := descendants(set(pids))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def project_dir() -> Path:

@@ -213,8 +213,9 @@ def test_the_same_config_and_seed_give_the_same_run(tmp_path):
 def _ray_processes():
     import subprocess
 
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return [l for l in out.splitlines() if any(k in l for k in ("raylet", "gcs_server", "ray::", "default_worker.py"))]
+    # "pid args": a process left over from an earlier run is told apart from a new one of the same name
+    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
+    return [l for l in out.splitlines() if "Z" not in l.split()[1] and any(k in l for k in ("raylet", "gcs_server", "ray::", "default_worker.py"))]
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
