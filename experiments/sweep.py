@@ -12,6 +12,7 @@ sweep goes on. The report is `fedpeft compare` over the sweep directory.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -73,3 +74,44 @@ def report(sweep_dir: Path, out_dir: Path, title: str, metric: str = "accuracy")
     from fedpeft import compare
 
     return compare.main([str(sweep_dir), "--out", str(out_dir), "--metric", metric, "--title", title])
+
+
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, n-1)
+
+
+def final(run_dir: Path, key: str = "accuracy") -> float | None:
+    """A finished run's final ``key`` (a metric, or ``majority_rate``); None if it did not finish."""
+    s = run_dir / "summary.json"
+    if not finished(run_dir):
+        return None
+    summary = json.loads(s.read_text())
+    return summary["final"].get(key, summary.get(key))
+
+
+def interval_row(text: str, diffs: list[float]) -> str:
+    """``| text | mean | 95% t-interval | n | verdict |`` for paired differences (better − worse)."""
+    n = len(diffs)
+    if n < 2:
+        return f"| {text} | — | — | {n} | not enough finished seed pairs |"
+    mean = sum(diffs) / n
+    half = T95[n - 1] * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) / math.sqrt(n)
+    lo, hi = mean - half, mean + half
+    verdict = "yes (interval above 0)" if lo > 0 else "no: the reverse holds (interval below 0)" if hi < 0 else "not shown (interval contains 0)"
+    return f"| {text} | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {n} | {verdict} |"
+
+
+def paired_claims(sweep_dir: Path, claims: list[tuple[str, str, str]], seeds: list[int]) -> list[str]:
+    """Each ``(claim, better, worse)`` as the paired difference of final accuracy between the runs
+    ``<better>_seed<s>`` and ``<worse>_seed<s>`` (same seed: same partition, initialisation and
+    client sampling), with a 95% t-interval over the seeds both finished. ``worse`` may be
+    ``majority:<run>``: that run's majority-class rate."""
+    lines = ["| claim | mean difference (better − worse) | 95% interval | seeds | holds here? |", "|---|---|---|---|---|"]
+    for text, a, b in claims:
+        diffs = []
+        for s in seeds:
+            fa = final(sweep_dir / f"{a}_seed{s}")
+            fb = final(sweep_dir / f"{b.removeprefix('majority:')}_seed{s}", "majority_rate" if b.startswith("majority:") else "accuracy")
+            if fa is not None and fb is not None:
+                diffs.append(fa - fb)
+        lines.append(interval_row(text, diffs))
+    return lines

@@ -15,13 +15,12 @@ claims.md); each run's config, metrics and summary under sweep/ (kept in git; ch
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sweep import ROOT, report, run_sweep, with_seeds  # noqa: E402
+from sweep import paired_claims, report, run_sweep, with_seeds  # noqa: E402
 
 METHODS = ["fedavg_r4", "hetlora", "flora", "flexlora", "ffa_lora", "fedavg_r64"]
 # (claim, better, worse): each paper's claim, as "better ≥ worse" in final test accuracy.
@@ -37,42 +36,6 @@ CLAIMS = [
 # 0.520, 0.506, 0.538 over rounds 15-20: flat within ±0.02, the round-to-round noise of sampling
 # half of ten non-IID clients.
 ROUNDS = 20
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def final(run_dir: Path, metric: str = "accuracy") -> float | None:
-    import json
-
-    s = run_dir / "summary.json"
-    if not s.exists() or json.loads(s.read_text()).get("status") != "finished":
-        return None
-    return json.loads(s.read_text())["final"].get(metric)
-
-
-def claims(sweep_dir: Path, seeds: list[int]) -> list[str]:
-    """Each claim as the paired difference of final accuracy (same seed: same partition, same
-    initialisation, same client sampling) with a 95% t-interval over the seeds."""
-    lines = [
-        "| claim | mean difference (better − worse) | 95% interval | seeds | holds here? |",
-        "|---|---|---|---|---|",
-    ]
-    for text, a, b in CLAIMS:
-        diffs = []
-        for s in seeds:
-            fa, fb = final(sweep_dir / f"{a}_seed{s}"), final(sweep_dir / f"{b}_seed{s}")
-            if fa is not None and fb is not None:
-                diffs.append(fa - fb)
-        n = len(diffs)
-        if n < 2:
-            lines.append(f"| {text} | — | — | {n} | not enough finished seed pairs |")
-            continue
-        mean = sum(diffs) / n
-        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-        half = T95[n - 1] * sd / math.sqrt(n)
-        lo, hi = mean - half, mean + half
-        verdict = "yes (interval above 0)" if lo > 0 else "no: the reverse holds (interval below 0)" if hi < 0 else "not shown (interval contains 0)"
-        lines.append(f"| {text} | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {n} | {verdict} |")
-    return lines
 
 
 def main() -> None:
@@ -95,7 +58,7 @@ def main() -> None:
     out = HERE / "results"
     report(sweep_dir, out, "Heterogeneous ranks on 20 Newsgroups (10 clients, Dirichlet 0.5)")
     report(sweep_dir, out / "factor_error", "FedAvg of factors: aggregation error per round", metric="factor_avg_error")
-    table = claims(sweep_dir, args.seeds)
+    table = paired_claims(sweep_dir, CLAIMS, args.seeds)
     (out / "claims.md").write_text("# The papers' claims, on paired seeds\n\n" + "\n".join(table) + "\n")
     print("\n".join(table))
 

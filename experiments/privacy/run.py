@@ -16,7 +16,7 @@ Two sweeps, each run a real `fedpeft simulate` (Flower + Ray) per setting and se
 
     .venv/bin/python experiments/privacy/run.py [--sweep privacy|compression|all] [--seeds 0 1 2] [--dir DIR] [overrides...]
 
-Results: experiments/privacy/results/{privacy,compression}/ (compare.md, compare.csv, runs.csv,
+Results: experiments/privacy/results/{privacy,compression}/ (compare.md, compare.csv, runs.csv, privacy/claims.md,
 plots); each run's config, metrics and summary under sweep/{privacy,compression}/ (kept in git;
 checkpoints and W&B files are not).
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sweep import ROOT, report, run_sweep, with_seeds  # noqa: E402
+from sweep import paired_claims, report, run_sweep, with_seeds  # noqa: E402
 
 # DP-SGD's noise on the averaged gradient has norm σ·C·sqrt(d)/B (d trainable parameters, B the
 # expected batch) against a signal, the norm of the mean of the clipped per-example gradients, that
@@ -75,6 +75,17 @@ def privacy_runs(epsilons: list[str] = EPSILONS) -> dict[str, list[str]]:
     return runs
 
 
+def privacy_claims(epsilons: list[str] = EPSILONS) -> list[tuple[str, str, str]]:
+    """FFA-LoRA's claim (≥ FedAvg-LoRA under DP) at each ε, and each method at each finite ε
+    against the majority class (does DP-SGD learn at all)."""
+    names = {"fedavg": "FedAvg-LoRA", "ffa_lora": "FFA-LoRA", "dp_lora": "DP-LoRA"}
+    out = [(f"FFA-LoRA ≥ FedAvg-LoRA at ε = {'∞' if e == 'inf' else e} (Sun et al., ICLR 2024)", f"ffa_lora_eps{e}", f"fedavg_eps{e}")
+           for e in epsilons]
+    out += [(f"{names[m]} at ε = {e} > the majority class", f"{m}_eps{e}", f"majority:{m}_eps{e}")
+            for e in epsilons if e != "inf" for m in METHODS]
+    return out
+
+
 def compression_runs() -> dict[str, list[str]]:
     runs = {"codec_none": ["strategy=fedavg", "privacy=none"]}
     runs.update({f"codec_{k}": ["strategy=fedavg", "privacy=none", *v] for k, v in CODECS.items()})
@@ -101,6 +112,10 @@ def main() -> None:
         if not args.report_only:
             run_sweep(with_seeds(runs, args.seeds), [*settings, *book, *args.overrides], sweep_dir / sweep, sweep)
         report(sweep_dir / sweep, HERE / "results" / sweep, title)
+        if sweep == "privacy":
+            table = paired_claims(sweep_dir / sweep, privacy_claims(args.epsilons), args.seeds)
+            (HERE / "results" / sweep / "claims.md").write_text("# FFA-LoRA's claim and DP's utility, on paired seeds\n\n" + "\n".join(table) + "\n")
+            print("\n".join(table))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""The experiments' paired claims: final accuracies of runs at the same seed, differenced, with a
+95% t-interval over the seeds both finished (experiments/sweep.py)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from sweep import paired_claims  # noqa: E402
+
+
+def _run(root: Path, name: str, accuracy: float, status: str = "finished", majority: float = 0.5) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"status": status, "majority_rate": majority, "final": {"round": 3, "accuracy": accuracy}}))
+
+
+def test_paired_differences_their_t_interval_and_the_verdict(tmp_path):
+    for s, (a, b) in enumerate([(0.80, 0.70), (0.78, 0.70), (0.82, 0.71)]):
+        _run(tmp_path, f"good_seed{s}", a)
+        _run(tmp_path, f"bad_seed{s}", b, majority=0.6)
+    _run(tmp_path, "good_seed3", 0.10, status="interrupted")  # not finished: left out, not counted as a loss
+    _run(tmp_path, "bad_seed3", 0.70, majority=0.6)
+    rows = paired_claims(tmp_path, [("good ≥ bad", "good", "bad"), ("bad ≥ good", "bad", "good"),
+                                    ("bad > majority", "bad", "majority:bad"), ("missing", "good", "nowhere")], [0, 1, 2, 3])
+    diffs = [0.10, 0.08, 0.11]
+    mean = sum(diffs) / 3
+    half = 4.303 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2) / math.sqrt(3)
+    assert rows[2] == f"| good ≥ bad | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] | 3 | yes (interval above 0) |"
+    assert rows[3].endswith("| 3 | no: the reverse holds (interval below 0) |")
+    bad_minus_majority = [0.10, 0.10, 0.11, 0.10]  # 0.70, 0.70, 0.71, 0.70 against 0.6; seed 3 counts here
+    assert rows[4].startswith(f"| bad > majority | {sum(bad_minus_majority) / 4:+.4f} |") and rows[4].endswith("| 4 | yes (interval above 0) |")
+    assert rows[5] == "| missing | — | — | 0 | not enough finished seed pairs |"
+
+
+def test_an_interval_that_contains_zero_is_not_shown(tmp_path):
+    for s, (a, b) in enumerate([(0.80, 0.70), (0.70, 0.80)]):
+        _run(tmp_path, f"a_seed{s}", a)
+        _run(tmp_path, f"b_seed{s}", b)
+    (row,) = paired_claims(tmp_path, [("a ≥ b", "a", "b")], [0, 1])[2:]
+    assert row.endswith("| 2 | not shown (interval contains 0) |") and "+0.0000" in row
