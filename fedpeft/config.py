@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -347,7 +347,11 @@ def validate(cfg: Any) -> None:
     method = methods.get(cfg.peft.name)
     need(cfg.peft.num_virtual_tokens >= 1, "peft.num_virtual_tokens", f"must be at least 1, got {cfg.peft.num_virtual_tokens}")
     need(cfg.peft.vera_rank >= 1, "peft.vera_rank", f"must be at least 1, got {cfg.peft.vera_rank}")
-    need(not cfg.peft.feedforward_modules or method.name == "ia3", "peft.feedforward_modules", f"applies to peft=ia3 only, not peft={method.name}")
+    defaults = PeftConfig()
+    for key, value in OmegaConf.to_container(cfg.peft).items():  # an option the method would silently ignore
+        readers = [m.name for m in methods.METHODS.values() if key in m.options]
+        need(key == "name" or value == getattr(defaults, key) or method.name in readers, f"peft.{key}",
+             f"applies to peft={' | '.join(readers)} only, not peft={method.name}")
     wanted = getattr(cls, "peft_methods", None)
     need(wanted is None or method.name in wanted, "peft.name", f"strategy={name} trains peft={' | '.join(wanted or ())} only, not peft={method.name}")
     need(not cls.lora_update_only or method.lora_update, "peft.name",

@@ -10,6 +10,7 @@ the server logged for that round.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -26,7 +27,12 @@ GROUPS = {
     "loha": {"factors"}, "lokr": {"factors"}, "vera": {"vector"}, "ia3": {"vector"},
     "prompt_tuning": {"embeddings"}, "prefix_tuning": {"embeddings"}, "bitfit": {"bias"}, "lora_xs": {"core"},
 }
-SMALL = ["model.rank=4", "model.alpha=8", "peft.num_virtual_tokens=4", "peft.vera_rank=16"]
+OWN = {"prompt_tuning": ["peft.num_virtual_tokens=4"], "prefix_tuning": ["peft.num_virtual_tokens=4"], "vera": ["peft.vera_rank=16"]}
+
+
+def small(name: str) -> list[str]:
+    """A small model for ``peft=name``, with only the options that method reads (others are refused)."""
+    return ["model.rank=4", "model.alpha=8", *OWN.get(name, [])]
 
 
 def test_every_listed_method_is_registered_with_a_config_group():
@@ -158,7 +164,7 @@ FED = ["clients=3", "min_clients=3", "rounds=2", "model.max_length=32", "train.l
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("name", ALL)
 def test_each_method_federates_with_fedavg_and_its_checkpoint_reloads_to_the_logged_accuracy(name, tmp_path):
-    fed, rows = federate(tmp_path, [*FED, *SMALL, f"peft={name}"])
+    fed, rows = federate(tmp_path, [*FED, *small(name), f"peft={name}"])
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[2]["clients_replied"] == 3 and rows[2]["clients_failed"] == 0
     # FedAvg of every trained tensor: the global tensors moved from their start.
@@ -173,7 +179,7 @@ def test_each_method_federates_with_fedavg_and_its_checkpoint_reloads_to_the_log
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("name", ["dora", "ia3", "prefix_tuning"])
 def test_causal_lm_methods_federate_and_reload_to_the_logged_perplexity(name, tmp_path):
-    fed, rows = federate(tmp_path, [*FED[:-2], *SMALL, "+preset=shakespeare", "clients=3", "min_clients=3", "fraction=1.0", "model.target_modules=[q_proj,v_proj]",
+    fed, rows = federate(tmp_path, [*FED[:-2], *small(name), "+preset=shakespeare", "clients=3", "min_clients=3", "fraction=1.0", "model.target_modules=[q_proj,v_proj]",
                                     "model.max_length=24", "train.local_steps=2", "train.batch_size=4", "data.eval_samples=16", "model.eval_batch_size=8", f"peft={name}"])
     assert rows[2]["loss"] < rows[0]["loss"], rows
     m = reload_and_evaluate(fed, tmp_path / "adapters" / "round_002", "causal_lm")
@@ -183,7 +189,7 @@ def test_causal_lm_methods_federate_and_reload_to_the_logged_perplexity(name, tm
 @pytest.mark.usefixtures("task_identity")
 def test_dora_with_heterogeneous_ranks_averages_its_magnitude_like_fedavg(tmp_path):
     """HetLoRA takes DoRA: the factors are zero-padded and aggregated, the magnitude averaged."""
-    fed, rows = federate(tmp_path, [*FED, *SMALL, "strategy=hetlora", "ranks=flora", "ranks.levels=[4,2,2]", "peft=dora"])
+    fed, rows = federate(tmp_path, [*FED, *small("dora"), "strategy=hetlora", "ranks=flora", "ranks.levels=[4,2,2]", "peft=dora"])
     assert rows[2]["clients_replied"] == 3
     mags = [k for k, g in fed.lm.groups.items() if g == "vector"]
     assert mags and all(k in fed.adapter.model.head for k in mags)
@@ -192,8 +198,21 @@ def test_dora_with_heterogeneous_ranks_averages_its_magnitude_like_fedavg(tmp_pa
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("name", ["prefix_tuning", "bitfit"])
 def test_sample_level_dp_trains_the_methods_opacus_supports(name, tmp_path):
-    fed, rows = federate(tmp_path, [*FED, *SMALL, f"peft={name}", "privacy=sample", "privacy.noise_multiplier=0.5"])
+    fed, rows = federate(tmp_path, [*FED, *small(name), f"peft={name}", "privacy=sample", "privacy.noise_multiplier=0.5"])
     assert rows[2]["clients_replied"] == 3 and rows[2]["epsilon"] > 0
+
+
+@pytest.mark.parametrize("option, method, readers", [
+    ("peft.u=3", "lora", "lora_xs"),
+    ("peft.num_virtual_tokens=4", "ia3", "prompt_tuning | prefix_tuning"),
+    ("peft.vera_rank=16", "prefix_tuning", "vera"),
+    ("peft.feedforward_modules=[output.dense]", "vera", "ia3"),
+])
+def test_an_option_the_method_does_not_read_is_refused_in_one_line(option, method, readers):
+    key = option.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: applies to peft={re.escape(readers)} only, not peft={method}$"):
+        compose([f"peft={method}", option])
+    assert compose([f"peft={readers.split(' | ')[0]}", option]).peft.name == readers.split(" | ")[0]
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if not methods.get(n).opacus])
@@ -207,7 +226,7 @@ def test_sample_level_dp_refuses_methods_without_opacus_gradients_in_one_line(na
 
 @pytest.mark.usefixtures("task_identity")
 def test_local_dp_noises_a_non_lora_methods_update(tmp_path):
-    fed, rows = federate(tmp_path, [*FED, *SMALL, "peft=ia3", "privacy=local", "privacy.noise_multiplier=0.5", "privacy.clip=0.5"])
+    fed, rows = federate(tmp_path, [*FED, *small("ia3"), "peft=ia3", "privacy=local", "privacy.noise_multiplier=0.5", "privacy.clip=0.5"])
     assert rows[2]["clients_replied"] == 3 and rows[2]["epsilon"] > 0
 
 
@@ -270,7 +289,7 @@ def test_runs_record_their_trained_parameters_and_compare_shows_them(tmp_path):
 
     counts = {}
     for name in ("ia3", "prompt_tuning"):
-        fed, _ = federate(tmp_path / name, [*FED, *SMALL, "rounds=1", f"peft={name}"])
+        fed, _ = federate(tmp_path / name, [*FED, *small(name), "rounds=1", f"peft={name}"])
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         counts[name] = sum(p.numel() for p in fed.lm.model.parameters() if p.requires_grad)
         assert summary["peft"] == name and summary["trainable_params"] == counts[name]

@@ -12,6 +12,8 @@ projections ``P_i``: with ``u = r²`` (``peft.u`` null) the ``P_i`` span every `
 
 from __future__ import annotations
 
+import warnings
+
 from peft import TinyLoraConfig
 
 from fedpeft.methods import PeftMethod
@@ -19,8 +21,10 @@ from fedpeft.methods import PeftMethod
 
 def _lora_xs(model, peft, task_type):
     u = peft.u if peft.u is not None else model.rank**2
-    return TinyLoraConfig(task_type=task_type, r=model.rank, u=u, weight_tying=0.0, target_modules=list(model.target_modules),
-                          tinylora_dropout=model.dropout, projection_seed=0, save_projection=False)
+    with warnings.catch_warnings():  # the projections are regenerated from projection_seed, by design
+        warnings.filterwarnings("ignore", message="Specified to not save projection tensors")
+        return TinyLoraConfig(task_type=task_type, r=model.rank, u=u, weight_tying=0.0, target_modules=list(model.target_modules),
+                              tinylora_dropout=model.dropout, projection_seed=0, save_projection=False)
 
 
 METHODS = [

@@ -6,14 +6,18 @@ the key with a CPU generator, the same on every machine with this torch)."""
 
 from __future__ import annotations
 
+import warnings
+
 from peft import VeraConfig
 
 from fedpeft.methods import PeftMethod
 
 
 def _vera(model, peft, task_type):
-    return VeraConfig(task_type=task_type, r=peft.vera_rank, target_modules=list(model.target_modules),
-                      vera_dropout=model.dropout, projection_prng_key=0, save_projection=False)
+    with warnings.catch_warnings():  # the projections are regenerated from projection_prng_key, by design
+        warnings.filterwarnings("ignore", message="Specified to not save vera_A and vera_B")
+        return VeraConfig(task_type=task_type, r=peft.vera_rank, target_modules=list(model.target_modules),
+                          vera_dropout=model.dropout, projection_prng_key=0, save_projection=False)
 
 
 METHODS = [
