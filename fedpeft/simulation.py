@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from fedpeft.deploy import descendants
+from fedpeft.deploy import _proc_table, _signal, descendants
 
 log = logging.getLogger("fedpeft")
 
@@ -183,16 +183,13 @@ def _reap_when_gone(parent: int, pids: set[int]) -> None:
 
 def _reap(parent: int, pids: list[int], grace: float = 3.0) -> None:
     deadline = time.monotonic() + 60
-    while parent in descendants({parent}) and time.monotonic() < deadline:
+    while parent in _proc_table() and time.monotonic() < deadline:
         time.sleep(0.05)
     deadline = time.monotonic() + grace
     while (alive := descendants(set(pids))) and time.monotonic() < deadline:
         time.sleep(0.1)
     for pid in alive:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        _signal(pid, signal.SIGKILL)
 
 
 def project_dir() -> Path:
