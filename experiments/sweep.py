@@ -28,6 +28,17 @@ def with_seeds(runs: dict[str, list[str]], seeds: list[int]) -> dict[str, list[s
     return {f"{name}_seed{s}": [*overrides, f"seed={s}"] for s in seeds for name, overrides in runs.items()}
 
 
+def select(runs: dict[str, list[str]], only: list[str] | None, ap) -> dict[str, list[str]]:
+    """The settings named in ``--only`` (all when it is not given), in ``--only``'s order; an
+    unknown name is ``ap.error`` naming it and the known ones."""
+    if not only:
+        return runs
+    unknown = [n for n in only if n not in runs]
+    if unknown:
+        ap.error(f"--only: unknown settings {unknown}; expected some of {', '.join(runs)}")
+    return {n: runs[n] for n in only}
+
+
 def finished(run_dir: Path) -> bool:
     summary = run_dir / "summary.json"
     return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"

@@ -1,13 +1,16 @@
-"""The experiments' paired claims: final accuracies of runs at the same seed, differenced, with a
+"""The experiments' sweep helpers: paired claims: final accuracies of runs at the same seed, differenced, with a
 95% t-interval over the seeds both finished (experiments/sweep.py)."""
 
+import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from sweep import paired_claims  # noqa: E402
+from sweep import paired_claims, select  # noqa: E402
 
 
 def _run(root: Path, name: str, accuracy: float, status: str = "finished", majority: float = 0.5) -> None:
@@ -40,3 +43,13 @@ def test_an_interval_that_contains_zero_is_not_shown(tmp_path):
         _run(tmp_path, f"b_seed{s}", b)
     (row,) = paired_claims(tmp_path, [("a ≥ b", "a", "b")], [0, 1])[2:]
     assert row.endswith("| 2 | not shown (interval contains 0) |") and "+0.0000" in row
+
+
+def test_only_selects_settings_in_its_order_and_names_an_unknown_one(capsys):
+    runs = {"a": ["x=1"], "b": ["x=2"], "c": ["x=3"]}
+    ap = argparse.ArgumentParser(prog="run.py")
+    assert select(runs, None, ap) == runs
+    assert list(select(runs, ["c", "a"], ap).items()) == [("c", ["x=3"]), ("a", ["x=1"])]
+    with pytest.raises(SystemExit):
+        select(runs, ["a", "zz"], ap)
+    assert "--only: unknown settings ['zz']; expected some of a, b, c" in capsys.readouterr().err

@@ -6,7 +6,7 @@ One command runs the sweep (one `fedpeft simulate` per method and seed; re-runni
 ``--dir`` skips what finished), then writes `fedpeft compare`'s table and plots and the papers'
 claims tested on paired seeds:
 
-    .venv/bin/python experiments/heterogeneous_ranks/run.py [--seeds 0 1 2] [--rounds 20] [--steps 10] [--dir DIR] [overrides...]
+    .venv/bin/python experiments/heterogeneous_ranks/run.py [--seeds 0 1 2] [--rounds 20] [--steps 10] [--dir DIR] [--only NAME...] [overrides...]
 
 Results: experiments/heterogeneous_ranks/results/ (compare.md, compare.csv, runs.csv, the plots,
 claims.md); each run's config, metrics and summary under sweep/ (kept in git; checkpoints and W&B files are not).
@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sweep import paired_claims, report, run_sweep, with_seeds  # noqa: E402
+from sweep import paired_claims, report, run_sweep, select, with_seeds  # noqa: E402
 
 METHODS = ["fedavg_r4", "hetlora", "flora", "flexlora", "ffa_lora", "fedavg_r64"]
 # (claim, better, worse): each paper's claim, as "better ≥ worse" in final test accuracy.
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="default: where the pilot's curves flatten (see ROUNDS)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--dir", type=Path, help="sweep directory (default: sweep/ here; re-running skips finished runs)")
+    ap.add_argument("--only", nargs="+", help=f"run only these settings, in this order (some of {', '.join(METHODS)})")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from --dir")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -54,7 +55,7 @@ def main() -> None:
         "tracking.save_adapters=false", *args.overrides,
     ]
     if not args.report_only:
-        run_sweep(with_seeds({m: [f"+method={m}"] for m in METHODS}, args.seeds), common, sweep_dir, "heterogeneous ranks")
+        run_sweep(with_seeds(select({m: [f"+method={m}"] for m in METHODS}, args.only, ap), args.seeds), common, sweep_dir, "heterogeneous ranks")
     out = HERE / "results"
     report(sweep_dir, out, "Heterogeneous ranks on 20 Newsgroups (10 clients, Dirichlet 0.5)")
     report(sweep_dir, out / "factor_error", "FedAvg of factors: aggregation error per round", metric="factor_avg_error")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sweep import ROOT, report, run_sweep, with_seeds  # noqa: E402
+from sweep import report, run_sweep, select, with_seeds  # noqa: E402
 
 METHODS = ["lora", "rslora", "dora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "prefix_tuning", "bitfit"]
 STRATEGIES = ["fedex_lora", "fedsa_lora", "rolora", "federa", "fed_sb"]
@@ -53,9 +53,7 @@ def main() -> None:
         f"rounds={args.rounds}", f"train.local_steps={args.steps}", "data.eval_samples=500", "model.rank=8", "model.alpha=16",
         "tracking.experiment=peft_methods", "tracking.save_adapters=false", *args.overrides,
     ]
-    chosen = {k: v for k, v in runs().items() if not args.only or k in args.only}
-    if args.only and set(args.only) - set(chosen):
-        ap.error(f"--only: unknown settings {sorted(set(args.only) - set(chosen))}; expected some of {', '.join(runs())}")
+    chosen = select(runs(), args.only, ap)
     if not args.report_only:
         run_sweep(with_seeds(chosen, args.seeds), common, sweep_dir, "PEFT methods")
     report(sweep_dir, HERE / "results", "PEFT methods and strategies on 20 Newsgroups (10 clients, Dirichlet 0.5)")
