@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import glob
 import json
 import math
@@ -124,8 +125,12 @@ class Group:
         return mean_std([getattr(r, what)(self.metric) for r in self.runs])
 
     def mean(self, what: str) -> float:
-        """Mean over the seeds of ``mb_up``, ``mb_down``, ``seconds`` or ``params``."""
-        vals = {"mb_up": lambda r: r.mb("up"), "mb_down": lambda r: r.mb("down"), "seconds": lambda r: r.seconds, "params": lambda r: r.params}[what]
+        """Mean over the seeds of ``mb_up``, ``mb_down``, ``seconds`` or ``params`` (``params``: over
+        the runs that recorded it; runs of one group train the same tensors, and older runs lack it)."""
+        if what == "params":
+            known = [r.params for r in self.runs if not math.isnan(r.params)]
+            return float(np.mean(known)) if known else math.nan
+        vals = {"mb_up": lambda r: r.mb("up"), "mb_down": lambda r: r.mb("down"), "seconds": lambda r: r.seconds}[what]
         return float(np.mean([vals(r) for r in self.runs]))
 
     @property
@@ -248,6 +253,17 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+@functools.lru_cache(maxsize=1)
+def schema_defaults() -> dict[str, Any]:
+    """The config schema's defaults, flattened: what a key an older run's config lacks (fedpeft did
+    not have it yet) stood for, as resume reads it (``serverapp.changed_keys``)."""
+    from omegaconf import OmegaConf
+
+    from fedpeft import runconfig
+
+    return flatten(OmegaConf.to_container(OmegaConf.structured(runconfig.schema())))
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     for line in path.read_text().splitlines():
@@ -282,7 +298,7 @@ def load_run(path: Path) -> Run:
             tree = yaml.safe_load(cfg_file.read_text())
             if not isinstance(tree, dict):
                 raise ValueError("not a mapping")
-            run.config = flatten(tree)
+            run.config = {**schema_defaults(), **flatten(tree)}
         except Exception as e:
             run.status, run.reason = "unreadable", f"config.yaml unreadable: {' '.join(str(e).split())[:200]}"
     rounds = run.config.get("rounds")

@@ -168,6 +168,27 @@ def test_one_config_is_one_group_and_perplexity_is_best_at_its_minimum(tmp_path)
         assert data.startswith(PNG) and len(data) > 1000
 
 
+def test_a_key_an_older_run_lacks_reads_as_its_schema_default(tmp_path):
+    """A run saved before fedpeft had ``peft.*`` and ``strategy.first`` is the same experiment as a
+    newer one at their defaults (its seed joins the group), not one at a non-default value; the
+    trained-parameter count is the mean over the runs that recorded it."""
+    old = config(seed=0)
+    make_run(tmp_path / "old", old, [0.1, 0.4, 0.5])
+    new = config(seed=1, peft={"name": "lora", "num_virtual_tokens": 16, "vera_rank": 256, "feedforward_modules": [], "u": None})
+    new["strategy"]["first"] = "B"
+    make_run(tmp_path / "new", new, [0.1, 0.6, 0.7], trainable_params=1000)
+    dora = config(seed=0, peft={"name": "dora"})
+    make_run(tmp_path / "dora", dora, [0.1, 0.2, 0.3], trainable_params=1100)
+    runs, problems = compare.load_runs([tmp_path])
+    assert problems == []
+    groups = {g.label: g for g in compare.group_runs(runs, "accuracy")}
+    assert sorted(groups) == ["peft=dora", "peft=lora"]
+    lora, other = groups["peft=lora"], groups["peft=dora"]
+    assert (lora.seeds, other.seeds) == ([0, 1], [0])
+    assert lora.stat("final") == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)))
+    assert lora.mean("params") == 1000 and other.mean("params") == 1100
+
+
 def test_short_labels_keep_the_full_key_where_the_leaf_is_ambiguous(tmp_path):
     for i, (palpha, malpha, levels) in enumerate([(0.5, 16.0, [8, 4]), (1.0, 16.0, [8, 4]), (1.0, 32.0, [64, 32])]):
         make_run(tmp_path / f"r{i}", config(partition__alpha=palpha, model__alpha=malpha, ranks__levels=levels), [0.5, 0.5, 0.5])
