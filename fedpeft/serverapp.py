@@ -255,6 +255,7 @@ class Federation:
         self.lm = build(cfg.model, num_labels=num_labels, device=cfg.engine.device, seed=cfg.seed, peft_cfg=cfg.peft)
         r_max = max(self.ranks)
         use_adapter(self.lm, r_max, client_alpha(cfg.ranks, r_max, cfg.model.rank, cfg.model.alpha))
+        self.counts = self.trained_counts()  # now, at r_max: merges and a resumed state change the server model's rank
         if cfg.engine.kind == "cohort":  # a model the cohort engine cannot batch is refused before round 1
             from clients.cohort import CohortError, check_model as check_cohort
 
@@ -338,23 +339,28 @@ class Federation:
         self.baseline = {"majority_rate": fdata.majority_rate(self.test)} if cfg.model.task == "classification" else {}
 
     def trained_counts(self) -> dict[str, int]:
-        """The parameters a client trains and sends at the model's rank, by group (fedpeft/methods)."""
+        """The parameters a client trains and sends, by group (fedpeft/methods): counted on the
+        server model at the largest client rank before round 1 (FLoRA's and FlexLoRA's merges change
+        its rank later), with LoRA's factors (``r·in`` for A, ``out·r`` for B) scaled to each client's
+        own rank and averaged over the clients (rounded; exact when every client has one rank)."""
         from peft import get_peft_model_state_dict
 
         from fedpeft.models import active, short_name
 
-        counts: dict[str, int] = {}
+        counts: dict[str, float] = {}
+        mean_share = sum(self.ranks) / len(self.ranks) / max(self.ranks)  # mean of r_k / r_max
         for key, t in get_peft_model_state_dict(self.lm.model, adapter_name=active(self.lm)).items():
             group = self.lm.groups.get(short_name(key))
             if group is not None:
-                counts[group] = counts.get(group, 0) + t.numel()
-        return counts
+                counts[group] = counts.get(group, 0) + t.numel() * (mean_share if group in ("lora_A", "lora_B") else 1)
+        return {g: round(n) for g, n in counts.items()}
 
     def method_line(self) -> str:
         """What the clients train: the PEFT method, where, and how many parameters by group."""
-        cfg, counts = self.cfg, self.trained_counts()
+        cfg, counts = self.cfg, self.counts
         where = "" if cfg.peft.name in ("prompt_tuning", "prefix_tuning", "bitfit") else f" on {list(cfg.model.target_modules)}"
-        return f"peft={cfg.peft.name}{where}, {sum(counts.values()):,} trained parameters ({', '.join(f'{k} {v:,}' for k, v in counts.items())})"
+        per = " (a client's mean at its rank)" if len(set(self.ranks)) > 1 else ""
+        return f"peft={cfg.peft.name}{where}, {sum(counts.values()):,} trained parameters{per} ({', '.join(f'{k} {v:,}' for k, v in counts.items())})"
 
     def banner(self) -> None:
         from fedpeft.tracking import say
@@ -505,7 +511,7 @@ class Federation:
         """Write ``summary.json`` (and close W&B) with ``status``."""
         cfg, plan = self.cfg, self.plan
         s: dict[str, Any] = {"run_dir": str(self.run_dir), "strategy": cfg.strategy.name, "rounds": cfg.rounds, "clients": cfg.clients, **self.baseline}
-        counts = self.trained_counts()
+        counts = self.counts
         s.update(peft=cfg.peft.name, trainable_params=sum(counts.values()), trainable_by_group=counts)
         s.update(status=status, seconds=round(time.perf_counter() - self.t_start, 1), history=self.history, rounds_applied=self.adapter.rounds_applied)
         if status == "failed":

@@ -113,6 +113,12 @@ def test_heterogeneous_rank_strategies_run_with_partial_participation(strategy, 
                             "train.local_steps=2", "data.eval_samples=64", "tracking.mode=disabled")
     assert summary["status"] == "finished"
     assert [r["clients_replied"] for r in summary["history"][1:]] == [2, 2]
+    # what a client trains, at its own rank, averaged over the clients: 12 modules × r × 384 per factor
+    ranks = json.loads((tmp_path / "run" / "ranks.json").read_text())["ranks"]
+    per_factor = 12 * 384 * sum(ranks) / len(ranks)
+    by_group = summary["trainable_by_group"]
+    assert (by_group["lora_A"], by_group["lora_B"]) == (per_factor, per_factor) and ranks == [64, 32, 16, 16]
+    assert summary["trainable_params"] == 2 * per_factor + by_group["head"]
     saved = load_file(str(tmp_path / "run" / "adapters" / "round_002" / "adapter_model.safetensors"))
     a_keys = sorted(k for k in saved if k.endswith("lora_A.weight"))
     assert len(a_keys) == 12
