@@ -289,6 +289,9 @@ def deploy(args: list[str]) -> int:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminate)
+    # Ctrl-C stops the deployment also where fedpeft started with SIGINT ignored (a background job of a
+    # script, nohup), as it stops fedpeft simulate: Python installs no handler then
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         summary = fdeploy.run(cfg, run_dir, resume=bool(resume), insecure=insecure)
     except KeyboardInterrupt:
@@ -309,6 +312,7 @@ def deploy(args: list[str]) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     return 0 if summary.get("status") in ("finished", "stopped") else 1
 
 

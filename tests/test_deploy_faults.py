@@ -244,7 +244,8 @@ def test_supernode_killed_mid_round_rejoins(tmp_path):
 def test_ctrl_c_on_fedpeft_deploy_stops_everything_and_keeps_rounds(tmp_path, target):
     """SIGINT to the launcher alone (``process``), or to its process group as a terminal's Ctrl-C
     does (``group``: the launcher starts every deployment process in a session of its own, so the
-    group holds the launcher only)."""
+    group holds the launcher only). The launcher starts with SIGINT ignored, as a script's background
+    job does: fedpeft deploy stops on it all the same, as fedpeft simulate does."""
     run_dir = (tmp_path / "run").resolve()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     listening_before = {(a, p) for a, p, _ in listeners()}
@@ -254,6 +255,8 @@ def test_ctrl_c_on_fedpeft_deploy_stops_everything_and_keeps_rounds(tmp_path, ta
          f"hydra.run.dir={run_dir}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path,
         start_new_session=True,
+        # started as a script's background job is (SIGINT ignored, inherited): Ctrl-C must still stop it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     lines: list[str] = []
     round1 = threading.Event()
