@@ -302,8 +302,10 @@ def test_insecure_warns_and_ctrl_c_stops_everything(tmp_path):
     """Plain text is logged as such; Ctrl-C (SIGINT to the launcher) stops the whole tree."""
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(CHILD))
+    # a terminal's foreground job: SIGINT at its default even where this suite runs as a background job (ignored)
     child = subprocess.Popen([sys.executable, str(script), str(tmp_path / "work")], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = child.stdout.readline()
         assert line, f"launcher died: {child.stderr.read()[-2000:]}"
