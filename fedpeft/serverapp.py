@@ -339,20 +339,25 @@ class Federation:
         self.baseline = {"majority_rate": fdata.majority_rate(self.test)} if cfg.model.task == "classification" else {}
 
     def trained_counts(self) -> dict[str, int]:
-        """The parameters a client trains and sends, by group (fedpeft/methods): counted on the
+        """The parameters a client trains in a round, by group (fedpeft/methods): counted on the
         server model at the largest client rank before round 1 (FLoRA's and FlexLoRA's merges change
         its rank later), with LoRA's factors (``r·in`` for A, ``out·r`` for B) scaled to each client's
-        own rank and averaged over the clients (rounded; exact when every client has one rank)."""
+        own rank and averaged over the clients (rounded; exact when every client has one rank), and
+        each group scaled by the strategy's ``trained_share`` (FFA-LoRA's frozen A is left out,
+        RoLoRA's factors count half: one of them trains a round)."""
         from peft import get_peft_model_state_dict
 
+        import strategies
         from fedpeft.models import active, short_name
 
+        share = getattr(strategies.REGISTRY[self.cfg.strategy.name], "trained_share", {})
         counts: dict[str, float] = {}
-        mean_share = sum(self.ranks) / len(self.ranks) / max(self.ranks)  # mean of r_k / r_max
+        mean_rank = sum(self.ranks) / len(self.ranks) / max(self.ranks)  # mean of r_k / r_max
         for key, t in get_peft_model_state_dict(self.lm.model, adapter_name=active(self.lm)).items():
             group = self.lm.groups.get(short_name(key))
-            if group is not None:
-                counts[group] = counts.get(group, 0) + t.numel() * (mean_share if group in ("lora_A", "lora_B") else 1)
+            if group is not None and share.get(group, 1.0) > 0:
+                scale = (mean_rank if group in ("lora_A", "lora_B") else 1.0) * share.get(group, 1.0)
+                counts[group] = counts.get(group, 0) + t.numel() * scale
         return {g: round(n) for g, n in counts.items()}
 
     def method_line(self) -> str:

@@ -108,6 +108,9 @@ class Strategy(Protocol):
     # Optional: ``needs_base_weights: ClassVar[bool]``; when true the server calls
     # ``init(model, base_weights={module: W [out × in]})`` with its frozen pre-trained weights (FeDeRA).
     # Optional: ``lora_update_only: ClassVar[bool]``, the method's update is ``s·B·A`` (LoRA's).
+    # Optional: ``trained_share: ClassVar[dict[str, float]]``, the share of a group's parameters a
+    # client trains in a round, averaged over rounds (default 1): FFA-LoRA's frozen A is 0, RoLoRA's
+    # alternating factors ½ each. The run's "trained parameters" (banner, summary) use it.
 
     def reply_ranks(self, rank: int) -> tuple[int, ...]:
         """The ranks a client given ``rank`` may answer with (HetLoRA's clients may prune)."""

@@ -70,6 +70,7 @@ class FFALoRA:
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
+    trained_share: ClassVar[dict[str, float]] = {"lora_A": 0.0}  # A stays at its shared init
 
     def __post_init__(self) -> None:
         check_weighting(self)

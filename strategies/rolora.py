@@ -47,6 +47,7 @@ class RoLoRA:
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     engines: ClassVar[tuple[str, ...]] = ("per_client",)  # the cohort engine does not batch freeze_B
     lora_update_only: ClassVar[bool] = True
+    trained_share: ClassVar[dict[str, float]] = {"lora_A": 0.5, "lora_B": 0.5}  # one factor a round
 
     def __post_init__(self) -> None:
         check_weighting(self)

@@ -87,6 +87,8 @@ def test_rolora_round_1_trains_only_B_and_round_2_only_A(tmp_path):
     assert [r["clients_replied"] for r in h[1:]] == [3, 3] and h[2]["loss"] != h[1]["loss"]
     # the uplink carries one factor: B (768 × 4) in round 1 and A (4 × 384) in round 2 per module, plus the head
     assert h[1]["bytes_up"] < h[1]["bytes_down"] and h[2]["bytes_up"] < h[2]["bytes_down"]
+    # one factor trains a round: each counts half of its 12 modules × 4 × 384 parameters
+    assert (summary["trainable_by_group"]["lora_A"], summary["trainable_by_group"]["lora_B"]) == (12 * 4 * 384 // 2, 12 * 4 * 384 // 2)
 
 
 def test_federa_round_0_is_the_base_model_and_training_moves_it(tmp_path):
