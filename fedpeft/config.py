@@ -336,11 +336,6 @@ def validate(cfg: Any) -> None:
     name, cls = cfg.strategy.name, strategies.REGISTRY[cfg.strategy.name]
     need(cfg.strategy.weighting in cls.weightings, "strategy.weighting",
          f"strategy={name} does not take {cfg.strategy.weighting!r}; expected one of {', '.join(cls.weightings)}")
-    if not cls.heterogeneous_ranks:
-        ranks = sorted(set(client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)))
-        need(len(ranks) == 1, "ranks.kind",
-             f"strategy={name} needs one rank for all clients (ranks=fixed), but ranks.kind={cfg.ranks.kind} gives ranks {ranks}; "
-             f"use a strategy that takes heterogeneous ranks ({', '.join(n for n, c in strategies.REGISTRY.items() if c.heterogeneous_ranks)})")
     from fedpeft import methods
 
     one_of(cfg.peft.name, "peft.name", tuple(methods.METHODS))
@@ -358,6 +353,14 @@ def validate(cfg: Any) -> None:
          f"strategy={name} aggregates LoRA factors (ΔW = s·B·A) and cannot take peft={method.name}; use peft="
          f"{' | '.join(methods.lora_update_methods())}, or a strategy that averages any method's tensors "
          f"({', '.join(n for n, c in strategies.REGISTRY.items() if not c.lora_update_only and getattr(c, 'peft_methods', None) is None)})")
+    if not cls.heterogeneous_ranks:
+        ranks = sorted(set(client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)))
+        hetero = [n for n, c in strategies.REGISTRY.items() if c.heterogeneous_ranks]
+        fit = [n for n in hetero if takes_method(strategies.REGISTRY[n], method)]
+        need(len(ranks) == 1, "ranks.kind",
+             f"strategy={name} needs one rank for all clients (ranks=fixed), but ranks.kind={cfg.ranks.kind} gives ranks {ranks}; "
+             + (f"use a strategy that takes heterogeneous ranks ({', '.join(fit)})" if fit else
+                f"the strategies that take heterogeneous ranks ({', '.join(hetero)}) cannot take peft={method.name}: use ranks=fixed"))
     need(cfg.privacy.mode != "sample" or method.opacus, "privacy.mode",
          f"sample-level DP-SGD needs Opacus's per-example gradients, which Opacus 1.6 lacks for peft={method.name}'s layers: use "
          f"peft={' | '.join(n for n, m in methods.METHODS.items() if m.opacus)}, or privacy=local / central (they noise the update)")
@@ -373,6 +376,13 @@ def validate(cfg: Any) -> None:
          f"strategy={name} does not work with privacy.mode={cfg.privacy.mode}; use privacy={' | '.join(cls.privacy_modes)}")
     validate_privacy(cfg, need, one_of)
     need(cfg.data.eval_samples >= 0, "data.eval_samples", f"must be non-negative, got {cfg.data.eval_samples}")
+
+
+def takes_method(cls: type, method: Any) -> bool:
+    """Whether strategy class ``cls`` takes PEFT method ``method`` (its ``peft_methods`` and
+    ``lora_update_only`` declarations)."""
+    wanted = getattr(cls, "peft_methods", None)
+    return (wanted is None or method.name in wanted) and (not cls.lora_update_only or method.lora_update)
 
 
 def validate_privacy(cfg: Any, need, one_of) -> None:
