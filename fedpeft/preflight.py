@@ -32,10 +32,11 @@ def check_run_dir(run_dir: Path | None) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def target_shapes(name: str, task: str, targets: tuple[str, ...], num_labels: int | None) -> dict[str, tuple[int, int]] | None:
+def target_shapes(name: str, task: str, targets: tuple[str, ...], num_labels: int | None) -> tuple[dict[str, tuple[int, int]], bool] | None:
     """``(out, in)`` of every module LoRA would wrap, from the model's config on the meta device
-    (no weights are loaded) and peft's own target matching. None when transformers cannot build
-    the architecture from its config alone (``fedpeft.models.build`` then reports what is wrong)."""
+    (no weights are loaded) and peft's own target matching, and whether the model has any bias
+    term. None when transformers cannot build the architecture from its config alone
+    (``fedpeft.models.build`` then reports what is wrong)."""
     import math
     import warnings
 
@@ -59,6 +60,7 @@ def target_shapes(name: str, task: str, targets: tuple[str, ...], num_labels: in
             base = (AutoModelForSequenceClassification if classification else AutoModelForCausalLM).from_config(config)
     except Exception:
         return None
+    has_bias = any(n.endswith(".bias") for n, _ in base.named_parameters())
     lora = LoraConfig(task_type=TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM, r=1, target_modules=list(targets))
     try:
         with warnings.catch_warnings():
@@ -72,18 +74,23 @@ def target_shapes(name: str, task: str, targets: tuple[str, ...], num_labels: in
         w = getattr(m.get_base_layer(), "weight", None) if isinstance(m, LoraLayer) else None
         if w is not None and w.dim() >= 2:
             shapes[n.removeprefix(PREFIX)] = (int(w.shape[0]), math.prod(int(s) for s in w.shape[1:]))
-    return shapes
+    return shapes, has_bias
 
 
 def check_model(cfg, num_labels: int | None) -> None:
     """``model.target_modules`` must name modules of the model, and no client rank may exceed
     ``min(out, in)`` of the smallest targeted module: past it a rank adds parameters (and bytes on
-    the wire) but no capacity."""
+    the wire) but no capacity. A method that trains bias terms (BitFit) needs a model that has some."""
+    from fedpeft import methods
     from fedpeft.config import ConfigError
 
-    shapes = target_shapes(cfg.model.name, cfg.model.task, tuple(cfg.model.target_modules), num_labels)
-    if not shapes:
+    found = target_shapes(cfg.model.name, cfg.model.task, tuple(cfg.model.target_modules), num_labels)
+    if not found or not found[0]:
         return
+    shapes, has_bias = found
+    if "bias" in methods.get(cfg.peft.name).groups and not has_bias:
+        raise ConfigError(f"peft.name: peft={cfg.peft.name} trains bias terms only, and model {cfg.model.name!r} has none; "
+                          "choose another peft method for it")
     for t in cfg.model.target_modules:  # peft matches a name as a suffix; it refuses only a list that matches nothing
         if not any(m == t or m.endswith("." + t) for m in shapes):
             raise ConfigError(f"model.target_modules: {t!r} matches no module of model {cfg.model.name!r} (peft would skip it silently); "

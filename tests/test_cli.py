@@ -40,6 +40,8 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
         ("strategy=dp_lora privacy=sample privacy.noise_multiplier=1 ranks=flora", "ranks.kind: strategy=dp_lora needs one rank for all clients"),
         ("strategy=fedavg ranks=heavy_tail", "ranks.kind: strategy=fedavg needs one rank for all clients"),
         ("strategy=fedavg ranks=heavy_tail", "use a strategy that takes heterogeneous ranks (ffa_lora, hetlora, flora, flexlora)"),
+        # from the model's architecture on the meta device, before Ray starts
+        ("peft=bitfit model=smollm2", "peft.name: peft=bitfit trains bias terms only, and model 'smollm2' has none"),
         # no strategy takes heterogeneous ranks with VeRA: it says so rather than naming strategies that refuse it
         ("peft=vera ranks=flora", "heterogeneous ranks (ffa_lora, hetlora, flora, flexlora) cannot take peft=vera: use ranks=fixed"),
         ("strategy=ffa_lora privacy=central privacy.noise_multiplier=1", "privacy.mode: strategy=ffa_lora does not work with privacy.mode=central; use privacy=none | sample | local"),
