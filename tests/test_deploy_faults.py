@@ -9,6 +9,7 @@ so these tests take minutes each.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -315,9 +316,12 @@ def test_ctrl_c_on_fedpeft_deploy_stops_everything_and_keeps_rounds(tmp_path, ta
         took = time.monotonic() - t_sig
         reader.join(timeout=10)
     finally:
-        if child.poll() is None:
+        if child.poll() is None:  # a SIGKILLed launcher cannot stop its deployment (own sessions): stop it here
             child.kill()
             child.wait()
+            for pid in set().union(*(marked(m) for m in markers)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     out = "".join(lines)
     print(f"\n[timing] {target}: round 1 after {t_round1:.0f} s; SIGINT to exit {took:.1f} s; "
           f"test {time.monotonic() - t0:.0f} s")

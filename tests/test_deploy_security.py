@@ -7,6 +7,7 @@ every connected node for its node config and writes the answers to the run confi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -112,15 +113,9 @@ def alive(pids: set[int]) -> set[int]:
 
 def marked(marker: str) -> set[int]:
     """Live processes whose environment carries the deployment's marker."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if marker.encode() in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                    found.add(int(entry))
-            except OSError:
-                pass
-    return alive(found)
+    from fedpeft.deploy import processes_with_env
+
+    return alive(processes_with_env(marker))
 
 
 def wait_exit(procs: dict[str, subprocess.Popen], timeout: float) -> dict[str, int | None]:
@@ -306,6 +301,7 @@ def test_insecure_warns_and_ctrl_c_stops_everything(tmp_path):
     child = subprocess.Popen([sys.executable, str(script), str(tmp_path / "work")], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    info: dict = {}
     try:
         line = child.stdout.readline()
         assert line, f"launcher died: {child.stderr.read()[-2000:]}"
@@ -320,8 +316,12 @@ def test_insecure_warns_and_ctrl_c_stops_everything(tmp_path):
         _, err = child.communicate(timeout=60)
         print(f"[timing] Ctrl-C to everything stopped: {time.monotonic() - t0:.1f} s")
     finally:
-        if child.poll() is None:
+        if child.poll() is None:  # a SIGKILLed launcher cannot stop its deployment (own sessions): stop it here
             child.kill()
+            child.wait()
+            for pid in marked(info["marker"]) if info else ():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     assert re.search(r"WARNING insecure=True: .*plain text", err), err[-2000:]
     assert "KeyboardInterrupt" in err
     assert not alive(ours) and not marked(info["marker"])
