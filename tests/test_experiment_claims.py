@@ -53,3 +53,19 @@ def test_only_selects_settings_in_its_order_and_names_an_unknown_one(capsys):
     with pytest.raises(SystemExit):
         select(runs, ["a", "zz"], ap)
     assert "--only: unknown settings ['zz']; expected some of a, b, c" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("experiment", ["peft_methods", "heterogeneous_ranks"])
+def test_every_claim_names_settings_of_its_experiment(experiment):
+    """A misspelt setting would read as 'not enough finished seed pairs' forever: every claim's two
+    sides are settings the experiment runs."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / experiment / "run.py"
+    spec = importlib.util.spec_from_file_location(f"{experiment}_run", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    settings = set(mod.runs()) if hasattr(mod, "runs") else set(mod.METHODS)
+    assert len(mod.CLAIMS) >= 5
+    for text, better, worse in mod.CLAIMS:
+        assert better in settings and worse.removeprefix("majority:") in settings, text
