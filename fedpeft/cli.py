@@ -210,7 +210,17 @@ def resume_config(run_dir: Path, overrides: list[str]):
         given = OmegaConf.from_dotlist(overrides)
     except Exception as e:
         raise ConfigError(f"resume: {config_error_line(e)}") from e
-    cfg = typed(OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(run_dir / "config.yaml"), given)))
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    for key in list(given):  # GROUP=OPTION: the group the run used (its ``name``) is no change; another is
+        if OmegaConf.is_dict(saved.get(key)) and not OmegaConf.is_dict(given[key]):
+            if given[key] != saved[key].get("name"):
+                raise ConfigError(f"resume: {key}={given[key]} would change the run's {key} (it ran {key}={saved[key].get('name')}); "
+                                  "only rounds, which may only grow, and engine.* may change: start a new run for this")
+            del given[key]
+    try:
+        cfg = typed(OmegaConf.to_container(OmegaConf.merge(saved, given)))
+    except Exception as e:
+        raise ConfigError(f"resume: {config_error_line(e)}") from e
     validate(cfg)
     load_state(run_dir, cfg)
     return cfg

@@ -89,6 +89,9 @@ def test_resuming_with_a_changed_config_is_refused_naming_the_keys(uninterrupted
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out[-2000:]
     assert "resume: the config differs from the run's in seed, train.lr" in out
-    proc = fedpeft(f"resume={uninterrupted}")
+    proc = fedpeft(f"resume={uninterrupted}", "peft=ia3")  # another group option: one line naming it
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "resume: peft=ia3 would change the run's peft (it ran peft=lora)" in out, out[-2000:]
+    proc = fedpeft(f"resume={uninterrupted}", "peft=lora")  # the run's own option is no change
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "already finished all 3 rounds" in out
