@@ -6,6 +6,7 @@ and :func:`fedpeft.simulation.run` again (multirun jobs and API callers do not c
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 from pathlib import Path
 
 
@@ -31,12 +32,17 @@ def check_run_dir(run_dir: Path | None) -> None:
                           f"choose a new run directory, or continue that run with resume={run_dir}")
 
 
+class Architecture(NamedTuple):
+    shapes: dict[str, tuple[int, int]]  # (out, in) of every module LoRA would wrap
+    has_bias: bool  # whether the model has any bias term
+    max_positions: int | None  # the config's max_position_embeddings (None: it has none)
+
+
 @functools.lru_cache(maxsize=8)
-def target_shapes(name: str, task: str, targets: tuple[str, ...], num_labels: int | None) -> tuple[dict[str, tuple[int, int]], bool] | None:
-    """``(out, in)`` of every module LoRA would wrap, from the model's config on the meta device
-    (no weights are loaded) and peft's own target matching, and whether the model has any bias
-    term. None when transformers cannot build the architecture from its config alone
-    (``fedpeft.models.build`` then reports what is wrong)."""
+def architecture(name: str, task: str, targets: tuple[str, ...], num_labels: int | None) -> Architecture | None:
+    """What the checks need of the model, from its config on the meta device (no weights are
+    loaded) and peft's own target matching. None when transformers cannot build the architecture
+    from its config alone (``fedpeft.models.build`` then reports what is wrong)."""
     import math
     import warnings
 
@@ -74,23 +80,31 @@ def target_shapes(name: str, task: str, targets: tuple[str, ...], num_labels: in
         w = getattr(m.get_base_layer(), "weight", None) if isinstance(m, LoraLayer) else None
         if w is not None and w.dim() >= 2:
             shapes[n.removeprefix(PREFIX)] = (int(w.shape[0]), math.prod(int(s) for s in w.shape[1:]))
-    return shapes, has_bias
+    return Architecture(shapes, has_bias, getattr(config, "max_position_embeddings", None))
 
 
 def check_model(cfg, num_labels: int | None) -> None:
     """``model.target_modules`` must name modules of the model, and no client rank may exceed
     ``min(out, in)`` of the smallest targeted module: past it a rank adds parameters (and bytes on
-    the wire) but no capacity. A method that trains bias terms (BitFit) needs a model that has some."""
+    the wire) but no capacity. A method that trains bias terms (BitFit) needs a model that has some,
+    and prompt or prefix tuning's virtual tokens take positions: with ``model.max_length`` they must
+    fit the model's ``max_position_embeddings``."""
     from fedpeft import methods
     from fedpeft.config import ConfigError
 
-    found = target_shapes(cfg.model.name, cfg.model.task, tuple(cfg.model.target_modules), num_labels)
-    if not found or not found[0]:
+    arch = architecture(cfg.model.name, cfg.model.task, tuple(cfg.model.target_modules), num_labels)
+    if not arch or not arch.shapes:
         return
-    shapes, has_bias = found
-    if "bias" in methods.get(cfg.peft.name).groups and not has_bias:
+    shapes, method = arch.shapes, methods.get(cfg.peft.name)
+    if "bias" in method.groups and not arch.has_bias:
         raise ConfigError(f"peft.name: peft={cfg.peft.name} trains bias terms only, and model {cfg.model.name!r} has none; "
                           "choose another peft method for it")
+    if "num_virtual_tokens" in method.options and arch.max_positions:
+        tokens = cfg.peft.num_virtual_tokens
+        if tokens + cfg.model.max_length > arch.max_positions:
+            raise ConfigError(f"peft.num_virtual_tokens: {tokens} virtual tokens + model.max_length {cfg.model.max_length} exceed the "
+                              f"{arch.max_positions} positions of model {cfg.model.name!r}; use at most "
+                              f"{arch.max_positions - cfg.model.max_length} virtual tokens or a shorter model.max_length")
     for t in cfg.model.target_modules:  # peft matches a name as a suffix; it refuses only a list that matches nothing
         if not any(m == t or m.endswith("." + t) for m in shapes):
             raise ConfigError(f"model.target_modules: {t!r} matches no module of model {cfg.model.name!r} (peft would skip it silently); "

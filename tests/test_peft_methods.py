@@ -92,6 +92,19 @@ def test_a_model_without_bias_terms_refuses_bitfit():
         build(ModelConfig(name="smollm2", task="causal_lm", target_modules=["q_proj"], max_length=16), num_labels=None, device="cpu", seed=0, peft_cfg=PeftConfig(name="bitfit"))
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_virtual_tokens_that_fit_the_models_positions_are_accepted_and_run(method):
+    """The preflight's limit is the model's: 448 virtual tokens + 64 fill MiniLM's 512 positions
+    and the forward runs; one more is refused (tests/test_cli.py) where the forward would raise."""
+    from fedpeft.preflight import check_model
+
+    cfg = compose([f"peft={method}", "peft.num_virtual_tokens=448", "model.max_length=64"])
+    check_model(cfg, 4)
+    lm = build(ModelConfig(max_length=64), num_labels=4, device="cpu", seed=0, peft_cfg=PeftConfig(name=method, num_virtual_tokens=448))
+    ids = torch.randint(1000, 2000, (2, 64))
+    assert lm.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (2, 4)
+
+
 @pytest.mark.parametrize("strategy", ["ffa_lora", "hetlora", "flora", "flexlora"])
 @pytest.mark.parametrize("method", ["ia3", "loha", "prompt_tuning"])
 def test_lora_structured_strategies_refuse_other_methods_in_one_line(strategy, method):
