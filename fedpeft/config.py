@@ -342,6 +342,7 @@ def validate(cfg: Any) -> None:
     method = methods.get(cfg.peft.name)
     need(cfg.peft.num_virtual_tokens >= 1, "peft.num_virtual_tokens", f"must be at least 1, got {cfg.peft.num_virtual_tokens}")
     need(cfg.peft.vera_rank >= 1, "peft.vera_rank", f"must be at least 1, got {cfg.peft.vera_rank}")
+    need(cfg.peft.u is None or cfg.peft.u >= 1, "peft.u", f"must be at least 1 (or null: model.rank²), got {cfg.peft.u}")
     defaults = PeftConfig()
     for key, value in OmegaConf.to_container(cfg.peft).items():  # an option the method would silently ignore
         readers = [m.name for m in methods.METHODS.values() if key in m.options]

@@ -92,10 +92,13 @@ def check_model(cfg, num_labels: int | None) -> None:
     from fedpeft import methods
     from fedpeft.config import ConfigError
 
-    arch = architecture(cfg.model.name, cfg.model.task, tuple(cfg.model.target_modules), num_labels)
+    method = methods.get(cfg.peft.name)
+    targets = tuple(cfg.model.target_modules)
+    ff = tuple(cfg.peft.feedforward_modules or ()) if "feedforward_modules" in method.options else ()  # IA3 also adapts these
+    arch = architecture(cfg.model.name, cfg.model.task, targets + tuple(m for m in ff if m not in targets), num_labels)
     if not arch or not arch.shapes:
         return
-    shapes, method = arch.shapes, methods.get(cfg.peft.name)
+    shapes = arch.shapes
     if "bias" in method.groups and not arch.has_bias:
         raise ConfigError(f"peft.name: peft={cfg.peft.name} trains bias terms only, and model {cfg.model.name!r} has none; "
                           "choose another peft method for it")
@@ -105,10 +108,11 @@ def check_model(cfg, num_labels: int | None) -> None:
             raise ConfigError(f"peft.num_virtual_tokens: {tokens} virtual tokens + model.max_length {cfg.model.max_length} exceed the "
                               f"{arch.max_positions} positions of model {cfg.model.name!r}; use at most "
                               f"{arch.max_positions - cfg.model.max_length} virtual tokens or a shorter model.max_length")
-    for t in cfg.model.target_modules:  # peft matches a name as a suffix; it refuses only a list that matches nothing
-        if not any(m == t or m.endswith("." + t) for m in shapes):
-            raise ConfigError(f"model.target_modules: {t!r} matches no module of model {cfg.model.name!r} (peft would skip it silently); "
-                              f"drop it or name a module the model has")
+    for key, names in (("model.target_modules", targets), ("peft.feedforward_modules", ff)):
+        for t in names:  # peft matches a name as a suffix; it refuses only a list that matches nothing
+            if not any(m == t or m.endswith("." + t) for m in shapes):
+                raise ConfigError(f"{key}: {t!r} matches no module of model {cfg.model.name!r} (peft would skip it silently); "
+                                  f"drop it or name a module the model has")
     module, (out, inn) = min(shapes.items(), key=lambda kv: min(kv[1]))
     limit = min(out, inn)
     ranks = [("model.rank", cfg.model.rank)]

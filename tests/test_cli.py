@@ -42,6 +42,8 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
         ("strategy=fedavg ranks=heavy_tail", "use a strategy that takes heterogeneous ranks (ffa_lora, hetlora, flora, flexlora)"),
         # from the model's architecture on the meta device, before Ray starts
         ("peft=bitfit model=smollm2", "peft.name: peft=bitfit trains bias terms only, and model 'smollm2' has none"),
+        ("peft=ia3 peft.feedforward_modules=[nope]", "peft.feedforward_modules: 'nope' matches no module of model 'minilm'"),
+        ("peft=lora_xs peft.u=0", "peft.u: must be at least 1 (or null: model.rank²), got 0"),
         # MiniLM has 512 positions: 449 prompt tokens + 64 do not fit (measured: the forward raises), 448 do
         ("peft=prompt_tuning peft.num_virtual_tokens=449 model.max_length=64", "peft.num_virtual_tokens: 449 virtual tokens + model.max_length 64 exceed the 512 positions of model 'minilm'; use at most 448"),
         ("peft=prefix_tuning peft.num_virtual_tokens=500", "peft.num_virtual_tokens: 500 virtual tokens + model.max_length"),
