@@ -391,6 +391,10 @@ def _external(name: str, seed: int, text_column: str, label_column: str, group_c
     dd = DatasetDict(out)
     if "label" in wanted:
         dd = _encode_labels(dd)
+        classes = dd["train"].features["label"].names
+        if len(classes) < 2:  # one class would make a 1-output head: a regression, and accuracy 1 by construction
+            raise DataError(f"dataset {name!r}: label column {label_column!r} has {len(classes)} class(es) "
+                            f"({', '.join(map(repr, classes)) or 'none'}); classification needs at least 2")
     if "test" not in dd:
         dd = _holdout(dd["train"], seed)
     if len(dd["train"]) == 0:

@@ -296,6 +296,15 @@ def test_local_csv_dataset_with_renamed_columns(tmp_path):
     assert fdata.task_of(lm) == "causal_lm" and len(lm["train"]) == 40
 
 
+def test_a_label_column_with_one_class_is_refused(tmp_path):
+    """One class would build a one-output head (transformers: regression) that scores accuracy 1."""
+    f = tmp_path / "one.csv"
+    f.write_text("text,label\n" + "\n".join(f"text {i},pos" for i in range(20)))
+    with pytest.raises(fdata.DataError) as e:
+        fdata.load(str(f))
+    assert str(e.value) == f"dataset {str(f)!r}: label column 'label' has 1 class(es) ('pos'); classification needs at least 2"
+
+
 def test_local_folder_splits_by_file_name_and_shares_one_label_encoding(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\n" + "\n".join(f"a {i},{['x', 'y', 'z'][i % 3]}" for i in range(30)))
     (tmp_path / "test.csv").write_text("text,label\n" + "\n".join(f"b {i},z" for i in range(7)))
