@@ -89,6 +89,13 @@ class Run:
         return float(s) if isinstance(s, (int, float)) else math.nan
 
     @property
+    def s_per_round(self) -> float:
+        """Median of ``round_seconds`` over the trained rounds (robust to one slow round, e.g. the
+        first one's warm-up); nan when no round recorded it."""
+        vals = [float(r["round_seconds"]) for r in self.history if r.get("round", 0) and isinstance(r.get("round_seconds"), (int, float))]
+        return float(np.median(vals)) if vals else math.nan
+
+    @property
     def params(self) -> float:
         """Parameters a client trains and sends (``summary.trainable_params``; nan for older runs)."""
         n = (self.summary or {}).get("trainable_params")
@@ -125,10 +132,11 @@ class Group:
         return mean_std([getattr(r, what)(self.metric) for r in self.runs])
 
     def mean(self, what: str) -> float:
-        """Mean over the seeds of ``mb_up``, ``mb_down``, ``seconds`` or ``params`` (``params``: over
-        the runs that recorded it; runs of one group train the same tensors, and older runs lack it)."""
-        if what == "params":
-            known = [r.params for r in self.runs if not math.isnan(r.params)]
+        """Mean over the seeds of ``mb_up``, ``mb_down``, ``seconds``, ``s_per_round`` or ``params``
+        (``params`` and ``s_per_round``: over the runs that recorded it; runs of one group train the
+        same tensors, and older runs lack it)."""
+        if what in ("params", "s_per_round"):
+            known = [getattr(r, what) for r in self.runs if not math.isnan(getattr(r, what))]
             return float(np.mean(known)) if known else math.nan
         vals = {"mb_up": lambda r: r.mb("up"), "mb_down": lambda r: r.mb("down"), "seconds": lambda r: r.seconds}[what]
         return float(np.mean([vals(r) for r in self.runs]))
@@ -436,11 +444,11 @@ def table(groups: list[Group], metric: str) -> str:
     direction = "min" if lower_is_better(metric) else "max"
     with_eps = any(g.epsilon is not None for g in groups)
     with_params = any(not math.isnan(g.mean("params")) for g in groups)
-    head = ["group", "n", "seeds", f"final {metric}", f"best {metric} ({direction})", "MB up", "MB down", "seconds"] + (["trained params"] if with_params else []) + (["ε"] if with_eps else [])
+    head = ["group", "n", "seeds", f"final {metric}", f"best {metric} ({direction})", "MB up", "MB down", "seconds", "s / round"] + (["trained params"] if with_params else []) + (["ε"] if with_eps else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         row = [g.label, str(g.n), ", ".join(show(s) for s in g.seeds), pm(*g.stat("final"), d), pm(*g.stat("best"), d),
-               fmt(g.mean("mb_up"), 2), fmt(g.mean("mb_down"), 2), fmt(g.mean("seconds"), 1)]
+               fmt(g.mean("mb_up"), 2), fmt(g.mean("mb_down"), 2), fmt(g.mean("seconds"), 1), fmt(g.mean("s_per_round"), 1)]
         if with_params:
             row.append("—" if math.isnan(g.mean("params")) else f"{g.mean('params'):,.0f}")
         if with_eps:
@@ -477,21 +485,21 @@ def write_csvs(groups: list[Group], problems: list[Run], out_dir: Path, metric: 
     with group_csv.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["group", *keys, "n", "seeds", f"{metric}_final_mean", f"{metric}_final_std", f"{metric}_best_mean",
-                    f"{metric}_best_std", "mb_up", "mb_down", "seconds", "epsilon", "trainable_params"])
+                    f"{metric}_best_std", "mb_up", "mb_down", "seconds", "s_per_round", "epsilon", "trainable_params"])
         for g in groups:
             w.writerow([g.label, *(show(g.values[k]) for k in keys), g.n, " ".join(show(s) for s in g.seeds), *map(num, g.stat("final")),
-                        *map(num, g.stat("best")), num(g.mean("mb_up")), num(g.mean("mb_down")), num(g.mean("seconds")), num(g.epsilon),
+                        *map(num, g.stat("best")), num(g.mean("mb_up")), num(g.mean("mb_down")), num(g.mean("seconds")), num(g.mean("s_per_round")), num(g.epsilon),
                         num(g.mean("params"))])
     runs_csv = out_dir / "runs.csv"
     with runs_csv.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["group", "seed", "status", "in_aggregate", "last_round", f"{metric}_final", f"{metric}_best", "mb_up", "mb_down",
-                    "seconds", "epsilon", "reason", "path"])
+                    "seconds", "s_per_round", "epsilon", "reason", "path"])
         rows = [(g.label, r) for g in groups for r in g.runs] + [("", p) for p in problems]
         for label, r in rows:
             last = r.history[-1]["round"] if r.history else ""
             w.writerow([label, show(r.seed) if r.seed is not None else "", r.status, int(r.status == "complete"), last,
-                        num(r.final(metric)), num(r.best(metric)), num(r.mb("up")), num(r.mb("down")), num(r.seconds),
+                        num(r.final(metric)), num(r.best(metric)), num(r.mb("up")), num(r.mb("down")), num(r.seconds), num(r.s_per_round),
                         num(r.epsilon), r.reason, str(r.path)])
     return group_csv, runs_csv
 
@@ -571,7 +579,7 @@ def parser() -> argparse.ArgumentParser:
         prog="fedpeft compare",
         description="Compare fedpeft runs. Runs are grouped by the config keys that differ among them (seed and\n"
                     "tracking/engine/path keys aside); a group's runs are its seeds. Writes a markdown table (final and\n"
-                    "best metric as mean ± sample std over seeds, MB up/down, seconds, ε), compare.csv, runs.csv and two\n"
+                    "best metric as mean ± sample std over seeds, MB up/down, seconds, median s per round, ε), compare.csv, runs.csv and two\n"
                     "plots. Incomplete runs (no summary.json; failed, stopped or interrupted; fewer rounds than the\n"
                     "config's) are listed with the reason and kept out of the aggregates.",
         epilog="examples:\n  fedpeft compare runs/my_sweep\n  fedpeft compare my_sweep --metric loss\n"

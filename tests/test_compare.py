@@ -44,7 +44,7 @@ def write_yaml(path: Path, tree) -> None:
 
 
 def make_run(run_dir: Path, cfg: dict, values: list[float], metric="accuracy", status="finished", summary=True,
-             bytes_up=(1_000_000, 500_000), seconds=10.0, epsilon=None, **summary_extra) -> Path:
+             bytes_up=(1_000_000, 500_000), seconds=10.0, epsilon=None, round_seconds=(2.0, 3.0, 7.0), **summary_extra) -> Path:
     """A run directory as ``fedpeft simulate`` writes it: ``values[r]`` is the metric of round r."""
     run_dir.mkdir(parents=True)
     write_yaml(run_dir / "config.yaml", cfg)
@@ -54,7 +54,8 @@ def make_run(run_dir: Path, cfg: dict, values: list[float], metric="accuracy", s
     for r, v in enumerate(values):
         row = {"round": r, metric: v, "loss": 1.0 - r * 0.1}
         if r:
-            row.update(bytes_up=bytes_up[(r - 1) % len(bytes_up)], bytes_down=2_000_000, train_loss=0.5)
+            row.update(bytes_up=bytes_up[(r - 1) % len(bytes_up)], bytes_down=2_000_000, train_loss=0.5,
+                       round_seconds=round_seconds[(r - 1) % len(round_seconds)])
         rows.append(row)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps({**row, "elapsed_s": 1.0}) + "\n" for row in rows))
     if summary:
@@ -81,7 +82,7 @@ def sweep(tmp_path):
             # round 0 is the best (never counted: best is over the trained rounds), round 1 below the final
             cfg = config(strategy__name=strategy, model__rank=rank, seed=seed, tracking__experiment=f"e{seed}", engine__num_cpus=1.0 + seed)
             make_run(root / "multirun_1" / f"{strategy}_{rank}_s{seed}", cfg, [1.5, final - 0.125, final], seconds=10.0 + seed,
-                     epsilon=math.inf if strategy == "flora" else None)
+                     epsilon=math.inf if strategy == "flora" else None, round_seconds=(2.0 + seed, 9.0 + seed, 4.0 + seed, 3.0 + seed))
     cfg = config(strategy__name="fedavg", model__rank=8, seed=2)
     make_run(root / "crashed", cfg, [0.4, 0.9], summary=False)  # killed during round 2
     make_run(root / "failed", cfg, [0.4, 0.9], status="failed", error="no round applied an update")
@@ -109,11 +110,13 @@ def test_groups_by_every_differing_key_with_mean_and_sample_std(sweep, tmp_path,
     assert float(flora["accuracy_final_mean"]) == 0.25 and flora["accuracy_final_std"] == ""  # n = 1: no std
     assert float(g4["accuracy_best_mean"]) == 0.75  # max over rounds 1..R, not round 0's 1.5
     assert float(g4["mb_up"]) == 1.5 and float(g4["mb_down"]) == 4.0 and float(g4["seconds"]) == 11.0
+    # s per round: the median of a run's trained rounds (2+s, 9+s: two rounds), then the mean over seeds
+    assert float(g4["s_per_round"]) == statistics.mean(statistics.median([2.0 + s, 9.0 + s]) for s in range(3)) == 6.5
     assert g4["epsilon"] == "" and float(flora["epsilon"]) == math.inf
     md = (out / "compare.md").read_text()
     assert md.startswith("# Sweep\n")
-    assert "| strategy=fedavg, rank=8 | 2 | 0, 1 | 0.6250 ± 0.1768 | 0.6250 ± 0.1768 | 1.50 | 4.00 | 10.5 | — |" in md
-    assert "| strategy=flora, rank=8 | 1 | 0 | 0.2500 | 0.2500 | 1.50 | 4.00 | 10.0 | ∞ |" in md
+    assert "| strategy=fedavg, rank=8 | 2 | 0, 1 | 0.6250 ± 0.1768 | 0.6250 ± 0.1768 | 1.50 | 4.00 | 10.5 | 6.0 | — |" in md
+    assert "| strategy=flora, rank=8 | 1 | 0 | 0.2500 | 0.2500 | 1.50 | 4.00 | 10.0 | 5.5 | ∞ |" in md
     assert "Grouping keys (differ among the runs; `seed` and tracking/engine/path keys aside): `strategy.name`, `model.rank`" in md
     assert "`data.name=rotten_tomatoes`" in md and "`clients=2`" in md and "`rounds=2`" in md
     printed = capsys.readouterr().out
