@@ -88,6 +88,11 @@ class Run:
         s = (self.summary or {}).get("seconds")
         return float(s) if isinstance(s, (int, float)) else math.nan
 
+    def failed_rounds(self) -> list[tuple[int, int, int]]:
+        """``(round, clients failed, clients sampled)`` of every round where a client failed."""
+        return [(int(r["round"]), int(r["clients_failed"]), int(r.get("clients_sampled") or 0))
+                for r in self.history if isinstance(r.get("clients_failed"), (int, float)) and r["clients_failed"] > 0]
+
     @property
     def s_per_round(self) -> float:
         """Median of ``round_seconds`` over the trained rounds (robust to one slow round, e.g. the
@@ -457,6 +462,19 @@ def table(groups: list[Group], metric: str) -> str:
     return "\n".join(lines)
 
 
+def failure_lines(runs: list[Run], root: Path | None = None) -> list[str]:
+    """The complete runs in which clients failed: they are in the aggregates, but those rounds
+    averaged fewer clients than sampled (re-run them for a clean comparison)."""
+    hit = [r for r in runs if r.failed_rounds()]
+    if not hit:
+        return []
+    lines = ["", "Runs in which clients failed (in the aggregates; those rounds averaged fewer clients):"]
+    for r in hit:
+        rounds = "; ".join(f"round {n}: {f} of {k} failed" if k else f"round {n}: {f} failed" for n, f, k in r.failed_rounds())
+        lines.append(f"- `{display(r.path, root)}` — {rounds}")
+    return lines
+
+
 def problem_lines(problems: list[Run], root: Path | None = None) -> list[str]:
     return [f"- {p.status}: `{display(p.path, root)}` — {p.reason}" for p in problems]
 
@@ -560,6 +578,7 @@ def write_report(groups: list[Group], problems: list[Run], out_dir: Path, metric
                   if k in runs[0].config and k not in keys and all(r.config.get(k) == runs[0].config[k] for r in runs)]
         if shared:
             md += ["", "Shared settings: " + ", ".join(f"`{s}`" for s in shared) + "."]
+    md += failure_lines(runs, root)
     md += ["", "## Incomplete runs (not in the aggregates)", ""]
     md += problem_lines(problems, root) or ["None."]
     md += ["", f"![{metric} vs round]({metric}_vs_round.png)", "", f"![{metric} vs MB up]({metric}_vs_mb_up.png)", ""]
@@ -615,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or root / "compare"
     md = write_report(groups, problems, out_dir, metric, args.title or f"fedpeft compare: {root.name}")
     print(table(groups, metric) if groups else "no complete run")
+    failed = failure_lines([r for g in groups for r in g.runs], root)
+    if failed:
+        print("\n".join(failed))
     if problems:
         print(f"\nincomplete runs (not in the aggregates): {len(problems)}")
         print("\n".join(problem_lines(problems, root)))

@@ -97,6 +97,23 @@ def sweep(tmp_path):
     return root
 
 
+def test_a_complete_run_with_failed_clients_is_named_under_the_table(tmp_path, capsys):
+    """It stays in the aggregates, but the reader is told which rounds averaged fewer clients."""
+    root = tmp_path / "runs"
+    make_run(root / "clean", config(seed=0), [0.1, 0.5, 0.6])
+    hit = make_run(root / "hit", config(seed=1), [0.1, 0.5, 0.4])
+    rows = [json.loads(line) for line in (hit / "metrics.jsonl").read_text().splitlines()]
+    rows[2].update(clients_failed=3, clients_sampled=5)
+    summary = json.loads((hit / "summary.json").read_text())
+    summary["history"] = rows
+    (hit / "summary.json").write_text(json.dumps(summary))
+    assert compare.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "Runs in which clients failed (in the aggregates; those rounds averaged fewer clients):\n- `hit` — round 2: 3 of 5 failed\n" in md
+    assert "`clean`" not in md and "2 complete runs in 1 group" in md
+    assert "- `hit` — round 2: 3 of 5 failed" in capsys.readouterr().out
+
+
 def test_groups_by_every_differing_key_with_mean_and_sample_std(sweep, tmp_path, capsys):
     out = tmp_path / "out"
     assert compare.main([str(sweep), "--out", str(out), "--title", "Sweep"]) == 0
