@@ -6,8 +6,8 @@ and :func:`fedpeft.simulation.run` again (multirun jobs and API callers do not c
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 
 def is_hydra_file(path: Path) -> bool:
