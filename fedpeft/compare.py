@@ -522,6 +522,14 @@ def write_csvs(groups: list[Group], problems: list[Run], out_dir: Path, metric: 
     return group_csv, runs_csv
 
 
+def styles(n: int) -> list[tuple[str, str, str]]:
+    """``(color, linestyle, marker)`` for ``n`` curves, all different: the ten tab10 colours, then
+    the same colours dashed with squares, dotted with triangles, ... (the 15 settings of a PEFT sweep
+    would otherwise share colours)."""
+    looks = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
+    return [(f"C{i % 10}", *looks[(i // 10) % len(looks)]) for i in range(n)]
+
+
 def plot(groups: list[Group], out_dir: Path, metric: str, title: str) -> list[Path]:
     import matplotlib
 
@@ -531,10 +539,11 @@ def plot(groups: list[Group], out_dir: Path, metric: str, title: str) -> list[Pa
 
     written = []
     for x, xlabel, name in (("round", "round", f"{metric}_vs_round.png"), ("mb_up", "cumulative MB uploaded", f"{metric}_vs_mb_up.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for g in groups:
+        many = len(groups) > 8  # the legend goes beside the axes, not over the curves
+        fig, ax = plt.subplots(figsize=(11, 5) if many else (7, 4.5))
+        for g, (color, linestyle, marker) in zip(groups, styles(len(groups))):
             xs, mean, std = g.curve(x)
-            line, = ax.plot(xs, mean, marker="o", markersize=3, label=f"{g.label} (n={g.n})")
+            line, = ax.plot(xs, mean, color=color, linestyle=linestyle, marker=marker, markersize=3, label=f"{g.label} (n={g.n})")
             if g.n > 1:
                 ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel(xlabel)
@@ -544,7 +553,7 @@ def plot(groups: list[Group], out_dir: Path, metric: str, title: str) -> list[Pa
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if groups:
-            ax.legend(fontsize="small" if len(groups) < 8 else "x-small")
+            ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1)) if many else ax.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=120)
         plt.close(fig)

@@ -331,3 +331,10 @@ def test_compare_on_real_runs(real_sweep, tmp_path):
     assert "- partial: `failed` — status failed: every client failed in round 2; rounds 0–2 of 2 logged" in md
     assert "| strategy=fedavg | 2 | 0, 1 |" in proc.stdout and "incomplete runs (not in the aggregates): 2" in proc.stdout
     assert len(read_csv(out / "runs.csv")) == 6
+
+
+def test_fifteen_curves_get_fifteen_different_styles():
+    """A PEFT sweep has 15 settings: tab10 alone would repeat five colours."""
+    looks = compare.styles(15)
+    assert len(set(looks)) == 15 and len({c for c, _, _ in looks}) == 10
+    assert looks[0] == ("C0", "-", "o") and looks[10] == ("C0", "--", "s")
