@@ -126,3 +126,11 @@ def paired_claims(sweep_dir: Path, claims: list[tuple[str, str, str]], seeds: li
                 diffs.append(fa - fb)
         lines.append(interval_row(text, diffs))
     return lines
+
+
+def write_claims(sweep_dir: Path, claims: list[tuple[str, str, str]], seeds: list[int], out: Path,
+                 title: str = "The papers' claims, on paired seeds") -> None:
+    """:func:`paired_claims` as ``out/claims.md``, and printed."""
+    table = paired_claims(sweep_dir, claims, seeds)
+    (out / "claims.md").write_text(f"# {title}\n\n" + "\n".join(table) + "\n")
+    print("\n".join(table))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sweep import paired_claims, report, run_sweep, select, with_seeds  # noqa: E402
+from sweep import report, run_sweep, select, with_seeds, write_claims  # noqa: E402
 
 METHODS = ["fedavg_r4", "hetlora", "flora", "flexlora", "ffa_lora", "fedavg_r64"]
 # (claim, better, worse): each paper's claim, as "better ≥ worse" in final test accuracy.
@@ -59,9 +59,7 @@ def main() -> None:
     out = HERE / "results"
     report(sweep_dir, out, "Heterogeneous ranks on 20 Newsgroups (10 clients, Dirichlet 0.5)")
     report(sweep_dir, out / "factor_error", "FedAvg of factors: aggregation error per round", metric="factor_avg_error")
-    table = paired_claims(sweep_dir, CLAIMS, args.seeds)
-    (out / "claims.md").write_text("# The papers' claims, on paired seeds\n\n" + "\n".join(table) + "\n")
-    print("\n".join(table))
+    write_claims(sweep_dir, CLAIMS, args.seeds, out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sweep import paired_claims, report, run_sweep, select, with_seeds  # noqa: E402
+from sweep import report, run_sweep, select, with_seeds, write_claims  # noqa: E402
 
 METHODS = ["lora", "rslora", "dora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "prefix_tuning", "bitfit"]
 STRATEGIES = ["fedex_lora", "fedsa_lora", "rolora", "federa", "fed_sb"]
@@ -71,9 +71,7 @@ def main() -> None:
         run_sweep(with_seeds(chosen, args.seeds), common, sweep_dir, "PEFT methods")
     out = HERE / "results"
     report(sweep_dir, out, "PEFT methods and strategies on 20 Newsgroups (10 clients, Dirichlet 0.5)")
-    table = paired_claims(sweep_dir, CLAIMS, args.seeds)
-    (out / "claims.md").write_text("# The papers' claims, on paired seeds\n\n" + "\n".join(table) + "\n")
-    print("\n".join(table))
+    write_claims(sweep_dir, CLAIMS, args.seeds, out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sweep import paired_claims, report, run_sweep, with_seeds  # noqa: E402
+from sweep import report, run_sweep, with_seeds, write_claims  # noqa: E402
 
 # DP-SGD's noise on the averaged gradient has norm σ·C·sqrt(d)/B (d trainable parameters, B the
 # expected batch) against a signal, the norm of the mean of the clipped per-example gradients, that
@@ -113,9 +113,8 @@ def main() -> None:
             run_sweep(with_seeds(runs, args.seeds), [*settings, *book, *args.overrides], sweep_dir / sweep, sweep)
         report(sweep_dir / sweep, HERE / "results" / sweep, title)
         if sweep == "privacy":
-            table = paired_claims(sweep_dir / sweep, privacy_claims(args.epsilons), args.seeds)
-            (HERE / "results" / sweep / "claims.md").write_text("# FFA-LoRA's claim and DP's utility, on paired seeds\n\n" + "\n".join(table) + "\n")
-            print("\n".join(table))
+            write_claims(sweep_dir / sweep, privacy_claims(args.epsilons), args.seeds, HERE / "results" / sweep,
+                         "FFA-LoRA's claim and DP's utility, on paired seeds")
 
 
 if __name__ == "__main__":
