@@ -80,11 +80,15 @@ def run_sweep(runs: dict[str, list[str]], common: list[str], sweep_dir: Path, la
     return failed
 
 
-def report(sweep_dir: Path, out_dir: Path, title: str, metric: str = "accuracy") -> int:
-    """`fedpeft compare` over the sweep: table, CSV and plots into ``out_dir``."""
+def report(sweep_dir: Path, out_dir: Path, title: str, metric: str = "accuracy") -> None:
+    """`fedpeft compare` over the sweep: table, CSV and plots into ``out_dir``. If compare refuses
+    (it has printed why: no such directory, no runs, ...), exit with its code before anything else
+    in ``out_dir`` (the claims) is rewritten from nothing."""
     from fedpeft import compare
 
-    return compare.main([str(sweep_dir), "--out", str(out_dir), "--metric", metric, "--title", title])
+    rc = compare.main([str(sweep_dir), "--out", str(out_dir), "--metric", metric, "--title", title])
+    if rc:
+        raise SystemExit(rc)
 
 
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, n-1)

@@ -69,3 +69,24 @@ def test_every_claim_names_settings_of_its_experiment(experiment):
     assert len(mod.CLAIMS) >= 5
     for text, better, worse in mod.CLAIMS:
         assert better in settings and worse.removeprefix("majority:") in settings, text
+
+
+def test_a_report_over_no_runs_exits_before_it_rewrites_the_claims(tmp_path, monkeypatch, capsys):
+    """`run.py --report-only --dir <wrong>` once replaced the committed claims.md with a table of
+    'not enough finished seed pairs': the script now stops at compare's refusal, files untouched."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "peft_methods" / "run.py"
+    spec = importlib.util.spec_from_file_location("peft_methods_run_report", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "claims.md").write_text("kept\n")
+    monkeypatch.setattr(mod, "HERE", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--report-only", "--dir", str(tmp_path / "no_such_sweep")])
+    with pytest.raises(SystemExit) as exit_:
+        mod.main()
+    assert exit_.value.code == 2
+    assert "no_such_sweep: no such run directory" in capsys.readouterr().err
+    assert (tmp_path / "results" / "claims.md").read_text() == "kept\n"
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["claims.md"]
