@@ -181,7 +181,9 @@ def config_error_line(e: BaseException) -> str:
             key = err.full_key
             first = str(err).strip().splitlines()[0]
             if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and "not in" in first:
-                return f"unknown key '{key}' ({first})"
+                from fedpeft.config import did_you_mean
+
+                return f"unknown key '{key}' ({first}){did_you_mean(key)}"
             return f"{key}: {first}"
     text = str(chain[0]).strip()
     lines = [l.strip() for l in text.splitlines() if l.strip()]

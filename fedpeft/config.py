@@ -223,6 +223,28 @@ class Config:
     seed: int = 0
 
 
+def schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (``model.rank``, ``train.lr``, ``clients``, ...)."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        keys += schema_keys(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [f"{prefix}{name}"]
+    return keys
+
+
+def did_you_mean(key: str) -> str:
+    """For an unknown ``key``: `` (did you mean 'model.rank'?)`` naming the keys that end in the same
+    word (``peft.rank``) or are spelt almost alike (``train.lrr``); empty if none is."""
+    import difflib
+
+    keys = schema_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    near = [k for k in keys if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(key, keys, n=2, cutoff=0.8)
+    return f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
