@@ -235,7 +235,7 @@ def schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
 
 
 def did_you_mean(key: str) -> str:
-    """For an unknown ``key``: `` (did you mean 'model.rank'?)`` naming the keys that end in the same
+    """For an unknown ``key``: ``; did you mean 'model.rank'?`` naming the keys that end in the same
     word (``peft.rank``) or are spelt almost alike (``train.lrr``); empty if none is."""
     import difflib
 

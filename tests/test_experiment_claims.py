@@ -2,6 +2,7 @@
 95% t-interval over the seeds both finished (experiments/sweep.py)."""
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -17,6 +18,15 @@ def _run(root: Path, name: str, accuracy: float, status: str = "finished", major
     d = root / name
     d.mkdir(parents=True)
     (d / "summary.json").write_text(json.dumps({"status": status, "majority_rate": majority, "final": {"round": 3, "accuracy": accuracy}}))
+
+
+def _experiment(name: str):
+    """``experiments/<name>/run.py`` as a fresh module."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / name / "run.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_run", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_paired_differences_their_t_interval_and_the_verdict(tmp_path):
@@ -59,12 +69,7 @@ def test_only_selects_settings_in_its_order_and_names_an_unknown_one(capsys):
 def test_every_claim_names_settings_of_its_experiment(experiment):
     """A misspelt setting would read as 'not enough finished seed pairs' forever: every claim's two
     sides are settings the experiment runs."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / experiment / "run.py"
-    spec = importlib.util.spec_from_file_location(f"{experiment}_run", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _experiment(experiment)
     settings = set(mod.runs()) if hasattr(mod, "runs") else set(mod.METHODS)
     assert len(mod.CLAIMS) >= 5
     for text, better, worse in mod.CLAIMS:
@@ -74,12 +79,7 @@ def test_every_claim_names_settings_of_its_experiment(experiment):
 def test_a_report_over_no_runs_exits_before_it_rewrites_the_claims(tmp_path, monkeypatch, capsys):
     """`run.py --report-only --dir <wrong>` once replaced the committed claims.md with a table of
     'not enough finished seed pairs': the script now stops at compare's refusal, files untouched."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "peft_methods" / "run.py"
-    spec = importlib.util.spec_from_file_location("peft_methods_run_report", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _experiment("peft_methods")
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "claims.md").write_text("kept\n")
     monkeypatch.setattr(mod, "HERE", tmp_path)
