@@ -1,5 +1,5 @@
-"""Fed-SB — Singhal, Sayed, Hosseini & Kuang, "Fed-SB: A Silver Bullet for Extreme Communication
-Efficiency and Performance in (Private) Federated LoRA Fine-Tuning", 2025.
+"""Fed-SB — Singhal, Ponkshe, Vartak, Varshney & Vepakomma, "Fed-SB: A Silver Bullet for Extreme
+Communication Efficiency and Performance in (Private) Federated LoRA Fine-Tuning", 2025.
 
 Every client trains only the ``r × r`` core ``R`` of ``ΔW = B₀ R A₀`` (LoRA-SB / LoRA-XS), with
 ``A₀`` and ``B₀`` frozen and the same on every party (``peft=lora_xs``: from each pre-trained
@@ -13,6 +13,12 @@ so, unlike FedAvg of LoRA factors, the aggregate is the average of the clients' 
 ``v`` (``R = Σ_i v_i P_i``, fixed ``P_i``), linear in ``v``: averaging ``v`` is averaging ``R``.
 The strategy is FedAvg over the method's tensors; what makes it Fed-SB is the method it takes
 (``peft_methods``), which choosing it selects when the user names none (``peft_default``).
+
+Initialisation differs from the paper's: Fed-SB (after LoRA-SB, Ponkshe et al. 2024) builds
+``A₀``, ``B₀`` and the starting ``R`` from the truncated SVD of a first full-gradient step's update
+approximation; here ``A₀ = √S_r V_rᵀ``, ``B₀ = U_r √S_r`` come from the SVD of the pre-trained weight
+itself (LoRA-XS's initialisation, as peft builds it: :mod:`fedpeft.methods.lora_xs`) and ``R``
+starts at zero. The aggregation rule above is the paper's either way; only the subspace differs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""FedSA-LoRA — Guo, Wu, Tang, Li & Chu, "Selective Aggregation for Low-Rank Adaptation in
+"""FedSA-LoRA — Guo, Zeng, Wang, Fan, Wang & Qu, "Selective Aggregation for Low-Rank Adaptation in
 Federated Learning", ICLR 2025.
 
 Only ``A`` is shared: ``A`` learns what all clients have in common, ``B`` what is client-specific.
@@ -8,8 +8,9 @@ Each client keeps its own ``B_k`` across rounds; the server never sends or recei
     server:             Ā_{t+1} = Σ_k p_k A_k,     head ← Σ_k p_k head_k,     p_k = n_k / Σ_j n_j (or 1/K)
     client k's model:   W_0 + s · B_k Ā  (+ the shared head)
 
-The classification head is shared and averaged like FedAvg's (the paper fine-tunes with a head;
-sharing it keeps one head across methods). ``model.adapter``'s ``B`` is a zero placeholder: the
+The classification head is shared and averaged like FedAvg's. This differs from the authors'
+code, which keeps the head local with ``B`` (only ``A`` is shared); sharing it here keeps one head
+across methods and lets every client start from the same classifier. ``model.adapter``'s ``B`` is a zero placeholder: the
 payload's instruction ``personal_B`` keeps B off the wire both ways (``fedpeft.messages``, like
 FFA-LoRA's frozen A) and tells the client to use its own stored ``B_k``. A round's aggregate never
 reads a ``B_k``. One rank and scaling for every client (``Ā`` is a plain average).
