@@ -62,12 +62,15 @@ How one step works (K clients, module ``m`` with ``W [out × in]``):
   **HetLoRA**: the penalty above, and the rank shrink of ``train`` (the same rule: shrink to
   ``max(⌊γ r⌋, r_min)`` when the tail term decreased).
 
-Dropout: ``train`` seeds torch's RNG per client (a forked RNG seeded by the client's seed); a
-cohort forks the RNG once, seeded by the first job's seed when K = 1 (then it matches ``train``
-draw for draw) and by a hash of all jobs' seeds otherwise. With dropout on (the base model's own
-hidden/attention dropout, or ``lora_dropout``), each client's dropout masks are i.i.d. draws as
-alone, but not the same draws: the cohort equals the per-client engine in distribution, not bit for
-bit. The equivalence tests switch dropout off (every ``nn.Dropout`` at ``p = 0``).
+Dropout: ``train`` seeds torch's generators with the client's seed (in a forked RNG) and draws
+every dropout mask of its run from them. A cohort keeps one stream per client (:class:`_Streams`,
+seeded the same way) and, while it trains, runs ``F.dropout`` (every ``nn.Dropout``: the base
+model's hidden and attention-probability dropout, peft's ``lora_dropout``) and SDPA's attention
+dropout per client: on the client's own rows, cut to its own batch length (the tensor it has
+alone), with its own stream. So a client draws the same masks in the same order as alone, and
+with dropout on the engines agree as they do with it off (to float rounding). Random draws
+elsewhere in a model's forward (none in the supported models) would come from the cohort's own
+generator (seeded by the first job's seed when K = 1, a hash of all jobs' seeds otherwise).
 
 **DP-SGD** (``privacy.mode=sample``; every job carries its ``DPSettings``): each client's batches
 are Poisson samples drawn as the per-client engine's Opacus loader draws them, from a generator
@@ -312,12 +315,15 @@ class _Rows:
     ``[N, …, d]`` activations (no gather, no copy of activations). A run's stack slices are views
     when its members are consecutive in the stacks, small index-selects otherwise."""
 
-    def __init__(self, members: list[int], counts: list[int], device: torch.device):
+    def __init__(self, members: list[int], counts: list[int], device: torch.device, lengths: list[int] | None = None):
         self.members, self.counts, self.device = members, counts, device
         self.K = len(members)
         self.n = sum(counts)
         self.offsets = [sum(counts[:j]) for j in range(self.K)]
         self.groups = self.runs([0] * self.K)
+        # Each member's own batch length (what it is padded to alone) and the pass's: per-client dropout slices to it.
+        self.lengths = lengths
+        self.T = max(lengths) if lengths else None
 
     def runs(self, keys: list[int]) -> list[tuple[Any, int, int, int]]:
         """Maximal runs of consecutive members with equal row counts and equal ``keys`` (one per
@@ -353,6 +359,39 @@ class _Rows:
     def split(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each member's rows of ``t`` (one split: its backward is one concatenation)."""
         return t.split(self.counts)
+
+
+class _Streams:
+    """Each client's own random stream, as the per-client engine has it: ``train`` seeds torch's
+    generators with the client's seed (``torch.manual_seed``) and every dropout mask of its run is
+    drawn from them in the model's order. Here client ``k``'s draws run with torch's default
+    generators set to ``k``'s state (and its state saved back after), so each client's masks are
+    the draws it makes alone. With DP-SGD a client's Poisson batches and noise come from the same
+    stream (:class:`_PoissonSampler`'s generators), as Opacus draws them from the default ones."""
+
+    def __init__(self, cpu: list[torch.Generator], device: torch.device, dev: list[torch.Generator] | None = None):
+        self.cpu, self.device = cpu, device
+        self.dev = dev if device.type == "cuda" else None
+
+    @classmethod
+    def seeded(cls, seeds: list[int], device: torch.device) -> "_Streams":
+        dev = [torch.Generator(device=device).manual_seed(s) for s in seeds] if device.type == "cuda" else None
+        return cls([torch.Generator().manual_seed(s) for s in seeds], device, dev)
+
+    def run(self, k: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.cpu[k].get_state())
+        if self.dev is not None:
+            saved_dev = torch.cuda.get_rng_state(self.device)
+            torch.cuda.set_rng_state(self.dev[k].get_state(), self.device)
+        try:
+            return fn()
+        finally:
+            self.cpu[k].set_state(torch.get_rng_state())
+            torch.set_rng_state(saved)
+            if self.dev is not None:
+                self.dev[k].set_state(torch.cuda.get_rng_state(self.device))
+                torch.cuda.set_rng_state(saved_dev, self.device)
 
 
 class _Stacks:
@@ -458,6 +497,8 @@ class _Forward:
         self.runs: dict[str, list] = {}
         self.A: dict[str, torch.Tensor] = {}
         self.patched: list[torch.nn.Module] = []
+        self.streams: _Streams | None = None  # each client's random stream (dropout masks); set by _train
+        self._functions: dict[str, Callable] = {}  # torch.nn.functional's own, while patched
         self.name = active(lm)
         # Heads: group the trained tensors by their modules_to_save wrapper.
         self.heads: dict[str, tuple[torch.nn.Module, list[tuple[str, str]]]] = {}
@@ -509,12 +550,69 @@ class _Forward:
             self._patch(layer(self.lm, m), self._lora_forward(m, layer(self.lm, m)))
         for path, (wrapper, tensors) in self.heads.items():
             self._patch(wrapper, self._head_forward(wrapper.modules_to_save[self.name], tensors))
+        for fname, fn in (("dropout", self._dropout), ("scaled_dot_product_attention", self._sdpa)):
+            self._functions[fname] = getattr(F, fname)
+            setattr(F, fname, fn)
         return self
 
     def __exit__(self, *exc) -> None:
         for mod in self.patched:
             del mod.forward
         self.patched.clear()
+        for fname, fn in self._functions.items():
+            setattr(F, fname, fn)
+        self._functions.clear()
+
+    # Dropout per client. ``nn.Dropout`` (the base model's hidden and attention-probability dropout,
+    # peft's ``lora_dropout``) calls ``F.dropout``; transformers' SDPA attention passes its dropout to
+    # ``F.scaled_dot_product_attention``. While a cohort trains, both run per member on the member's
+    # rows cut to its own batch length (its shape alone: ``[rows, T_k, …]``, ``[rows, heads, T_k, T_k]``)
+    # with its own random stream (:class:`_Streams`), so its masks are the ones it draws alone; the
+    # positions past ``T_k`` (padding, masked out of attention) pass through undropped.
+
+    def _members(self, x: torch.Tensor, what: str):
+        rows = self.rows
+        if x.shape[0] != rows.n:
+            raise RuntimeError(f"cohort engine: {what} saw {x.shape[0]} rows, expected {rows.n} (batch-first inputs)")
+        lengths = rows.lengths or [x.shape[1] if x.dim() > 1 else 1] * rows.K
+        return zip(rows.members, rows.split(x), lengths)
+
+    def _dropout(self, x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+        drop = self._functions["dropout"]
+        if not training or p == 0.0 or self.rows is None or self.streams is None:
+            return drop(x, p, training, inplace)
+        T = self.rows.T
+        outs = []
+        for k, xk, Tk in self._members(x, "a dropout"):
+            if T is not None and Tk < T and x.dim() == 3 and x.shape[1] == T:  # [rows, T, d]
+                head = self.streams.run(k, lambda: drop(xk[:, :Tk], p, True, False))
+                outs.append(torch.cat([head, xk[:, Tk:]], dim=1))
+            elif T is not None and Tk < T and x.dim() == 4 and x.shape[2] == x.shape[3] == T:  # [rows, heads, T, T]
+                head = self.streams.run(k, lambda: drop(xk[:, :, :Tk, :Tk], p, True, False))
+                top = torch.cat([head, xk[:, :, :Tk, Tk:]], dim=3)
+                outs.append(torch.cat([top, xk[:, :, Tk:]], dim=2))
+            else:
+                outs.append(self.streams.run(k, lambda: drop(xk, p, True, False)))
+        return torch.cat(outs, dim=0)
+
+    def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs) -> torch.Tensor:
+        sdpa = self._functions["scaled_dot_product_attention"]
+        if dropout_p == 0.0 or self.rows is None or self.streams is None:
+            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+        rows, T = self.rows, self.rows.T
+        outs = []
+        for j, (k, q, Tk) in enumerate(self._members(query, "attention")):
+            r0, r1 = rows.offsets[j], rows.offsets[j] + rows.counts[j]
+            kk, v = key[r0:r1], value[r0:r1]
+            m = attn_mask[r0:r1] if attn_mask is not None and attn_mask.shape[0] == rows.n else attn_mask
+            cut = T is not None and Tk < T and q.shape[-2] == T
+            if cut:
+                q, kk, v = q[..., :Tk, :], kk[..., :Tk, :], v[..., :Tk, :]
+                if m is not None:
+                    m = m[..., :Tk, :Tk] if m.shape[-2] == T else m[..., :Tk]
+            o = self.streams.run(k, lambda: sdpa(q, kk, v, attn_mask=m, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs))
+            outs.append(F.pad(o, (0, 0, 0, T - Tk)) if cut else o)
+        return torch.cat(outs, dim=0)
 
     def _patch(self, mod: torch.nn.Module, fn: Callable) -> None:
         mod.forward = fn
@@ -785,8 +883,10 @@ def _train(
     if dp:
         samplers = [_PoissonSampler(len(j.data), settings.batch_size, j.seed, lm.device) for j in jobs]
         keys = _param_keys(lm, flags)
+        streams = _Streams([smp.g for smp in samplers], lm.device, [smp.noise_g for smp in samplers])
     else:
         orders = [batch_order(len(j.data), settings.local_steps, settings.batch_size, j.seed) for j in jobs]
+        streams = _Streams.seeded([j.seed for j in jobs], lm.device)
     losses: list[list[float]] = [[] for _ in jobs]
     totals = {"tokens": 0, "slots": 0, "slots_alone": 0, "passes": 0}
     try:
@@ -795,6 +895,7 @@ def _train(
         model.train()
         with torch.random.fork_rng(devices=devices), _Forward(lm, stacks) as fwd:
             torch.manual_seed(seed)
+            fwd.streams = streams
             if dp and not fwd.linear_heads():
                 raise CohortError("privacy.mode=sample: the cohort engine clips per-example gradients of Linear heads only")
             for _ in range(settings.local_steps):
@@ -811,7 +912,7 @@ def _train(
                     for key in stats:
                         totals[key] += stats[key]
                     totals["passes"] += 1
-                    rows = _Rows(members, [counts[k] for k in members], lm.device)
+                    rows = _Rows(members, [counts[k] for k in members], lm.device, [batches[k]["input_ids"].shape[1] for k in members])
                     fwd.set_rows(rows)
                     with torch.autocast(lm.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                         logits = model(**inputs).logits

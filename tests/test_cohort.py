@@ -19,9 +19,10 @@ is as close to the float64 one as the per-client engine's is
 two float32 engines; a real error (a wrong loss scale, one client's rows mixed into another's, a
 frozen A that moves, a missed penalty) is of order 1e-2 to 1.
 
-Dropout is off in both engines: every ``nn.Dropout`` of the base model gets ``p = 0`` (LoRA dropout
-is 0 in the config), because each engine draws its masks from its own RNG stream. Models are tiny
-(MiniLM at ``max_length`` 16, a two-layer random Llama), batches of 4, two or three steps.
+Dropout is off in these comparisons (every ``nn.Dropout`` of the base model at ``p = 0``, LoRA
+dropout 0), except in ``test_dropout_masks_are_each_clients_own_as_alone``, which checks that with
+dropout on every client draws the masks it draws alone. Models are tiny (MiniLM at ``max_length``
+16, a two-layer random Llama), batches of 4, two or three steps.
 """
 
 from __future__ import annotations
@@ -295,6 +296,34 @@ def test_variable_lengths_are_padded_per_client_and_measured(minilm, tweets):
     assert m1["pad_fraction"] == pytest.approx(1 - real / slots) and m1["pad_fraction_alone"] == pytest.approx(1 - real / slots_alone)
     assert m1["pad_fraction"] > m1["pad_fraction_alone"] > 0 and m1["cohort_passes"] == 1
     assert m2["cohort_passes"] == 2 and m1["pad_fraction"] > m2["pad_fraction"] >= m2["pad_fraction_alone"] == m1["pad_fraction_alone"]
+
+
+@pytest.mark.parametrize("pad_tolerance", [None, 0.0])
+def test_dropout_masks_are_each_clients_own_as_alone(tweets, pad_tolerance):
+    """With the base model's dropout (hidden and attention, p = 0.1) and LoRA dropout on, each client
+    of a cohort draws its masks from its own stream, on its rows cut to its own batch length: the
+    updates equal the per-client engine's (float rounding; on this CPU bit for bit), whether the
+    clients' batches of different lengths share one padded pass (``None``) or run in passes of
+    their own (``0.0``). Heterogeneous ranks, a fresh init and a pruning client. The same cohort
+    with dropout off trains to different updates (so the masks mattered)."""
+    spec = SimpleNamespace(**{**vars(MINILM), "dropout": 0.1, "max_length": 40})
+    lm = build(spec, num_labels=2, device="cpu", seed=0)
+    assert {m.p for m in lm.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    head = random_head(lm, 4)
+    data = parts(tweets.shuffle(seed=8), [10, 9, 6])
+    prune = {"prune": True, "prune_gamma": 0.5, "prune_lambda": 0.3, "prune_r_min": 1}
+    jobs = [
+        CohortJob(Payload(random_adapter(lm, 8, 16.0, 40), head, {}), data[0], seed=400, client_id=0, rank=8, alpha=16.0),
+        CohortJob(Payload(random_adapter(lm, 4, 8.0, 41), head, prune), data[1], seed=401, client_id=1, rank=4, alpha=8.0),
+        CohortJob(Payload({}, head, {"init_seed": 7}), data[2], seed=402, client_id=2, rank=2, alpha=4.0),
+    ]
+    cohort, _ = check(lm, jobs, ADAMW, pad_tolerance=pad_tolerance)
+    if pad_tolerance is None:  # one pass, padded to its longest batch: some client's rows were cut back to its own length
+        assert cohort[0][1]["cohort_passes"] == 1.0 and cohort[0][1]["pad_fraction"] > cohort[0][1]["pad_fraction_alone"]
+    else:
+        assert cohort[0][1]["cohort_passes"] > 1
+    off = train_cohort(dropout_off(lm), jobs, ADAMW, pad_tolerance=pad_tolerance)
+    assert all(rel(a.adapter[m].B, b.adapter[m].B) > 1e-3 for (a, _), (b, _) in zip(cohort, off) for m in a.adapter)
 
 
 def test_forward_passes_group_similar_lengths_and_respect_the_token_cap():
