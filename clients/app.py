@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
+from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
 
 import strategies
@@ -305,7 +306,12 @@ def plain_reply(msg: Message, step: Step, update, metrics: dict) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.train(mods=[fault_profile, compress_update, local_dp])
+# The mods every client's train reply passes through, outermost first: in the per-client handler
+# (Flower applies them) and for each member of a cohort (cohort_handler applies the same list).
+MODS = [fault_profile, compress_update, local_dp]
+
+
+@app.train(mods=MODS)
 def train_handler(msg: Message, context: Context) -> Message:
     """Train on this node's data from the payload; reply with the plain update (the mods above
     add local DP and compression)."""
@@ -344,15 +350,15 @@ def _error(e: Exception) -> Error:
     return Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(type(e)) + ":<'" + str(e) + "'>")
 
 
-@app.train("cohort")
+@app.train(cohorts.ACTION)
 def cohort_handler(msg: Message, context: Context) -> Message:
     """``engine.kind=cohort``: train the message's K clients together (:func:`clients.cohort.train_cohort`,
     one batched step over this worker's base model) and reply with each one's update.
 
     Each member is handled as the per-client engine handles its own message, with its own
     partition id: the fault profile first (a failing member is left out of the cohort and replies
-    its error), then training, then the same mods on its reply (local DP, the uplink codec; a
-    top-k residual lives in ``<shared-dir>/client_<id>``). A simulation engine only: the members'
+    its error), then training, then its reply through :data:`MODS`, the per-client handler's mods
+    (local DP, the uplink codec; a top-k residual lives in ``<shared-dir>/client_<id>``). A simulation engine only: the members'
     data are partitions of the run's dataset and their state lives in the shared dir. If training
     the cohort fails (one client's loss became NaN, ...), each member is trained alone instead, so
     that a failing client fails alone."""
@@ -407,7 +413,7 @@ def cohort_handler(msg: Message, context: Context) -> Message:
             try:
                 if st.instructions.get("personal_B"):
                     save_personal_B(st, ctx, result[0].adapter)
-                reply = compress_update(sub, ctx, lambda m, c: local_dp(m, c, lambda m2, c2: plain))
+                reply = make_ffn(lambda m, c: plain, MODS)(sub, ctx)  # the member's reply through the same mods as alone
                 replies[j] = reply.error if reply.has_error() else reply.content
             except Exception as e:  # noqa: BLE001
                 replies[j] = _error(e)

@@ -109,6 +109,9 @@ from fedpeft.models import PREFIX, LoadedModel, ModelError, active, layer, modul
 from strategies.base import ClientUpdate, Payload
 
 
+METHODS = ("lora", "rslora")  # the PEFT methods the cohort engine batches (LoRA factors on Linear layers)
+
+
 class CohortError(ValueError):
     """A cohort the engine cannot train as asked; one line, naming the setting."""
 
@@ -148,11 +151,9 @@ def check_model(lm: LoadedModel) -> None:
     name = active(lm)
     if lm.task not in ("classification", "causal_lm"):
         raise CohortError(f"model.task={lm.task!r}: the cohort engine trains classification and causal_lm only")
-    from fedpeft.config import COHORT_METHODS
-
     method = getattr(lm.method, "name", "lora")
-    if method not in COHORT_METHODS or getattr(lm.lora, "use_dora", False):
-        raise CohortError(f"peft={method}: the cohort engine batches peft={' | '.join(COHORT_METHODS)} only; use engine.kind=per_client")
+    if method not in METHODS or getattr(lm.lora, "use_dora", False):
+        raise CohortError(f"peft={method}: the cohort engine batches peft={' | '.join(METHODS)} only; use engine.kind=per_client")
     for m in lm.modules:
         lay = layer(lm, m)
         if not isinstance(lay, LoraLinear):

@@ -275,6 +275,7 @@ def deploy(args: list[str]) -> int:
     import signal
 
     from fedpeft import deploy as fdeploy
+    from fedpeft.engines import ENGINES
     from fedpeft.config import ConfigError
     from fedpeft.simulation import setup_env
 
@@ -290,9 +291,9 @@ def deploy(args: list[str]) -> int:
         else:
             cfg, run_dir = compose_run(rest)
             run_dir = run_dir or Path("runs") / cfg.tracking.experiment / "deploy"
-        if cfg.engine.kind == "cohort":
-            raise ConfigError("engine.kind=cohort batches clients on a simulation worker; a deployment's devices each train "
-                              "their own data: use engine.kind=per_client with fedpeft deploy")
+        refusal = ENGINES[cfg.engine.kind].deploy_refusal
+        if refusal:
+            raise ConfigError(refusal)
     except _user_errors() as e:
         print(f"fedpeft: error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,8 @@ from uuid import uuid4
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 COHORT = "cohort"  # the ConfigRecord naming the members: their partition ids, in order
-MESSAGE_TYPE = "train.cohort"  # Flower routes it to ClientApp.train("cohort")
+ACTION = "cohort"  # the ClientApp's handler: ClientApp.train(ACTION)
+MESSAGE_TYPE = f"train.{ACTION}"  # Flower routes it to that handler
 ERROR = "error"  # a member's error: ConfigRecord {"code", "reason"} under "<j>/error"
 
 

@@ -286,8 +286,6 @@ TASKS = ("classification", "causal_lm")
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 TRACKING_MODES = ("auto", "offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
-ENGINES = ("per_client", "cohort")
-COHORT_METHODS = ("lora", "rslora")  # what clients/cohort.py batches
 
 
 def validate(cfg: Any) -> None:
@@ -334,11 +332,11 @@ def validate(cfg: Any) -> None:
     need(cfg.partition.min_partition_size >= 1, "partition.min_partition_size", f"must be at least 1 (a client with no data cannot train), got {cfg.partition.min_partition_size}")
     need(cfg.engine.num_cpus > 0, "engine.num_cpus", f"must be positive, got {cfg.engine.num_cpus}")
     need(cfg.engine.num_gpus >= 0, "engine.num_gpus", f"must be non-negative, got {cfg.engine.num_gpus}")
-    one_of(cfg.engine.kind, "engine.kind", ENGINES)
+    from fedpeft.engines import ENGINES
+
+    one_of(cfg.engine.kind, "engine.kind", tuple(ENGINES))
     need(cfg.engine.cohort_size >= 1, "engine.cohort_size", f"must be at least 1, got {cfg.engine.cohort_size}")
     one_of(cfg.engine.precision, "engine.precision", ("fp32", "bf16"))
-    need(cfg.engine.precision == "fp32" or cfg.engine.kind == "cohort", "engine.precision",
-         "bf16 autocast is the cohort engine's: set engine.kind=cohort, or engine.precision=fp32")
     need(cfg.engine.round_timeout > 0, "engine.round_timeout", f"must be positive (seconds), got {cfg.engine.round_timeout}")
     need(0 <= cfg.profile.failure_rate < 1, "profile.failure_rate", f"must be in [0, 1), got {cfg.profile.failure_rate}")
     need(0 < cfg.strategy.gamma <= 1, "strategy.gamma", f"must be in (0, 1], got {cfg.strategy.gamma}")
@@ -387,12 +385,11 @@ def validate(cfg: Any) -> None:
     need(cfg.privacy.mode != "sample" or method.opacus, "privacy.mode",
          f"sample-level DP-SGD needs Opacus's per-example gradients, which Opacus 1.6 lacks for peft={method.name}'s layers: use "
          f"peft={' | '.join(n for n, m in methods.METHODS.items() if m.opacus)}, or privacy=local / central (they noise the update)")
-    need(cfg.engine.kind != "cohort" or method.name in COHORT_METHODS, "engine.kind",
-         f"the cohort engine batches peft={' | '.join(COHORT_METHODS)} only, not peft={method.name}: use engine.kind=per_client")
+    ENGINES[cfg.engine.kind].check(cfg, need)  # what the engine runs: engine.precision, the PEFT methods it batches
     from fedpeft.privacy import MODES
 
     one_of(cfg.privacy.mode, "privacy.mode", MODES)
-    engines = getattr(cls, "engines", ENGINES)
+    engines = getattr(cls, "engines", tuple(ENGINES))
     need(cfg.engine.kind in engines, "engine.kind",
          f"strategy={name} does not run on engine.kind={cfg.engine.kind}; use engine.kind={' | '.join(engines)}")
     need(cfg.privacy.mode in cls.privacy_modes, "privacy.mode",

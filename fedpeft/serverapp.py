@@ -25,7 +25,7 @@ import threading
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
@@ -34,7 +34,8 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from omegaconf import DictConfig, OmegaConf
 
 from fedpeft import runconfig
-from fedpeft.cohorts import Cohorts
+from fedpeft.engines import EngineError, send_and_receive
+from fedpeft.engines import get as get_engine
 from fedpeft.config import ConfigError
 
 log = logging.getLogger("fedpeft")
@@ -181,35 +182,6 @@ def load_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     return state
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float | None,
-                     on_poll: Callable[[int], None] | None = None, *, weights: list[int] | None = None,
-                     clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> list[Message]:
-    """``grid.send_and_receive(messages, timeout=timeout)`` as Flower 1.41's grids implement it
-    (``InMemoryGrid`` for simulation, ``HttpGrid`` for a deployment): push the messages, then pull
-    their replies until every pushed message has one or ``timeout`` seconds have passed (``None``:
-    no limit), sleeping the grid's ``pull_interval`` between pulls (3 s, ``HttpGrid``'s, for a grid
-    without one). The same replies in the same order; a message with no reply by then has none in
-    the list (:meth:`fedpeft.server.FlowerAdapter.aggregate_train` counts its node as failed).
-    After every pull, ``on_poll`` gets the number of pushed messages answered so far (with
-    ``weights``, one per message in order: their sum over the answered ones, e.g. clients per cohort)."""
-    pushed_ids = list(grid.push_messages(messages))
-    weight = dict(zip(pushed_ids, weights if weights is not None else [1] * len(pushed_ids)))
-    msg_ids = set(pushed_ids)
-    interval = getattr(grid, "pull_interval", 3.0)
-    end_time = clock() + (timeout if timeout is not None else 0.0)
-    ret: list[Message] = []
-    while timeout is None or clock() < end_time:
-        res_msgs = list(grid.pull_messages(msg_ids))
-        ret.extend(res_msgs)
-        msg_ids.difference_update({msg.metadata.reply_to_message_id for msg in res_msgs})
-        if on_poll is not None:
-            on_poll(sum(w for i, w in weight.items() if i not in msg_ids))
-        if len(msg_ids) == 0:
-            break
-        sleep(interval)
-    return ret
-
-
 # The federation running in this process, for an in-process launcher's Ctrl-C handler.
 CURRENT: list["Federation"] = []
 
@@ -226,6 +198,7 @@ class Federation:
         self.failure: str | None = None
         self.status = "failed"
         self.state = self.saved_state() if self.resume else None
+        self.engine = get_engine(cfg.engine)  # how the rounds' messages reach the clients (engine.kind)
         if not self.resume:
             from fedpeft.preflight import check_run_dir
 
@@ -256,13 +229,10 @@ class Federation:
         r_max = max(self.ranks)
         use_adapter(self.lm, r_max, client_alpha(cfg.ranks, r_max, cfg.model.rank, cfg.model.alpha))
         self.counts = self.trained_counts()  # now, at r_max: merges and a resumed state change the server model's rank
-        if cfg.engine.kind == "cohort":  # a model the cohort engine cannot batch is refused before round 1
-            from clients.cohort import CohortError, check_model as check_cohort
-
-            try:
-                check_cohort(self.lm)
-            except CohortError as e:
-                raise ConfigError(f"engine.kind=cohort: {e}") from None
+        try:  # a model the engine cannot train (the cohort engine batches LoRA on Linear layers) is refused before round 1
+            self.engine.check_model(self.lm)
+        except EngineError as e:
+            raise ConfigError(str(e)) from None
 
     def build_adapter(self) -> None:
         import strategies
@@ -439,7 +409,7 @@ class Federation:
         say(progress_line(server_round, self.cfg.rounds, row, time.perf_counter() - self.t_start))
 
     def rounds(self, grid: Grid) -> None:
-        """Flower's round loop (``Strategy.start``: configure_train → send_and_receive →
+        """Flower's round loop (``Strategy.start``: configure_train → the engine's exchange →
         aggregate_train → evaluate), from the round after the last complete one; while a round's
         clients train, :class:`fedpeft.tracking.RoundProgress` shows how many have finished."""
         from fedpeft.tracking import RoundProgress
@@ -455,11 +425,7 @@ class Federation:
             messages = list(self.strategy.configure_train(r, arrays, ConfigRecord(), grid))
             progress = RoundProgress(r, self.cfg.rounds, len(messages))
             try:
-                if self.cfg.engine.kind == "cohort":  # K clients per message; one reply per client back
-                    batch = Cohorts(messages, self.adapter.partition_of, self.cfg.engine.cohort_size)
-                    replies = batch.split(send_and_receive(grid, batch.messages, self.cfg.engine.round_timeout, progress.update, weights=batch.weights))
-                else:
-                    replies = send_and_receive(grid, messages, self.cfg.engine.round_timeout, progress.update)
+                replies = self.engine.exchange(grid, messages, self.adapter.partition_of, progress.update)
             finally:
                 progress.close()
             new, _ = self.strategy.aggregate_train(r, replies)

@@ -1,4 +1,4 @@
-"""Within-round progress (issue 12): ``fedpeft.serverapp.send_and_receive`` waits for a round's
+"""Within-round progress (issue 12): ``fedpeft.engines.send_and_receive`` waits for a round's
 replies through Flower's own Grid API (push_messages, then pull_messages until all replied or the
 round timeout) and returns exactly what Flower 1.41's ``Grid.send_and_receive`` returns, while
 ``fedpeft.tracking.RoundProgress`` shows clients finished / sampled, elapsed and an ETA: a line
@@ -18,7 +18,9 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from omegaconf import OmegaConf
 
 from conftest import FakeGrid
-from fedpeft.serverapp import Federation, send_and_receive
+from fedpeft.engines import get as get_engine
+from fedpeft.engines import send_and_receive
+from fedpeft.serverapp import Federation
 from fedpeft.tracking import RoundProgress, duration
 
 
@@ -286,7 +288,8 @@ def test_rounds_wait_through_push_and_pull_and_show_progress(monkeypatch, capsys
     fed = object.__new__(Federation)
     fed.cfg = OmegaConf.create({"rounds": 2, "engine": {"round_timeout": 60.0, "kind": "per_client"}})
     fed.state = None
-    fed.adapter = SimpleNamespace(arrays=lambda: "arrays0")
+    fed.engine = get_engine(fed.cfg.engine)
+    fed.adapter = SimpleNamespace(arrays=lambda: "arrays0", partition_of={})
     fed.strategy = SimpleNamespace(
         configure_train=lambda r, arrays, config, g: iter([message(n) for n in (7, 8, 9)]),  # an iterator: counted once
         aggregate_train=lambda r, replies: (aggregated.append((r, sorted(m.metadata.src_node_id for m in replies))), (f"arrays{r}", None))[1],
@@ -319,7 +322,8 @@ def test_rounds_clear_the_terminal_line_when_the_wait_fails(monkeypatch):
     fed = object.__new__(Federation)
     fed.cfg = OmegaConf.create({"rounds": 1, "engine": {"round_timeout": 60.0, "kind": "per_client"}})
     fed.state = {"round": 0}
-    fed.adapter = SimpleNamespace(arrays=lambda: None)
+    fed.engine = get_engine(fed.cfg.engine)
+    fed.adapter = SimpleNamespace(arrays=lambda: None, partition_of={})
     fed.strategy = SimpleNamespace(configure_train=lambda *a: [message(7)])
     with pytest.raises(KeyboardInterrupt):
         fed.rounds(grid)
