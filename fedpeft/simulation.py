@@ -45,7 +45,7 @@ def bind_ray_to_loopback(cfg: DictConfig) -> None:
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if "ray" in sys.modules:
-        from ray._private import ray_constants
+        from ray._private import ray_constants  # only where Ray is imported already: never import it here
 
         if ray_constants.ENABLE_RAY_CLUSTER:
             log.warning("Ray was imported before fedpeft could keep it on 127.0.0.1; it may listen on other interfaces")
@@ -148,8 +148,8 @@ def _reap_when_gone(parent: int, pids: set[int]) -> None:
 def simulate(run_config: dict[str, Any], num_supernodes: int, cfg: DictConfig) -> None:
     """Run the module-level apps on Flower's simulation engine with ``run_config`` for the server
     and every node (``run_simulation`` cannot pass a run config: this is its body, with one)."""
-    # lazy: the apps import transformers and datasets, which read ENV_DEFAULTS when imported
-    # (run() calls setup_env() first); Flower's simulation engine is needed only here
+    # lazy: Flower (FLWR_TELEMETRY_ENABLED) and the apps' transformers and datasets (HF_HUB_OFFLINE,
+    # ...) read ENV_DEFAULTS when imported, and run() calls setup_env() first
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.app import Context, RecordDict
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -180,7 +180,7 @@ def run(cfg: DictConfig, run_dir: Path, *, interruptible: bool = False, resume: 
     (:class:`StopOnInterrupt`; the CLI)."""
     setup_env()
     bind_ray_to_loopback(cfg)
-    from fedpeft import serverapp  # lazy: its transformers and datasets read ENV_DEFAULTS when imported
+    from fedpeft import serverapp  # lazy: as in simulate(): after setup_env()
 
     flwr_log = logging.getLogger("flwr")  # Flower's own console handler; keep it off Hydra's root one
     flwr_log.setLevel(cfg.engine.flower_log_level)

@@ -230,8 +230,19 @@ def test_the_commands_that_must_start_at_once_import_no_heavy_library():
     their module-level imports reach (in the project, followed) names none of :data:`HEAVY`."""
     cli_modules, cli_external = reachable_at_import("fedpeft.cli")
     assert cli_modules == {"fedpeft.cli", "fedpeft.launch"}
-    assert not cli_external & set(HEAVY)
+    assert not cli_external & set(HEAVY), cli_external & set(HEAVY)
     compare_modules, compare_external = reachable_at_import("fedpeft.compare")
     assert compare_modules == {"fedpeft.compare", "fedpeft.metrics"}
     assert not compare_external & set(HEAVY), compare_external & set(HEAVY)
     assert "numpy" in compare_external  # the walker does see third-party imports
+
+
+def test_the_simulation_launcher_imports_flower_and_hugging_face_only_after_setting_their_environment():
+    """Flower (``FLWR_TELEMETRY_ENABLED``), transformers, datasets and huggingface_hub
+    (``HF_HUB_OFFLINE``, ...) read :data:`fedpeft.launch.ENV_DEFAULTS` when imported, and
+    :func:`fedpeft.simulation.run` sets them first: importing the launcher must not import them."""
+    modules, external = reachable_at_import("fedpeft.simulation")
+    assert {"fedpeft.launch", "fedpeft.runconfig", "fedpeft.preflight"} <= modules
+    assert not modules & {"fedpeft.serverapp", "clients.app", "fedpeft.models", "fedpeft.data"}, modules
+    read_env = external & {"flwr", "transformers", "datasets", "huggingface_hub", "peft", "ray"}
+    assert not read_env, read_env
