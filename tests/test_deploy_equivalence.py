@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from fedpeft.composing import compose
 from fedpeft.deploy import Deployment, make_pki, node_configs
+from fedpeft.launch import project_dir
 from fedpeft.runconfig import to_run_config
-from fedpeft.simulation import project_dir, run
+from fedpeft.simulation import run
 
 pytestmark = pytest.mark.slow
 
