@@ -27,8 +27,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordD
 from flwr.common.constant import ErrorCode
 from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
+from safetensors.torch import load_file, save_file
 
 import strategies
+from clients.cohort import CohortError, CohortJob, train_cohort
 from clients.train import DPSettings, TrainSettings, evaluate, train
 from fedpeft import data as fdata
 from fedpeft import cohorts, messages
@@ -125,7 +127,7 @@ def sync_base(lm: LoadedModel, target: int, merges: dict, store: str | None) -> 
         if merge is None:
             if not store:
                 raise RuntimeError(f"base merge {v} is not in the message (this node's base is at version {lm.base_version})")
-            merge = load_merge(Path(store), v)
+            merge = merge_forms.load_merge(Path(store), v)
         apply_merge(lm, merge)
 
 
@@ -362,8 +364,6 @@ def cohort_handler(msg: Message, context: Context) -> Message:
     data are partitions of the run's dataset and their state lives in the shared dir. If training
     the cohort fails (one client's loss became NaN, ...), each member is trained alone instead, so
     that a failing client fails alone."""
-    from clients.cohort import CohortError, CohortJob, train_cohort
-
     if not runconfig.load(context.run_config)[1].shared_dir:
         raise CohortError("engine.kind=cohort runs on simulation workers only (this node has no shared dir): use engine.kind=per_client on devices")
     members = []
@@ -467,8 +467,6 @@ def _round_files(where: Path, stem: str) -> dict[int, Path]:
 
 def load_round_tensors(where: Path | None, stem: str, before: int) -> dict[str, torch.Tensor]:
     """The tensors this client last wrote in a round before ``before`` (:func:`save_round_tensors`), or {}."""
-    from safetensors.torch import load_file
-
     earlier = {r: p for r, p in _round_files(where, stem).items() if r < before} if where else {}
     return load_file(str(earlier[max(earlier)])) if earlier else {}
 
@@ -476,8 +474,6 @@ def load_round_tensors(where: Path | None, stem: str, before: int) -> dict[str, 
 def save_round_tensors(where: Path, stem: str, server_round: int, tensors: dict[str, torch.Tensor]) -> None:
     """``<where>/<stem>_<round>.safetensors``, written atomically; the two latest files stay (a
     resumed run re-runs the round after its last complete one, and reads the one before it)."""
-    from safetensors.torch import save_file
-
     where.mkdir(parents=True, exist_ok=True)
     path = where / f"{stem}_{server_round:05d}.safetensors"
     tmp = path.with_suffix(".tmp")
@@ -543,35 +539,3 @@ def noised_update(adapter: dict, head: dict, start: dict, clip: float, noise_mul
         m: LoraFactors(out[f"A/{m}"] if send_A else f.A, out[f"B/{m}"] if send_B else f.B, f.scaling) for m, f in adapter.items()
     }
     return new_adapter, {h: out[f"head/{h}"] for h in head}, norm
-
-
-def merge_path(store: Path, version: int) -> Path:
-    return Path(store) / f"merge_{version:04d}.safetensors"
-
-
-def save_merge(store: Path, version: int, merge: dict) -> None:
-    """One FLoRA base merge as safetensors, written atomically, per module in the form the server
-    sends it (:mod:`fedpeft.merges`): ``<module>.A`` and ``<module>.B`` (factors, scaling 1) or
-    ``<module>.D`` (dense ``ΔW``)."""
-    from safetensors.torch import save_file
-
-    store = Path(store)
-    store.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for m, f in merge.items():
-        for part, t in merge_forms.parts(f).items():
-            tensors[f"{m}.{part}"] = t
-    tmp = merge_path(store, version).with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, merge_path(store, version))
-
-
-def load_merge(store: Path, version: int) -> dict:
-    from safetensors.torch import load_file
-
-    t = load_file(str(merge_path(store, version)))
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in t.items():
-        module, _, part = key.rpartition(".")
-        out.setdefault(module, {})[part] = tensor
-    return {m: merge_forms.from_parts(p) for m, p in out.items()}

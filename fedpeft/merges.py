@@ -24,13 +24,19 @@ applying the stack would get. What keeps every party on the same base bit for bi
 is chosen once per merge by the server (:class:`fedpeft.server.FlowerAdapter`) and that same form
 is what every message, the run's merge store and a device's node state carry, and what
 :func:`fedpeft.models.apply_merge` applies.
+
+The merge store (the server's ``state/merges``, which simulated nodes read through the shared dir)
+keeps one safetensors file per merge version in that form: :func:`save_merge`, :func:`load_merge`.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Mapping, Union
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fedpeft.lora import LoraFactors, SvdFactors, svd_factors
@@ -126,3 +132,37 @@ def parts(form: Form) -> dict[str, Tensor]:
     if form.scaling != 1.0:
         raise ValueError(f"merges are stacked at scaling 1, got {form.scaling}")
     return {"A": form.A.detach().contiguous(), "B": form.B.detach().contiguous()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge store: one safetensors file per merge version
+
+
+def merge_path(store: Path, version: int) -> Path:
+    """Where merge ``version`` lies in a merge store (the server's ``state/merges``, a node's state dir)."""
+    return Path(store) / f"merge_{version:04d}.safetensors"
+
+
+def save_merge(store: Path, version: int, merge: dict) -> None:
+    """One FLoRA base merge as safetensors, written atomically, per module in the form the server
+    sends it (:mod:`fedpeft.merges`): ``<module>.A`` and ``<module>.B`` (factors, scaling 1) or
+    ``<module>.D`` (dense ``ΔW``)."""
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for m, f in merge.items():
+        for part, t in parts(f).items():
+            tensors[f"{m}.{part}"] = t
+    tmp = merge_path(store, version).with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, merge_path(store, version))
+
+
+def load_merge(store: Path, version: int) -> dict:
+    """Merge ``version`` from ``store``, each module in the form :func:`save_merge` wrote."""
+    t = load_file(str(merge_path(store, version)))
+    out: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in t.items():
+        module, _, part = key.rpartition(".")
+        out.setdefault(module, {})[part] = tensor
+    return {m: from_parts(p) for m, p in out.items()}

@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpeft import compression
 from fedpeft import merges as merge_forms
-from fedpeft.lora import Adapter, LoraFactors
+from fedpeft.lora import Adapter, LoraFactors, fresh_adapter, scaling_for, seeded_lora_A
 
 ARRAYS, CONFIG, METRICS = "adapter", "config", "metrics"
 
@@ -103,8 +103,6 @@ def tensors_of(adapter: Adapter, head: Mapping[str, torch.Tensor], *, send_A: bo
 def start_tensors(dec: "Decoded", shapes: Mapping[str, tuple[int, int]], rank: int, alpha: float, *, send_A: bool = True, send_B: bool = True) -> dict[str, torch.Tensor]:
     """What a client starts training from, as arrays: the payload's adapter (as decoded), or for
     an empty one the fresh LoRA of ``init_seed``; the reference of an uplink delta."""
-    from fedpeft.lora import fresh_adapter, scaling_for
-
     adapter = dec.adapter or (fresh_adapter(shapes, rank, scaling_for(rank, alpha), int(dec.config["init_seed"])) if shapes else {})
     return tensors_of(adapter, dec.head, send_A=send_A, send_B=send_B)
 
@@ -183,8 +181,6 @@ def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = N
     reply leaves out (the receiver sent it; the client kept it frozen): a missing ``B``, or a
     missing ``A`` without ``A_seed``, is taken from it; without it a missing ``B`` decodes as zeros
     of ``out_features/<module>`` rows (a personal B, which the receiver replaces with its own)."""
-    from fedpeft.lora import seeded_lora_A
-
     if ARRAYS not in content.array_records or CONFIG not in content.config_records:
         raise UpdateError(f"reply lacks its '{ARRAYS}' arrays or '{CONFIG}' config record")
     record = content.array_records[ARRAYS]

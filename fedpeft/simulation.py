@@ -9,36 +9,20 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from fedpeft.deploy import _proc_table, _signal, descendants
+from fedpeft.config import validate
+from fedpeft.launch import descendants, project_dir, setup_env
+from fedpeft.preflight import check_resources
+from fedpeft.runconfig import to_run_config
 
 log = logging.getLogger("fedpeft")
-
-ENV_DEFAULTS = {
-    "HF_HUB_OFFLINE": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-    "WANDB_SILENT": "true",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-}
-
-
-def setup_env() -> None:
-    for k, v in ENV_DEFAULTS.items():
-        os.environ.setdefault(k, v)
-
 
 def backend_config(cfg: DictConfig) -> dict[str, Any]:
     """Ray resources per client actor; a local Ray listens on 127.0.0.1 only."""
@@ -61,28 +45,10 @@ def bind_ray_to_loopback(cfg: DictConfig) -> None:
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if "ray" in sys.modules:
-        from ray._private import ray_constants
+        from ray._private import ray_constants  # only where Ray is imported already: never import it here
 
         if ray_constants.ENABLE_RAY_CLUSTER:
             log.warning("Ray was imported before fedpeft could keep it on 127.0.0.1; it may listen on other interfaces")
-
-
-def check_resources(cfg: DictConfig) -> None:
-    import torch
-
-    from fedpeft.config import ConfigError
-
-    if cfg.engine.ray_address:  # an existing cluster: its resources are not known here
-        return
-    if cfg.engine.num_gpus > 0 and not torch.cuda.is_available():
-        raise ConfigError(f"engine.num_gpus: {cfg.engine.num_gpus} GPU per client asked for, but no CUDA device is visible (use engine.num_gpus=0)")
-    if cfg.engine.num_gpus > torch.cuda.device_count():
-        raise ConfigError(f"engine.num_gpus: {cfg.engine.num_gpus} GPUs per client asked for, but this machine has {torch.cuda.device_count()} "
-                          f"(a local Ray could not place one client; lower engine.num_gpus or set engine.ray_address)")
-    cpus = os.cpu_count() or 1
-    if cfg.engine.num_cpus > cpus:
-        raise ConfigError(f"engine.num_cpus: {cfg.engine.num_cpus:g} CPUs per client asked for, but this machine has {cpus} "
-                          f"(a local Ray could not place one client; lower engine.num_cpus or set engine.ray_address)")
 
 
 class QuietClientFailures(logging.Filter):
@@ -102,7 +68,7 @@ def start_ray(cfg: DictConfig) -> None:
     driver's ``sys.path`` as the workers' ``PYTHONPATH``), instead of inside the simulation engine:
     Ray's native failure handler takes SIGTERM over when Ray starts, so :class:`StopOnInterrupt`
     must install its handlers after that. Flower then finds Ray running and uses it."""
-    import ray
+    import ray  # lazy: Ray reads the switch bind_ray_to_loopback sets when it is imported
 
     if ray.is_initialized():
         return
@@ -160,7 +126,7 @@ def _ray_processes() -> set[int]:
             return False
         return args.startswith(b"ray::") or package in args
 
-    import ray
+    import ray  # lazy: as in start_ray
 
     package = os.path.dirname(ray.__file__).encode()
     return {pid for pid in descendants({os.getpid()}) if pid != os.getpid() and is_ray(pid)}
@@ -174,39 +140,16 @@ def _reap_when_gone(parent: int, pids: set[int]) -> None:
     sharing); the raylet's agents notice only by polling, and one that then reports the raylet's
     death to the stopped GCS can wait a minute for it: the reaper ends them."""
     if pids:
-        import subprocess
-
-        code = f"from fedpeft.simulation import _reap; _reap({parent}, {sorted(pids)})"
+        code = f"from fedpeft.launch import reap; reap({parent}, {sorted(pids)})"
         subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _reap(parent: int, pids: list[int], grace: float = 3.0) -> None:
-    deadline = time.monotonic() + 60
-    while parent in _proc_table() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    deadline = time.monotonic() + grace
-    while (alive := descendants(set(pids))) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in alive:
-        _signal(pid, signal.SIGKILL)
-
-
-def project_dir() -> Path:
-    """The Flower app's directory: its pyproject.toml declares the run config keys the simulated
-    nodes' ``context.run_config`` is fused from."""
-    from fedpeft.config import ConfigError
-
-    root = Path(__file__).resolve().parent.parent
-    pyproject = root / "pyproject.toml"
-    if not pyproject.is_file() or "[tool.flwr.app.config]" not in pyproject.read_text():
-        raise ConfigError(f"the fedpeft app's pyproject.toml (with [tool.flwr.app.config]) is not in {root}; install fedpeft from its source tree (pip install -e .)")
-    return root
 
 
 def simulate(run_config: dict[str, Any], num_supernodes: int, cfg: DictConfig) -> None:
     """Run the module-level apps on Flower's simulation engine with ``run_config`` for the server
     and every node (``run_simulation`` cannot pass a run config: this is its body, with one)."""
+    # lazy: Flower (FLWR_TELEMETRY_ENABLED) and the apps' transformers and datasets (HF_HUB_OFFLINE,
+    # ...) read ENV_DEFAULTS when imported, and run() calls setup_env() first
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.app import Context, RecordDict
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -237,9 +180,7 @@ def run(cfg: DictConfig, run_dir: Path, *, interruptible: bool = False, resume: 
     (:class:`StopOnInterrupt`; the CLI)."""
     setup_env()
     bind_ray_to_loopback(cfg)
-    from fedpeft import serverapp
-    from fedpeft.config import validate
-    from fedpeft.runconfig import to_run_config
+    from fedpeft import serverapp  # lazy: as in simulate(): after setup_env()
 
     flwr_log = logging.getLogger("flwr")  # Flower's own console handler; keep it off Hydra's root one
     flwr_log.setLevel(cfg.engine.flower_log_level)
@@ -267,6 +208,6 @@ class _Guards:
     """The running federation's write guard (its rounds are written whole), for StopOnInterrupt."""
 
     def acquire(self, timeout: float) -> bool:
-        from fedpeft import serverapp
+        from fedpeft import serverapp  # lazy: as in run()
 
         return all(fed.guard.acquire(timeout=timeout) for fed in serverapp.CURRENT)

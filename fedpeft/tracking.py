@@ -11,6 +11,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from omegaconf import OmegaConf
+
+from fedpeft.metrics import best_row, total_mb
+
 log = logging.getLogger("fedpeft.tracking")
 
 # Override keys that are bookkeeping, not an experimental variable: not tagged.
@@ -47,8 +51,6 @@ def hydra_overrides(run_dir: Path) -> list[str]:
     path = Path(run_dir) / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return []
-    from omegaconf import OmegaConf
-
     try:
         return [str(w) for w in OmegaConf.load(path) or []]
     except Exception as e:  # a damaged file must not stop a run
@@ -97,8 +99,6 @@ def run_summary(summary: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> di
         elif isinstance(v, Mapping):  # not the history (a list)
             out.update({f"{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float, str))})
     if rows:
-        from fedpeft.compare import best_row, total_mb
-
         out.update({f"final/{k}": v for k, v in rows[-1].items() if _number(v)})
         for metric in ("accuracy", "perplexity"):
             best = best_row(rows, metric)
@@ -128,7 +128,7 @@ class Tracker:
         self.mode = wandb_mode(mode)
         self.wandb = None
         if self.mode != "disabled":
-            import wandb
+            import wandb  # lazy: heavy, and only for a run that logs to W&B
 
             id_file = self.run_dir / "wandb-id"
             run_id = id_file.read_text().strip() if resume and id_file.exists() else None

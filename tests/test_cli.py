@@ -110,7 +110,7 @@ def test_config_errors_are_one_line_naming_the_key_and_write_nothing(override, e
 def test_dp_lora_as_typed_selects_sample_dp_with_its_default_target(words, expected, tmp_path):
     """``strategy=dp_lora`` alone is sample-level DP at ε = 8 (DPLoRA.privacy_default); any
     privacy key the user types wins over the default."""
-    from fedpeft.cli import compose
+    from fedpeft.composing import compose
 
     pv = compose([*words, f"hydra.run.dir={tmp_path / 'run'}"]).privacy
     assert (pv.mode, pv.noise_multiplier, pv.target_epsilon, pv.clip) == expected
@@ -128,7 +128,7 @@ def test_flexlora_svd_keys_reach_the_strategy(words, expected, tmp_path):
     """``strategy.svd``, ``strategy.r_max`` and ``strategy.svd_tol`` compose, validate and arrive in
     the FlexLoRA the server builds (fedpeft.serverapp.strategy_kwargs)."""
     import strategies
-    from fedpeft.cli import compose
+    from fedpeft.composing import compose
     from fedpeft.serverapp import strategy_kwargs
 
     cfg = compose([*words, "ranks=heavy_tail", f"hydra.run.dir={tmp_path / 'run'}"])
@@ -164,7 +164,7 @@ def test_an_existing_run_dir_is_refused_and_left_as_it_was(tmp_path, monkeypatch
     assert sorted(tmp_path.rglob("*")) == before
     assert (old / "metrics.jsonl").read_text().count("\n") == 3
     # an empty directory, or one with only Hydra's own files, is fine
-    from fedpeft.cli import compose
+    from fedpeft.composing import compose
 
     (tmp_path / "empty" / ".hydra").mkdir(parents=True)
     (tmp_path / "empty" / "cli.log").write_text("")

@@ -11,7 +11,7 @@ from fedpeft import data as fdata
 from fedpeft.config import ModelConfig
 from fedpeft.lora import LoraFactors
 from fedpeft.models import ModelError, build, read_adapter, write_adapter
-from fedpeft.runconfig import schema
+from fedpeft.config import schema
 from strategies.base import Payload
 
 MODEL = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=48)

@@ -25,7 +25,7 @@ from flwr.common.constant import ErrorCode
 
 from clients import app as client_app
 from fedpeft import cohorts
-from fedpeft.cli import compose
+from fedpeft.composing import compose
 from fedpeft.config import ConfigError
 from fedpeft.runconfig import RunSpec, to_run_config
 from fedpeft.serverapp import Federation, changed_keys

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.cli import compose
+from fedpeft.composing import compose
 from fedpeft.deploy import Deployment, make_pki, node_configs
+from fedpeft.launch import project_dir
 from fedpeft.runconfig import to_run_config
-from fedpeft.simulation import project_dir, run
+from fedpeft.simulation import run
 
 pytestmark = pytest.mark.slow
 

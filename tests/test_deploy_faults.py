@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 from conftest import listeners
 
-from fedpeft.deploy import _proc_table as proc_table
-
 from fedpeft.deploy import Deployment, make_pki, node_configs
+from fedpeft.launch import proc_table
 
 pytestmark = pytest.mark.slow
 
@@ -138,9 +137,9 @@ def rounds_line(rows: list[dict]) -> str:
 
 
 def test_supernode_killed_mid_round_rejoins(tmp_path):
-    from fedpeft.cli import compose
+    from fedpeft.composing import compose
+    from fedpeft.launch import ENV_DEFAULTS, project_dir
     from fedpeft.runconfig import to_run_config
-    from fedpeft.simulation import ENV_DEFAULTS, project_dir
 
     t_start = time.monotonic()
     run_dir = (tmp_path / "run").resolve()

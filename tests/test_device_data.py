@@ -9,7 +9,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from clients import app as client_app
-from fedpeft.cli import compose
+from fedpeft.composing import compose
 from fedpeft.models import build, module_shapes, read_adapter, use_adapter
 from fedpeft.runconfig import to_run_config
 from fedpeft.server import FlowerAdapter
@@ -46,7 +46,7 @@ def test_a_device_with_its_own_file_trains_on_it_and_its_example_count_is_accept
         21: Context(run_id=7, node_id=21, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config=rc),
         22: Context(run_id=7, node_id=22, node_config={"partition-id": 1, "data-path": str(path)}, state=RecordDict(), run_config=rc),
     }
-    from fedpeft.serverapp import prepare_data
+    from fedpeft.preflight import prepare_data
 
     _, partitioner, _, num_labels = prepare_data(cfg)
     lm = build(cfg.model, num_labels=num_labels, device="cpu", seed=0)

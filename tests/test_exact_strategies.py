@@ -281,12 +281,10 @@ def test_rolora_uplink_leaves_the_frozen_factor_out_and_a_resumed_server_keeps_a
 
 
 def test_federa_init_merge_is_published_before_round_1_and_sent_to_every_client(task_identity, tmp_path):
-    from clients import app as client_app
-
     W = {m: randn(OUT, IN, seed=300 + i).float() for i, m in enumerate(MODULES)}
     g0 = GlobalModel({m: LoraFactors(f.A.float(), f.B.float(), f.scaling) for m, f in start_adapter().items()}, {})
     stored = {}
-    fa = adapter_for(FeDeRA(), g0, base_weights=W, on_merge=lambda v, forms: (stored.__setitem__(v, forms), client_app.save_merge(tmp_path, v, forms)))
+    fa = adapter_for(FeDeRA(), g0, base_weights=W, on_merge=lambda v, forms: (stored.__setitem__(v, forms), merge_forms.save_merge(tmp_path, v, forms)))
     assert fa.model.version == 1 and stored == {}  # published with round 1, not at construction (a resumed server re-runs init)
     state0 = fa.state_dict()
     msgs = list(fa.configure_train(1, fa.arrays(), ConfigRecord(), FakeGrid(NODES)))
@@ -294,7 +292,7 @@ def test_federa_init_merge_is_published_before_round_1_and_sent_to_every_client(
     for msg in msgs:
         dec = messages.decode(msg.content)
         assert dec.config["base-version"] == 1 and sorted(dec.merges) == [1]
-    back = client_app.load_merge(tmp_path, 1)
+    back = merge_forms.load_merge(tmp_path, 1)
     for m in MODULES:
         torch.testing.assert_close(W[m].double() + delta(back[m]).double() + delta(fa.model.adapter[m]).double(), W[m].double(), rtol=0, atol=1e-5)
     # resumed from the round-0 state: the merge is published (from the saved form) at round 1
@@ -392,7 +390,7 @@ def test_config_errors_name_the_key(override, expected, tmp_path, monkeypatch, c
 
 @pytest.mark.parametrize("words, expected", [([], "B"), (["strategy.first=A"], "A")])
 def test_rolora_first_reaches_the_strategy(words, expected, tmp_path):
-    from fedpeft.cli import compose
+    from fedpeft.composing import compose
     from fedpeft.serverapp import strategy_kwargs
 
     cfg = compose(["strategy=rolora", *words, f"hydra.run.dir={tmp_path / 'run'}"])

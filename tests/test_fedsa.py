@@ -216,7 +216,7 @@ def test_the_client_app_trains_from_its_own_B_and_a_rerun_round_gives_the_same(t
     from clients import app as client_app
     from clients.train import TrainSettings, train
     from fedpeft import runconfig
-    from fedpeft.cli import compose
+    from fedpeft.composing import compose
     from fedpeft.models import module_shapes, read_adapter, use_adapter
 
     cfg = compose(["strategy=fedsa_lora", "engine.device=cpu", "engine.num_cpus=1", "model.rank=4", "model.alpha=8", "model.max_length=32",
@@ -283,7 +283,7 @@ def test_the_client_app_trains_from_its_own_B_and_a_rerun_round_gives_the_same(t
 def test_a_fedsa_simulation_logs_every_clients_accuracy_and_keeps_distinct_Bs(tmp_path):
     from safetensors.torch import load_file
 
-    from fedpeft.cli import compose
+    from fedpeft.composing import compose
     from fedpeft.simulation import run
 
     cfg = compose(["strategy=fedsa_lora", "clients=3", "rounds=2", "partition=dirichlet", "partition.alpha=0.3", "train.local_steps=4",

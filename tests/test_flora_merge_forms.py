@@ -124,8 +124,8 @@ def test_every_form_round_trips_through_messages_the_store_and_node_state(tmp_pa
     merge = three_forms()
     dec = messages.decode(messages.encode({}, {}, {}, merges={2: merge}))
     assert sorted(dec.merges) == [2] and all(same_form(merge[m], dec.merges[2][m]) for m in merge)
-    client_app.save_merge(tmp_path, 2, merge)
-    back = client_app.load_merge(tmp_path, 2)
+    merges.save_merge(tmp_path, 2, merge)
+    back = merges.load_merge(tmp_path, 2)
     assert sorted(back) == sorted(merge) and all(same_form(merge[m], back[m]) for m in merge)
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     client_app.keep_merges(ctx, {1: merge})
@@ -200,7 +200,7 @@ def test_the_server_prepares_each_merge_once_and_every_client_reaches_the_same_b
     forms not in ``state_dict`` → the resumed server's forms are recomputed and the legacy branch
     sends the stack: the resumed-message check fails."""
     stored = {}
-    fa = flora_adapter(on_merge=lambda v, merge: (stored.__setitem__(v, merge), client_app.save_merge(tmp_path, v, merge)))
+    fa = flora_adapter(on_merge=lambda v, merge: (stored.__setitem__(v, merge), merges.save_merge(tmp_path, v, merge)))
     grid = FakeGrid({200 + p: p for p in range(6)})
     lm0 = FakeLM()
     w0 = {m: w.clone() for m, w in lm0.weights.items()}

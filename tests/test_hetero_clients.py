@@ -5,10 +5,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from clients.app import load_merge, save_merge, sync_base
+from clients.app import sync_base
 from clients.train import TrainSettings, evaluate, train
 from fedpeft import data as fdata
 from fedpeft.lora import LoraFactors, scaling_for, seeded_lora_A
+from fedpeft.merges import load_merge, save_merge
 from fedpeft.models import build, layer, module_shapes, read_adapter, use_adapter
 from fedpeft.server import global_adapter, load_global
 from strategies.base import GlobalModel, Payload

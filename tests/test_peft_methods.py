@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fedpeft import methods
-from fedpeft.cli import compose
+from fedpeft.composing import compose
 from fedpeft.config import ConfigError, ModelConfig, PeftConfig
 from fedpeft.models import ModelError, build, read_adapter, write_adapter
 
@@ -36,7 +36,7 @@ def small(name: str) -> list[str]:
 
 
 def test_every_listed_method_is_registered_with_a_config_group():
-    from fedpeft.cli import CONFIG_DIR
+    from fedpeft.config import CONFIG_DIR
 
     assert list(methods.METHODS) == ALL
     assert sorted(p.stem for p in (CONFIG_DIR / "peft").glob("*.yaml")) == sorted(ALL)

@@ -56,7 +56,7 @@ def within(ratio: float, n: int) -> bool:
 
 
 def _compose(*overrides):
-    from fedpeft.cli import compose
+    from fedpeft.composing import compose
 
     return compose([*BASE, *overrides])
 
@@ -307,7 +307,7 @@ def test_run_seed_reaches_ffa_loras_shared_A_on_server_and_client():
     """Mutation checks: ``strategy_kwargs`` without ``"seed": cfg.seed`` (fedpeft/serverapp.py) →
     seeds 0 and 1 give the same A; ``FFALoRA.init`` drawing A with a fixed seed → the client's A
     (regenerated from ``A_seed``) differs from the server's for seed 1. Both fail."""
-    from fedpeft.cli import compose
+    from fedpeft.composing import compose
     from fedpeft.serverapp import strategy_kwargs
 
     zeros = GlobalModel({m: LoraFactors(torch.zeros(8, i), torch.zeros(o, 8), 1.0) for m, (o, i) in SHAPES.items()}, {})

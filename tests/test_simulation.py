@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fedpeft.cli import compose
+from fedpeft.composing import compose
 from fedpeft.simulation import run
 
 pytestmark = pytest.mark.slow
@@ -132,7 +132,7 @@ def test_heterogeneous_rank_strategies_run_with_partial_participation(strategy, 
     elif strategy == "hetlora":
         assert rank == 64
     elif strategy == "flora":  # the two rounds' stacked merges, rebuilt into one adapter
-        from clients.app import load_merge
+        from fedpeft.merges import load_merge
 
         merges = [load_merge(tmp_path / "run" / "state" / "merges", v) for v in (1, 2)]  # the server state's merge store
         assert rank == sum(next(iter(m.values())).rank for m in merges)

@@ -97,7 +97,7 @@ def test_federa_round_0_is_the_base_model_and_training_moves_it(tmp_path):
     adapter (merge + init, stacked) is ΔW ≈ 0 while its factors are not small."""
     from clients.train import evaluate
     from fedpeft.models import build, use_adapter
-    from fedpeft.serverapp import prepare_data
+    from fedpeft.preflight import prepare_data
 
     cfg, summary = simulate(tmp_path, "strategy=federa", *RUN)
     assert summary["status"] == "finished"

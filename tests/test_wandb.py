@@ -259,7 +259,7 @@ def test_open_tracking_groups_tags_and_types_the_run(tmp_path):
     from datasets import Dataset
     from omegaconf import OmegaConf
 
-    from fedpeft.runconfig import typed
+    from fedpeft.config import typed
     from fedpeft.serverapp import Federation
 
     cfg = typed({"strategy": {"name": "hetlora"}, "privacy": {"mode": "central"}, "compression": {"uplink": "int8", "downlink": "int8"},
@@ -282,7 +282,7 @@ def test_open_tracking_groups_tags_and_types_the_run(tmp_path):
 def test_without_a_group_the_experiment_is_the_group(tmp_path):
     from datasets import Dataset
 
-    from fedpeft.runconfig import typed
+    from fedpeft.config import typed
     from fedpeft.serverapp import Federation
 
     cfg = typed({"tracking": {"mode": "offline", "experiment": "exp"}})

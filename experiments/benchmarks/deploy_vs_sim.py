@@ -13,10 +13,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedpeft.cli import compose
+from fedpeft.composing import compose
 from fedpeft.deploy import Deployment, make_pki, node_configs
+from fedpeft.launch import project_dir, setup_env
 from fedpeft.runconfig import to_run_config
-from fedpeft.simulation import project_dir, run, setup_env
+from fedpeft.simulation import run
 
 DEFAULT = ["clients=3", "rounds=4", "train.local_steps=5", "model.rank=8", "data.eval_samples=200", "tracking.mode=disabled"]
 

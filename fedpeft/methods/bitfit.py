@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from peft import LoraConfig
 
-from fedpeft.methods import PeftMethod
+from fedpeft.methods.base import PeftMethod
 
 
 def _bitfit(model, peft, task_type):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from peft import IA3Config
 
-from fedpeft.methods import PeftMethod
+from fedpeft.methods.base import PeftMethod
 
 
 def _ia3(model, peft, task_type):

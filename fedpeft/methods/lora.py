@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from peft import LoraConfig
 
-from fedpeft.methods import PeftMethod
+from fedpeft.methods.base import PeftMethod
 
 FACTORS = {"lora_A": r"\.lora_A\.weight$", "lora_B": r"\.lora_B\.weight$"}
 

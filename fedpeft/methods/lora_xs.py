@@ -16,7 +16,7 @@ import warnings
 
 from peft import TinyLoraConfig
 
-from fedpeft.methods import PeftMethod
+from fedpeft.methods.base import PeftMethod
 
 
 def _lora_xs(model, peft, task_type):

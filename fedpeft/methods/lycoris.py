@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from peft import LoHaConfig, LoKrConfig
 
-from fedpeft.methods import PeftMethod
+from fedpeft.methods.base import PeftMethod
 
 
 def _loha(model, peft, task_type):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from peft import PrefixTuningConfig, PromptTuningConfig
 
-from fedpeft.methods import PeftMethod
+from fedpeft.methods.base import PeftMethod
 
 EMBEDDINGS = {"embeddings": r"^prompt_embeddings$"}
 

@@ -10,7 +10,7 @@ import warnings
 
 from peft import VeraConfig
 
-from fedpeft.methods import PeftMethod
+from fedpeft.methods.base import PeftMethod
 
 
 def _vera(model, peft, task_type):
