@@ -28,16 +28,6 @@ def lm(tweets):
     return build(MODEL, num_labels=len(fdata.label_names(tweets)), device="cpu", seed=0)
 
 
-def test_batch_order_is_seeded_and_covers_each_pass_once():
-    a = list(batch_order(10, 5, 4, seed=3))
-    assert a == list(batch_order(10, 5, 4, seed=3))
-    assert a != list(batch_order(10, 5, 4, seed=4))
-    flat = [i for b in a for i in b]
-    assert sorted(flat[:10]) == list(range(10))  # the first pass is a permutation
-    assert [len(b) for b in a] == [4, 4, 4, 4, 4]
-    assert [len(b) for b in batch_order(3, 2, 8, seed=0)] == [3, 3]  # a tiny partition: whole batches
-
-
 def test_read_write_adapter_round_trip_and_shape_errors(lm):
     g = read_adapter(lm)
     assert len(g.adapter) == 12 and set(g.head) == {"classifier.weight", "classifier.bias"}
@@ -95,13 +85,6 @@ def test_worker_caches_one_model_and_rebuilds_when_reuse_is_off(monkeypatch, twe
     assert m1 is m2 and len(builds) == 1
     m3 = client_app.get_model(replace(settings, engine=replace(settings.engine, reuse_model=False)), 2)
     assert m3 is not m1 and len(builds) == 2
-
-
-def test_injected_failures_are_seeded_and_match_the_rate():
-    fails = [client_app.should_fail(0, r, c, 0.3) for r in range(1, 21) for c in range(50)]
-    assert fails == [client_app.should_fail(0, r, c, 0.3) for r in range(1, 21) for c in range(50)]
-    assert 0.25 < sum(fails) / len(fails) < 0.35
-    assert not any(client_app.should_fail(0, r, c, 0.0) for r in range(5) for c in range(5))
 
 
 def test_smollm2_causal_lm_on_a_shakespeare_role_lowers_perplexity():

@@ -39,17 +39,11 @@ from fedpeft import data as fdata
 from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for, seeded_lora_A
 from fedpeft.models import build, layer, module_shapes, read_adapter, use_adapter
 from strategies.base import Payload
+from tests.harness import dropout_off
 
 MAXLEN = 16
 MINILM = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=MAXLEN)
 ADAMW = TrainSettings(local_steps=3, batch_size=4, lr=3e-3, weight_decay=0.01)
-
-
-def dropout_off(lm):
-    for mod in lm.model.modules():
-        if isinstance(mod, torch.nn.Dropout):
-            mod.p = 0.0
-    return lm
 
 
 @pytest.fixture(scope="module")
@@ -295,18 +289,6 @@ def test_variable_lengths_are_padded_per_client_and_measured(minilm, tweets):
     assert m1["pad_fraction"] == pytest.approx(1 - real / slots) and m1["pad_fraction_alone"] == pytest.approx(1 - real / slots_alone)
     assert m1["pad_fraction"] > m1["pad_fraction_alone"] > 0 and m1["cohort_passes"] == 1
     assert m2["cohort_passes"] == 2 and m1["pad_fraction"] > m2["pad_fraction"] >= m2["pad_fraction_alone"] == m1["pad_fraction_alone"]
-
-
-def test_forward_passes_group_similar_lengths_and_respect_the_token_cap():
-    from clients.cohort import _passes
-
-    lengths, counts = [16, 15, 10, 9, 16], [4, 4, 4, 4, 2]
-    assert _passes(lengths, counts, None, None) == [[0, 1, 2, 3, 4]]
-    assert _passes(lengths, counts, 0.1, None) == [[0, 1, 4], [2, 3]]  # 10 < 0.9·16 opens a pass; 9 ≥ 0.9·10 joins it
-    assert _passes(lengths, counts, 0.0, None) == [[0, 4], [1], [2], [3]]
-    assert _passes(lengths, counts, None, 100) == [[0, 4], [1], [2, 3]]  # (4+2)·16 = 96 ≤ 100 < (6+4)·16
-    with pytest.raises(CohortError, match="pad_tolerance"):
-        _passes(lengths, counts, 1.5, None)
 
 
 def test_rank_padding_stays_exactly_zero_and_the_model_is_left_as_it_was(minilm, full):

@@ -1,35 +1,22 @@
 """A device trains on its own local file (``node_config["data-path"]``) and says so when the server
 asks who it is; the server then takes the example count it reports instead of requiring its
 partition's size. In-process: the real ClientApp (``clients.app.app``) behind a grid that delivers
-each message to it with the node's own Context."""
+each message to it with the node's own Context (tests/harness.py's AppGrid)."""
 
 import csv
 
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from clients import app as client_app
 from fedpeft.cli import compose
 from fedpeft.models import build, module_shapes, read_adapter, use_adapter
 from fedpeft.runconfig import to_run_config
 from fedpeft.server import FlowerAdapter
 from strategies.base import ClientSpec
 from strategies.fedavg import FedAvg
+from tests.harness import AppGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-
-
-class AppGrid:
-    """Delivers every message to the ClientApp with its node's Context (as a SuperNode would)."""
-
-    def __init__(self, contexts):
-        self.contexts = contexts
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, msgs, *, timeout=None):
-        return [client_app.app(m, self.contexts[m.metadata.dst_node_id]) for m in msgs]
 
 
 def test_a_device_with_its_own_file_trains_on_it_and_its_example_count_is_accepted(tmp_path):

@@ -26,13 +26,6 @@ MINILM = SimpleNamespace(name="minilm", task="classification", target_modules=["
 TEXTS = ["To be, or not to be, that is the question:", "Now is the winter of our discontent", "All the world's a stage,", "Friends, Romans, countrymen, lend me your ears;"]
 
 
-def peft_matches(key: str, name: str) -> bool:
-    """Whether peft's own lookup (``peft.utils.other.get_pattern_key``) picks ``key`` for ``name``."""
-    from peft.utils.other import get_pattern_key
-
-    return get_pattern_key([key], name) == key
-
-
 def layer_of(peft_model, module: str):
     return peft_model.get_submodule("base_model.model." + module)
 
@@ -53,19 +46,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-# --- exact keys --------------------------------------------------------------------------------
-
-
-def test_pattern_keys_match_their_module_only():
-    names = [f"model.layers.{l}.{p}" for l in range(30) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")]
-    names += ["lm_head", "model.layers.1.self_attn.q_proj.base_layer", "wrapper.model.layers.1.self_attn.q_proj", "modelxlayersx1xself_attnxq_proj"]
-    for n in names:
-        assert [m for m in names if peft_matches(pattern_key(n), m)] == [n]
-    # what peft would do with the bare name: "." matches any character, and any dotted prefix is accepted
-    assert peft_matches("model.layers.1.self_attn.q_proj", "modelxlayersx1xself_attnxq_proj")
-    assert peft_matches("model.layers.1.self_attn.q_proj", "wrapper.model.layers.1.self_attn.q_proj")
 
 
 # --- (a) a small model: per-module ranks and scalings equal the dense merge ---------------------

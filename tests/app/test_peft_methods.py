@@ -1,7 +1,8 @@
 """Every PEFT method through one seam (fedpeft/methods): what each trains and sends, FedAvg of its
-tensors, the strategies that refuse it, and its saved adapter reloading with peft.
+tensors, and its saved adapter reloading with peft (the registry and the config checks that refuse
+a method: tests/unit/test_peft_methods.py).
 
-The federations run in-process (tests/test_cohort_engine.py's AppGrid: the real round loop,
+The federations run in-process (tests/harness.py's AppGrid: the real round loop,
 strategies and ClientApp, without Ray), two rounds each; a method's checkpoint of round 2 is
 loaded with ``PeftModel.from_pretrained`` on a fresh base model and must evaluate to the metrics
 the server logged for that round.
@@ -10,17 +11,16 @@ the server logged for that round.
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
 
 from fedpeft import methods
 from fedpeft.cli import compose
-from fedpeft.config import ConfigError, ModelConfig, PeftConfig
+from fedpeft.config import ModelConfig, PeftConfig
 from fedpeft.models import ModelError, build, read_adapter, write_adapter
 
-ALL = ["lora", "rslora", "dora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "lora_xs"]
+ALL = list(methods.METHODS)  # tests/unit/test_peft_methods.py pins it to the documented list
 # What each method trains on MiniLM (query/value at r=4; IA3 adds output.dense), besides the head.
 GROUPS = {
     "lora": {"lora_A", "lora_B"}, "rslora": {"lora_A", "lora_B"}, "dora": {"lora_A", "lora_B", "vector"},
@@ -33,14 +33,6 @@ OWN = {"prompt_tuning": ["peft.num_virtual_tokens=4"], "prefix_tuning": ["peft.n
 def small(name: str) -> list[str]:
     """A small model for ``peft=name``, with only the options that method reads (others are refused)."""
     return ["model.rank=4", "model.alpha=8", *OWN.get(name, [])]
-
-
-def test_every_listed_method_is_registered_with_a_config_group():
-    from fedpeft.cli import CONFIG_DIR
-
-    assert list(methods.METHODS) == ALL
-    assert sorted(p.stem for p in (CONFIG_DIR / "peft").glob("*.yaml")) == sorted(ALL)
-    assert methods.lora_update_methods() == ["lora", "rslora", "dora"]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +87,7 @@ def test_a_model_without_bias_terms_refuses_bitfit():
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
 def test_virtual_tokens_that_fit_the_models_positions_are_accepted_and_run(method):
     """The preflight's limit is the model's: 448 virtual tokens + 64 fill MiniLM's 512 positions
-    and the forward runs; one more is refused (tests/test_cli.py) where the forward would raise."""
+    and the forward runs; one more is refused (tests/unit/test_cli.py) where the forward would raise."""
     from fedpeft.preflight import check_model
 
     cfg = compose([f"peft={method}", "peft.num_virtual_tokens=448", "model.max_length=64"])
@@ -103,31 +95,6 @@ def test_virtual_tokens_that_fit_the_models_positions_are_accepted_and_run(metho
     lm = build(ModelConfig(max_length=64), num_labels=4, device="cpu", seed=0, peft_cfg=PeftConfig(name=method, num_virtual_tokens=448))
     ids = torch.randint(1000, 2000, (2, 64))
     assert lm.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (2, 4)
-
-
-@pytest.mark.parametrize("strategy", ["ffa_lora", "hetlora", "flora", "flexlora"])
-@pytest.mark.parametrize("method", ["ia3", "loha", "prompt_tuning"])
-def test_lora_structured_strategies_refuse_other_methods_in_one_line(strategy, method):
-    with pytest.raises(ConfigError) as e:
-        compose([f"strategy={strategy}", f"peft={method}"])
-    msg = str(e.value)
-    assert "\n" not in msg and f"strategy={strategy}" in msg and f"peft={method}" in msg, msg
-
-
-@pytest.mark.parametrize("strategy", ["ffa_lora", "hetlora", "flora", "flexlora"])
-def test_lora_structured_strategies_take_dora_and_rslora(strategy):
-    for method in ("dora", "rslora"):
-        assert compose([f"strategy={strategy}", f"peft={method}"]).peft.name == method
-
-
-def test_the_cohort_engine_refuses_methods_it_cannot_batch():
-    with pytest.raises(ConfigError, match=r"engine.kind: the cohort engine batches peft=lora \| rslora only, not peft=ia3"):
-        compose(["engine.kind=cohort", "peft=ia3"])
-
-
-def test_an_unknown_method_names_the_choices():
-    with pytest.raises(ConfigError, match="peft"):
-        compose(["peft.name=adapterhub"])
 
 
 # --------------------------------------------------------------------------- federations, in-process
@@ -138,7 +105,7 @@ def federate(tmp_path, overrides, run_id=7):
 
     from fedpeft.runconfig import RunSpec, to_run_config
     from fedpeft.serverapp import Federation
-    from test_cohort_engine import AppGrid
+    from tests.harness import AppGrid
 
     cfg = compose(overrides)
     rc = to_run_config(cfg, tmp_path, shared_dir=str(tmp_path))
@@ -215,28 +182,6 @@ def test_sample_level_dp_trains_the_methods_opacus_supports(name, tmp_path):
     assert rows[2]["clients_replied"] == 3 and rows[2]["epsilon"] > 0
 
 
-@pytest.mark.parametrize("option, method, readers", [
-    ("peft.u=3", "lora", "lora_xs"),
-    ("peft.num_virtual_tokens=4", "ia3", "prompt_tuning | prefix_tuning"),
-    ("peft.vera_rank=16", "prefix_tuning", "vera"),
-    ("peft.feedforward_modules=[output.dense]", "vera", "ia3"),
-])
-def test_an_option_the_method_does_not_read_is_refused_in_one_line(option, method, readers):
-    key = option.split("=")[0]
-    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: applies to peft={re.escape(readers)} only, not peft={method}$"):
-        compose([f"peft={method}", option])
-    assert compose([f"peft={readers.split(' | ')[0]}", option]).peft.name == readers.split(" | ")[0]
-
-
-@pytest.mark.parametrize("name", [n for n in ALL if not methods.get(n).opacus])
-def test_sample_level_dp_refuses_methods_without_opacus_gradients_in_one_line(name):
-    """Opacus 1.6 computes no per-example gradient for these peft layers (measured: the training
-    step raises); the config says so before anything runs. Update-level DP takes them."""
-    with pytest.raises(ConfigError, match=rf"privacy.mode: sample-level DP-SGD needs Opacus's per-example gradients, which Opacus 1.6 lacks for peft={name}'s layers"):
-        compose([f"peft={name}", "privacy=sample", "privacy.noise_multiplier=0.5"])
-    assert compose([f"peft={name}", "privacy=local", "privacy.noise_multiplier=0.5"]).peft.name == name
-
-
 @pytest.mark.usefixtures("task_identity")
 def test_local_dp_noises_a_non_lora_methods_update(tmp_path):
     fed, rows = federate(tmp_path, [*FED, *small("ia3"), "peft=ia3", "privacy=local", "privacy.noise_multiplier=0.5", "privacy.clip=0.5"])
@@ -244,12 +189,6 @@ def test_local_dp_noises_a_non_lora_methods_update(tmp_path):
 
 
 # --------------------------------------------------------------------------- Fed-SB (LoRA-XS's core)
-
-
-def test_fed_sb_selects_lora_xs_and_refuses_other_methods():
-    assert compose(["strategy=fed_sb"]).peft.name == "lora_xs"
-    with pytest.raises(ConfigError, match=r"peft.name: strategy=fed_sb trains peft=lora_xs only, not peft=lora"):
-        compose(["strategy=fed_sb", "peft=lora"])
 
 
 def test_averaging_lora_xs_cores_is_the_average_update_exactly():

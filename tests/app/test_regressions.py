@@ -4,7 +4,8 @@ part 5). Each test fails when its behaviour is removed; how that was checked is 
 In-process only (no Ray): the server side is ``fedpeft.server.FlowerAdapter`` over a ``FakeGrid``,
 the client side is ``clients.app.app`` (the ClientApp: ``train_handler`` behind its mods, as Flower
 calls it) with real Flower ``Message`` s and a real ``flwr.app.Context`` whose run config is built
-the way a run builds it. One MiniLM per module (the client app's own cached model).
+the way a run builds it. One MiniLM per module (the client app's own cached model). (Those on the
+server side alone: tests/unit/test_regressions.py.)
 """
 
 import copy
@@ -14,26 +15,22 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-import strategies
 from clients import app as client_app
 from clients.train import DPSettings, TrainSettings, train
 from fedpeft import compression, messages, runconfig
 from fedpeft import merges as merge_forms
 from fedpeft import data as fdata
-from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for, seeded_lora_A, truncate
+from fedpeft.lora import fresh_adapter, scaling_for
 from fedpeft.models import apply_merge, layer, module_shapes, read_adapter, use_adapter
 from fedpeft.privacy import update_norm
 from fedpeft.server import Codecs, FlowerAdapter
-from strategies.base import ClientSpec, GlobalModel, Payload
+from strategies.base import ClientSpec, Payload
 from strategies.fedavg import FedAvg
-from strategies.ffa_lora import FFALoRA
 from strategies.flora import FLoRA, merged_delta
-from strategies.hetlora import HetLoRA
-from conftest import FakeGrid
+from tests.harness import FakeGrid, random_B, reply_to
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
-SHAPES = {"l0.q": (48, 64), "l0.v": (48, 64)}
 ALPHA = 8.0
 RANK = 4  # the client rank of the MiniLM tests (model.rank=4, model.alpha=8)
 NUM_PARTITIONS = 10
@@ -103,69 +100,6 @@ def minilm_adapter(lm, strategy=None, codecs=Codecs(), privacy=None):
         client_spec=lambda i: ClientSpec(i, RANK, ALPHA), shapes=module_shapes(lm), seed=0, codecs=codecs,
         num_clients=NUM_PARTITIONS, privacy=privacy,
     )
-
-
-def reply_to(msg: Message, adapter, head, n=10) -> Message:
-    return Message(content=messages.encode(adapter, head, {"num-examples": n}), reply_to=msg)
-
-
-def random_B(adapter, seed, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    return {m: LoraFactors(f.A, scale * torch.randn(f.B.shape, generator=g), f.scaling) for m, f in adapter.items()}
-
-
-# ------------------------------------------------------------------ 1. HetLoRA: the pruned rank is remembered
-
-
-def test_hetlora_server_sends_a_pruned_client_its_pruned_rank_in_later_rounds():
-    """Mutation check: with ``self.rank_now[...] = rank`` (fedpeft/server.py aggregate_train) or the
-    ``rank_now`` lookup in configure_train removed, round 2 goes out at the config rank 8: fails."""
-    ranks = {0: 8, 1: 4}
-    g = torch.Generator().manual_seed(0)
-    start = {m: LoraFactors(torch.randn(8, i, generator=g), torch.zeros(o, 8), scaling_for(8, ALPHA)) for m, (o, i) in SHAPES.items()}
-    fa = FlowerAdapter(HetLoRA(gamma=0.5, r_min=1), GlobalModel(start, {}), fraction=1.0, min_clients=1,
-                       client_spec=lambda i: ClientSpec(i, ranks[i], ALPHA), shapes=SHAPES, seed=0)
-    grid = FakeGrid({101: 0, 102: 1})
-
-    def sent_ranks(msgs):
-        out = {}
-        for m in msgs:
-            dec = messages.decode(m.content)
-            r = {f.rank for f in dec.adapter.values()}
-            assert len(r) == 1 and dec.config["rank"] in r  # the factors and the config agree
-            (rk,) = r
-            assert all(f.scaling == scaling_for(rk, ALPHA) for f in dec.adapter.values())
-            out[grid.nodes[m.metadata.dst_node_id]] = rk
-        return out
-
-    def replies(msgs, prune_to):
-        out = []
-        for i, m in enumerate(msgs):
-            pid = grid.nodes[m.metadata.dst_node_id]
-            dec = messages.decode(m.content)
-            trained = random_B(dec.adapter, seed=10 * pid + i)
-            r = prune_to.get(pid)
-            if r is not None:
-                trained = {k: truncate(f, r) for k, f in trained.items()}
-            out.append(reply_to(m, trained, dec.head))
-        return out
-
-    msgs = list(fa.configure_train(1, fa.arrays(), ConfigRecord(), grid))
-    assert sent_ranks(msgs) == {0: 8, 1: 4}
-    fa.aggregate_train(1, replies(msgs, {0: 4}))  # client 0 self-pruned 8 → 4
-    assert fa.stats[1].replied == 2 and fa.stats[1].rejected == 0
-
-    msgs = list(fa.configure_train(2, fa.arrays(), ConfigRecord(), grid))
-    assert sent_ranks(msgs) == {0: 4, 1: 4}  # not the config rank 8
-    fa.aggregate_train(2, replies(msgs, {0: 2}))  # and again 4 → 2
-    assert fa.stats[2].replied == 2 and fa.stats[2].rejected == 0
-
-    msgs = list(fa.configure_train(3, fa.arrays(), ConfigRecord(), grid))
-    assert sent_ranks(msgs) == {0: 2, 1: 4}
-    # the payload at the pruned rank is the global adapter's leading components
-    dec = messages.decode(next(m for m in msgs if grid.nodes[m.metadata.dst_node_id] == 0).content)
-    for m, f in dec.adapter.items():
-        torch.testing.assert_close(f.A, fa.model.adapter[m].A[:2])
 
 
 # ------------------------------------------------------------------ 2. FLoRA: merges travel in the messages
@@ -298,43 +232,6 @@ def test_topk_residual_is_kept_in_the_node_state_and_feeds_the_next_update(run_c
         torch.testing.assert_close(s2[k] + r2[k], s2e[k] + r2e[k] + r1[k], rtol=0, atol=1e-6)
     fa.aggregate_train(2, [reply2])
     assert fa.stats[2].replied == 1
-
-
-# ------------------------------------------------------------------ 4. the run seed reaches FFA-LoRA's shared A
-
-
-def test_run_seed_reaches_ffa_loras_shared_A_on_server_and_client():
-    """Mutation checks: ``strategy_kwargs`` without ``"seed": cfg.seed`` (fedpeft/serverapp.py) →
-    seeds 0 and 1 give the same A; ``FFALoRA.init`` drawing A with a fixed seed → the client's A
-    (regenerated from ``A_seed``) differs from the server's for seed 1. Both fail."""
-    from fedpeft.cli import compose
-    from fedpeft.serverapp import strategy_kwargs
-
-    zeros = GlobalModel({m: LoraFactors(torch.zeros(8, i), torch.zeros(o, 8), 1.0) for m, (o, i) in SHAPES.items()}, {})
-    A_server, A_client = {}, {}
-    for seed in (0, 1):
-        kw = strategy_kwargs(compose([f"seed={seed}", "strategy=ffa_lora"]))
-        assert kw["seed"] == seed
-        for run in range(2):  # two runs of the same config
-            s = strategies.build("ffa_lora", **kw)
-            assert isinstance(s, FFALoRA) and s.seed == seed
-            fa = FlowerAdapter(s, zeros, fraction=1.0, min_clients=1,
-                               client_spec=lambda i: ClientSpec(i, RANK, ALPHA), shapes=SHAPES, seed=seed)
-            (msg,) = fa.configure_train(1, fa.arrays(), ConfigRecord(), FakeGrid({401: 0}))
-            assert not any(k.startswith("A/") for k in msg.content.array_records[messages.ARRAYS])  # A is not sent
-            dec = messages.decode(msg.content)  # the client regenerates A from A_seed
-            assert dec.config["A_seed"] == seed
-            A_server[seed, run] = {m: f.A for m, f in fa.model.adapter.items()}
-            A_client[seed, run] = {m: f.A for m, f in dec.adapter.items()}
-            for m, (o, i) in SHAPES.items():
-                assert torch.equal(A_client[seed, run][m], A_server[seed, run][m][:RANK])
-                assert torch.equal(A_server[seed, run][m], seeded_lora_A(m, 8, i, seed))
-    for m in SHAPES:
-        assert torch.equal(A_server[0, 0][m], A_server[0, 1][m]) and torch.equal(A_server[1, 0][m], A_server[1, 1][m])
-        assert torch.equal(A_client[0, 0][m], A_client[0, 1][m]) and torch.equal(A_client[1, 0][m], A_client[1, 1][m])
-        assert not torch.allclose(A_server[0, 0][m], A_server[1, 0][m])
-        assert not torch.allclose(A_client[0, 0][m], A_client[1, 0][m])
-    assert strategy_kwargs(compose(["seed=5", "strategy=ffa_lora"]))["seed"] == 5
 
 
 # ------------------------------------------------------------------ 5. DP-SGD: clipped per example, noise σ·C / E

@@ -1,130 +1,18 @@
 """W&B runs that can be compared: the offline run files read back with W&B's own record format
 (``wandb_internal_pb2.Record`` in the LevelDB-style log ``run-<id>.wandb``) hold exactly what
 ``metrics.jsonl`` holds, round by round, the resolved config, the group/job_type/tags, the round as
-the x-axis and the final/best/total values in the summary. In-process, no Ray."""
+the x-axis and the final/best/total values in the summary. In-process, no Ray (the reader:
+tests/harness.py; what a run tells W&B, without W&B: tests/unit/test_wandb.py)."""
 
 from __future__ import annotations
 
 import json
-import struct
-import time
-import zlib
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from fedpeft.tracking import Tracker, hydra_overrides, run_summary, run_tags, varied_keys
-
-# W&B 0.31 ships no Python reader for its run files (wandb-core writes and syncs them); the format
-# is LevelDB's log: a 7-byte file header (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of
-# chunks, each with a header (CRC-32 of type byte + data, length, type FULL/FIRST/MIDDLE/LAST).
-BLOCK, CHUNK_HEADER, FULL, FIRST, MIDDLE, LAST = 32768, 7, 1, 2, 3, 4
-INTERNAL = {"_step", "_timestamp", "_runtime", "_wandb"}
-
-
-def read_records(path: Path) -> list:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0), "not a W&B run file"
-    records, pos, parts = [], 7, b""
-    while pos + CHUNK_HEADER <= len(data):
-        left = BLOCK - pos % BLOCK
-        if left < CHUNK_HEADER:  # a block's zero trailer
-            pos += left
-            continue
-        checksum, length, kind = struct.unpack("<IHB", data[pos:pos + CHUNK_HEADER])
-        if kind == 0:  # zero padding to the end of the block
-            pos += left
-            continue
-        if pos + CHUNK_HEADER + length > len(data):  # a chunk still being written
-            break
-        chunk = data[pos + CHUNK_HEADER:pos + CHUNK_HEADER + length]
-        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == checksum, f"bad checksum at byte {pos}"
-        pos += CHUNK_HEADER + length
-        parts += chunk
-        if kind in (FULL, LAST):
-            record = pb.Record()
-            record.ParseFromString(parts)
-            records.append(record)
-            parts = b""
-    return records
-
-
-def items(updates) -> dict:
-    """A history row's items or a summary's/config's updates as a flat ``{key: value}``."""
-    return {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in updates}
-
-
-def complete_records(path: Path, timeout: float = 60) -> list:
-    """The records of a finished run's file. ``run.finish()`` returns before wandb-core (a process
-    of its own) has written the file out: wait for the exit record and for the file to stop growing."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        size = path.stat().st_size
-        records = read_records(path)
-        if any(r.WhichOneof("record_type") == "exit" for r in records):
-            time.sleep(0.2)
-            if path.stat().st_size == size:
-                return records
-        time.sleep(0.1)
-    raise AssertionError(f"{path}: not written out (no exit record, or still growing) after {timeout}s")
-
-
-class OfflineRun:
-    """What one ``wandb/offline-run-*`` directory recorded."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        records = complete_records(next(path.glob("run-*.wandb")))
-        kinds = [r.WhichOneof("record_type") for r in records]
-        self.run = records[kinds.index("run")].run
-        self.config = {k: v for k, v in items(self.run.config.update).items() if k != "_wandb"}
-        for r in records:
-            if r.WhichOneof("record_type") == "config":
-                self.config.update({k: v for k, v in items(r.config.update).items() if k != "_wandb"})
-        self.history = [items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
-        self.metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
-        self.summary: dict = {}
-        for r in records:
-            if r.WhichOneof("record_type") == "summary":
-                self.summary.update(items(r.summary.update))
-        self.exit_code = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
-
-
-def offline_runs(run_dir: Path) -> list[OfflineRun]:
-    return [OfflineRun(p) for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
-
-
-def jsonl(run_dir: Path) -> list[dict]:
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_history_is_metrics_jsonl(history: list[dict], rows: list[dict]) -> None:
-    """Every W&B history row holds exactly the numbers of the metrics.jsonl row of its round, at
-    step = round."""
-    assert [h["round"] for h in history] == [r["round"] for r in rows]
-    for h, row in zip(history, rows):
-        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-        logged = {k: v for k, v in h.items() if k not in INTERNAL}
-        assert logged == numbers, (row["round"], set(logged) ^ set(numbers))
-        assert h["_step"] == row["round"]
-
-
-def check_run(run_dir: Path, config: dict, *, group: str, job_type: str) -> OfflineRun:
-    """For a real run's directory (tests/test_simulation.py): one offline W&B run whose history is
-    metrics.jsonl, whose config is the run's resolved config, and whose summary has the finals."""
-    (run,) = offline_runs(run_dir)
-    rows = jsonl(run_dir)
-    assert_history_is_metrics_jsonl(run.history, rows)
-    assert run.config == json.loads(json.dumps(config))
-    assert (run.run.run_group, run.run.job_type) == (group, job_type)
-    assert run.run.run_id == (run_dir / "wandb-id").read_text().strip()
-    final = {k: v for k, v in rows[-1].items() if isinstance(v, (int, float))}
-    assert {k[len("final/"):]: v for k, v in run.summary.items() if k.startswith("final/")} == final
-    return run
-
+from fedpeft.tracking import Tracker, hydra_overrides
+from tests.harness import assert_history_is_metrics_jsonl, jsonl, offline_runs
 
 CONFIG = {"strategy": {"name": "flora", "weighting": "num_examples"}, "model": {"name": "minilm", "rank": 8, "target_modules": ["query", "value"]},
           "privacy": {"mode": "central", "target_epsilon": 8.0, "delta": 1e-5}, "tracking": {"experiment": "cmp", "group": None}, "seed": 3}
@@ -197,7 +85,7 @@ def test_the_summary_has_final_best_totals_and_epsilon(offline):
 
 def test_resume_continues_the_same_wandb_run_with_every_round(tmp_path):
     """A run killed (SIGKILL) after round 1 had round 1 in metrics.jsonl but not in its W&B file
-    (wandb-core, killed with it, had not written it out: tests/test_resume.py's killed run shows
+    (wandb-core, killed with it, had not written it out: tests/e2e/test_resume.py's killed run shows
     it); the resumed run has the same id, and its offline run (``wandb/latest-run``) every round."""
     run_dir = tmp_path / "run"
     first = Tracker(run_dir, CONFIG, mode="offline", project="fedpeft-test", group="cmp", tags=["a"], job_type="flora")
@@ -225,32 +113,6 @@ def test_a_fresh_run_in_the_same_directory_gets_a_new_id(tmp_path):
     second = Tracker(tmp_path / "a", CONFIG, mode="offline", project="fedpeft-test", group="g", tags=[], resume=False)
     second.finish({"status": "finished"})
     assert len({r.run.run_id for r in offline_runs(tmp_path / "a")}) == 2
-
-
-def test_the_varied_keys_are_the_overrides_but_bookkeeping():
-    words = ["strategy=flora", "+preset=shakespeare", "model.rank=8", "tracking.mode=offline", "hydra.run.dir=x",
-             "engine.num_cpus=1", "resume=runs/x", "~model.head", "++seed=3", "data.name=a/b"]
-    assert varied_keys(words) == ["strategy=flora", "preset=shakespeare", "model.rank=8", "seed=3", "data.name=a/b"]
-
-
-def test_tags_name_the_run_and_then_what_varied():
-    cfg = SimpleNamespace(strategy=SimpleNamespace(name="flora"), data=SimpleNamespace(name="newsgroups"), partition=SimpleNamespace(kind="dirichlet"),
-                          clients=10, privacy=SimpleNamespace(mode="none"), compression=SimpleNamespace(uplink="none", downlink="none"))
-    assert run_tags(cfg, "flora:2-8", ["model.rank=8", "strategy:flora"]) == [
-        "strategy:flora", "data:newsgroups", "partition:dirichlet", "clients:10", "ranks:flora:2-8", "model.rank=8"]
-    cfg.privacy.mode, cfg.compression.uplink = "local", "topk"
-    tags = run_tags(cfg, "8", ["x" * 100])
-    assert tags[-3:] == ["privacy:local", "uplink:topk", "x" * 64]
-
-
-def test_perplexity_is_best_at_its_minimum():
-    rows = [{"round": 0, "perplexity": 40.0}, {"round": 1, "perplexity": 20.5}, {"round": 2, "perplexity": 22.0}]
-    s = run_summary({"status": "finished"}, rows)
-    assert (s["best/perplexity"], s["best/round"], s["final/perplexity"]) == (20.5, 1, 22.0)
-    assert "best/accuracy" not in s and "total/mb_up" not in s
-    rows[0]["perplexity"] = 10.0  # before training: not a result (as in `fedpeft compare`)
-    assert run_summary({}, rows)["best/perplexity"] == 20.5
-    assert run_summary({}, rows[:1])["best/perplexity"] == 10.0  # unless it is the only round
 
 
 def test_open_tracking_groups_tags_and_types_the_run(tmp_path):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import listeners
+from tests.harness import listeners
 
 from fedpeft.deploy import _proc_table as proc_table
 
@@ -28,7 +28,7 @@ from fedpeft.deploy import Deployment, make_pki, node_configs
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["clients=3", "train.local_steps=2", "model.rank=4", "model.alpha=8", "model.max_length=32",
          "data.eval_samples=64", "tracking.mode=disabled", "fraction=1.0", "min_clients=2"]
 # Longer than any healthy round here (the slowest seen: ~130 s for round 1, which holds two

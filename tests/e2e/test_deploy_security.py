@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import listeners
+from tests.harness import listeners
 
 from fedpeft.deploy import Deployment, DeploymentError, format_node_config, free_ports, make_node_keypair, make_pki
 
@@ -299,7 +299,7 @@ def test_insecure_warns_and_ctrl_c_stops_everything(tmp_path):
     script.write_text(textwrap.dedent(CHILD))
     # a terminal's foreground job: SIGINT at its default even where this suite runs as a background job (ignored)
     child = subprocess.Popen([sys.executable, str(script), str(tmp_path / "work")], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2],
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     info: dict = {}
     try:

@@ -14,7 +14,7 @@ import pytest
 from fedpeft.deploy import free_ports, processes_with_env
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_flwr_run_dot_runs_the_app_on_a_local_simulation(tmp_path):

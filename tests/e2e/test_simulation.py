@@ -8,16 +8,12 @@ from omegaconf import OmegaConf
 
 from fedpeft.cli import compose
 from fedpeft.simulation import run
+from tests.harness import simulate
 
 pytestmark = pytest.mark.slow
 
 LORA_BYTES_PER_CLIENT = 12 * 2 * (4 * 384) * 4  # 6 layers × {query, value} × (A + B) at r=4, float32
 HEAD_BYTES = (2 * 384 + 2) * 4
-
-
-def simulate(tmp_path, *overrides):
-    cfg = compose(["tracking.mode=offline", "model.rank=4", "model.alpha=8", "model.max_length=48", "data.eval_samples=256", *overrides])
-    return cfg, run(cfg, tmp_path / "run")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def test_loss_falls_and_everything_is_tracked(four_clients):
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["accuracy"] == h[2]["accuracy"]
     assert rows[1]["clients_sampled"] == 4 and rows[1]["clients_replied"] == 4 and rows[1]["clients_failed"] == 0
     assert (tmp / "run" / "config.yaml").exists() and (tmp / "run" / "wandb").is_dir()
-    from test_wandb import check_run  # the offline W&B run holds metrics.jsonl, the config and the finals
+    from tests.harness import check_run  # the offline W&B run holds metrics.jsonl, the config and the finals
 
     check_run(tmp / "run", OmegaConf.to_container(cfg, resolve=True), group="default", job_type="fedavg")
 

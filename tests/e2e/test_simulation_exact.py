@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedpeft.lora import delta
-from test_simulation import simulate
+from tests.harness import simulate
 
 pytestmark = pytest.mark.slow
 

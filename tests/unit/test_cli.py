@@ -3,14 +3,7 @@
 
 import pytest
 
-from fedpeft.cli import main
-
-
-def run_cli(args, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.harness import run_cli
 
 
 @pytest.mark.parametrize(
@@ -196,20 +189,6 @@ def test_a_run_that_fails_before_writing_leaves_no_directory(tmp_path, monkeypat
     assert code == 2
     (run_dir,) = (tmp_path / "runs" / "default").iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "cli.log", "metrics.jsonl"]
-
-
-def test_a_model_that_fails_to_build_inside_the_run_writes_nothing(tmp_path, monkeypatch, capsys):
-    import fedpeft.models
-    from fedpeft.models import ModelError
-
-    def build(*args, **kwargs):
-        raise ModelError("model 'minilm': the weights could not be read")
-
-    monkeypatch.setattr(fedpeft.models, "build", build)
-    code, out, err = run_cli(["simulate", "clients=4", "rounds=1"], tmp_path, monkeypatch, capsys)
-    assert code == 2
-    assert [l for l in err.splitlines() if l.strip()] == ["fedpeft: error: model 'minilm': the weights could not be read"], err
-    assert list(tmp_path.rglob("*")) == []
 
 
 def test_missing_asset_says_what_to_run(tmp_path, monkeypatch, capsys):

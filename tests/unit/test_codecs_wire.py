@@ -15,7 +15,7 @@ from fedpeft.server import Codecs, FlowerAdapter
 from strategies.base import ClientSpec, GlobalModel
 from strategies.ffa_lora import FFALoRA
 from strategies.fedavg import FedAvg
-from conftest import FakeGrid
+from tests.harness import FakeGrid
 
 SHAPES = {"l0.q": (48, 64), "l0.v": (48, 64)}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 from sweep import paired_claims, select  # noqa: E402
 
 
@@ -22,7 +22,7 @@ def _run(root: Path, name: str, accuracy: float, status: str = "finished", major
 
 def _experiment(name: str):
     """``experiments/<name>/run.py`` as a fresh module."""
-    path = Path(__file__).resolve().parents[1] / "experiments" / name / "run.py"
+    path = Path(__file__).resolve().parents[2] / "experiments" / name / "run.py"
     spec = importlib.util.spec_from_file_location(f"{name}_run", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

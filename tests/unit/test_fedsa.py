@@ -1,10 +1,9 @@
 """FedSA-LoRA (strategies/fedsa_lora.py): only A and the head are shared; each client keeps its own
 B across rounds (on disk, ``<shared-dir>/client_<id>``) and evaluates its own model on a held-out
-split of its partition (evaluate messages). In-process tests first; one small real simulation last."""
+split of its partition (evaluate messages). In-process, on random tensors (the ClientApp with MiniLM:
+tests/app/test_fedsa.py; one small real simulation: tests/e2e/test_fedsa.py)."""
 
-import json
 import logging
-from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,7 +17,7 @@ from fedpeft.lora import LoraFactors, scaling_for
 from fedpeft.server import FlowerAdapter, personal_metrics
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel
 from strategies.fedsa_lora import FedSALoRA
-from conftest import FakeGrid
+from tests.harness import FakeGrid
 
 SHAPES = {"l0.q": (6, 8), "l0.v": (6, 8)}
 RANK, ALPHA = 4, 8.0
@@ -202,108 +201,3 @@ def test_a_client_failing_evaluation_is_reported_and_the_others_count(caplog):
     assert "round 2: client 3 on node 14 failed evaluation: no reply within the round timeout (engine.round_timeout)" in lines
     fa.aggregate_evaluate(3, [reply(11, 0.8, pid=2)])  # a reply claiming another client's partition
     assert fa.personal[3]["personal/failed"] == 4 and fa.personal[3]["personal/clients"] == 0
-
-
-# ------------------------------------------------------------------ the ClientApp, in-process with MiniLM
-
-
-@pytest.mark.usefixtures("task_identity")
-def test_the_client_app_trains_from_its_own_B_and_a_rerun_round_gives_the_same(tmp_path):
-    """Two clients through ``clients.app.app`` (the ClientApp, as Flower calls it) with a shared
-    dir: round 2 starts from each client's own round-1 B (not zero, not the other's); re-running
-    round 2 in a new process (a resumed run) reads the same B and replies bit for bit the same;
-    evaluation sees the round's own B."""
-    from clients import app as client_app
-    from clients.train import TrainSettings, train
-    from fedpeft import runconfig
-    from fedpeft.cli import compose
-    from fedpeft.models import module_shapes, read_adapter, use_adapter
-
-    cfg = compose(["strategy=fedsa_lora", "engine.device=cpu", "engine.num_cpus=1", "model.rank=4", "model.alpha=8", "model.max_length=32",
-                   "train.local_steps=2", "train.batch_size=8", "train.lr=3e-3", "clients=4"])
-    shared = tmp_path / "state"
-    rc = runconfig.to_run_config(cfg, tmp_path, shared_dir=str(shared))
-    s = runconfig.settings(rc)
-    nodes = {101: 0, 102: 1}
-    ctx = lambda node: Context(run_id=7, node_id=node, node_config={"partition-id": nodes[node], "num-partitions": 4}, state=RecordDict(), run_config=rc)  # noqa: E731
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from fedpeft import data as fdata
-
-        lm = client_app.get_model(s, len(fdata.label_names(fdata.load(s.data.name, seed=0))), 7)
-        use_adapter(lm, 4, 8.0)
-        fa = FlowerAdapter(FedSALoRA(), read_adapter(lm), fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
-                           shapes=module_shapes(lm), seed=0, num_clients=4)
-        grid = FakeGrid(nodes)
-
-        def stored(pid, rnd):
-            from safetensors.torch import load_file
-
-            return load_file(str(shared / f"client_{pid}" / f"personal_B_{rnd:05d}.safetensors"))
-
-        msgs = list(fa.configure_train(1, fa.arrays(), ConfigRecord(), grid))
-        fa.aggregate_train(1, [client_app.app(m, ctx(m.metadata.dst_node_id)) for m in msgs])
-        assert fa.stats[1].replied == 2 and fa.stats[1].rejected == 0
-        B1 = {pid: stored(pid, 1) for pid in (0, 1)}
-        assert all(float(B.abs().max()) > 0 for b in B1.values() for B in b.values())
-        assert any(not torch.equal(B1[0][n], B1[1][n]) for n in B1[0])
-
-        msgs = list(fa.configure_train(2, fa.arrays(), ConfigRecord(), grid))
-        m0 = next(m for m in msgs if m.metadata.dst_node_id == 101)
-        step = client_app.read_step(m0, ctx(101))
-        start = client_app.payload_of(step, ctx(101))
-        assert all(torch.equal(start.adapter[n].B, B1[0][n]) for n in B1[0])  # its own round-1 B
-        reply = client_app.app(m0, ctx(101))
-        B2 = stored(0, 2)
-        # exactly what training from (global A, own round-1 B) gives
-        want, _ = train(lm, start, client_app.local_data(s, ctx(101).node_config)[0], TrainSettings(**asdict(s.train)),
-                        seed=step.seed(0), client_id=0)
-        assert all(torch.equal(want.adapter[n].B, B2[n]) for n in B2)
-        again = client_app.app(m0, ctx(101))  # round 2 re-run by a new process (resume): the same start, the same reply
-        a, b = (r.content.array_records[messages.ARRAYS] for r in (reply, again))
-        assert set(a) == set(b) and all(a[k].data == b[k].data for k in a) and not any(k.startswith("B/") for k in a)
-        assert all(torch.equal(stored(0, 2)[n], B2[n]) for n in B2)
-
-        evals = list(fa.configure_evaluate(2, fa.arrays(), ConfigRecord(), grid))
-        fa.aggregate_evaluate(2, [client_app.app(m, ctx(m.metadata.dst_node_id)) for m in evals])
-        metrics = fa.personal[2]
-        held = len(fdata.held_out(client_app.node_data(s, ctx(101).node_config)[0], 0)["test"])
-        assert metrics["personal/clients"] == 2 and metrics["personal/failed"] == 0 and held > 0
-        accs = [metrics[f"personal_accuracy/client_{p}"] for p in (0, 1)]
-        assert metrics["personal/accuracy_mean"] == pytest.approx(sum(accs) / 2)
-    finally:
-        torch.set_num_threads(threads)
-
-
-# ------------------------------------------------------------------ one real simulation
-
-
-@pytest.mark.slow
-def test_a_fedsa_simulation_logs_every_clients_accuracy_and_keeps_distinct_Bs(tmp_path):
-    from safetensors.torch import load_file
-
-    from fedpeft.cli import compose
-    from fedpeft.simulation import run
-
-    cfg = compose(["strategy=fedsa_lora", "clients=3", "rounds=2", "partition=dirichlet", "partition.alpha=0.3", "train.local_steps=4",
-                   "train.batch_size=16", "model.rank=4", "model.alpha=8", "model.max_length=32", "tracking.mode=offline",
-                   "tracking.save_adapters=false"])
-    summary = run(cfg, tmp_path / "run")
-    assert summary["status"] == "finished"
-    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    for r in rows:
-        accs = [r[f"personal_accuracy/client_{c}"] for c in range(3)]
-        assert all(0 <= a <= 1 for a in accs) and r["personal/clients"] == 3 and r["personal/failed"] == 0
-        assert r["accuracy"] == r["personal/accuracy_mean"] == pytest.approx(sum(accs) / 3, abs=1e-12)
-        assert r["personal/accuracy_p10"] <= r["personal/accuracy_p50"] <= r["personal/accuracy_p90"]
-        assert r["personal/accuracy_p50"] == pytest.approx(sorted(accs)[1])
-    assert rows[2]["clients_replied"] == 3 and rows[2]["bytes_up"] > 0
-    Bs = [load_file(str(tmp_path / "run" / "state" / f"client_{c}" / "personal_B_00002.safetensors")) for c in range(3)]
-    for i in range(3):
-        for j in range(i + 1, 3):
-            diff = max(float((Bs[i][n] - Bs[j][n]).abs().max()) for n in Bs[i])
-            assert diff > 1e-4, (i, j, diff)
-    history = json.loads((tmp_path / "run" / "summary.json").read_text())["history"]
-    assert history[-1]["accuracy"] == rows[-1]["accuracy"]

@@ -21,7 +21,7 @@ from fedpeft.models import PREFIX, apply_merge
 from fedpeft.server import FlowerAdapter, global_adapter
 from strategies.base import ClientSpec, GlobalModel
 from strategies.flora import FLoRA
-from conftest import FakeGrid
+from tests.harness import FakeGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

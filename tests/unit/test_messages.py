@@ -11,7 +11,7 @@ from fedpeft.lora import LoraFactors
 from fedpeft.server import FlowerAdapter
 from strategies.base import ClientSpec, GlobalModel
 from strategies.fedavg import FedAvg
-from conftest import FakeGrid
+from tests.harness import FakeGrid
 
 
 def adapter(value: float = 0.0, r: int = 4):

@@ -17,7 +17,7 @@ from flwr.superlink.grid.http_grid import HttpGrid
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from omegaconf import OmegaConf
 
-from conftest import FakeGrid
+from tests.harness import FakeGrid
 from fedpeft.serverapp import Federation, send_and_receive
 from fedpeft.tracking import RoundProgress, duration
 

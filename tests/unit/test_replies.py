@@ -20,7 +20,7 @@ from strategies.base import ClientSpec, ClientUpdate, GlobalModel
 from strategies.fedavg import FedAvg
 from strategies.ffa_lora import FFALoRA
 from strategies.hetlora import HetLoRA
-from conftest import FakeGrid
+from tests.harness import FakeGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

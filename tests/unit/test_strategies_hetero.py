@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import LargestTensor
+from tests.harness import LargestTensor
 
 from fedpeft.lora import (
     LoraFactors,
