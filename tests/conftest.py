@@ -1,10 +1,22 @@
+"""The environment every test runs in, and the tiers: a test's folder under tests/ is its tier.
+
+- ``tests/unit``: no model built or trained, no Ray, no process started: math, configs (checked
+  against the model's architecture on the meta device), messages and the wire, compare, the server
+  adapter over a fake grid, tiny data sets made in the test. The tier takes about a minute of CPU.
+- ``tests/app``: in-process, no Ray: builds models, reads the built-in data sets whole, runs the
+  ClientApp and whole federations through :class:`tests.harness.AppGrid`.
+- ``tests/e2e``: starts Ray (Flower's simulation engine), ``fedpeft`` or Flower processes, or a
+  deployment. These are also marked ``slow``, so ``-m "not slow"`` runs the other two tiers.
+
+Each test gets its tier's marker (``unit``, ``app``, ``e2e``); shared helpers live in tests/harness.py.
+"""
+
 import os
 import sys
+from pathlib import Path
 
 import absl.logging
 import pytest
-import torch
-from torch.overrides import TorchFunctionMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -28,65 +40,21 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
-class FakeGrid:
-    """A Flower grid for in-process tests of the server adapter: ``nodes`` maps node id → partition
-    id, and query messages are answered the way ``clients.app.query_handler`` answers them."""
-
-    def __init__(self, nodes):
-        self.nodes = dict(nodes)
-        self.queries = 0
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def send_and_receive(self, msgs, *, timeout=None):
-        from types import SimpleNamespace
-
-        from flwr.app import ConfigRecord, RecordDict
-
-        out = []
-        for m in msgs:
-            self.queries += 1
-            node = m.metadata.dst_node_id
-            content = RecordDict({"config": ConfigRecord({"partition-id": self.nodes[node]})})
-            out.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=m.metadata.message_id), has_error=lambda: False, content=content))
-        return out
+TIERS = ("unit", "app", "e2e")
+HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture
-def fake_grid():
-    return FakeGrid
-
-
-def listeners():
-    """(address, port, pids) of every listening TCP socket, from ``ss -ltnp``."""
-    import re
-    import subprocess
-
-    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
-    rows = []
-    for line in out.splitlines():
-        fields = line.split()
-        addr, _, port = fields[3].rpartition(":")
-        rows.append((addr.strip("[]"), int(port), {int(p) for p in re.findall(r"pid=(\d+)", line)}))
-    return rows
-
-
-class LargestTensor(TorchFunctionMode):
-    """Records the largest tensor any torch function returns (no monkeypatching), and fails at once
-    when one exceeds ``limit`` elements (so a dense implementation fails fast instead of going on to
-    decompose a 20000 × 20000 matrix)."""
-
-    def __init__(self, limit=float("inf")):
-        super().__init__()
-        self.limit = limit
-        self.numel = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-                if t.numel() > self.limit:
-                    raise AssertionError(f"{func} made a {tuple(t.shape)} tensor")
-        return out
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Marks each test with its folder's tier, and e2e tests ``slow``; a test outside the tier
+    folders, or marked ``slow`` outside tests/e2e, is a usage error naming it."""
+    for item in items:
+        rel = Path(item.path).resolve().relative_to(HERE)
+        tier = rel.parts[0] if len(rel.parts) > 1 else None
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: every test belongs in tests/unit, tests/app or tests/e2e (see tests/conftest.py)")
+        if tier != "e2e" and item.get_closest_marker("slow"):
+            raise pytest.UsageError(f"{item.nodeid}: marked slow but in tests/{tier}: slow tests (Ray, processes) belong in tests/e2e")
+        item.add_marker(tier)
+        if tier == "e2e":
+            item.add_marker("slow")

@@ -11,7 +11,7 @@ clients of ``--ranks`` (default 16 8 8 8, alpha 16, float32, equal example count
 * the largest tensor any torch function returned (recorded with a ``TorchFunctionMode``, in a
   separate untimed run), against the stacked factors' ``size · Σ r_k`` and the dense ``size²``.
 
-These figures used to be assertions in ``tests/test_strategies_hetero.py``
+These figures used to be assertions in ``tests/unit/test_strategies_hetero.py``
 (``test_flexlora_never_forms_the_out_by_in_matrix``: < 5 s, < 400 MiB); the test keeps the
 machine-independent part (no tensor larger than the stacked factors, exactness on sampled entries).
 

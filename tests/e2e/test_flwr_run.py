@@ -1,0 +1,53 @@
+"""``flwr run .``: Flower's own CLI runs the fedpeft app on a local simulation SuperLink (which it
+starts itself, detached: the test stops every process it left)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedpeft.deploy import free_ports, processes_with_env
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_flwr_run_dot_runs_the_app_on_a_local_simulation(tmp_path):
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+        "options.num-supernodes = 3\noptions.backend.client-resources.num-cpus = 1\n"
+    )
+    http, control = free_ports(2)
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http), "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
+    run_dir = tmp_path / "run"
+    overrides = "clients=3 rounds=1 train.local_steps=2 model.rank=4 model.alpha=8 model.max_length=32 data.eval_samples=64 tracking.mode=disabled"
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    try:
+        out = subprocess.run([flwr, "run", str(ROOT), "local", "--stream", "--run-config", f"overrides='{overrides}' run-dir='{run_dir}'"],
+                             env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert summary["status"] == "finished" and summary["clients"] == 3
+        assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients_replied"] == 3 and rows[1]["round_applied"] == 1
+        assert rows[1]["loss"] != rows[0]["loss"]
+    finally:
+        left = processes_with_env(f"FLWR_HOME={home}")
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 20
+    while processes_with_env(f"FLWR_HOME={home}") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_with_env(f"FLWR_HOME={home}")

@@ -1,0 +1,302 @@
+"""What several test modules share (import it as ``tests.harness``; no test module imports another):
+
+- :class:`FakeGrid` and :class:`AppGrid`: Flower grids in-process, the first answering the server's
+  queries only, the second delivering every message to the real ClientApp;
+- :func:`reply_to` and :func:`random_B`: a client's reply with given factors, and factors to send;
+- :func:`dropout_off`: a built model with dropout off (engines that draw from their own RNG streams);
+- :func:`run_cli`: ``fedpeft`` commands in a working directory, with their exit code and output;
+- :func:`read_csv` and :data:`PNG`: what ``fedpeft compare`` writes;
+- :class:`LargestTensor`: the largest tensor any torch function returns;
+- :func:`listeners`: every listening TCP socket and the processes holding it;
+- :func:`simulate`: a small run on Flower's simulation engine (starts Ray);
+- the reader of W&B's offline run files (:func:`offline_runs`, :func:`check_run`).
+
+Flower, fedpeft and the clients are imported where they are used, so that importing this module
+costs no more than torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+# ------------------------------------------------------------------ in-process Flower grids
+
+
+class FakeGrid:
+    """A Flower grid for in-process tests of the server adapter: ``nodes`` maps node id → partition
+    id, and query messages are answered the way ``clients.app.query_handler`` answers them."""
+
+    def __init__(self, nodes):
+        self.nodes = dict(nodes)
+        self.queries = 0
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, msgs, *, timeout=None):
+        from types import SimpleNamespace
+
+        from flwr.app import ConfigRecord, RecordDict
+
+        out = []
+        for m in msgs:
+            self.queries += 1
+            node = m.metadata.dst_node_id
+            content = RecordDict({"config": ConfigRecord({"partition-id": self.nodes[node]})})
+            out.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=m.metadata.message_id), has_error=lambda: False, content=content))
+        return out
+
+
+class AppGrid:
+    """Flower's grid API over the real ClientApp, in-process: a pushed message is handled at once
+    with its node's Context (an exception becomes the error reply Flower's simulation engine makes
+    of it), and its reply waits to be pulled."""
+
+    pull_interval = 0.0
+
+    def __init__(self, contexts):
+        self.contexts, self.waiting, self.types = contexts, {}, []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, msgs):
+        from uuid import uuid4
+
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode
+
+        from clients import app as client_app
+
+        ids = []
+        for m in msgs:
+            m.metadata.__dict__["_message_id"] = mid = str(uuid4())
+            self.types.append(m.metadata.message_type)
+            try:
+                self.waiting[mid] = client_app.app(m, self.contexts[m.metadata.dst_node_id])
+            except Exception as ex:  # noqa: BLE001 - as flwr's vce_api reports a ClientApp's exception
+                self.waiting[mid] = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(type(ex)) + ":<'" + str(ex) + "'>"), reply_to=m)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.waiting.pop(i) for i in list(ids) if i in self.waiting]
+
+    def send_and_receive(self, msgs, *, timeout=None):
+        return self.pull_messages(self.push_messages(msgs))
+
+
+def reply_to(msg, adapter, head, n=10):
+    """The reply to ``msg`` of a client that trained ``adapter`` and ``head`` on ``n`` examples."""
+    from flwr.app import Message
+
+    from fedpeft import messages
+
+    return Message(content=messages.encode(adapter, head, {"num-examples": n}), reply_to=msg)
+
+
+def random_B(adapter, seed, scale=0.05):
+    """``adapter`` with every B drawn at random (std ``scale``, seeded), as if trained."""
+    from fedpeft.lora import LoraFactors
+
+    g = torch.Generator().manual_seed(seed)
+    return {m: LoraFactors(f.A, scale * torch.randn(f.B.shape, generator=g), f.scaling) for m, f in adapter.items()}
+
+
+def dropout_off(lm):
+    """``lm`` (a ``fedpeft.models.LoadedModel``) with every dropout layer's probability set to 0."""
+    for mod in lm.model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    return lm
+
+
+# ------------------------------------------------------------------ the CLI, and the files compare writes
+
+
+def run_cli(args, tmp_path, monkeypatch, capsys):
+    """``fedpeft <args>`` run in ``tmp_path``: (exit code, stdout, stderr)."""
+    from fedpeft.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+PNG = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------ tensors and processes
+
+
+class LargestTensor(TorchFunctionMode):
+    """Records the largest tensor any torch function returns (no monkeypatching), and fails at once
+    when one exceeds ``limit`` elements (so a dense implementation fails fast instead of going on to
+    decompose a 20000 × 20000 matrix)."""
+
+    def __init__(self, limit=float("inf")):
+        super().__init__()
+        self.limit = limit
+        self.numel = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+                if t.numel() > self.limit:
+                    raise AssertionError(f"{func} made a {tuple(t.shape)} tensor")
+        return out
+
+
+def listeners():
+    """(address, port, pids) of every listening TCP socket, from ``ss -ltnp``."""
+    import re
+    import subprocess
+
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        fields = line.split()
+        addr, _, port = fields[3].rpartition(":")
+        rows.append((addr.strip("[]"), int(port), {int(p) for p in re.findall(r"pid=(\d+)", line)}))
+    return rows
+
+
+# ------------------------------------------------------------------ Flower's simulation engine (Ray)
+
+
+def simulate(tmp_path, *overrides):
+    """A small MiniLM run (rank 4, 48 tokens, 256 test examples, W&B offline) in ``tmp_path / "run"``
+    on Flower's simulation engine: (config, the run's summary)."""
+    from fedpeft.composing import compose
+    from fedpeft.simulation import run
+
+    cfg = compose(["tracking.mode=offline", "model.rank=4", "model.alpha=8", "model.max_length=48", "data.eval_samples=256", *overrides])
+    return cfg, run(cfg, tmp_path / "run")
+
+
+# ------------------------------------------------------------------ W&B's offline run files
+
+# W&B 0.31 ships no Python reader for its run files (wandb-core writes and syncs them); the format
+# is LevelDB's log: a 7-byte file header (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of
+# chunks, each with a header (CRC-32 of type byte + data, length, type FULL/FIRST/MIDDLE/LAST).
+BLOCK, CHUNK_HEADER, FULL, FIRST, MIDDLE, LAST = 32768, 7, 1, 2, 3, 4
+INTERNAL = {"_step", "_timestamp", "_runtime", "_wandb"}
+
+
+def read_records(path: Path) -> list:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0), "not a W&B run file"
+    records, pos, parts = [], 7, b""
+    while pos + CHUNK_HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < CHUNK_HEADER:  # a block's zero trailer
+            pos += left
+            continue
+        checksum, length, kind = struct.unpack("<IHB", data[pos:pos + CHUNK_HEADER])
+        if kind == 0:  # zero padding to the end of the block
+            pos += left
+            continue
+        if pos + CHUNK_HEADER + length > len(data):  # a chunk still being written
+            break
+        chunk = data[pos + CHUNK_HEADER:pos + CHUNK_HEADER + length]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == checksum, f"bad checksum at byte {pos}"
+        pos += CHUNK_HEADER + length
+        parts += chunk
+        if kind in (FULL, LAST):
+            record = pb.Record()
+            record.ParseFromString(parts)
+            records.append(record)
+            parts = b""
+    return records
+
+
+def items(updates) -> dict:
+    """A history row's items or a summary's/config's updates as a flat ``{key: value}``."""
+    return {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in updates}
+
+
+def complete_records(path: Path, timeout: float = 60) -> list:
+    """The records of a finished run's file. ``run.finish()`` returns before wandb-core (a process
+    of its own) has written the file out: wait for the exit record and for the file to stop growing."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        size = path.stat().st_size
+        records = read_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            time.sleep(0.2)
+            if path.stat().st_size == size:
+                return records
+        time.sleep(0.1)
+    raise AssertionError(f"{path}: not written out (no exit record, or still growing) after {timeout}s")
+
+
+class OfflineRun:
+    """What one ``wandb/offline-run-*`` directory recorded."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        records = complete_records(next(path.glob("run-*.wandb")))
+        kinds = [r.WhichOneof("record_type") for r in records]
+        self.run = records[kinds.index("run")].run
+        self.config = {k: v for k, v in items(self.run.config.update).items() if k != "_wandb"}
+        for r in records:
+            if r.WhichOneof("record_type") == "config":
+                self.config.update({k: v for k, v in items(r.config.update).items() if k != "_wandb"})
+        self.history = [items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+        self.metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
+        self.summary: dict = {}
+        for r in records:
+            if r.WhichOneof("record_type") == "summary":
+                self.summary.update(items(r.summary.update))
+        self.exit_code = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
+
+
+def offline_runs(run_dir: Path) -> list[OfflineRun]:
+    return [OfflineRun(p) for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
+
+
+def jsonl(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_history_is_metrics_jsonl(history: list[dict], rows: list[dict]) -> None:
+    """Every W&B history row holds exactly the numbers of the metrics.jsonl row of its round, at
+    step = round."""
+    assert [h["round"] for h in history] == [r["round"] for r in rows]
+    for h, row in zip(history, rows):
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        logged = {k: v for k, v in h.items() if k not in INTERNAL}
+        assert logged == numbers, (row["round"], set(logged) ^ set(numbers))
+        assert h["_step"] == row["round"]
+
+
+def check_run(run_dir: Path, config: dict, *, group: str, job_type: str) -> OfflineRun:
+    """For a real run's directory (tests/e2e/test_simulation.py): one offline W&B run whose history
+    is metrics.jsonl, whose config is the run's resolved config, and whose summary has the finals."""
+    (run,) = offline_runs(run_dir)
+    rows = jsonl(run_dir)
+    assert_history_is_metrics_jsonl(run.history, rows)
+    assert run.config == json.loads(json.dumps(config))
+    assert (run.run.run_group, run.run.job_type) == (group, job_type)
+    assert run.run.run_id == (run_dir / "wandb-id").read_text().strip()
+    final = {k: v for k, v in rows[-1].items() if isinstance(v, (int, float))}
+    assert {k[len("final/"):]: v for k, v in run.summary.items() if k.startswith("final/")} == final
+    return run
