@@ -90,3 +90,12 @@ class LargestTensor(TorchFunctionMode):
                 if t.numel() > self.limit:
                     raise AssertionError(f"{func} made a {tuple(t.shape)} tensor")
         return out
+
+
+def pruning_plan(gamma: float, lam: float, r_min: int, **plan):
+    """A client plan with HetLoRA's self-pruning (its loss term and its finalisation), as HetLoRA's
+    payload builds it; ``plan``: the plan's other fields."""
+    from fedpeft.plan import ClientPlan, SelfPruning
+
+    prune = SelfPruning(gamma=gamma, lam=lam, r_min=r_min)
+    return ClientPlan(loss_term=prune, finalise=prune, **plan)

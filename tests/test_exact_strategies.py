@@ -8,6 +8,7 @@ from flwr.app import ConfigRecord, Message
 from fedpeft import merges as merge_forms
 from fedpeft import messages
 from fedpeft.lora import LoraFactors, delta, normalized_weights, scaling_for
+from fedpeft.plan import KEYS, ClientPlan
 from fedpeft.server import FlowerAdapter, _model_from_state, _model_state
 from strategies import REGISTRY, build
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel
@@ -125,7 +126,7 @@ def test_rolora_alternates_and_the_average_of_the_trained_factor_is_exact(first)
         train = first if t % 2 else ("A" if first == "B" else "B")
         frozen = "B" if train == "A" else "A"
         pls = [s.payload(g, ClientSpec(k, R, ALPHA)) for k in range(3)]
-        assert all(pl.instructions == {f"freeze_{frozen}": True} for pl in pls)
+        assert all(pl.plan.to_config() == {f"freeze_{frozen}": True} for pl in pls)
         ups = [ClientUpdate(k, trained(pl.adapter, seed=10 * t + k, train_A=train == "A", train_B=train == "B"), head_of(k), [5, 30, 12][k]) for k, pl in enumerate(pls)]
         p = normalized_weights([u.num_examples for u in ups])
         before = g
@@ -155,7 +156,7 @@ def test_rolora_round_count_survives_the_saved_state():
     g = GlobalModel(adapter=start_adapter(zero_B=False), aggregations=3)
     back = _model_from_state(_model_state(g))
     assert back.aggregations == 3
-    assert RoLoRA().payload(back, ClientSpec(0, R, ALPHA)).instructions == {"freeze_B": True}  # round 4: A
+    assert RoLoRA().payload(back, ClientSpec(0, R, ALPHA)).plan == ClientPlan(train_B=False)  # round 4: A
     legacy = _model_state(g)
     del legacy["aggregations"]  # a state written before the count existed
     assert _model_from_state(legacy).aggregations == 0
@@ -239,7 +240,7 @@ def client_replies(msgs, seed):
     out = []
     for msg in msgs:
         dec = messages.decode(msg.content)
-        up_A, up_B = messages.uplink_factors(dec.config)
+        up_A, up_B = ClientPlan.from_config({k: v for k, v in dec.config.items() if k in KEYS}).uplink
         pid = NODES[msg.metadata.dst_node_id]
         adapter = trained({m: LoraFactors(f.A.double(), f.B.double(), f.scaling) for m, f in dec.adapter.items()}, seed * 10 + pid, train_A=up_A, train_B=up_B)
         adapter = {m: LoraFactors(f.A.float(), f.B.float(), f.scaling) for m, f in adapter.items()}
@@ -332,15 +333,14 @@ def test_freeze_B_trains_A_alone_also_under_dp_sgd(minilm_and_data, dp):
     from strategies.base import Payload
 
     lm, start, part = minilm_and_data
-    payload = Payload(adapter=start.adapter, head=start.head, instructions={"freeze_B": True})
+    payload = Payload(adapter=start.adapter, head=start.head, plan=ClientPlan(train_B=False))
     u, _ = train(lm, payload, part, TrainSettings(local_steps=2, batch_size=8, lr=3e-3), seed=1, client_id=0, dp=DPSettings(1.0, 1.0) if dp else None)
     for m, f in start.adapter.items():
         assert torch.equal(u.adapter[m].B, f.B)
         assert not torch.equal(u.adapter[m].A, f.A)
     assert all(p.requires_grad for n, p in lm.model.named_parameters() if "lora_" in n)  # unfrozen afterwards
-    with pytest.raises(ValueError, match="no LoRA factor to train"):
-        train(lm, Payload(adapter=start.adapter, head=start.head, instructions={"freeze_A": True, "freeze_B": True}), part,
-              TrainSettings(local_steps=1, batch_size=8, lr=3e-3), seed=1, client_id=0)
+    with pytest.raises(ValueError, match="no LoRA factor to train"):  # no such plan, so no such training
+        ClientPlan(train_A=False, train_B=False)
 
 
 def test_the_cohort_engine_refuses_freeze_B(minilm_and_data):
@@ -349,7 +349,7 @@ def test_the_cohort_engine_refuses_freeze_B(minilm_and_data):
     from strategies.base import Payload
 
     lm, start, part = minilm_and_data
-    job = CohortJob(Payload(adapter=start.adapter, head=start.head, instructions={"freeze_B": True}), part, 1, 0, 4, 8.0, None)
+    job = CohortJob(Payload(adapter=start.adapter, head=start.head, plan=ClientPlan(train_B=False)), part, 1, 0, 4, 8.0, None)
     with pytest.raises(CohortError, match="freeze_B"):
         train_cohort(lm, [job], TrainSettings(local_steps=1, batch_size=8, lr=3e-3))
 

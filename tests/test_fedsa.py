@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 import strategies
 from fedpeft import messages
 from fedpeft.lora import LoraFactors, scaling_for
+from fedpeft.plan import ClientPlan
 from fedpeft.server import FlowerAdapter, personal_metrics
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel
 from strategies.fedsa_lora import FedSALoRA
@@ -63,7 +64,7 @@ def test_aggregate_is_the_weighted_average_of_A_and_never_reads_B(seed, weightin
     assert all(torch.equal(again.adapter[m].A, new.adapter[m].A) for m in SHAPES)
     assert all(torch.equal(u.adapter[m].B, b[m]) for u, b in zip(updates, before) for m in SHAPES)
     pay = st.payload(new, ClientSpec(0, RANK, ALPHA))
-    assert pay.instructions == {"personal_B": True} and pay.adapter is new.adapter
+    assert pay.plan.to_config() == {"personal_B": True} and pay.plan.personal_B and pay.adapter is new.adapter
 
 
 def test_declarations_and_a_wrong_scaling_are_refused():
@@ -118,8 +119,8 @@ def test_no_B_travels_either_way_and_the_server_aggregates_A_and_the_head(caplog
 # ------------------------------------------------------------------ the clients' B store
 
 
-def store_step(pid, rnd, instructions=None):
-    return SimpleNamespace(partition_id=pid, server_round=rnd, instructions=instructions or {"personal_B": True})
+def store_step(pid, rnd):
+    return SimpleNamespace(partition_id=pid, server_round=rnd, plan=ClientPlan(keep=frozenset({"B"})))
 
 
 def store_context(shared):
@@ -257,7 +258,7 @@ def test_the_client_app_trains_from_its_own_B_and_a_rerun_round_gives_the_same(t
         reply = client_app.app(m0, ctx(101))
         B2 = stored(0, 2)
         # exactly what training from (global A, own round-1 B) gives
-        want, _ = train(lm, start, client_app.local_data(s, ctx(101).node_config)[0], TrainSettings(**asdict(s.train)),
+        want, _ = train(lm, start, client_app.local_data(s, ctx(101).node_config, step.plan)[0], TrainSettings(**asdict(s.train)),
                         seed=step.seed(0), client_id=0)
         assert all(torch.equal(want.adapter[n].B, B2[n]) for n in B2)
         again = client_app.app(m0, ctx(101))  # round 2 re-run by a new process (resume): the same start, the same reply
