@@ -28,8 +28,9 @@ The wire keys (plain scalars; a key is present only where it says something):
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -108,7 +109,7 @@ class SelfPruning(LossTerm, Finaliser):
         return dict(zip(self.KEYS, (self.on, self.gamma, self.lam, self.r_min)))
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "SelfPruning":
+    def from_config(cls, cfg: Mapping[str, Any]) -> SelfPruning:
         missing = [k for k in cls.KEYS if k not in cfg]
         if missing:
             raise ValueError(f"client plan: {missing[0]} is missing (HetLoRA's pruning needs {', '.join(cls.KEYS)})")
@@ -181,9 +182,9 @@ class ClientPlan:
         for part in (self.loss_term, self.finalise):
             if part is not None and not isinstance(part, TERMS):
                 raise ValueError(f"client plan: {type(part).__name__} has no wire encoding (known: {', '.join(t.__name__ for t in TERMS)})")
-        if isinstance(self.loss_term, Finaliser) or isinstance(self.finalise, LossTerm):  # one object, both roles
-            if self.loss_term != self.finalise:
-                raise ValueError(f"client plan: loss_term {self.loss_term!r} and finalise {self.finalise!r} travel as one setting and must be equal")
+        both = isinstance(self.loss_term, Finaliser) or isinstance(self.finalise, LossTerm)  # one object, both roles
+        if both and self.loss_term != self.finalise:
+            raise ValueError(f"client plan: loss_term {self.loss_term!r} and finalise {self.finalise!r} travel as one setting and must be equal")
 
     @property
     def personal_B(self) -> bool:
@@ -231,7 +232,7 @@ class ClientPlan:
         return cfg
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "ClientPlan":
+    def from_config(cls, cfg: Mapping[str, Any]) -> ClientPlan:
         """The plan :meth:`to_config` encoded. ``cfg`` holds the plan's keys only; an unknown key, a
         missing companion key or a value of the wrong type is a one-line ``ValueError`` naming the key."""
         for k in cfg:

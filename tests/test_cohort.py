@@ -31,6 +31,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import pruning_plan
 from datasets import Dataset
 
 from clients.cohort import CohortError, CohortJob, _train, train_cohort
@@ -39,7 +40,6 @@ from fedpeft import data as fdata
 from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for, seeded_lora_A
 from fedpeft.models import build, layer, module_shapes, read_adapter, use_adapter
 from fedpeft.plan import ClientPlan, Payload
-from conftest import pruning_plan
 
 MAXLEN = 16
 MINILM = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=MAXLEN)

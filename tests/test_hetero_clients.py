@@ -4,16 +4,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import pruning_plan
 
 from clients.app import load_merge, save_merge, sync_base
 from clients.train import TrainSettings, evaluate, train
 from fedpeft import data as fdata
 from fedpeft.lora import LoraFactors, scaling_for, seeded_lora_A
 from fedpeft.models import build, layer, module_shapes, read_adapter, use_adapter
-from fedpeft.server import global_adapter, load_global
 from fedpeft.plan import ClientPlan
+from fedpeft.server import global_adapter, load_global
 from strategies.base import GlobalModel, Payload
-from conftest import pruning_plan
 
 MODEL = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=32)
 

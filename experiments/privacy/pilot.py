@@ -44,8 +44,8 @@ def main() -> None:
     from clients.train import DPSettings, TrainSettings, evaluate, sample_rate, train
     from fedpeft import data as fdata
     from fedpeft.models import build, read_adapter, write_adapter
-    from fedpeft.privacy import noise_multiplier_for
     from fedpeft.plan import ClientPlan, Payload
+    from fedpeft.privacy import noise_multiplier_for
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30, help="DP-SGD steps (the sweep: rounds × local steps)")
