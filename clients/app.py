@@ -29,7 +29,6 @@ from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file, save_file
 
-import strategies
 from clients.cohort import CohortError, CohortJob, train_cohort
 from clients.train import DPSettings, TrainSettings, evaluate, train
 from fedpeft import data as fdata
@@ -39,7 +38,7 @@ from fedpeft import privacy, runconfig
 from fedpeft.config import Config, DataConfig, PartitionConfig
 from fedpeft.lora import LoraFactors
 from fedpeft.models import LoadedModel, apply_merge, build, module_shapes, use_adapter, write_adapter
-from strategies.base import Payload
+from fedpeft.plan import ClientPlan, Payload
 
 
 _MODELS: dict[str, LoadedModel] = {}
@@ -94,16 +93,18 @@ def node_data(s: Config, node_config: dict):
     return partitioner.load_partition(int(node_config["partition-id"])), ds
 
 
-def local_data(s: Config, node_config: dict):
-    """This node's training data (:func:`node_data`; with a ``personalized`` strategy the 80% of
-    it that :func:`fedpeft.data.held_out` leaves for training) and the dataset it comes from."""
+def local_data(s: Config, node_config: dict, plan: ClientPlan):
+    """This node's training data (:func:`node_data`; with a ``personalised`` plan, whose client
+    keeps part of its model, the 80% of it that :func:`fedpeft.data.held_out` leaves for training)
+    and the dataset it comes from."""
     part, ds = node_data(s, node_config)
-    return (fdata.held_out(part, s.seed)["train"] if strategies.personalized(s.strategy.name) else part), ds
+    return (fdata.held_out(part, s.seed)["train"] if plan.personalised else part), ds
 
 
-def held_out_data(s: Config, node_config: dict):
-    """This node's held-out 20% (:func:`fedpeft.data.held_out`), on which it evaluates its own model."""
-    if not strategies.personalized(s.strategy.name):
+def held_out_data(s: Config, node_config: dict, plan: ClientPlan):
+    """This node's held-out 20% (:func:`fedpeft.data.held_out`), on which a client with a
+    ``personalised`` plan evaluates its own model."""
+    if not plan.personalised:
         raise ValueError(f"strategy={s.strategy.name} evaluates the global model on the server, not on clients")
     return fdata.held_out(node_data(s, node_config)[0], s.seed)["test"]
 
@@ -156,17 +157,17 @@ class Step:
     alpha: float
     base_version: int
     noise_multiplier: float | None
-    instructions: dict
+    plan: ClientPlan
 
     @property
     def send_A(self) -> bool:
         """Whether the reply carries A (not when A is frozen: FFA-LoRA, RoLoRA's B rounds)."""
-        return messages.uplink_factors(self.instructions)[0]
+        return self.plan.uplink[0]
 
     @property
     def send_B(self) -> bool:
         """Whether the reply carries B (not when B is frozen, RoLoRA's A rounds, or personal, FedSA-LoRA)."""
-        return messages.uplink_factors(self.instructions)[1]
+        return self.plan.uplink[1]
 
     def seed(self, stream: int) -> int:
         """A seed for one random stream of this client in this round (0: training, 2: local DP noise, 3: codec)."""
@@ -187,7 +188,7 @@ def read_step(msg: Message, context: Context) -> Step:
         settings=runconfig.settings(context.run_config), decoded=dec, server_round=int(c["server-round"]),
         partition_id=int(context.node_config["partition-id"]), rank=int(c["rank"]), alpha=float(c["alpha"]),
         base_version=int(c["base-version"]), noise_multiplier=None if nm is None else float(nm),
-        instructions={k: v for k, v in c.items() if k not in RESERVED},
+        plan=ClientPlan.from_config({k: v for k, v in c.items() if k not in RESERVED}),
     )
 
 
@@ -262,7 +263,7 @@ def prepare(step: Step, context: Context) -> tuple[LoadedModel, Any]:
     its training data."""
     s = step.settings
     torch.set_num_threads(max(1, int(s.engine.num_cpus)))
-    part, _ = local_data(s, context.node_config)
+    part, _ = local_data(s, context.node_config, step.plan)
     lm = node_model(step, context)
     shared = runconfig.load(context.run_config)[1].shared_dir
     merges = dict(step.decoded.merges)
@@ -274,14 +275,14 @@ def prepare(step: Step, context: Context) -> tuple[LoadedModel, Any]:
 
 
 def payload_of(step: Step, context: Context, *, through: int | None = None) -> Payload:
-    """What this client starts from: the message's payload; with ``personal_B`` (FedSA-LoRA) its
+    """What this client starts from: the message's payload; with a personal B (FedSA-LoRA) its
     A (the global one) with this client's own B as of round ``through`` (default: the round before
     this one; :func:`load_personal_B`), or peft's init B = 0 before its first training round."""
     adapter = step.decoded.adapter
-    if step.instructions.get("personal_B"):
+    if step.plan.personal_B:
         own = load_personal_B(step, context, through=step.server_round - 1 if through is None else through)
         adapter = with_personal_B(adapter, own, step.partition_id)
-    return Payload(adapter=adapter, head=step.decoded.head, instructions=step.instructions, base_version=step.base_version)
+    return Payload(adapter=adapter, head=step.decoded.head, plan=step.plan, base_version=step.base_version)
 
 
 def with_personal_B(adapter: dict[str, LoraFactors], own: dict[str, torch.Tensor], client_id: int) -> dict[str, LoraFactors]:
@@ -300,9 +301,7 @@ def with_personal_B(adapter: dict[str, LoraFactors], own: dict[str, torch.Tensor
 
 def plain_reply(msg: Message, step: Step, update, metrics: dict) -> Message:
     """The reply carrying the plain update (before the mods' local DP and compression)."""
-    reply = {"num-examples": update.num_examples, "partition-id": step.partition_id}
-    if not step.send_A and "A_seed" in step.instructions:
-        reply["A_seed"] = int(step.instructions["A_seed"])
+    reply = {"num-examples": update.num_examples, "partition-id": step.partition_id, **step.plan.reply_config()}
     content = messages.encode(update.adapter, update.head, reply, send_A=step.send_A, send_B=step.send_B)
     content[messages.METRICS] = messages.metric_record({**metrics, "num-examples": update.num_examples})
     return Message(content=content, reply_to=msg)
@@ -323,7 +322,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     use_adapter(lm, step.rank, step.alpha)
     dp = DPSettings(step.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None
     update, metrics = train(lm, payload_of(step, context), part, TrainSettings(**asdict(s.train)), seed=step.seed(0), client_id=step.partition_id, dp=dp)
-    if step.instructions.get("personal_B"):
+    if step.plan.personal_B:
         save_personal_B(step, context, update.adapter)
     return plain_reply(msg, step, update, metrics)
 
@@ -340,7 +339,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     use_adapter(lm, step.rank, step.alpha)
     payload = payload_of(step, context, through=step.server_round)
     write_adapter(lm, payload.adapter, payload.head)
-    data = held_out_data(s, context.node_config)
+    data = held_out_data(s, context.node_config, step.plan)
     metrics = evaluate(lm, data, s.model.eval_batch_size)
     content = RecordDict({messages.CONFIG: ConfigRecord({"partition-id": step.partition_id, "num-examples": len(data)}),
                           messages.METRICS: messages.metric_record(metrics)})
@@ -387,7 +386,7 @@ def cohort_handler(msg: Message, context: Context) -> Message:
         s = steps[first].settings
         lm, _ = prepare(steps[first], members[first][1])  # merges its message lacks come from the shared dir's store
         jobs = [
-            CohortJob(payload_of(st, members[j][1]), local_data(s, members[j][1].node_config)[0], st.seed(0), st.partition_id, st.rank, st.alpha,
+            CohortJob(payload_of(st, members[j][1]), local_data(s, members[j][1].node_config, st.plan)[0], st.seed(0), st.partition_id, st.rank, st.alpha,
                       DPSettings(st.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None)
             for j, st in steps.items()
         ]
@@ -411,7 +410,7 @@ def cohort_handler(msg: Message, context: Context) -> Message:
                 continue
             plain = plain_reply(sub, st, *result)
             try:
-                if st.instructions.get("personal_B"):
+                if st.plan.personal_B:
                     save_personal_B(st, ctx, result[0].adapter)
                 reply = make_ffn(lambda m, c: plain, MODS)(sub, ctx)  # the member's reply through the same mods as alone
                 replies[j] = reply.error if reply.has_error() else reply.content

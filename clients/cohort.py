@@ -55,11 +55,12 @@ How one step works (K clients, module ``m`` with ``W [out × in]``):
   client takes the same number of steps (``local_steps``; the bias corrections use the step count)
   with the same hyperparameters, so client k's slice of the stack follows the same recursion as its
   own tensor would alone.
-* **FFA-LoRA** (``freeze_A``): a frozen client's A is a constant, never an optimizer parameter (in a
+* **FFA-LoRA** (the plan's ``train_A=False``): a frozen client's A is a constant, never an optimizer parameter (in a
   mixed cohort its slice is taken from a constant by ``torch.where``, so neither its gradient nor
   weight decay can reach it). **Fresh inits** (empty payload adapter): ``fedpeft.lora.fresh_adapter``
-  at the client's rank and scaling, seeded by ``init_seed`` — what ``fresh_init`` does.
-  **HetLoRA**: the penalty above, and the rank shrink of ``train`` (the same rule: shrink to
+  at the client's rank and scaling, seeded by the plan's ``init_seed`` — what ``fresh_init`` does.
+  **HetLoRA** (the plan's :class:`fedpeft.plan.SelfPruning`): the penalty above, batched, and the
+  rank shrink of ``train`` (the same rule, :meth:`SelfPruning.rank_after`: shrink to
   ``max(⌊γ r⌋, r_min)`` when the tail term decreased).
 
 Dropout: ``train`` seeds torch's generators with the client's seed (in a forked RNG) and draws
@@ -104,9 +105,9 @@ import torch
 import torch.nn.functional as F
 
 from clients.train import DPSettings, TrainSettings, batch_order, encode, make_optimizer
-from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for, truncate
+from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for, tail_start, truncate
 from fedpeft.models import PREFIX, LoadedModel, ModelError, active, layer, module_shapes, scaling_of
-from strategies.base import ClientUpdate, Payload
+from fedpeft.plan import ClientUpdate, Payload, SelfPruning
 
 
 METHODS = ("lora", "rslora")  # the PEFT methods the cohort engine batches (LoRA factors on Linear layers)
@@ -182,7 +183,7 @@ def _check_jobs(lm: LoadedModel, jobs: list[CohortJob]) -> None:
     for j in jobs:
         if len(j.data) == 0:
             raise ValueError(f"client {j.client_id}: its partition is empty")
-        if j.payload.instructions.get("freeze_B"):
+        if not j.payload.plan.train_B:
             raise CohortError("freeze_B (strategy=rolora): the cohort engine does not batch a frozen B; use engine.kind=per_client")
         if j.payload.base_version != lm.base_version:
             raise CohortError(
@@ -191,6 +192,12 @@ def _check_jobs(lm: LoadedModel, jobs: list[CohortJob]) -> None:
             )
         if set(j.payload.head) != set(lm.head):
             raise ModelError(f"head tensors {sorted(j.payload.head)} do not match the model's {sorted(lm.head)}")
+
+
+def _pruning(p: Payload) -> SelfPruning | None:
+    """The client's HetLoRA self-pruning when it is on (the plan's loss term and finalisation), else None."""
+    term = p.plan.loss_term
+    return term if isinstance(term, SelfPruning) and term.on else None
 
 
 def _start(lm: LoadedModel, job: CohortJob) -> dict[str, LoraFactors]:
@@ -208,8 +215,8 @@ def _start(lm: LoadedModel, job: CohortJob) -> dict[str, LoraFactors]:
         if job.rank is not None and job.rank != r0:
             raise CohortError(f"client {job.client_id}: rank {job.rank} but its payload's factors have rank {r0}")
         return dict(p.adapter)
-    if "init_seed" not in p.instructions:
-        raise CohortError(f"client {job.client_id}: an empty payload adapter needs instructions['init_seed'] (a fresh LoRA)")
+    if p.plan.init_seed is None:
+        raise CohortError(f"client {job.client_id}: an empty payload adapter needs the plan's init_seed (a fresh LoRA)")
     if job.rank is None:  # the active adapter's, as train()'s fresh_init
         rank = layer(lm, lm.modules[0]).lora_A[active(lm)].weight.shape[0]
         scaling = scaling_of(lm, lm.modules[0])
@@ -217,7 +224,7 @@ def _start(lm: LoadedModel, job: CohortJob) -> dict[str, LoraFactors]:
         if job.alpha is None:
             raise CohortError(f"client {job.client_id}: a fresh LoRA at rank {job.rank} needs the client's alpha too")
         rank, scaling = int(job.rank), scaling_for(int(job.rank), float(job.alpha), bool(getattr(lm.lora, "use_rslora", False)))
-    return fresh_adapter(shapes, rank, scaling, int(p.instructions["init_seed"]))
+    return fresh_adapter(shapes, rank, scaling, p.plan.init_seed)
 
 
 # ----------------------------------------------------------------------------------------- stacks
@@ -405,7 +412,7 @@ class _Stacks:
         self.K, self.modules = K, lm.modules
         self.order = list(range(K))  # the callers' index of each stacked client (set by _train)
         self.ranks = {m: [s[m].rank for s in starts] for m in lm.modules}
-        self.frozen = [bool(j.payload.instructions.get("freeze_A")) for j in jobs]
+        self.frozen = [not j.payload.plan.train_A for j in jobs]
         self.A: dict[str, torch.Tensor] = {}  # leaf (trained, or constant when every client freezes A)
         self.A_const: dict[str, torch.Tensor] = {}  # mixed cohorts only: the frozen clients' A
         self.B: dict[str, torch.Tensor] = {}
@@ -434,20 +441,18 @@ class _Stacks:
             state = get_peft_model_state_dict(lm.model, adapter_name=name)
             for h in lm.head:
                 self.head[h] = torch.stack([j.payload.head[h].to(dev, state[PREFIX + h].dtype) for j in jobs]).requires_grad_(True)
-        # HetLoRA: per client (γ, λ, r_min) when it prunes; the tail masks over components, per module.
-        self.prune = [j.payload.instructions if j.payload.instructions.get("prune") else None for j in jobs]
+        # HetLoRA: per client its SelfPruning (γ, λ, r_min) when it prunes; the tail masks over components, per module.
+        self.prune: list[SelfPruning | None] = [_pruning(j.payload) for j in jobs]
         self.tail: dict[str, torch.Tensor] = {}
         self.dtype = layer(lm, lm.modules[0]).lora_A[name].weight.dtype
-        self.lam = torch.tensor([float(p["prune_lambda"]) if p else 0.0 for p in self.prune], dtype=self.dtype, device=dev)
+        self.lam = torch.tensor([float(p.lam) if p else 0.0 for p in self.prune], dtype=self.dtype, device=dev)
         if any(self.prune):
-            from strategies.hetlora import _tail_start
-
             for m in lm.modules:
                 mask = torch.zeros(K, max(self.ranks[m]), device=dev)
                 for k, p in enumerate(self.prune):
                     if p:
                         r = self.ranks[m][k]
-                        mask[k, _tail_start(r, float(p["prune_gamma"])) : r] = 1.0
+                        mask[k, tail_start(r, float(p.gamma)) : r] = 1.0
                 self.tail[m] = mask
 
     def params(self) -> list[torch.Tensor]:
@@ -957,12 +962,8 @@ def _train(
         ls = losses[k]
         metrics: dict[str, float] = {"train_loss": sum(ls) / len(ls), "train_loss_first": ls[0], "train_loss_last": ls[-1]}
         if stacks.prune[k]:
-            from strategies.hetlora import pruned_rank
-
-            ins = stacks.prune[k]
             rank = stacks.ranks[lm.modules[0]][k]
-            target = pruned_rank(rank, float(ins["prune_gamma"]), int(ins["prune_r_min"]))
-            new_rank = target if (target < rank and end_term[k] < start_term[k]) else rank
+            new_rank = stacks.prune[k].rank_after(rank, start_term[k], end_term[k])
             metrics["rank_after_pruning"] = new_rank
             if new_rank < rank:
                 adapter = {m: truncate(f, new_rank) for m, f in adapter.items()}

@@ -18,7 +18,7 @@ import torch
 
 from fedpeft.lora import LoraFactors, truncate
 from fedpeft.models import LoadedModel, active, fresh_init, layer, read_adapter, write_adapter
-from strategies.base import ClientUpdate, Payload
+from fedpeft.plan import ClientUpdate, Finaliser, LossTerm, Payload
 
 
 @dataclass(frozen=True)
@@ -95,36 +95,37 @@ def train(
 ) -> tuple[ClientUpdate, dict[str, float]]:
     """Train the active adapter from ``payload`` on ``data`` (a ``datasets.Dataset``).
 
-    Instructions honoured: an empty ``payload.adapter`` starts a fresh LoRA seeded by
-    ``init_seed`` (FLoRA, FlexLoRA's first round); ``freeze_A`` trains B only (FFA-LoRA, RoLoRA's B
-    rounds); ``freeze_B`` trains A only (RoLoRA's A rounds);
-    ``prune`` adds HetLoRA's rank self-pruning term ``λ Σ_modules ‖B[:, ⌊γr⌋:]‖_F ‖A[⌊γr⌋:, :]‖_F``
-    to the loss and shrinks the rank to ``max(⌊γr⌋, r_min)`` when that term decreased.
+    The plan (``payload.plan``, :class:`fedpeft.plan.ClientPlan`) honoured: an empty
+    ``payload.adapter`` starts a fresh LoRA seeded by ``init_seed`` (FLoRA, FlexLoRA's first round);
+    ``train_A=False`` trains B only (FFA-LoRA, RoLoRA's B rounds), ``train_B=False`` A only (RoLoRA's
+    A rounds); ``loss_term`` is added to every step's loss (HetLoRA's rank self-pruning term
+    ``λ Σ_modules ‖B[:, ⌊γr⌋:]‖_F ‖A[⌊γr⌋:, :]‖_F``) and ``finalise`` picks the rank the update keeps
+    (HetLoRA's ``max(⌊γr⌋, r_min)`` when that term decreased).
 
-    ``dp``: train with DP-SGD through Opacus on exactly the trainable tensors (with ``freeze_A``,
-    B and the head; with ``freeze_B``, A and the head); the cached model is wrapped for this call only
-    and unwrapped afterwards.
+    ``dp``: train with DP-SGD through Opacus on exactly the trainable tensors (with ``train_A=False``,
+    B and the head; with ``train_B=False``, A and the head); the cached model is wrapped for this call
+    only and unwrapped afterwards.
     """
     if len(data) == 0:
         raise ValueError(f"client {client_id}: its partition is empty")
     t0 = time.perf_counter()
-    ins = payload.instructions
+    plan = payload.plan
     if payload.adapter or not lm.modules:  # a method without LoRA factors has only "head" tensors
         write_adapter(lm, payload.adapter, payload.head)
     else:
-        fresh_init(lm, int(ins["init_seed"]))
+        if plan.init_seed is None:
+            raise ValueError(f"client {client_id}: an empty payload adapter needs the plan's init_seed (a fresh LoRA)")
+        fresh_init(lm, plan.init_seed)
         write_adapter(lm, read_adapter(lm).adapter, payload.head)
     model = lm.model
     name = active(lm)
-    if ins.get("freeze_A") and ins.get("freeze_B"):
-        raise ValueError(f"client {client_id}: freeze_A and freeze_B together leave no LoRA factor to train")
-    frozen = [layer(lm, m).lora_A[name].weight for m in lm.modules] if ins.get("freeze_A") else []
-    frozen += [layer(lm, m).lora_B[name].weight for m in lm.modules] if ins.get("freeze_B") else []
+    frozen = [layer(lm, m).lora_A[name].weight for m in lm.modules] if not plan.train_A else []
+    frozen += [layer(lm, m).lora_B[name].weight for m in lm.modules] if not plan.train_B else []
     for p in frozen:
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, settings)
-    prune = _Pruning(lm, ins) if ins.get("prune") else None
+    extra = _Extra(lm, plan.loss_term, plan.finalise)
     model.train()
     devices = [lm.device] if lm.device.type == "cuda" else []
     # Dropout draws from torch's RNG: fork it and seed it per (seed, round, client).
@@ -132,9 +133,9 @@ def train(
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             if dp is None:
-                losses = _steps(lm, opt, data, settings, seed, client_id, prune)
+                losses = _steps(lm, opt, data, settings, seed, client_id, extra)
             else:
-                losses = _dp_steps(lm, opt, data, settings, dp, client_id, prune)
+                losses = _dp_steps(lm, opt, data, settings, dp, client_id, extra)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -145,49 +146,46 @@ def train(
         "train_loss_first": losses[0],
         "train_loss_last": losses[-1],
     }
-    if prune is not None:
-        new_rank = prune.new_rank()
+    new_rank = extra.rank_after()
+    if new_rank is not None:
         metrics["rank_after_pruning"] = new_rank
-        if new_rank < prune.rank:
+        if new_rank < extra.rank:
             adapter = {m: truncate(f, new_rank) for m, f in adapter.items()}
     metrics["train_seconds"] = time.perf_counter() - t0
     update = ClientUpdate(client_id=client_id, adapter=adapter, head=trained.head, num_examples=len(data))
     return update, metrics
 
 
-class _Pruning:
-    """HetLoRA's rank self-pruning (Cho et al., EMNLP 2024), on the live adapter tensors."""
+class _Extra:
+    """The plan's loss term and finalisation (:class:`fedpeft.plan.LossTerm`,
+    :class:`fedpeft.plan.Finaliser`) on the live adapter tensors; either may be absent."""
 
-    def __init__(self, lm: LoadedModel, ins: dict[str, Any]):
-        from strategies.hetlora import pruned_rank
+    def __init__(self, lm: LoadedModel, term: LossTerm | None, finaliser: Finaliser | None):
+        self.lm, self.name, self.term, self.finaliser = lm, active(lm), term, finaliser
+        if finaliser is not None:
+            self.rank = layer(lm, lm.modules[0]).lora_A[self.name].weight.shape[0]
+            self.before = finaliser.measure(self.factors())
 
-        self.lm, self.name = lm, active(lm)
-        self.gamma, self.lam, self.r_min = float(ins["prune_gamma"]), float(ins["prune_lambda"]), int(ins["prune_r_min"])
-        self.rank = layer(lm, lm.modules[0]).lora_A[self.name].weight.shape[0]
-        self.target = pruned_rank(self.rank, self.gamma, self.r_min)
-        with torch.no_grad():
-            self.start = float(self.term())
-
-    def term(self) -> torch.Tensor:
-        from strategies.hetlora import tail_norm
-
-        total = 0.0
+    def factors(self) -> list[LoraFactors]:
+        """The live LoRA factors, one per module (gradients flow through them)."""
+        out = []
         for m in self.lm.modules:
             lay = layer(self.lm, m)
-            f = LoraFactors(lay.lora_A[self.name].weight, lay.lora_B[self.name].weight, float(lay.scaling[self.name]))
-            total = total + tail_norm(f, self.gamma)
-        return total
+            out.append(LoraFactors(lay.lora_A[self.name].weight, lay.lora_B[self.name].weight, float(lay.scaling[self.name])))
+        return out
 
-    def penalty(self) -> torch.Tensor:
-        return self.lam * self.term()
+    def penalty(self) -> torch.Tensor | None:
+        """The loss term's value now, or None: nothing to add."""
+        return self.term.penalty(self.factors()) if self.term is not None else None
 
-    def new_rank(self) -> int:
-        with torch.no_grad():
-            end = float(self.term())
-        return self.target if (self.target < self.rank and end < self.start) else self.rank
+    def rank_after(self) -> int | None:
+        """The rank the trained update keeps, or None: not finalised."""
+        if self.finaliser is None:
+            return None
+        return self.finaliser.rank_after(self.rank, self.before, self.finaliser.measure(self.factors()))
 
 
-def _steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: TrainSettings, seed: int, client_id: int, prune: "_Pruning | None" = None) -> list[float]:
+def _steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: TrainSettings, seed: int, client_id: int, extra: _Extra) -> list[float]:
     model = lm.model
     losses: list[float] = []
     try:
@@ -196,7 +194,8 @@ def _steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: Tra
             loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"client {client_id}: training loss became {loss.item()}")
-            total = loss + prune.penalty() if prune is not None else loss
+            penalty = extra.penalty()
+            total = loss + penalty if penalty is not None else loss
             total.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -206,11 +205,11 @@ def _steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: Tra
     return losses
 
 
-def _dp_steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: TrainSettings, dp: DPSettings, client_id: int, prune: "_Pruning | None" = None) -> list[float]:
+def _dp_steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: TrainSettings, dp: DPSettings, client_id: int, extra: _Extra) -> list[float]:
     """``local_steps`` DP-SGD steps via Opacus's ``PrivacyEngine`` (hooks grad-sample mode,
     Poisson-sampled batches). The wrapper is closed afterwards, so the worker's cached model can be
-    wrapped again for the next client. HetLoRA's pruning term depends on no example: its gradient
-    is added after Opacus has clipped and noised the data gradient."""
+    wrapped again for the next client. The plan's loss term (HetLoRA's pruning term) depends on no
+    example: its gradient is added after Opacus has clipped and noised the data gradient."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -242,9 +241,10 @@ def _dp_steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: 
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
             if dp_opt.pre_step():  # clip per example, add noise, average
-                if prune is not None:
+                penalty = extra.penalty()
+                if penalty is not None:
                     params = [p for g in dp_opt.param_groups for p in g["params"]]
-                    grads = torch.autograd.grad(prune.penalty(), params, allow_unused=True)
+                    grads = torch.autograd.grad(penalty, params, allow_unused=True)
                     for p, g in zip(params, grads):
                         if g is not None:
                             p.grad.add_(g)

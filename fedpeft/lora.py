@@ -220,6 +220,28 @@ def frobenius_of_product(f: LoraFactors) -> Tensor:
     return abs(f.scaling) * sq.clamp_min(0).sqrt()
 
 
+def tail_start(r: int, gamma: float) -> int:
+    """Where HetLoRA's γ-tail of a rank-``r`` adapter starts: ``⌊γ r⌋`` (``gamma`` in (0, 1])."""
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"HetLoRA's gamma must be in (0, 1], got {gamma}")
+    return _math.floor(gamma * r)
+
+
+def tail_norm(f: LoraFactors, gamma: float) -> Tensor:
+    """The rank self-pruning regulariser ``‖B[:, ⌊γr⌋:]‖_F · ‖A[⌊γr⌋:, :]‖_F`` (0-dim, differentiable:
+    the client adds ``λ · tail_norm`` to its loss). Zero (with zero gradients) when the tail is empty;
+    at a zero ``B`` tail its gradient w.r.t. ``B`` is 0 (PyTorch's norm subgradient at 0)."""
+    t = tail_start(f.rank, gamma)
+    return torch.linalg.vector_norm(f.B[:, t:]) * torch.linalg.vector_norm(f.A[t:])
+
+
+def pruned_rank(r: int, gamma: float, r_min: int = 1) -> int:
+    """The rank after one self-pruning step, ``max(⌊γ r⌋, r_min)``, never more than ``r``."""
+    if r <= 0 or r_min <= 0:
+        raise ValueError(f"pruned_rank needs positive r and r_min, got r={r}, r_min={r_min}")
+    return min(r, max(tail_start(r, gamma), r_min))
+
+
 def svd_factors(f: LoraFactors) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of ``ΔW = s · B @ A`` from the factors alone: ``ΔW = U diag(S) Vᵀ``.
 

@@ -1,9 +1,9 @@
 """Adapters on the wire: LoRA factors, scalings and heads to and from Flower records.
 
 A payload or update travels as one ``ArrayRecord`` (``A/<module>``, ``B/<module>``,
-``head/<name>``) and one ``ConfigRecord`` (per-module scalings, strategy instructions, and on
-replies the example count). Byte counts use Flower's own ``count_bytes`` on exactly the records
-that are sent.
+``head/<name>``) and one ``ConfigRecord`` (per-module scalings, the client's plan
+(:meth:`fedpeft.plan.ClientPlan.to_config`), and on replies the example count). Byte counts use
+Flower's own ``count_bytes`` on exactly the records that are sent.
 
 With compression (:mod:`fedpeft.compression`) the arrays are the codec's encoding (``<key>#q``,
 ``<key>#scale``, ...; ``config["codec"]`` names it). A payload is compressed as values; an update
@@ -30,6 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedpeft import compression
 from fedpeft import merges as merge_forms
 from fedpeft.lora import Adapter, LoraFactors, fresh_adapter, scaling_for, seeded_lora_A
+from fedpeft.plan import A_SEED, INIT_SEED
 
 ARRAYS, CONFIG, METRICS = "adapter", "config", "metrics"
 
@@ -73,19 +74,6 @@ def encode_merge(version: int, merge: Mapping[str, "merge_forms.Form"]) -> Encod
     return EncodedMerge(version, arrays)
 
 
-def uplink_factors(instructions: Mapping[str, Any]) -> tuple[bool, bool]:
-    """``(send_A, send_B)`` of a client's update: a factor the client keeps frozen (``freeze_A``,
-    ``freeze_B``) or personal (``personal_B``) is not sent back; the server has the frozen one (it
-    sent it, or its seed ``A_seed``)."""
-    return not instructions.get("freeze_A", False), not (instructions.get("freeze_B", False) or instructions.get("personal_B", False))
-
-
-def downlink_factors(instructions: Mapping[str, Any]) -> tuple[bool, bool]:
-    """``(send_A, send_B)`` of a payload: not an ``A`` the client regenerates from ``A_seed``
-    (FFA-LoRA), not a ``B`` the client keeps as its own (FedSA-LoRA)."""
-    return not (instructions.get("freeze_A", False) and "A_seed" in instructions), not instructions.get("personal_B", False)
-
-
 def tensors_of(adapter: Adapter, head: Mapping[str, torch.Tensor], *, send_A: bool = True, send_B: bool = True) -> dict[str, torch.Tensor]:
     """The arrays an adapter travels as: ``A/<module>`` (unless ``send_A`` is false), ``B/<module>``
     (unless ``send_B`` is false), ``head/<name>``."""
@@ -103,7 +91,7 @@ def tensors_of(adapter: Adapter, head: Mapping[str, torch.Tensor], *, send_A: bo
 def start_tensors(dec: "Decoded", shapes: Mapping[str, tuple[int, int]], rank: int, alpha: float, *, send_A: bool = True, send_B: bool = True) -> dict[str, torch.Tensor]:
     """What a client starts training from, as arrays: the payload's adapter (as decoded), or for
     an empty one the fresh LoRA of ``init_seed``; the reference of an uplink delta."""
-    adapter = dec.adapter or (fresh_adapter(shapes, rank, scaling_for(rank, alpha), int(dec.config["init_seed"])) if shapes else {})
+    adapter = dec.adapter or (fresh_adapter(shapes, rank, scaling_for(rank, alpha), int(dec.config[INIT_SEED])) if shapes else {})
     return tensors_of(adapter, dec.head, send_A=send_A, send_B=send_B)
 
 
@@ -214,8 +202,8 @@ def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = N
                 raise UpdateError(f"module {name}: {kind} without a scaling")
             if f"A/{name}" in tensors:
                 A = tensors[f"A/{name}"]
-            elif f"in_features/{name}" in cfg and "A_seed" in cfg:
-                A = seeded_lora_A(name, B.shape[1], int(cfg[f"in_features/{name}"]), int(cfg["A_seed"]))
+            elif f"in_features/{name}" in cfg and A_SEED in cfg:
+                A = seeded_lora_A(name, B.shape[1], int(cfg[f"in_features/{name}"]), int(cfg[A_SEED]))
             elif kept is not None and name in kept:
                 A = kept[name].A.detach().cpu().float()
             else:
@@ -402,7 +390,7 @@ def check_reply_layout(
         v = cfg.get(f"out_features/{m}")
         if not send_B and (isinstance(v, bool) or not isinstance(v, int) or v != o):
             raise UpdateError(f"out_features/{m} is {v!r}, expected {o}")
-    v = cfg.get("A_seed")
+    v = cfg.get(A_SEED)
     if not send_A and A_seed is not None and (isinstance(v, bool) or not isinstance(v, int) or v != A_seed):
         raise UpdateError(f"A_seed is {v!r}, expected {A_seed!r} (the one sent)")
     if not send_A and A_seed is None and v is not None:  # A is the one the server sent, not regenerated

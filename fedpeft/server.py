@@ -292,8 +292,8 @@ class FlowerAdapter(FlowerStrategy):
         out = []
         for node, pid in sampled.items():
             spec, payload = self.payload_of(pid)
-            up_A, up_B = messages.uplink_factors(payload.instructions)
-            down_A, down_B = messages.downlink_factors(payload.instructions)
+            up_A, up_B = payload.plan.uplink
+            down_A, down_B = payload.plan.downlink
             content = messages.encode(
                 payload.adapter,
                 payload.head,
@@ -324,9 +324,9 @@ class FlowerAdapter(FlowerStrategy):
         return spec, self.strategy.payload(self.model, spec)
 
     def header(self, server_round: int, spec: ClientSpec, payload) -> dict[str, Any]:
-        """A train or evaluate message's config: the strategy's instructions and the reserved keys."""
+        """A train or evaluate message's config: the strategy's plan (:meth:`fedpeft.plan.ClientPlan.to_config`) and the reserved keys."""
         return {
-            **payload.instructions,
+            **payload.plan.to_config(),
             **({"config-digest": self.config_digest} if self.config_digest else {}),
             "server-round": server_round,
             "rank": spec.rank,
@@ -347,7 +347,7 @@ class FlowerAdapter(FlowerStrategy):
         spec, payload, reference = self.sent[node]
         content = msg.content
         ranks = tuple(self.strategy.reply_ranks(spec.rank))
-        up_A, up_B = messages.uplink_factors(payload.instructions)
+        up_A, up_B = payload.plan.uplink
         messages.check_reply_layout(
             content,
             self.shapes,
@@ -356,7 +356,7 @@ class FlowerAdapter(FlowerStrategy):
             scaling=spec.scaling,  # the client's peft scaling; a pruned rank keeps it
             send_A=up_A,
             send_B=up_B,
-            A_seed=payload.instructions.get("A_seed"),  # type: ignore[arg-type]
+            A_seed=payload.plan.A_seed,
             codec=self.codecs.uplink,
         )
         cfg = content.config_records[messages.CONFIG]
@@ -481,7 +481,7 @@ class FlowerAdapter(FlowerStrategy):
         out = []
         for node, pid in sorted(self.identify(grid).items(), key=lambda kv: kv[1]):
             spec, payload = self.payload_of(pid)
-            send_A, send_B = messages.downlink_factors(payload.instructions)
+            send_A, send_B = payload.plan.downlink
             content = messages.encode(payload.adapter, payload.head, self.header(server_round, spec, payload), send_A=send_A, send_B=send_B,
                                       merges=self.new_merges(pid, payload.base_version))
             self.eval_of[node] = pid

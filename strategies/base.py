@@ -19,6 +19,7 @@ from typing import ClassVar, Protocol
 from torch import Tensor
 
 from fedpeft.lora import Adapter
+from fedpeft.plan import ClientPlan, ClientUpdate, Payload  # noqa: F401  (re-exported: the neutral types)
 
 
 @dataclass(frozen=True)
@@ -57,36 +58,6 @@ class ClientSpec:
         from fedpeft.lora import scaling_for
 
         return scaling_for(self.rank, self.alpha, self.rslora)
-
-
-@dataclass(frozen=True)
-class Payload:
-    """What one client receives.
-
-    ``adapter``: the factors to start from, at the client's rank and scaling; empty means "start a
-    fresh LoRA of your rank" (peft's init: random A, zero B) seeded by ``instructions["init_seed"]``.
-    ``base_version``: the base (``W_0`` plus the first ``base_version`` merges) to train on; the
-    Flower adapter ships the merges a client has not seen yet.
-    ``instructions``: plain scalars, e.g. ``{"freeze_A": True}`` (``"freeze_B"`` likewise: a frozen
-    factor is not sent back, and an A regenerated from ``A_seed`` is not sent at all),
-    ``{"personal_B": True}`` (B is not sent either way: the client uses its own) or HetLoRA's pruning
-    settings (:func:`fedpeft.messages.uplink_factors`, :func:`fedpeft.messages.downlink_factors`).
-    """
-
-    adapter: Adapter
-    head: dict[str, Tensor] = field(default_factory=dict)
-    instructions: dict[str, int | float | str | bool] = field(default_factory=dict)
-    base_version: int = 0
-
-
-@dataclass(frozen=True)
-class ClientUpdate:
-    """What one client returns after local training."""
-
-    client_id: int
-    adapter: Adapter
-    head: dict[str, Tensor]
-    num_examples: int
 
 
 class Strategy(Protocol):

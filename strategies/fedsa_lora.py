@@ -10,9 +10,9 @@ Each client keeps its own ``B_k`` across rounds; the server never sends or recei
 
 The classification head is shared and averaged like FedAvg's. This differs from the authors'
 code, which keeps the head local with ``B`` (only ``A`` is shared); sharing it here keeps one head
-across methods and lets every client start from the same classifier. ``model.adapter``'s ``B`` is a zero placeholder: the
-payload's instruction ``personal_B`` keeps B off the wire both ways (``fedpeft.messages``, like
-FFA-LoRA's frozen A) and tells the client to use its own stored ``B_k``. A round's aggregate never
+across methods and lets every client start from the same classifier. ``model.adapter``'s ``B`` is a
+zero placeholder: the payload's plan keeps B as the client's own (``keep={"B"}``): off the wire both
+ways (like FFA-LoRA's frozen A), the client uses its own stored ``B_k``. A round's aggregate never
 reads a ``B_k``. One rank and scaling for every client (``Ā`` is a plain average).
 
 The global ``Ā`` alone is not a model, so ``personalized``: every client evaluates its own model
@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 
 from fedpeft.lora import LoraFactors, average_tensors
+from fedpeft.plan import ClientPlan
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
 from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
@@ -56,7 +57,7 @@ class FedSALoRA:
         return GlobalModel(adapter=adapter, head=model.head, merges=model.merges)
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
-        return Payload(adapter=model.adapter, head=model.head, instructions={"personal_B": True}, base_version=model.version)
+        return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(keep=frozenset({"B"})), base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
         if not updates:

@@ -12,7 +12,7 @@ no FedIT cross terms (and, under DP, no noise product ``ξ_B ξ_A``):
 
 The global adapter is kept in effective-update units (scaling 1.0) because the clients' scalings
 differ. ``seeded_lora_A`` draws rows in order, so ``A_shared[:r_k]`` is what the client regenerates
-itself from ``instructions["A_seed"]`` at its own rank: the codec need not send ``A`` (half the bytes).
+itself from the plan's ``A_seed`` at its own rank: the codec need not send ``A`` (half the bytes).
 An update whose ``A`` is not bit-identical to the shared one is rejected (``ValueError``).
 
 This module also holds two small helpers the other heterogeneous-rank strategies share.
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fedpeft.lora import LoraFactors, at_scaling, average_tensors, seeded_lora_A, truncate
+from fedpeft.plan import ClientPlan
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
 from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
 
@@ -58,7 +59,7 @@ def average_head(model: GlobalModel, updates: list[ClientUpdate], p: list[float]
 @dataclass(frozen=True)
 class FFALoRA:
     """``r_max``: the shared A's rank (default: the rank of the adapter :meth:`init` receives);
-    every client's rank must be ``≤ r_max``. ``seed``: the shared A's seed (``instructions["A_seed"]``).
+    every client's rank must be ``≤ r_max``. ``seed``: the shared A's seed (the plan's ``A_seed``).
     With an empty global adapter the payload is a fresh LoRA (``init_seed = seed · 1_000_003 + client_id``)
     whose A the client takes from ``seeded_lora_A`` all the same."""
 
@@ -99,10 +100,10 @@ class FFALoRA:
                     f"for module {name!r}; set strategy.r_max to at least the largest client rank"
                 )
             adapter[name] = at_scaling(truncate(f, client.rank), s)
-        instructions: dict[str, int | float | str | bool] = {"freeze_A": True, "A_seed": self.seed}
-        if not adapter:  # nothing to start from: a fresh LoRA whose A is the seeded one anyway
-            instructions["init_seed"] = self.seed * 1_000_003 + client.client_id
-        return Payload(adapter=adapter, head=model.head, instructions=instructions, base_version=model.version)
+        # nothing to start from: a fresh LoRA whose A is the seeded one anyway
+        init_seed = None if adapter else self.seed * 1_000_003 + client.client_id
+        plan = ClientPlan(train_A=False, A_seed=self.seed, init_seed=init_seed)
+        return Payload(adapter=adapter, head=model.head, plan=plan, base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
         if not updates:

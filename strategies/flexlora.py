@@ -39,7 +39,7 @@ When a client's rank exceeds the global rank (few, small clients last round), it
 exact global update plus extra components with ``B = 0`` and ``A`` rows from
 :func:`fedpeft.lora.seeded_lora_A` (seed ``init_seed``), like a fresh LoRA, so that they can train
 (all-zero components get no gradient). Before the first aggregation the adapter is empty and every
-client starts a fresh LoRA with ``instructions["init_seed"] = seed · 1_000_003 + client_id``. The head
+client starts a fresh LoRA with the plan's ``init_seed = seed · 1_000_003 + client_id``. The head
 is averaged with ``p_k`` like FedAvg.
 """
 
@@ -60,6 +60,7 @@ from fedpeft.lora import (
     stack,
     svd_form,
 )
+from fedpeft.plan import ClientPlan
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
 from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
@@ -134,7 +135,7 @@ class FlexLoRA:
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
         seed = self.init_seed(client.client_id)
         if not model.adapter:
-            return Payload(adapter={}, head=model.head, instructions={"init_seed": seed}, base_version=model.version)
+            return Payload(adapter={}, head=model.head, plan=ClientPlan(init_seed=seed), base_version=model.version)
         s = client.scaling
         adapter = {}
         for name, g in model.adapter.items():
@@ -144,7 +145,7 @@ class FlexLoRA:
                 fresh = seeded_lora_A(name, client.rank, f.A.shape[1], seed)[k:].to(dtype=f.A.dtype, device=f.A.device)
                 f = LoraFactors(torch.cat([f.A[:k], fresh], dim=0), f.B, s)
             adapter[name] = LoraFactors(f.A, f.B, s)  # clients get plain factors; SvdFactors is server state
-        return Payload(adapter=adapter, head=model.head, instructions={}, base_version=model.version)
+        return Payload(adapter=adapter, head=model.head, base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
         if not updates:

@@ -12,7 +12,7 @@ server's state is ``GlobalModel(adapter={}, merges=(stack_1, …, stack_t))``; a
 trains on base version ``t = len(merges)`` (the Flower adapter ships the merges it lacks). Under
 partial participation every client of a round gets the same merged base.
 
-Fresh init: the payload's adapter is empty and ``instructions["init_seed"] =
+Fresh init: the payload's adapter is empty and the plan's ``init_seed =
 seed · 1_000_003 + client_id · 7919 + version`` — deterministic, and different for every client and
 every round (the version grows by one per round; two (client, round) pairs only collide after
 7919 rounds). The head is averaged with ``p_k`` like FedAvg.
@@ -26,6 +26,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from fedpeft.lora import delta, stack
+from fedpeft.plan import ClientPlan
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
 from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
@@ -68,7 +69,7 @@ class FLoRA:
         return Payload(
             adapter={},
             head=model.head,
-            instructions={"init_seed": flora_init_seed(self.seed, client.client_id, model.version)},
+            plan=ClientPlan(init_seed=flora_init_seed(self.seed, client.client_id, model.version)),
             base_version=model.version,
         )
 

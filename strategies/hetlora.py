@@ -21,14 +21,13 @@ that hold them (and shrunk by the others' zeros), which is HetLoRA's design.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-from torch import Tensor
-
 from fedpeft.lora import LoraFactors, at_scaling, frobenius_of_product, normalized_weights, truncate
+from fedpeft.lora import pruned_rank, tail_norm  # noqa: F401  (the clients' pruning math, in the neutral LoRA algebra)
+from fedpeft.lora import tail_start as _tail_start
+from fedpeft.plan import ClientPlan, SelfPruning
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
 from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
@@ -39,31 +38,10 @@ def sparsity_weight(f: LoraFactors) -> float:
     return float(frobenius_of_product(f))
 
 
-def _tail_start(r: int, gamma: float) -> int:
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"HetLoRA's gamma must be in (0, 1], got {gamma}")
-    return math.floor(gamma * r)
-
-
-def tail_norm(f: LoraFactors, gamma: float) -> Tensor:
-    """The rank self-pruning regulariser ``‖B[:, ⌊γr⌋:]‖_F · ‖A[⌊γr⌋:, :]‖_F`` (0-dim, differentiable:
-    the client adds ``λ · tail_norm`` to its loss). Zero (with zero gradients) when the tail is empty;
-    at a zero ``B`` tail its gradient w.r.t. ``B`` is 0 (PyTorch's norm subgradient at 0)."""
-    t = _tail_start(f.rank, gamma)
-    return torch.linalg.vector_norm(f.B[:, t:]) * torch.linalg.vector_norm(f.A[t:])
-
-
-def pruned_rank(r: int, gamma: float, r_min: int = 1) -> int:
-    """The rank after one self-pruning step, ``max(⌊γ r⌋, r_min)``, never more than ``r``."""
-    if r <= 0 or r_min <= 0:
-        raise ValueError(f"pruned_rank needs positive r and r_min, got r={r}, r_min={r_min}")
-    return min(r, max(_tail_start(r, gamma), r_min))
-
-
 @dataclass(frozen=True)
 class HetLoRA:
-    """``gamma``, ``lam``, ``r_min``, ``prune``: the clients' self-pruning settings, sent as
-    ``instructions = {"prune", "prune_gamma", "prune_lambda", "prune_r_min"}``."""
+    """``gamma``, ``lam``, ``r_min``, ``prune``: the clients' self-pruning settings, sent as the
+    plan's :class:`fedpeft.plan.SelfPruning` (its loss term and finalisation)."""
 
     weighting: str = "sparsity"
     seed: int = 0
@@ -104,15 +82,10 @@ class HetLoRA:
                     f"module {name!r}; initialise the server adapter at the largest client rank"
                 )
             adapter[name] = at_scaling(truncate(g, client.rank), s)
-        instructions: dict[str, int | float | str | bool] = {
-            "prune": self.prune,
-            "prune_gamma": self.gamma,
-            "prune_lambda": self.lam,
-            "prune_r_min": self.r_min,
-        }
-        if not adapter:
-            instructions["init_seed"] = self.seed * 1_000_003 + client.client_id
-        return Payload(adapter=adapter, head=model.head, instructions=instructions, base_version=model.version)
+        pruning = SelfPruning(gamma=self.gamma, lam=self.lam, r_min=self.r_min, on=self.prune)
+        init_seed = None if adapter else self.seed * 1_000_003 + client.client_id
+        plan = ClientPlan(init_seed=init_seed, loss_term=pruning, finalise=pruning)
+        return Payload(adapter=adapter, head=model.head, plan=plan, base_version=model.version)
 
     def module_weights(self, factors: list[LoraFactors], updates: list[ClientUpdate]) -> list[float]:
         if self.weighting != "sparsity":

@@ -15,8 +15,8 @@ since ``∂L/∂A = s Bᵀ (∂L/∂h) xᵀ = 0``; ``first="A"`` suits a start w
 
 The round is counted in the state itself (``GlobalModel.aggregations``, one per aggregated round,
 saved and resumed with the model), so a round that is not applied (too few replies) is trained
-again on the same factor, and a resumed run keeps alternating. Clients get ``freeze_A`` or
-``freeze_B``; the frozen factor is not sent back (the server fills it in from what it sent), so the
+again on the same factor, and a resumed run keeps alternating. Clients' plans train
+only A or only B; the frozen factor is not sent back (the server fills it in from what it sent), so the
 uplink is half of FedAvg's. An update whose frozen factor differs from the global one is rejected
 (``ValueError``). One rank and scaling for every client.
 """
@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 
 from fedpeft.lora import LoraFactors, average_tensors
+from fedpeft.plan import ClientPlan
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
 from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
@@ -66,8 +67,9 @@ class RoLoRA:
         return GlobalModel(adapter=model.adapter, head=model.head, merges=model.merges)
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
-        frozen = "B" if self.trained(model) == "A" else "A"
-        return Payload(adapter=model.adapter, head=model.head, instructions={f"freeze_{frozen}": True}, base_version=model.version)
+        trained = self.trained(model)
+        plan = ClientPlan(train_A=trained == "A", train_B=trained == "B")
+        return Payload(adapter=model.adapter, head=model.head, plan=plan, base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
         if not updates:

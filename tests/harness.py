@@ -300,3 +300,12 @@ def check_run(run_dir: Path, config: dict, *, group: str, job_type: str) -> Offl
     final = {k: v for k, v in rows[-1].items() if isinstance(v, (int, float))}
     assert {k[len("final/"):]: v for k, v in run.summary.items() if k.startswith("final/")} == final
     return run
+
+
+def pruning_plan(gamma: float, lam: float, r_min: int, **plan):
+    """A client plan with HetLoRA's self-pruning (its loss term and its finalisation), as HetLoRA's
+    payload builds it; ``plan``: the plan's other fields."""
+    from fedpeft.plan import ClientPlan, SelfPruning
+
+    prune = SelfPruning(gamma=gamma, lam=lam, r_min=r_min)
+    return ClientPlan(loss_term=prune, finalise=prune, **plan)

@@ -76,6 +76,7 @@ def child(mode: str, clients: int, fraction: float) -> dict:
 
     from fedpeft import merges, messages
     from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for
+    from fedpeft.plan import KEYS, ClientPlan
     from fedpeft.server import FlowerAdapter
     from strategies.base import ClientSpec, GlobalModel
     from strategies.flora import FLoRA
@@ -106,7 +107,7 @@ def child(mode: str, clients: int, fraction: float) -> dict:
     for m in msgs:
         dec = messages.decode(m.content)
         r = int(dec.config["rank"])
-        fresh = fresh_adapter(SHAPES, r, scaling_for(r, ALPHA), int(dec.config["init_seed"]))
+        fresh = fresh_adapter(SHAPES, r, scaling_for(r, ALPHA), ClientPlan.from_config({k: v for k, v in dec.config.items() if k in KEYS}).init_seed)
         trained = {n: LoraFactors(f.A, torch.randn(f.B.shape, generator=g) * 0.01, f.scaling) for n, f in fresh.items()}
         replies.append(Message(content=messages.encode(trained, dec.head, {"num-examples": 100}), reply_to=m))
     del msgs

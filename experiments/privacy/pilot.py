@@ -26,7 +26,7 @@ def signal_norm(lm, payload, rows, clip: float = 1.0) -> tuple[float, float]:
 
     write_adapter(lm, payload.adapter, payload.head)
     params = [p for p in lm.model.parameters() if p.requires_grad]
-    if payload.instructions.get("freeze_A"):
+    if not payload.plan.train_A:
         params = [p for n, p in lm.model.named_parameters() if p.requires_grad and "lora_A" not in n]
     total, norms = None, []
     for i in range(len(rows)):
@@ -44,8 +44,8 @@ def main() -> None:
     from clients.train import DPSettings, TrainSettings, evaluate, sample_rate, train
     from fedpeft import data as fdata
     from fedpeft.models import build, read_adapter, write_adapter
+    from fedpeft.plan import ClientPlan, Payload
     from fedpeft.privacy import noise_multiplier_for
-    from strategies.base import Payload
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30, help="DP-SGD steps (the sweep: rounds × local steps)")
@@ -76,7 +76,7 @@ def main() -> None:
         start = read_adapter(lm)
         d = sum(p.numel() for p in lm.model.parameters() if p.requires_grad) - (sum(f.A.numel() for f in start.adapter.values()) if freeze else 0)
         if args.measure:
-            payload = Payload(adapter=start.adapter, head=start.head, instructions={"freeze_A": True} if freeze else {})
+            payload = Payload(adapter=start.adapter, head=start.head, plan=ClientPlan(train_A=not freeze))
             signal, raw = signal_norm(lm, payload, part.shuffle(seed=1).select(range(256)))
             print(f"{'FFA-LoRA' if freeze else 'LoRA    '} r={rank} on {modules} d={d}: per-example gradient norm {raw:.2f} (mean), "
                   f"clipped mean's norm {signal:.4f}", flush=True)
@@ -89,7 +89,7 @@ def main() -> None:
         for lr in args.lrs:
             for dp in (None, DPSettings(sigma, 1.0)):
                 t0 = time.perf_counter()
-                payload = Payload(adapter=start.adapter, head=start.head, instructions={"freeze_A": True} if freeze else {})
+                payload = Payload(adapter=start.adapter, head=start.head, plan=ClientPlan(train_A=not freeze))
                 update, _ = train(lm, payload, part, TrainSettings(local_steps=args.steps, batch_size=args.batch, lr=lr, optimizer=args.optimizer, momentum=args.momentum), seed=1, client_id=0, dp=dp)
                 write_adapter(lm, update.adapter, update.head)
                 acc = evaluate(lm, test, 128)["accuracy"]

@@ -39,8 +39,8 @@ from clients.train import DPSettings, TrainSettings, encode, train
 from fedpeft import data as fdata
 from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for, seeded_lora_A
 from fedpeft.models import build, layer, module_shapes, read_adapter, use_adapter
-from strategies.base import Payload
-from tests.harness import dropout_off
+from fedpeft.plan import ClientPlan, Payload
+from tests.harness import dropout_off, pruning_plan
 
 MAXLEN = 16
 MINILM = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=MAXLEN)
@@ -107,7 +107,7 @@ def start_of(lm, job):
     if job.payload.adapter:
         return job.payload.adapter
     s = scaling_for(job.rank, job.alpha)
-    return fresh_adapter(module_shapes(lm), job.rank, s, int(job.payload.instructions["init_seed"]))
+    return fresh_adapter(module_shapes(lm), job.rank, s, job.payload.plan.init_seed)
 
 
 TOL = {torch.float32: (5e-4, 3e-3), torch.float64: (1e-9, 1e-7)}  # (returned tensors, their change)
@@ -213,7 +213,7 @@ def test_fresh_seeded_inits_at_heterogeneous_ranks(minilm, full):
     head = random_head(minilm, 4)
     data = parts(full, [8, 8, 6])
     spec = [(8, 16.0), (4, 8.0), (2, 2.0)]
-    jobs = [CohortJob(Payload({}, head, {"init_seed": 1000 + k}), data[k], seed=300 + k, client_id=k, rank=r, alpha=a) for k, (r, a) in enumerate(spec)]
+    jobs = [CohortJob(Payload({}, head, ClientPlan(init_seed=1000 + k)), data[k], seed=300 + k, client_id=k, rank=r, alpha=a) for k, (r, a) in enumerate(spec)]
     cohort, _ = check(minilm, jobs, ADAMW)
     for job, (u, _) in zip(jobs, cohort):  # the server can recompute the start from the seed
         m = minilm.modules[0]
@@ -229,15 +229,15 @@ def test_ffa_lora_frozen_A_and_a_mixed_cohort(minilm, full):
     for k, (r, a) in enumerate([(8, 16.0), (4, 8.0), (4, 8.0)]):
         s = scaling_for(r, a)
         adapter = {m: LoraFactors(seeded_lora_A(m, r, i, 42), torch.randn(o, r, generator=torch.Generator().manual_seed(k)) * 0.01, s) for m, (o, i) in module_shapes(minilm).items()}
-        ins = {"freeze_A": True, "A_seed": 42} if k < 2 else {}
-        jobs.append(CohortJob(Payload(adapter, head, ins), data[k], seed=400 + k, client_id=k, rank=r, alpha=a))
+        plan = ClientPlan(train_A=False, A_seed=42) if k < 2 else ClientPlan()
+        jobs.append(CohortJob(Payload(adapter, head, plan), data[k], seed=400 + k, client_id=k, rank=r, alpha=a))
     cohort, _ = check(minilm, jobs, ADAMW)
     for job, (u, _) in zip(jobs, cohort):
         for m, f in u.adapter.items():
-            frozen = bool(job.payload.instructions.get("freeze_A"))
+            frozen = not job.payload.plan.train_A
             assert torch.equal(f.A, job.payload.adapter[m].A) == frozen, (job.client_id, m)
     # every client frozen: A is a constant, not an optimizer parameter
-    check(minilm, [replace(j, payload=replace(j.payload, instructions={"freeze_A": True, "A_seed": 42})) for j in jobs[:2]], ADAMW)
+    check(minilm, [replace(j, payload=replace(j.payload, plan=ClientPlan(train_A=False, A_seed=42))) for j in jobs[:2]], ADAMW)
 
 
 def test_hetlora_pruning_penalty_and_rank_shrink(minilm, full):
@@ -245,8 +245,7 @@ def test_hetlora_pruning_penalty_and_rank_shrink(minilm, full):
     term decreased. A large λ makes the tail shrink (so the rank does); client 2 does not prune."""
     head = random_head(minilm, 6)
     data = parts(full, [8, 8, 3])
-    ins = {"prune": True, "prune_gamma": 0.5, "prune_lambda": 0.5, "prune_r_min": 1}
-    spec = [(8, 16.0, ins), (4, 8.0, {**ins, "prune_lambda": 0.2}), (4, 8.0, {})]
+    spec = [(8, 16.0, pruning_plan(0.5, 0.5, 1)), (4, 8.0, pruning_plan(0.5, 0.2, 1)), (4, 8.0, ClientPlan())]
     jobs = [CohortJob(Payload(random_adapter(minilm, r, a, 60 + k, b_scale=0.2), head, i), data[k], seed=600 + k, client_id=k, rank=r, alpha=a) for k, (r, a, i) in enumerate(spec)]
     cohort, _ = check(minilm, jobs, ADAMW)
     ranks = [m.get("rank_after_pruning") for _, m in cohort]
@@ -305,11 +304,10 @@ def test_dropout_masks_are_each_clients_own_as_alone(tweets, pad_tolerance):
     assert {m.p for m in lm.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
     head = random_head(lm, 4)
     data = parts(tweets.shuffle(seed=8), [10, 9, 6])
-    prune = {"prune": True, "prune_gamma": 0.5, "prune_lambda": 0.3, "prune_r_min": 1}
     jobs = [
-        CohortJob(Payload(random_adapter(lm, 8, 16.0, 40), head, {}), data[0], seed=400, client_id=0, rank=8, alpha=16.0),
-        CohortJob(Payload(random_adapter(lm, 4, 8.0, 41), head, prune), data[1], seed=401, client_id=1, rank=4, alpha=8.0),
-        CohortJob(Payload({}, head, {"init_seed": 7}), data[2], seed=402, client_id=2, rank=2, alpha=4.0),
+        CohortJob(Payload(random_adapter(lm, 8, 16.0, 40), head, ClientPlan()), data[0], seed=400, client_id=0, rank=8, alpha=16.0),
+        CohortJob(Payload(random_adapter(lm, 4, 8.0, 41), head, pruning_plan(0.5, 0.3, 1)), data[1], seed=401, client_id=1, rank=4, alpha=8.0),
+        CohortJob(Payload({}, head, ClientPlan(init_seed=7)), data[2], seed=402, client_id=2, rank=2, alpha=4.0),
     ]
     cohort, _ = check(lm, jobs, ADAMW, pad_tolerance=pad_tolerance)
     if pad_tolerance is None:  # one pass, padded to its longest batch: some client's rows were cut back to its own length
@@ -324,7 +322,7 @@ def test_rank_padding_stays_exactly_zero_and_the_model_is_left_as_it_was(minilm,
     head = random_head(minilm, 9)
     data = parts(full, [8, 8, 3])
     spec = [(2, 4.0), (8, 16.0), (4, 8.0)]
-    jobs = [CohortJob(Payload(random_adapter(minilm, r, a, 90 + k), head, {"prune": True, "prune_gamma": 0.5, "prune_lambda": 0.1, "prune_r_min": 1}), data[k], seed=900 + k, client_id=k, rank=r, alpha=a) for k, (r, a) in enumerate(spec)]
+    jobs = [CohortJob(Payload(random_adapter(minilm, r, a, 90 + k), head, pruning_plan(0.5, 0.1, 1)), data[k], seed=900 + k, client_id=k, rank=r, alpha=a) for k, (r, a) in enumerate(spec)]
     use_adapter(minilm, 4, 8.0)
     before = read_adapter(minilm)
     base = {m: layer(minilm, m).base_layer.weight.clone() for m in minilm.modules}
@@ -359,7 +357,7 @@ def test_unsupported_settings_are_refused_by_name(minilm, full):
     with pytest.raises(ValueError, match="client 3: its partition is empty"):
         train_cohort(minilm, [replace(job, data=full.select([]))], ADAMW)
     with pytest.raises(CohortError, match="needs the client's alpha"):
-        train_cohort(minilm, [replace(job, payload=Payload({}, head, {"init_seed": 1}), rank=4)], ADAMW)
+        train_cohort(minilm, [replace(job, payload=Payload({}, head, ClientPlan(init_seed=1)), rank=4)], ADAMW)
 
 
 # ----------------------------------------------------------------------------- DP-SGD
@@ -379,18 +377,17 @@ def test_dp_sgd_clips_each_example_and_draws_each_clients_batches_and_noise_as_a
     most examples are clipped (``clipped`` below)."""
     head = random_head(minilm, 9)
     data = parts(tweets.shuffle(seed=5), [14, 11, 9])
-    prune = {"prune": True, "prune_gamma": 0.5, "prune_lambda": 0.3, "prune_r_min": 1}
     jobs = []
-    for k, (r, a, ins) in enumerate([(8, 16.0, {}), (4, 8.0, prune), (4, 8.0, {"freeze_A": True, "A_seed": 42})]):
+    for k, (r, a, plan) in enumerate([(8, 16.0, ClientPlan()), (4, 8.0, pruning_plan(0.5, 0.3, 1)), (4, 8.0, ClientPlan(train_A=False, A_seed=42))]):
         adapter = random_adapter(minilm, r, a, 90 + k, b_scale=0.1)
-        if ins.get("freeze_A"):
+        if not plan.train_A:
             adapter = {m: LoraFactors(seeded_lora_A(m, r, f.A.shape[1], 42), f.B, f.scaling) for m, f in adapter.items()}
-        jobs.append(CohortJob(Payload(adapter, head, ins), data[k], seed=900 + k, client_id=k, rank=r, alpha=a, dp=DPSettings(sigma, 0.05)))
+        jobs.append(CohortJob(Payload(adapter, head, plan), data[k], seed=900 + k, client_id=k, rank=r, alpha=a, dp=DPSettings(sigma, 0.05)))
     cohort, _ = check(minilm, jobs, DP_SGD)
     for job, (u, _) in zip(jobs, cohort):
         moved = sum(float((u.adapter[m].B - job.payload.adapter[m].B[:, : u.adapter[m].rank]).norm()) for m in u.adapter)
         assert moved > 0, job.client_id
-        if job.payload.instructions.get("freeze_A"):
+        if not job.payload.plan.train_A:
             assert all(torch.equal(u.adapter[m].A, job.payload.adapter[m].A) for m in u.adapter)
 
 
@@ -469,7 +466,7 @@ def test_causal_lm_heterogeneous_ranks_fresh_and_payload(tiny_llama, tweets):
     jobs = []
     for k, (r, a) in enumerate(spec):
         data = causal_rows(full, 8 if k < 2 else 3, 20 * k)
-        payload = Payload({}, {}, {"init_seed": 7 + k}) if k == 1 else Payload(random_adapter(lm, r, a, 30 + k), {})
+        payload = Payload({}, {}, ClientPlan(init_seed=7 + k)) if k == 1 else Payload(random_adapter(lm, r, a, 30 + k), {})
         jobs.append(CohortJob(payload, data, seed=50 + k, client_id=k, rank=r, alpha=a))
     check(lm, jobs, ADAMW)
 
@@ -502,7 +499,7 @@ def test_jobs_may_be_plain_tuples_as_train_takes_them(minilm, full):
     """(payload, data, seed, client_id) — train's own arguments — is a job; the model's active
     adapter gives a fresh LoRA its rank and scaling, as in train."""
     use_adapter(minilm, 4, 8.0)
-    payload = Payload({}, read_adapter(minilm).head, {"init_seed": 3})
+    payload = Payload({}, read_adapter(minilm).head, ClientPlan(init_seed=3))
     settings = TrainSettings(local_steps=1, batch_size=4, lr=1e-3)
     (u, m), = train_cohort(minilm, [(payload, full.select(range(4)), 11, 42)], settings)
     ref, mref = train(minilm, payload, full.select(range(4)), settings, 11, 42)

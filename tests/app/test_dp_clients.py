@@ -11,7 +11,9 @@ from clients.train import DPSettings, TrainSettings, train
 from fedpeft import data as fdata
 from fedpeft.lora import LoraFactors
 from fedpeft.models import build, read_adapter
+from fedpeft.plan import ClientPlan
 from strategies.base import GlobalModel, Payload
+from tests.harness import pruning_plan
 
 MODEL = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=32)
 STEPS = TrainSettings(local_steps=3, batch_size=8, lr=3e-3)
@@ -30,8 +32,7 @@ def hooks(model) -> int:
 
 
 def run(lm, start, part, dp=None, freeze=False, seed=1):
-    ins = {"freeze_A": True} if freeze else {}
-    u, _ = train(lm, Payload(adapter=start.adapter, head=start.head, instructions=ins), part, STEPS, seed=seed, client_id=0, dp=dp)
+    u, _ = train(lm, Payload(adapter=start.adapter, head=start.head, plan=ClientPlan(train_A=not freeze)), part, STEPS, seed=seed, client_id=0, dp=dp)
     return u
 
 
@@ -69,9 +70,7 @@ def test_dp_sgd_keeps_hetloras_pruning_term(setup):
     lm, part, start = setup
     g = torch.Generator().manual_seed(0)
     start = GlobalModel({m: LoraFactors(f.A, 0.05 * torch.randn(f.B.shape, generator=g), f.scaling) for m, f in start.adapter.items()}, start.head)
-    ins = {"prune": True, "prune_gamma": 0.5, "prune_lambda": 50.0, "prune_r_min": 1}
-    u, m = train(lm, Payload(adapter=start.adapter, head=start.head, instructions=ins), part, STEPS, seed=1, client_id=0, dp=DPSettings(1.0, 1.0))
+    u, m = train(lm, Payload(adapter=start.adapter, head=start.head, plan=pruning_plan(0.5, 50.0, 1)), part, STEPS, seed=1, client_id=0, dp=DPSettings(1.0, 1.0))
     assert m["rank_after_pruning"] == 2 and all(f.rank == 2 for f in u.adapter.values())
-    ins0 = dict(ins, prune_lambda=0.0)
-    _, m0 = train(lm, Payload(adapter=start.adapter, head=start.head, instructions=ins0), part, STEPS, seed=1, client_id=0, dp=DPSettings(1.0, 1.0))
+    _, m0 = train(lm, Payload(adapter=start.adapter, head=start.head, plan=pruning_plan(0.5, 0.0, 1)), part, STEPS, seed=1, client_id=0, dp=DPSettings(1.0, 1.0))
     assert m0["rank_after_pruning"] == 4  # without the term the tail does not shrink: the rank stays

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fedpeft.lora import LoraFactors, delta
+from fedpeft.plan import ClientPlan
 from strategies.base import GlobalModel
 from strategies.federa import FeDeRA
 
@@ -59,15 +60,14 @@ def test_freeze_B_trains_A_alone_also_under_dp_sgd(minilm_and_data, dp):
     from strategies.base import Payload
 
     lm, start, part = minilm_and_data
-    payload = Payload(adapter=start.adapter, head=start.head, instructions={"freeze_B": True})
+    payload = Payload(adapter=start.adapter, head=start.head, plan=ClientPlan(train_B=False))
     u, _ = train(lm, payload, part, TrainSettings(local_steps=2, batch_size=8, lr=3e-3), seed=1, client_id=0, dp=DPSettings(1.0, 1.0) if dp else None)
     for m, f in start.adapter.items():
         assert torch.equal(u.adapter[m].B, f.B)
         assert not torch.equal(u.adapter[m].A, f.A)
     assert all(p.requires_grad for n, p in lm.model.named_parameters() if "lora_" in n)  # unfrozen afterwards
-    with pytest.raises(ValueError, match="no LoRA factor to train"):
-        train(lm, Payload(adapter=start.adapter, head=start.head, instructions={"freeze_A": True, "freeze_B": True}), part,
-              TrainSettings(local_steps=1, batch_size=8, lr=3e-3), seed=1, client_id=0)
+    with pytest.raises(ValueError, match="no LoRA factor to train"):  # no such plan, so no such training
+        ClientPlan(train_A=False, train_B=False)
 
 
 def test_the_cohort_engine_refuses_freeze_B(minilm_and_data):
@@ -76,6 +76,6 @@ def test_the_cohort_engine_refuses_freeze_B(minilm_and_data):
     from strategies.base import Payload
 
     lm, start, part = minilm_and_data
-    job = CohortJob(Payload(adapter=start.adapter, head=start.head, instructions={"freeze_B": True}), part, 1, 0, 4, 8.0, None)
+    job = CohortJob(Payload(adapter=start.adapter, head=start.head, plan=ClientPlan(train_B=False)), part, 1, 0, 4, 8.0, None)
     with pytest.raises(CohortError, match="freeze_B"):
         train_cohort(lm, [job], TrainSettings(local_steps=1, batch_size=8, lr=3e-3))

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tests.harness import pruning_plan
 
 from clients.app import sync_base
 from clients.train import TrainSettings, evaluate, train
@@ -11,6 +12,7 @@ from fedpeft import data as fdata
 from fedpeft.lora import LoraFactors, scaling_for, seeded_lora_A
 from fedpeft.merges import load_merge, save_merge
 from fedpeft.models import build, layer, module_shapes, read_adapter, use_adapter
+from fedpeft.plan import ClientPlan
 from fedpeft.server import global_adapter, load_global
 from strategies.base import GlobalModel, Payload
 
@@ -105,7 +107,7 @@ def test_ffa_client_trains_B_only_and_keeps_the_shared_A(lm, tweets):
     payload = Payload(
         adapter={m: LoraFactors(A[m], torch.zeros(o, 4), scaling_for(4, 8.0)) for m, (o, i) in shapes.items()},
         head=read_adapter(lm).head,
-        instructions={"freeze_A": True, "A_seed": 7},
+        plan=ClientPlan(train_A=False, A_seed=7),
     )
     update, _ = train(lm, payload, tweets, TrainSettings(3, 16, 1e-2), seed=0, client_id=0)
     for m in shapes:
@@ -117,7 +119,7 @@ def test_ffa_client_trains_B_only_and_keeps_the_shared_A(lm, tweets):
 def test_fresh_init_is_seeded_and_starts_at_zero_update(lm, tweets):
     use_adapter(lm, 6, 8.0)
     head = read_adapter(lm).head
-    runs = [train(lm, Payload(adapter={}, head=head, instructions={"init_seed": s}), tweets, TrainSettings(1, 8, 1e-9), seed=0, client_id=0)[0] for s in (5, 5, 6)]
+    runs = [train(lm, Payload(adapter={}, head=head, plan=ClientPlan(init_seed=s)), tweets, TrainSettings(1, 8, 1e-9), seed=0, client_id=0)[0] for s in (5, 5, 6)]
     m = lm.modules[0]
     assert runs[0].adapter[m].rank == 6
     torch.testing.assert_close(runs[0].adapter[m].A, runs[1].adapter[m].A)
@@ -130,11 +132,9 @@ def test_hetlora_pruning_shrinks_the_rank_when_the_tail_is_driven_to_zero(lm, tw
     g = read_adapter(lm)
     gen = torch.Generator().manual_seed(0)
     start = {m: LoraFactors(f.A, torch.randn(f.B.shape, generator=gen) * 0.05, f.scaling) for m, f in g.adapter.items()}
-    ins = {"prune": True, "prune_gamma": 0.5, "prune_lambda": 5.0, "prune_r_min": 2}
-    update, metrics = train(lm, Payload(start, g.head, ins), tweets, TrainSettings(6, 16, 1e-2), seed=0, client_id=0)
+    update, metrics = train(lm, Payload(start, g.head, pruning_plan(0.5, 5.0, 2)), tweets, TrainSettings(6, 16, 1e-2), seed=0, client_id=0)
     assert metrics["rank_after_pruning"] == 4
     assert all(f.rank == 4 for f in update.adapter.values())
     # Without the regulariser pushing it down, the tail grows with training and the rank stays.
-    ins0 = {**ins, "prune_lambda": 0.0}
-    update0, metrics0 = train(lm, Payload(start, g.head, ins0), tweets, TrainSettings(6, 16, 1e-2), seed=0, client_id=0)
+    update0, metrics0 = train(lm, Payload(start, g.head, pruning_plan(0.5, 0.0, 2)), tweets, TrainSettings(6, 16, 1e-2), seed=0, client_id=0)
     assert metrics0["rank_after_pruning"] == 8 and all(f.rank == 8 for f in update0.adapter.values())

@@ -144,7 +144,7 @@ def run_rounds(smol, name, rounds, r_max, gen):
             adapter = {}
             for m, shape in smol.shapes.items():
                 f = random_factors(shape, r, scaling_for(r, spec.alpha), gen)
-                if payload.instructions.get("freeze_A"):
+                if not payload.plan.train_A:
                     f = LoraFactors(payload.adapter[m].A, f.B, f.scaling)
                 adapter[m] = f
             updates.append(ClientUpdate(client_id=k, adapter=adapter, head={}, num_examples=10 + 5 * k))

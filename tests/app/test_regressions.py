@@ -271,7 +271,7 @@ def test_dp_sgd_clips_each_example_and_adds_noise_of_std_sigma_C_over_the_expect
 
     def first_grad(sigma, C):
         _FirstStepGrads.seen = []
-        train(lm, Payload(start, g.head, {}), ds, TrainSettings(1, batch, 1e-3), seed=11, client_id=0, dp=DPSettings(sigma, C))
+        train(lm, Payload(start, g.head), ds, TrainSettings(1, batch, 1e-3), seed=11, client_id=0, dp=DPSettings(sigma, C))
         (grad, b), = _FirstStepGrads.seen
         return grad, b
 

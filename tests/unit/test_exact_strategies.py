@@ -9,6 +9,7 @@ from flwr.app import ConfigRecord, Message
 from fedpeft import merges as merge_forms
 from fedpeft import messages
 from fedpeft.lora import LoraFactors, delta, normalized_weights, scaling_for
+from fedpeft.plan import KEYS, ClientPlan
 from fedpeft.server import FlowerAdapter, _model_from_state, _model_state
 from strategies import REGISTRY, build
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel
@@ -126,7 +127,7 @@ def test_rolora_alternates_and_the_average_of_the_trained_factor_is_exact(first)
         train = first if t % 2 else ("A" if first == "B" else "B")
         frozen = "B" if train == "A" else "A"
         pls = [s.payload(g, ClientSpec(k, R, ALPHA)) for k in range(3)]
-        assert all(pl.instructions == {f"freeze_{frozen}": True} for pl in pls)
+        assert all(pl.plan.to_config() == {f"freeze_{frozen}": True} for pl in pls)
         ups = [ClientUpdate(k, trained(pl.adapter, seed=10 * t + k, train_A=train == "A", train_B=train == "B"), head_of(k), [5, 30, 12][k]) for k, pl in enumerate(pls)]
         p = normalized_weights([u.num_examples for u in ups])
         before = g
@@ -156,7 +157,7 @@ def test_rolora_round_count_survives_the_saved_state():
     g = GlobalModel(adapter=start_adapter(zero_B=False), aggregations=3)
     back = _model_from_state(_model_state(g))
     assert back.aggregations == 3
-    assert RoLoRA().payload(back, ClientSpec(0, R, ALPHA)).instructions == {"freeze_B": True}  # round 4: A
+    assert RoLoRA().payload(back, ClientSpec(0, R, ALPHA)).plan == ClientPlan(train_B=False)  # round 4: A
     legacy = _model_state(g)
     del legacy["aggregations"]  # a state written before the count existed
     assert _model_from_state(legacy).aggregations == 0
@@ -217,7 +218,7 @@ def client_replies(msgs, seed):
     out = []
     for msg in msgs:
         dec = messages.decode(msg.content)
-        up_A, up_B = messages.uplink_factors(dec.config)
+        up_A, up_B = ClientPlan.from_config({k: v for k, v in dec.config.items() if k in KEYS}).uplink
         pid = NODES[msg.metadata.dst_node_id]
         adapter = trained({m: LoraFactors(f.A.double(), f.B.double(), f.scaling) for m, f in dec.adapter.items()}, seed * 10 + pid, train_A=up_A, train_B=up_B)
         adapter = {m: LoraFactors(f.A.float(), f.B.float(), f.scaling) for m, f in adapter.items()}

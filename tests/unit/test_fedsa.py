@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 import strategies
 from fedpeft import messages
 from fedpeft.lora import LoraFactors, scaling_for
+from fedpeft.plan import ClientPlan
 from fedpeft.server import FlowerAdapter, personal_metrics
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel
 from strategies.fedsa_lora import FedSALoRA
@@ -62,7 +63,7 @@ def test_aggregate_is_the_weighted_average_of_A_and_never_reads_B(seed, weightin
     assert all(torch.equal(again.adapter[m].A, new.adapter[m].A) for m in SHAPES)
     assert all(torch.equal(u.adapter[m].B, b[m]) for u, b in zip(updates, before) for m in SHAPES)
     pay = st.payload(new, ClientSpec(0, RANK, ALPHA))
-    assert pay.instructions == {"personal_B": True} and pay.adapter is new.adapter
+    assert pay.plan.to_config() == {"personal_B": True} and pay.plan.personal_B and pay.adapter is new.adapter
 
 
 def test_declarations_and_a_wrong_scaling_are_refused():
@@ -117,8 +118,8 @@ def test_no_B_travels_either_way_and_the_server_aggregates_A_and_the_head(caplog
 # ------------------------------------------------------------------ the clients' B store
 
 
-def store_step(pid, rnd, instructions=None):
-    return SimpleNamespace(partition_id=pid, server_round=rnd, instructions=instructions or {"personal_B": True})
+def store_step(pid, rnd):
+    return SimpleNamespace(partition_id=pid, server_round=rnd, plan=ClientPlan(keep=frozenset({"B"})))
 
 
 def store_context(shared):

@@ -14,6 +14,7 @@ from fedpeft.lora import (
     truncate,
     weighted_sum_delta,
 )
+from fedpeft.plan import ClientPlan
 from strategies import build
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel
 from strategies.fedavg import FedAvg
@@ -112,7 +113,7 @@ def test_fedavg_payload_is_the_global_model_for_every_client_and_no_updates_keep
     g = GlobalModel(adapter=up.adapter, head=up.head)
     s = build("fedavg")
     p1, p2 = s.payload(g, ClientSpec(0, 4, 16.0)), s.payload(g, ClientSpec(7, 4, 16.0))
-    assert p1.adapter is g.adapter and p2.adapter is g.adapter and p1.instructions == {}
+    assert p1.adapter is g.adapter and p2.adapter is g.adapter and p1.plan == ClientPlan() and p1.plan.to_config() == {}
     assert s.aggregate(g, []) is g
     with pytest.raises(ValueError, match="unknown strategy"):
         build("nope")

@@ -99,9 +99,9 @@ def test_flora_partial_participation_over_three_rounds():
         payloads = [s.payload(g, all_specs[k]) for k in subset]
         for k, pl in zip(subset, payloads):
             assert pl.adapter == {} and pl.base_version == t == g.version
-            assert isinstance(pl.instructions["init_seed"], int)
-            assert pl.instructions["init_seed"] == s.payload(g, all_specs[k]).instructions["init_seed"]  # deterministic
-            seeds.add(pl.instructions["init_seed"])
+            assert pl.plan.to_config() == {"init_seed": pl.plan.init_seed} and isinstance(pl.plan.init_seed, int)
+            assert pl.plan == s.payload(g, all_specs[k]).plan  # deterministic
+            seeds.add(pl.plan.init_seed)
         ups = [random_update(all_specs[k], seed=100 * t + k, n=5 + 3 * k + t) for k in subset]
         p = normalized_weights([u.num_examples for u in ups])
         g = s.aggregate(g, ups)
@@ -146,7 +146,7 @@ def test_ffa_lora_A_is_bit_identical_everywhere_and_B_averaging_is_exact():
         for k in subset:
             c = all_specs[k]
             pl = s.payload(g, c)
-            assert pl.instructions == {"freeze_A": True, "A_seed": seed}
+            assert pl.plan.to_config() == {"freeze_A": True, "A_seed": seed}
             sk = scaling_for(c.rank, c.alpha)
             adapter = {}
             for i, m in enumerate(MODULES):
@@ -214,7 +214,7 @@ def test_flexlora_gives_every_client_the_best_rank_r_approximation():
     g = s.init(GlobalModel(adapter=server_adapter(8), head=head_of(0)))
     assert g.adapter == {}
     first = s.payload(g, specs()[4])
-    assert first.adapter == {} and first.instructions == {"init_seed": 2 * 1_000_003 + 4}
+    assert first.adapter == {} and first.plan.to_config() == {"init_seed": 2 * 1_000_003 + 4}
     ups = [random_update(c, seed=c.client_id) for c in specs()]
     p = normalized_weights([u.num_examples for u in ups])
     g = s.aggregate(g, ups)
@@ -308,7 +308,7 @@ def test_hetlora_init_is_in_effective_units_and_payload_truncates():
         assert g.adapter[m].scaling == 1.0 and g.adapter[m].rank == 32
         torch.testing.assert_close(delta(g.adapter[m]), delta(base[m]), rtol=1e-14, atol=0)
     pl = s.payload(g, ClientSpec(3, 8, ALPHA))
-    assert pl.instructions == {"prune": True, "prune_gamma": 0.9, "prune_lambda": 0.01, "prune_r_min": 2}
+    assert pl.plan.to_config() == {"prune": True, "prune_gamma": 0.9, "prune_lambda": 0.01, "prune_r_min": 2}
     for m in MODULES:
         sk = scaling_for(8, ALPHA)
         torch.testing.assert_close(delta(pl.adapter[m]), g.adapter[m].B[:, :8] @ g.adapter[m].A[:8], rtol=1e-13, atol=1e-13)

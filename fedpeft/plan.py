@@ -1,0 +1,280 @@
+"""What a client does in a round, as one typed plan, and the data both sides of the wire share.
+
+A strategy's ``payload()`` (server side) returns a :class:`Payload`: the adapter and head a client
+starts from and a :class:`ClientPlan`: which LoRA factors it trains and which travel down and up, the
+seeds of a regenerated or fresh adapter, the per-client state it keeps between rounds, an extra term
+of its local loss and how it finalises its update. The server puts the plan into the train message's
+``ConfigRecord`` with :meth:`ClientPlan.to_config`; the client reads it back with
+:meth:`ClientPlan.from_config`. That is the one encoding: no other module reads a plan's wire keys.
+
+This module imports nothing from ``strategies`` or ``clients``; both import it, so a client never
+imports a strategy.
+
+The wire keys (plain scalars; a key is present only where it says something):
+
+==================  ====================================================================
+``freeze_A``        ``True``: A is not trained (``train_A=False``) and not sent back
+``freeze_B``        ``True``: B is not trained (``train_B=False``) and not sent back
+``personal_B``      ``True``: the client keeps its own B (``keep={"B"}``); B never travels
+``A_seed``          the seed a frozen A is regenerated from (:func:`fedpeft.lora.seeded_lora_A`);
+                    such an A is not sent down either
+``prune``,          HetLoRA's rank self-pruning (:class:`SelfPruning`): on or off, ``gamma``,
+``prune_gamma``,    ``lam``, ``r_min``
+``prune_lambda``,
+``prune_r_min``
+``init_seed``       the seed of the fresh LoRA a client with an empty payload adapter starts
+==================  ====================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from fedpeft.lora import Adapter, LoraFactors, pruned_rank, tail_norm
+
+Scalar = int | float | str | bool
+
+FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED = "freeze_A", "freeze_B", "personal_B", "A_seed", "init_seed"
+KEPT_STATE = ("B",)  # the per-client state a plan may keep: FedSA-LoRA's B
+
+
+class LossTerm:
+    """An extra term of a client's local loss (HetLoRA's :class:`SelfPruning`; FedProx's proximal
+    term is the next). ``penalty(factors)`` — the live LoRA factors, one per module in the model's
+    order — is added to every training step's loss; ``None`` adds nothing."""
+
+    def penalty(self, factors: Sequence[LoraFactors]) -> Tensor | None:
+        raise NotImplementedError
+
+
+class Finaliser:
+    """How a client finalises its trained update: it ``measure`` s its factors before and after
+    training, and ``rank_after(rank, before, after)`` is the rank its update keeps (truncated to it;
+    reported as ``rank_after_pruning``); ``None``: unchanged and not reported."""
+
+    def measure(self, factors: Sequence[LoraFactors]) -> float | None:
+        raise NotImplementedError
+
+    def rank_after(self, rank: int, before: float | None, after: float | None) -> int | None:
+        raise NotImplementedError
+
+
+def _number(key: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"client plan: {key} is {v!r}, expected a number")
+
+
+def _integer(key: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"client plan: {key} is {v!r}, expected an integer")
+
+
+def _flag(key: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise ValueError(f"client plan: {key} is {v!r}, expected true or false")
+
+
+@dataclass(frozen=True)
+class SelfPruning(LossTerm, Finaliser):
+    """HetLoRA's rank self-pruning (Cho et al., EMNLP 2024), both a loss term and a finalisation:
+    the client adds ``lam · Σ_modules tail_norm(f, gamma)`` (:func:`fedpeft.lora.tail_norm`) to its
+    loss, and shrinks its rank to ``max(⌊γr⌋, r_min)`` (:func:`fedpeft.lora.pruned_rank`) when that
+    sum (without ``lam``) decreased in training. ``on=False`` (``strategy.prune=false``): the settings
+    travel, and neither happens. The values are kept as given (the wire carries them as they are)."""
+
+    gamma: float
+    lam: float
+    r_min: int
+    on: bool = True
+    KEYS: ClassVar[tuple[str, ...]] = ("prune", "prune_gamma", "prune_lambda", "prune_r_min")
+
+    def __post_init__(self) -> None:
+        _flag("prune", self.on)
+        _number("prune_gamma", self.gamma)
+        _number("prune_lambda", self.lam)
+        _integer("prune_r_min", self.r_min)
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"client plan: prune_gamma is {self.gamma!r}, expected a number in (0, 1]")
+        if self.lam < 0:
+            raise ValueError(f"client plan: prune_lambda is {self.lam!r}, expected a number >= 0")
+        if self.r_min <= 0:
+            raise ValueError(f"client plan: prune_r_min is {self.r_min!r}, expected a positive integer")
+
+    def to_config(self) -> dict[str, Scalar]:
+        return dict(zip(self.KEYS, (self.on, self.gamma, self.lam, self.r_min)))
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> SelfPruning:
+        missing = [k for k in cls.KEYS if k not in cfg]
+        if missing:
+            raise ValueError(f"client plan: {missing[0]} is missing (HetLoRA's pruning needs {', '.join(cls.KEYS)})")
+        on, gamma, lam, r_min = (cfg[k] for k in cls.KEYS)
+        return cls(gamma=gamma, lam=lam, r_min=r_min, on=on)
+
+    def tail(self, factors: Iterable[LoraFactors]) -> Tensor:
+        """``Σ_modules ‖B[:, ⌊γr⌋:]‖_F · ‖A[⌊γr⌋:, :]‖_F`` (0-dim, differentiable)."""
+        total: Any = 0.0
+        for f in factors:
+            total = total + tail_norm(f, float(self.gamma))
+        return total
+
+    def penalty(self, factors: Sequence[LoraFactors]) -> Tensor | None:
+        return float(self.lam) * self.tail(factors) if self.on else None
+
+    def measure(self, factors: Sequence[LoraFactors]) -> float | None:
+        if not self.on:
+            return None
+        with torch.no_grad():
+            return float(self.tail(factors))
+
+    def rank_after(self, rank: int, before: float | None, after: float | None) -> int | None:
+        if not self.on:
+            return None
+        target = pruned_rank(rank, float(self.gamma), int(self.r_min))
+        return target if (target < rank and after < before) else rank  # type: ignore[operator]
+
+
+# The loss terms and finalisations the wire knows, each with its own keys (``KEYS``, ``to_config``,
+# ``from_config``); a new one (FedProx's proximal term, SCAFFOLD's control variates) is added here.
+TERMS: tuple[type, ...] = (SelfPruning,)
+KEYS = frozenset({FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED, *(k for t in TERMS for k in t.KEYS)})  # type: ignore[attr-defined]
+"""Every wire key a plan may use; the rest of a message's config is the server's header."""
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What a client does in a round (see the module docstring for the wire keys).
+
+    ``train_A``, ``train_B``: which LoRA factors it trains; a factor it does not train is not sent
+    back (the server has it). ``A_seed``: a frozen A is regenerated from this seed
+    (:func:`fedpeft.lora.seeded_lora_A`, FFA-LoRA) and so is not sent down. ``init_seed``: an empty
+    payload adapter means "start a fresh LoRA of your rank" (peft's init: random A, zero B) seeded by
+    it. ``keep``: the per-client state the client keeps between rounds and never sends (``"B"``:
+    FedSA-LoRA's personal B). ``loss_term``: added to every step's loss; ``finalise``: how the
+    trained update is finalised (HetLoRA's :class:`SelfPruning` is both).
+    """
+
+    train_A: bool = True
+    train_B: bool = True
+    A_seed: int | None = None
+    init_seed: int | None = None
+    keep: frozenset[str] = field(default_factory=frozenset)
+    loss_term: LossTerm | None = None
+    finalise: Finaliser | None = None
+
+    def __post_init__(self) -> None:
+        _flag(FREEZE_A, self.train_A)
+        _flag(FREEZE_B, self.train_B)
+        if not (self.train_A or self.train_B):
+            raise ValueError(f"client plan: {FREEZE_A} and {FREEZE_B} together leave no LoRA factor to train")
+        for key, seed in ((A_SEED, self.A_seed), (INIT_SEED, self.init_seed)):
+            if seed is not None:
+                _integer(key, seed)
+        if self.A_seed is not None and self.train_A:
+            raise ValueError(f"client plan: {A_SEED} regenerates a frozen A; it needs {FREEZE_A}")
+        if not isinstance(self.keep, frozenset) or not self.keep <= set(KEPT_STATE):
+            raise ValueError(f"client plan: keep is {self.keep!r}, expected a frozenset of {KEPT_STATE}")
+        for part in (self.loss_term, self.finalise):
+            if part is not None and not isinstance(part, TERMS):
+                raise ValueError(f"client plan: {type(part).__name__} has no wire encoding (known: {', '.join(t.__name__ for t in TERMS)})")
+        both = isinstance(self.loss_term, Finaliser) or isinstance(self.finalise, LossTerm)  # one object, both roles
+        if both and self.loss_term != self.finalise:
+            raise ValueError(f"client plan: loss_term {self.loss_term!r} and finalise {self.finalise!r} travel as one setting and must be equal")
+
+    @property
+    def personal_B(self) -> bool:
+        """Whether the client keeps its own B (FedSA-LoRA): B is not sent either way."""
+        return "B" in self.keep
+
+    @property
+    def personalised(self) -> bool:
+        """Whether part of the client's model is its own: it trains on the 80% of its partition that
+        :func:`fedpeft.data.held_out` leaves for training and evaluates its own model on the rest."""
+        return self.personal_B
+
+    @property
+    def uplink(self) -> tuple[bool, bool]:
+        """``(send_A, send_B)`` of the client's update: a factor it keeps frozen or personal is not
+        sent back; the server has the frozen one (it sent it, or its seed ``A_seed``)."""
+        return self.train_A, self.train_B and not self.personal_B
+
+    @property
+    def downlink(self) -> tuple[bool, bool]:
+        """``(send_A, send_B)`` of the payload: not an A the client regenerates from ``A_seed``
+        (FFA-LoRA), not a B the client keeps as its own (FedSA-LoRA)."""
+        return self.train_A or self.A_seed is None, not self.personal_B
+
+    def reply_config(self) -> dict[str, Scalar]:
+        """The plan's part of the client's reply: the ``A_seed`` of an A it did not send back, from
+        which the receiver regenerates it (:func:`fedpeft.messages.decode`); else nothing."""
+        return {A_SEED: self.A_seed} if not self.train_A and self.A_seed is not None else {}
+
+    def to_config(self) -> dict[str, Scalar]:
+        """The plan as the scalars of the message's ``ConfigRecord``; :meth:`from_config` inverts it."""
+        cfg: dict[str, Scalar] = {}
+        if not self.train_A:
+            cfg[FREEZE_A] = True
+        if not self.train_B:
+            cfg[FREEZE_B] = True
+        if self.personal_B:
+            cfg[PERSONAL_B] = True
+        if self.A_seed is not None:
+            cfg[A_SEED] = self.A_seed
+        for part in dict.fromkeys(p for p in (self.loss_term, self.finalise) if p is not None):
+            cfg.update(part.to_config())  # type: ignore[attr-defined]
+        if self.init_seed is not None:
+            cfg[INIT_SEED] = self.init_seed
+        return cfg
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> ClientPlan:
+        """The plan :meth:`to_config` encoded. ``cfg`` holds the plan's keys only; an unknown key, a
+        missing companion key or a value of the wrong type is a one-line ``ValueError`` naming the key."""
+        for k in cfg:
+            if k not in KEYS:
+                raise ValueError(f"client plan: unknown key {k!r}")
+        for k in (FREEZE_A, FREEZE_B, PERSONAL_B):
+            if k in cfg:
+                _flag(k, cfg[k])
+        terms = [t.from_config(cfg) for t in TERMS if any(k in cfg for k in t.KEYS)]  # type: ignore[attr-defined]
+        term = terms[0] if terms else None
+        return cls(
+            train_A=not cfg.get(FREEZE_A, False),
+            train_B=not cfg.get(FREEZE_B, False),
+            A_seed=cfg.get(A_SEED),
+            init_seed=cfg.get(INIT_SEED),
+            keep=frozenset({"B"}) if cfg.get(PERSONAL_B, False) else frozenset(),
+            loss_term=term if isinstance(term, LossTerm) else None,
+            finalise=term if isinstance(term, Finaliser) else None,
+        )
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What one client receives.
+
+    ``adapter``: the factors to start from, at the client's rank and scaling; empty means "start a
+    fresh LoRA of your rank" seeded by ``plan.init_seed``. ``base_version``: the base (``W_0`` plus
+    the first ``base_version`` merges) to train on; the Flower adapter ships the merges a client has
+    not seen yet. ``plan``: what the client does with it (:class:`ClientPlan`).
+    """
+
+    adapter: Adapter
+    head: dict[str, Tensor] = field(default_factory=dict)
+    plan: ClientPlan = field(default_factory=ClientPlan)
+    base_version: int = 0
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client returns after local training."""
+
+    client_id: int
+    adapter: Adapter
+    head: dict[str, Tensor]
+    num_examples: int
