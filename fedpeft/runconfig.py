@@ -53,7 +53,7 @@ def to_run_config(cfg: DictConfig, run_dir: Path, *, resume: bool = False, share
 
 
 def schema() -> C.Config:
-    return C.Config(strategy=C.StrategyConfig(), model=C.ModelConfig(), data=C.DataConfig(), partition=C.PartitionConfig(),
+    return C.Config(strategy=C.strategy_schema()(), model=C.ModelConfig(), data=C.DataConfig(), partition=C.PartitionConfig(),
                     engine=C.EngineConfig(), tracking=C.TrackingConfig(), ranks=C.RanksConfig(), privacy=C.PrivacyConfig(),
                     compression=C.CompressionConfig(), peft=C.PeftConfig())
 

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from fedpeft.lora import LoraFactors, at_scaling, frobenius_of_product, normalized_weights, truncate
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
-from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+from strategies.fedavg import WEIGHTINGS, client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
 
@@ -61,7 +61,7 @@ def pruned_rank(r: int, gamma: float, r_min: int = 1) -> int:
 
 
 @dataclass(frozen=True)
-class HetLoRA:
+class HetLoRA(Strategy):
     """``gamma``, ``lam``, ``r_min``, ``prune``: the clients' self-pruning settings, sent as
     ``instructions = {"prune", "prune_gamma", "prune_lambda", "prune_r_min"}``."""
 
@@ -78,10 +78,13 @@ class HetLoRA:
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
 
     def __post_init__(self) -> None:
-        check_weighting(self)
-        _tail_start(1, self.gamma)
-        if self.r_min <= 0 or self.lam < 0:
-            raise ValueError(f"HetLoRA needs r_min > 0 and lam >= 0, got r_min={self.r_min}, lam={self.lam}")
+        super().__post_init__()
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"strategy.gamma: must be in (0, 1], got {self.gamma}")
+        if self.lam < 0:
+            raise ValueError(f"strategy.lam: must be non-negative, got {self.lam}")
+        if self.r_min < 1:
+            raise ValueError(f"strategy.r_min: must be at least 1, got {self.r_min}")
 
     def reply_ranks(self, rank: int) -> tuple[int, ...]:
         """The given rank, or (with pruning) the one self-pruning step :func:`pruned_rank` allows."""

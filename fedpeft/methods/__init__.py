@@ -59,11 +59,22 @@ class PeftMethod:
 
 
 def _registry() -> dict[str, PeftMethod]:
-    from fedpeft.methods import bitfit, ia3, lora, lora_xs, lycoris, prompts, vera
+    """Every method of every module of this package, by name: a module registers its methods by
+    ending with ``METHODS = [PeftMethod(...), ...]`` (modules whose name starts with ``_`` are
+    helpers). A new PEFT method is one file here."""
+    import importlib
+    import pkgutil
 
     out: dict[str, PeftMethod] = {}
-    for mod in (lora, lycoris, vera, ia3, prompts, bitfit, lora_xs):
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        if not isinstance(getattr(mod, "METHODS", None), (list, tuple)):
+            raise TypeError(f"{mod.__name__}: a PEFT method module ends with METHODS = [PeftMethod(...), ...]")
         for m in mod.METHODS:
+            if m.name in out:
+                raise TypeError(f"PEFT method {m.name!r} is declared twice ({mod.__name__} and another module of fedpeft.methods)")
             out[m.name] = m
     return out
 
