@@ -25,7 +25,7 @@ import math
 import torch
 
 from fedpeft.lora import LoraFactors, average_factors, average_tensors, normalized_weights
-from strategies.base import WEIGHTINGS, ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
 
 
 def client_weights(updates: list[ClientUpdate], weighting: str) -> list[float]:

@@ -28,7 +28,7 @@ import torch
 
 from fedpeft.lora import LoraFactors, average_tensors
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
-from strategies.fedavg import WEIGHTINGS, client_weights
+from strategies.fedavg import client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
 
@@ -36,7 +36,6 @@ from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_facto
 class FedSALoRA(Strategy):
     weighting: str = "num_examples"
     name: str = "fedsa_lora"
-    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
     heterogeneous_ranks: ClassVar[bool] = False  # Ā is a plain average of the A_k
     # central DP clips and noises the whole reply against one global model; B_k is no part of either
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES

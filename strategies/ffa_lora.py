@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fedpeft.lora import LoraFactors, at_scaling, average_tensors, seeded_lora_A, truncate
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
-from strategies.fedavg import WEIGHTINGS, client_weights
+from strategies.fedavg import client_weights
 
 HETERO_PRIVACY_MODES = ("none", "sample", "local")  # central DP needs one global model that every client receives
 
@@ -66,7 +66,6 @@ class FFALoRA(Strategy):
     seed: int = 0
     r_max: int | None = None
     name: str = "ffa_lora"
-    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora

@@ -61,7 +61,7 @@ from fedpeft.lora import (
     svd_form,
 )
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
-from strategies.fedavg import WEIGHTINGS, client_weights
+from strategies.fedavg import client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
 
@@ -107,7 +107,6 @@ class FlexLoRA(Strategy):
     # each payload's ‖ΔW − s_k B_k A_k‖_F within svd_tol · ‖ΔW‖_F of the optimum (randomised path)
     svd_tol: float = 1e-5
     name: str = "flexlora"
-    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from fedpeft.lora import LoraFactors, at_scaling, frobenius_of_product, normalized_weights, truncate
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
-from strategies.fedavg import WEIGHTINGS, client_weights
+from strategies.base import WEIGHTINGS, ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+from strategies.fedavg import client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
 

@@ -30,7 +30,7 @@ import torch
 
 from fedpeft.lora import LoraFactors, average_tensors
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
-from strategies.fedavg import WEIGHTINGS, client_weights
+from strategies.fedavg import client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
 FACTORS = ("A", "B")
@@ -41,7 +41,6 @@ class RoLoRA(Strategy):
     weighting: str = "num_examples"
     first: str = "B"
     name: str = "rolora"
-    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
     heterogeneous_ranks: ClassVar[bool] = False
     # Central DP (Flower's wrapper) clips and noises whole replies, which here lack the frozen factor.
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
