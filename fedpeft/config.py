@@ -43,9 +43,9 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    """The PEFT method (fedpeft/methods): lora | rslora | dora | loha | lokr | vera | ia3 |
-    prompt_tuning | prefix_tuning | bitfit | lora_xs. The LoRA family, LoHa, LoKr, VeRA and IA3 adapt
-    model.target_modules (LoRA-like ones at model.rank / model.alpha)."""
+    """The PEFT method: one registered in fedpeft/methods (``peft=<name>``; ``fedpeft simulate --help``
+    lists them). The LoRA family, LoHa, LoKr, VeRA and IA3 adapt model.target_modules (LoRA-like
+    ones at model.rank / model.alpha). The keys below are the methods' ``options``."""
 
     name: str = "lora"
     # prompt_tuning, prefix_tuning: the number of virtual tokens.
