@@ -2,14 +2,21 @@
 
 Every group's YAML is merged into these dataclasses, so an unknown key or a value of the wrong
 type fails at once, naming the key. :func:`validate` adds the checks a type cannot express.
+
+Two groups have no YAML: ``strategy`` and ``peft`` are generated from what registers itself
+(:func:`register`): each strategy's dataclass (``strategies/``; its fields and defaults are the
+group option and :func:`strategy_schema`, its ``__post_init__`` the checks) and each PEFT method
+(``fedpeft/methods/``; its ``options`` are the ``peft.*`` keys it reads).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,29 +38,6 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class StrategyConfig:
-    name: str = "fedavg"
-    # How client updates are weighted: by their number of training examples (p_k = n_k / Σ n_j),
-    # uniformly, or (HetLoRA) by the norm of their update ‖s_k B_k A_k‖_F.
-    weighting: str = "num_examples"
-    # HetLoRA's rank self-pruning: the γ-tail regulariser weight λ, and the smallest rank.
-    prune: bool = True
-    gamma: float = 0.99
-    lam: float = 1e-3
-    r_min: int = 1
-    # FlexLoRA's SVD of the aggregate (strategies/flexlora.py): "auto" computes only the leading
-    # components, certified to within svd_tol·‖ΔW‖_F of the optimum per payload, where that pays
-    # (many clients), else the exact factored SVD; "exact" always the latter.
-    svd: str = "auto"
-    # The most components a round computes: at least this many (FlexLoRA; default the round's
-    # largest client rank). FFA-LoRA: the shared A's rank (default the initial adapter's).
-    r_max: Optional[int] = None
-    svd_tol: float = 1e-5
-    # RoLoRA: the factor trained in the odd rounds (A or B); the other trains in the even rounds.
-    first: str = "B"
-
-
-@dataclass
 class ModelConfig:
     # A built-in asset ("minilm", "smollm2"), a Hugging Face model id, or a local directory.
     name: str = "minilm"
@@ -70,9 +54,9 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    """The PEFT method (fedpeft/methods): lora | rslora | dora | loha | lokr | vera | ia3 |
-    prompt_tuning | prefix_tuning | bitfit | lora_xs. The LoRA family, LoHa, LoKr, VeRA and IA3 adapt
-    model.target_modules (LoRA-like ones at model.rank / model.alpha)."""
+    """The PEFT method: one registered in fedpeft/methods (``peft=<name>``; ``fedpeft simulate --help``
+    lists them). The LoRA family, LoHa, LoKr, VeRA and IA3 adapt model.target_modules (LoRA-like
+    ones at model.rank / model.alpha). The keys below are the methods' ``options``."""
 
     name: str = "lora"
     # prompt_tuning, prefix_tuning: the number of virtual tokens.
@@ -216,7 +200,8 @@ class ProfileConfig:
 
 @dataclass
 class Config:
-    strategy: StrategyConfig = MISSING
+    # An instance of strategy_schema(): generated from the registered strategies, so not a fixed type here.
+    strategy: Any = MISSING
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     partition: PartitionConfig = MISSING
@@ -236,10 +221,51 @@ class Config:
     seed: int = 0
 
 
+def strategy_schema() -> type:
+    """The ``strategy`` group's schema, generated from the registered strategies
+    (``strategies.REGISTRY``): ``name`` and every strategy's config keys
+    (:meth:`strategies.base.Strategy.config_fields`), typed as its dataclass types them. It is the
+    union: a key that only some strategies take is accepted with any ``strategy=…`` (ignored by the
+    others, checked by a strategy that takes it: :func:`validate`), and defaults to the value most of
+    the strategies that take it have; each group option sets its strategy's own defaults."""
+    import strategies
+
+    return _strategy_schema(tuple(strategies.REGISTRY.items()))
+
+
+@lru_cache(maxsize=8)
+def _strategy_schema(registered: tuple[tuple[str, type], ...]) -> type:
+    defaults: dict[str, list[Any]] = {}
+    typed: dict[str, tuple[Any, str]] = {}
+    for name, cls in registered:
+        hints = typing.get_type_hints(cls)
+        for key, default in cls.config_fields().items():
+            tp = _plain_optional(hints[key])
+            if key in typed and typed[key][0] != tp:
+                raise TypeError(f"strategy.{key}: strategy={name} types it {tp}, strategy={typed[key][1]} {typed[key][0]}: one key, one type")
+            typed.setdefault(key, (tp, name))
+            defaults.setdefault(key, []).append(default)
+    spec: list[tuple[str, Any, Any]] = [("name", str, field(default=MISSING))]
+    for key, values in defaults.items():
+        value = max(values, key=values.count)  # the most common default; the first one on a tie
+        spec.append((key, typed[key][0], field(default_factory=lambda v=value: v) if isinstance(value, (list, dict)) else field(default=value)))
+    return dataclasses.make_dataclass("StrategyConfig", spec)
+
+
+def _plain_optional(tp: Any) -> Any:
+    """``X | None`` as ``Optional[X]``, the spelling OmegaConf reads."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) and len(args) == 2 and type(None) in args:
+        return Optional[next(a for a in args if a is not type(None))]
+    return tp
+
+
 def schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every dotted key of the schema (``model.rank``, ``train.lr``, ``clients``, ...)."""
     keys = []
     for name, tp in typing.get_type_hints(cls).items():
+        if cls is Config and name == "strategy":
+            tp = strategy_schema()
         keys += schema_keys(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [f"{prefix}{name}"]
     return keys
 
@@ -279,7 +305,7 @@ def config_error_line(e: BaseException) -> str:
 
 def schema() -> Config:
     """The schema with every group at its defaults (what a config is merged into)."""
-    return Config(strategy=StrategyConfig(), model=ModelConfig(), data=DataConfig(), partition=PartitionConfig(),
+    return Config(strategy=strategy_schema()(), model=ModelConfig(), data=DataConfig(), partition=PartitionConfig(),
                   engine=EngineConfig(), tracking=TrackingConfig(), ranks=RanksConfig(), privacy=PrivacyConfig(),
                   compression=CompressionConfig(), peft=PeftConfig())
 
@@ -293,9 +319,29 @@ def typed(container: dict[str, Any]) -> DictConfig:
         raise ConfigError(config_error_line(e)) from e
 
 
+def peft_option(method: Any) -> dict[str, Any]:
+    """The ``peft=<name>`` group option of PEFT method ``method``: its name and the ``peft.*`` keys
+    it reads (``options``) at their schema defaults."""
+    defaults = PeftConfig()
+    return {"name": method.name, **{key: getattr(defaults, key) for key in method.options}}
+
+
 def register() -> None:
+    """Stores the schema and the generated groups in Hydra's ConfigStore: ``strategy=<name>`` for
+    every registered strategy (its dataclass's defaults) and ``peft=<name>`` for every PEFT method;
+    each group is rebuilt, so it holds exactly what is registered now."""
+    import strategies
+    from fedpeft import methods
+
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    schema = strategy_schema()
+    cs.repo.pop("strategy", None)
+    for name, cls in strategies.REGISTRY.items():
+        cs.store(group="strategy", name=name, node=schema(name=name, **cls.config_fields()), provider="fedpeft")
+    cs.repo.pop("peft", None)
+    for name, method in methods.METHODS.items():
+        cs.store(group="peft", name=name, node=peft_option(method), provider="fedpeft")
 
 
 def strategy_defaults(cfg: Any, words: list[str]) -> None:
@@ -305,15 +351,18 @@ def strategy_defaults(cfg: Any, words: list[str]) -> None:
     ``configs/privacy/<option>.yaml`` group is selected, the user's ``privacy.*`` words kept on top;
     with neither ``privacy.target_epsilon`` nor ``privacy.noise_multiplier`` given, the target is ε."""
     import strategies
+    from fedpeft import methods
 
     cls = strategies.REGISTRY.get(cfg.strategy.name)
+    if cls is None:  # an unknown strategy: validate names it
+        return
     given = {w.lstrip("+~").split("=", 1)[0] for w in words}
-    peft = getattr(cls, "peft_default", None)  # Fed-SB trains LoRA-XS's core: peft=lora_xs unless the user chose
+    peft = cls.peft_default  # Fed-SB trains LoRA-XS's core: peft=lora_xs unless the user chose
     if peft is not None and "peft" not in given and "peft.name" not in given and cfg.peft.name == "lora":
         with open_dict(cfg):
             mine = {k.split(".", 1)[1]: cfg.peft[k.split(".", 1)[1]] for k in given if k.startswith("peft.")}
-            cfg.peft = OmegaConf.merge(cfg.peft, OmegaConf.load(CONFIG_DIR / "peft" / f"{peft}.yaml"), mine)
-    default = getattr(cls, "privacy_default", None)
+            cfg.peft = OmegaConf.merge(cfg.peft, peft_option(methods.get(peft)), mine)
+    default = cls.privacy_default
     if default is None:
         return
     option, epsilon = default
@@ -384,20 +433,10 @@ def validate(cfg: Any) -> None:
     one_of(cfg.engine.precision, "engine.precision", ("fp32", "bf16"))
     need(cfg.engine.round_timeout > 0, "engine.round_timeout", f"must be positive (seconds), got {cfg.engine.round_timeout}")
     need(0 <= cfg.profile.failure_rate < 1, "profile.failure_rate", f"must be in [0, 1), got {cfg.profile.failure_rate}")
-    need(0 < cfg.strategy.gamma <= 1, "strategy.gamma", f"must be in (0, 1], got {cfg.strategy.gamma}")
-    need(cfg.strategy.lam >= 0, "strategy.lam", f"must be non-negative, got {cfg.strategy.lam}")
-    need(cfg.strategy.r_min >= 1, "strategy.r_min", f"must be at least 1, got {cfg.strategy.r_min}")
-    from strategies.flexlora import SVD_MODES
-
-    one_of(cfg.strategy.svd, "strategy.svd", SVD_MODES)
-    need(cfg.strategy.r_max is None or cfg.strategy.r_max >= 1, "strategy.r_max", f"must be at least 1 (or null), got {cfg.strategy.r_max}")
-    need(0 < cfg.strategy.svd_tol < 1, "strategy.svd_tol", f"must be in (0, 1), got {cfg.strategy.svd_tol}")
-    one_of(cfg.strategy.first, "strategy.first", ("A", "B"))
+    name, cls = cfg.strategy.name, strategies.REGISTRY[cfg.strategy.name]
+    check_strategy(cfg)
     validate_ranks(cfg.ranks, need)
     # What the strategy accepts, as its class declares it (strategies/base.py: Strategy).
-    name, cls = cfg.strategy.name, strategies.REGISTRY[cfg.strategy.name]
-    need(cfg.strategy.weighting in cls.weightings, "strategy.weighting",
-         f"strategy={name} does not take {cfg.strategy.weighting!r}; expected one of {', '.join(cls.weightings)}")
     from fedpeft import methods
 
     one_of(cfg.peft.name, "peft.name", tuple(methods.METHODS))
@@ -410,12 +449,12 @@ def validate(cfg: Any) -> None:
         readers = [m.name for m in methods.METHODS.values() if key in m.options]
         need(key == "name" or value == getattr(defaults, key) or method.name in readers, f"peft.{key}",
              f"applies to peft={' | '.join(readers)} only, not peft={method.name}")
-    wanted = getattr(cls, "peft_methods", None)
+    wanted = cls.peft_methods
     need(wanted is None or method.name in wanted, "peft.name", f"strategy={name} trains peft={' | '.join(wanted or ())} only, not peft={method.name}")
     need(not cls.lora_update_only or method.lora_update, "peft.name",
          f"strategy={name} aggregates LoRA factors (ΔW = s·B·A) and cannot take peft={method.name}; use peft="
          f"{' | '.join(methods.lora_update_methods())}, or a strategy that averages any method's tensors "
-         f"({', '.join(n for n, c in strategies.REGISTRY.items() if not c.lora_update_only and getattr(c, 'peft_methods', None) is None)})")
+         f"({', '.join(n for n, c in strategies.REGISTRY.items() if not c.lora_update_only and c.peft_methods is None)})")
     if not cls.heterogeneous_ranks:
         ranks = sorted(set(client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)))
         hetero = [n for n, c in strategies.REGISTRY.items() if c.heterogeneous_ranks]
@@ -431,7 +470,7 @@ def validate(cfg: Any) -> None:
     from fedpeft.privacy import MODES
 
     one_of(cfg.privacy.mode, "privacy.mode", MODES)
-    engines = getattr(cls, "engines", tuple(ENGINES))
+    engines = cls.engines or tuple(ENGINES)
     need(cfg.engine.kind in engines, "engine.kind",
          f"strategy={name} does not run on engine.kind={cfg.engine.kind}; use engine.kind={' | '.join(engines)}")
     need(cfg.privacy.mode in cls.privacy_modes, "privacy.mode",
@@ -440,10 +479,32 @@ def validate(cfg: Any) -> None:
     need(cfg.data.eval_samples >= 0, "data.eval_samples", f"must be non-negative, got {cfg.data.eval_samples}")
 
 
+def check_strategy(cfg: Any) -> None:
+    """The ``strategy.*`` keys, checked where the strategies check them: the chosen strategy is
+    built from the keys it takes (its ``__post_init__``), and a key it does not take but the user
+    set away from its default is checked by building a strategy that takes it (alone), so a wrong
+    value fails with any ``strategy=…`` while a right one is ignored. Raises :class:`ConfigError`."""
+    import strategies
+
+    keys = OmegaConf.to_container(cfg.strategy, resolve=True)
+    chosen = strategies.REGISTRY[cfg.strategy.name]
+    checks = [(chosen, {k: v for k, v in keys.items() if k in chosen.config_fields()})]
+    for key, value in keys.items():
+        owner = next((c for c in strategies.REGISTRY.values() if key in c.config_fields()), None)
+        if key not in checks[0][1] and owner is not None and value != owner.config_fields()[key]:
+            checks.append((owner, {key: value}))
+    for cls, kwargs in checks:
+        try:
+            cls(**kwargs)
+        except (ValueError, TypeError) as e:
+            line = " ".join(str(e).split())
+            raise ConfigError(line if line.startswith("strategy.") else f"strategy.name: strategy={cls.name}: {line}") from None
+
+
 def takes_method(cls: type, method: Any) -> bool:
     """Whether strategy class ``cls`` takes PEFT method ``method`` (its ``peft_methods`` and
     ``lora_update_only`` declarations)."""
-    wanted = getattr(cls, "peft_methods", None)
+    wanted = cls.peft_methods
     return (wanted is None or method.name in wanted) and (not cls.lora_update_only or method.lora_update)
 
 

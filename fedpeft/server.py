@@ -115,7 +115,7 @@ class FlowerAdapter(FlowerStrategy):
         base_weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.strategy = strategy
-        if getattr(strategy, "needs_base_weights", False):  # FeDeRA: its init decomposes the pre-trained weights
+        if strategy.needs_base_weights:  # FeDeRA: its init decomposes the pre-trained weights
             if base_weights is None:
                 raise ValueError(f"strategy={strategy.name} initialises from the pre-trained weights: pass base_weights")
             self.model = strategy.init(model, base_weights=base_weights)
@@ -440,8 +440,7 @@ class FlowerAdapter(FlowerStrategy):
         stats.applied = len(updates) >= max(self.min_clients, 1)
         diagnostics: dict[str, float] = {}
         if stats.applied:
-            diagnose = getattr(self.strategy, "round_metrics", None)
-            diagnostics = diagnose(self.model, updates) if diagnose is not None else {}
+            diagnostics = self.strategy.round_metrics(self.model, updates)
             self.model = self.strategy.aggregate(self.model, updates)
             self.publish()
             self.rank_now.update(shrunk)
@@ -476,7 +475,7 @@ class FlowerAdapter(FlowerStrategy):
         split (:func:`clients.app.evaluate_handler`). Other strategies: none (the server
         evaluates the global adapter itself)."""
         self.eval_out, self.eval_of = {}, {}
-        if not getattr(self.strategy, "personalized", False):
+        if not self.strategy.personalized:
             return []
         out = []
         for node, pid in sorted(self.identify(grid).items(), key=lambda kv: kv[1]):

@@ -70,16 +70,16 @@ def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in given.items() if k in names and k != "name"}
 
 
-def train_size(cfg: DictConfig, partitioner, client: int) -> int:
+def train_size(cfg: DictConfig, partitioner, client: int, personalized: bool) -> int:
     """Client ``client``'s training examples: its partition, less the held-out 20% of a
     ``personalized`` strategy (:func:`fedpeft.data.held_out`)."""
     from fedpeft import data as fdata
 
     part = partitioner.load_partition(client)
-    return len(fdata.held_out(part, cfg.seed)["train"]) if strategies.personalized(cfg.strategy.name) else part.num_rows
+    return len(fdata.held_out(part, cfg.seed)["train"]) if personalized else part.num_rows
 
 
-def privacy_plan(cfg: DictConfig, partitioner):
+def privacy_plan(cfg: DictConfig, partitioner, personalized: bool):
     """The noise multiplier and what each round composes into the privacy ledger.
 
     sample: every client runs ``train.local_steps`` DP-SGD steps per round at its Poisson rate
@@ -88,14 +88,15 @@ def privacy_plan(cfg: DictConfig, partitioner):
     central / local: one Gaussian release per round per client, at the client sampling rate
     ``K/N`` (a fixed-size uniform sample, accounted as Poisson sampling at that rate, as in
     McMahan et al. 2018).
-    ``privacy.target_epsilon`` without a noise multiplier: σ such that the last round spends it."""
+    ``privacy.target_epsilon`` without a noise multiplier: σ such that the last round spends it.
+    ``personalized``: the strategy's (its clients train on 80% of their partitions)."""
     from clients.train import sample_rate
 
     pv = cfg.privacy
     if pv.mode == "none":
         return None
     if pv.mode == "sample":
-        smallest = min(train_size(cfg, partitioner, i) for i in range(cfg.clients))
+        smallest = min(train_size(cfg, partitioner, i, personalized) for i in range(cfg.clients))
         q, steps = sample_rate(smallest, cfg.train.batch_size), cfg.train.local_steps
     else:
         q, steps = sample_size(cfg.clients, cfg.fraction, cfg.min_clients) / cfg.clients, 1
@@ -206,7 +207,6 @@ class Federation:
         self.lm = build(cfg.model, num_labels=num_labels, device=cfg.engine.device, seed=cfg.seed, peft_cfg=cfg.peft)
         r_max = max(self.ranks)
         use_adapter(self.lm, r_max, client_alpha(cfg.ranks, r_max, cfg.model.rank, cfg.model.alpha))
-        self.counts = self.trained_counts()  # now, at r_max: merges and a resumed state change the server model's rank
         try:  # a model the engine cannot train (the cohort engine batches LoRA on Linear layers) is refused before round 1
             self.engine.check_model(self.lm)
         except EngineError as e:
@@ -216,13 +216,14 @@ class Federation:
         from fedpeft.models import layer, module_shapes, read_adapter
 
         cfg = self.cfg
-        self.plan = privacy_plan(cfg, self.partitioner)
+        strategy = strategies.build(cfg.strategy.name, **strategy_kwargs(cfg))
+        self.counts = self.trained_counts(strategy)  # now, at r_max: merges and a resumed state change the server model's rank
+        self.plan = privacy_plan(cfg, self.partitioner, strategy.personalized)
         merges = self.run_dir / MERGES
         ranks, alphas, partitioner = self.ranks, self.alphas, self.partitioner
         rslora = cfg.peft.name == "rslora"
-        strategy = strategies.build(cfg.strategy.name, **strategy_kwargs(cfg))
         # FeDeRA initialises from the pre-trained weights: the server model's base weights are W_0 (merges never touch them)
-        base = {m: layer(self.lm, m).base_layer.weight.detach() for m in self.lm.modules} if getattr(strategy, "needs_base_weights", False) else None
+        base = {m: layer(self.lm, m).base_layer.weight.detach() for m in self.lm.modules} if strategy.needs_base_weights else None
         self.adapter = FlowerAdapter(
             strategy,
             read_adapter(self.lm),
@@ -237,7 +238,7 @@ class Federation:
             num_clients=cfg.clients,
             identify_timeout=cfg.engine.round_timeout,
             # a reply from a node serving a partition must claim that partition's size
-            expected_examples=lru_cache(maxsize=None)(lambda i: train_size(cfg, partitioner, i)),
+            expected_examples=lru_cache(maxsize=None)(lambda i: train_size(cfg, partitioner, i, strategy.personalized)),
             config_digest=runconfig.digest(cfg),
             base_weights=base,
         )
@@ -281,7 +282,7 @@ class Federation:
         )
         self.baseline = {"majority_rate": fdata.majority_rate(self.test)} if cfg.model.task == "classification" else {}
 
-    def trained_counts(self) -> dict[str, int]:
+    def trained_counts(self, strategy) -> dict[str, int]:
         """The parameters a client trains in a round, by group (fedpeft/methods): counted on the
         server model at the largest client rank before round 1 (FLoRA's and FlexLoRA's merges change
         its rank later), with LoRA's factors (``r·in`` for A, ``out·r`` for B) scaled to each client's
@@ -292,7 +293,7 @@ class Federation:
 
         from fedpeft.models import active, short_name
 
-        share = getattr(strategies.REGISTRY[self.cfg.strategy.name], "trained_share", {})
+        share = strategy.trained_share
         counts: dict[str, float] = {}
         mean_rank = sum(self.ranks) / len(self.ranks) / max(self.ranks)  # mean of r_k / r_max
         for key, t in get_peft_model_state_dict(self.lm.model, adapter_name=active(self.lm)).items():
@@ -326,7 +327,7 @@ class Federation:
 
     def default_note(self) -> str:
         """Says when the privacy budget is the strategy's default (``privacy_default``), not the user's."""
-        default = getattr(strategies.REGISTRY[self.cfg.strategy.name], "privacy_default", None)
+        default = self.adapter.strategy.privacy_default
         if default is None or self.cfg.privacy.target_epsilon != default[1] or self.cfg.privacy.noise_multiplier is not None:
             return ""
         return f" (strategy={self.cfg.strategy.name}'s default target; set privacy.target_epsilon or privacy.noise_multiplier to change it)"
@@ -342,7 +343,7 @@ class Federation:
             self.adapter.adopt(arrays)
         load_global(self.lm, self.adapter.model)  # what the round's checkpoint saves
         row: dict[str, Any] = {}
-        if strategies.personalized(self.cfg.strategy.name):
+        if self.adapter.strategy.personalized:
             personal = self.adapter.personal.get(server_round, {})
             row.update({k[len("personal/"):-len("_mean")]: v for k, v in personal.items() if k.startswith("personal/") and k.endswith("_mean")})
             row.update(personal)
@@ -465,7 +466,7 @@ class Federation:
     def say_done(self) -> None:
         final, last = self.history[-1], len(self.history) - 1
         where = f"; adapter in {self.tracker.checkpoint_dir(last)}" if self.cfg.tracking.save_adapters else f"; results in {self.run_dir}"
-        what = "personalised (mean over clients' held-out splits)" if strategies.personalized(self.cfg.strategy.name) else "test"
+        what = "personalised (mean over clients' held-out splits)" if self.adapter.strategy.personalized else "test"
         if "accuracy" in final:
             say(f"done in {self.summary['seconds']:.0f}s: {what} accuracy {final['accuracy']:.4f} (majority-class rate {self.baseline['majority_rate']:.4f}){where}")
         elif "perplexity" in final:

@@ -1,42 +1,37 @@
 """Server strategies as pure math over torch tensors (no Flower, Ray or I/O).
 
-Each method is one module; :func:`build` returns the strategy a config names.
+Each method is one module of this package; importing the package imports all of them, and each
+strategy class registers itself by subclassing :class:`strategies.base.Strategy` with its own
+``name`` (:data:`REGISTRY`). :func:`build` returns the strategy a config names.
 """
 
 from __future__ import annotations
 
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
-from strategies.dp_lora import DPLoRA
-from strategies.fed_sb import FedSB
-from strategies.fedavg import FedAvg
-from strategies.federa import FeDeRA
-from strategies.fedex_lora import FedExLoRA
-from strategies.fedsa_lora import FedSALoRA
-from strategies.ffa_lora import FFALoRA
-from strategies.flexlora import FlexLoRA
-from strategies.flora import FLoRA
-from strategies.hetlora import HetLoRA
-from strategies.rolora import RoLoRA
+import importlib
+import pkgutil
 
-REGISTRY: dict[str, type] = {
-    "fedavg": FedAvg,
-    "ffa_lora": FFALoRA,
-    "hetlora": HetLoRA,
-    "flora": FLoRA,
-    "flexlora": FlexLoRA,
-    "dp_lora": DPLoRA,
-    "fedex_lora": FedExLoRA,
-    "rolora": RoLoRA,
-    "federa": FeDeRA,
-    "fedsa_lora": FedSALoRA,
-    "fed_sb": FedSB,
-}
+from strategies.base import REGISTRY, ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+
+for _module in pkgutil.iter_modules(__path__):  # every module: a new strategy is one file here
+    importlib.import_module(f"{__name__}.{_module.name}")
+del _module
+for _name in sorted(REGISTRY):  # by name, not by the order imports happened to define them
+    REGISTRY[_name] = REGISTRY.pop(_name)
+del _name
+
+
+def __getattr__(name: str) -> type[Strategy]:
+    """A registered strategy class by its class name (``from strategies import FedSB``)."""
+    for cls in REGISTRY.values():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def personalized(name: str) -> bool:
     """Whether strategy ``name`` evaluates each client's own model on a held-out split of its
     partition (``personalized``, FedSA-LoRA) instead of one global model on the server."""
-    return bool(getattr(REGISTRY[name], "personalized", False))
+    return REGISTRY[name].personalized
 
 
 def build(name: str, **kwargs) -> Strategy:
@@ -47,24 +42,4 @@ def build(name: str, **kwargs) -> Strategy:
     return cls(**kwargs)
 
 
-__all__ = [
-    "ClientSpec",
-    "ClientUpdate",
-    "GlobalModel",
-    "Payload",
-    "Strategy",
-    "FedAvg",
-    "FFALoRA",
-    "HetLoRA",
-    "FLoRA",
-    "FlexLoRA",
-    "DPLoRA",
-    "FedExLoRA",
-    "RoLoRA",
-    "FeDeRA",
-    "FedSALoRA",
-    "FedSB",
-    "build",
-    "personalized",
-    "REGISTRY",
-]
+__all__ = ["ClientSpec", "ClientUpdate", "GlobalModel", "Payload", "Strategy", "build", "personalized", "REGISTRY"]

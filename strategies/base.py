@@ -1,4 +1,4 @@
-"""The strategy protocol: what every method implements, over plain tensors.
+"""The strategy base class and registry: what every method implements, over plain tensors.
 
 The server keeps a :class:`GlobalModel` (the global adapter's LoRA factors plus any trained
 non-LoRA tensors such as a classification head). Each round a strategy
@@ -13,8 +13,9 @@ Both are pure: they return new objects and never mutate their inputs. The Flower
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -60,44 +61,125 @@ class ClientSpec:
         return scaling_for(self.rank, self.alpha, self.rslora)
 
 
-class Strategy(Protocol):
-    """A strategy also declares what it accepts; the config validation and the server's reply
-    checks read these declarations, never a list kept elsewhere."""
+WEIGHTINGS = ("num_examples", "uniform")  # the weightings every strategy can compute (fedavg.client_weights)
+PRIVACY_MODES = ("none", "sample", "local", "central")
 
-    name: str
-    weighting: str
-    weightings: ClassVar[tuple[str, ...]]  # the values ``strategy.weighting`` may take
-    heterogeneous_ranks: ClassVar[bool]  # whether clients may have different ranks and scalings
-    privacy_modes: ClassVar[tuple[str, ...]]  # the ``privacy.mode`` values it works with
-    # True: it aggregates LoRA factors (ΔW = s·B·A) and takes only the PEFT methods whose update
-    # is one (fedpeft.methods: lora, rslora, dora); False: any method's tensors (FedAvg's rule).
-    lora_update_only: ClassVar[bool]
-    # Optional: ``privacy_default = (group option, target ε)`` is applied when the user chooses no
-    # privacy group and no noise (``fedpeft.config.strategy_defaults``); DP-LoRA has one.
-    # Optional: ``engines: ClassVar[tuple[str, ...]]``, the ``engine.kind`` values it works with
-    # (default: all); RoLoRA's ``freeze_B`` is not batched by the cohort engine.
-    # Optional: ``needs_base_weights: ClassVar[bool]``; when true the server calls
-    # ``init(model, base_weights={module: W [out × in]})`` with its frozen pre-trained weights (FeDeRA).
-    # Optional: ``lora_update_only: ClassVar[bool]``, the method's update is ``s·B·A`` (LoRA's).
-    # Optional: ``trained_share: ClassVar[dict[str, float]]``, the share of a group's parameters a
-    # client trains in a round, averaged over rounds (default 1): FFA-LoRA's frozen A is 0, RoLoRA's
-    # alternating factors ½ each. The run's "trained parameters" (banner, summary) use it.
+# The registered strategies by name, filled by :class:`Strategy`'s subclasses as they are defined;
+# ``strategies/__init__.py`` imports every module of the package, so this is every strategy.
+REGISTRY: dict[str, type["Strategy"]] = {}
+
+# The dataclass fields a strategy takes from the run rather than from ``strategy.*``.
+RUN_FIELDS = ("name", "seed")  # ``name`` is the config option itself; ``seed`` is the run's ``seed``
+
+
+class Strategy:
+    """The base of every strategy: what each one implements and declares, with the defaults a
+    strategy that declares nothing gets. Config validation, the server and its reply checks read
+    these declarations as attributes, never a list kept elsewhere.
+
+    **Registration.** A subclass that sets its own ``name`` (a frozen dataclass whose field
+    ``name: str = "<name>"`` is the ``strategy=<name>`` option) registers itself in
+    :data:`REGISTRY` when it is defined; a subclass that inherits its parent's ``name`` is a helper
+    and is not registered. Its other dataclass fields with defaults are its config keys
+    (``strategy.<field>``; ``seed`` is the run's ``seed``): the ``strategy`` config group and its
+    schema are generated from them (:func:`fedpeft.config.register`), and its ``__post_init__``
+    checks them, raising ``ValueError("strategy.<field>: ...")``, one line naming the key.
+
+    Must implement: :meth:`payload` and :meth:`aggregate`. Optional, with their defaults:
+
+    - ``weightings``: the values ``strategy.weighting`` may take (checked by ``__post_init__``);
+    - ``heterogeneous_ranks``: whether clients may have different ranks and scalings (default no);
+    - ``privacy_modes``: the ``privacy.mode`` values it works with (default all);
+    - ``lora_update_only``: True when it aggregates LoRA factors (ΔW = s·B·A) and takes only the
+      PEFT methods whose update is one (``fedpeft.methods``: lora, rslora, dora); False (default):
+      any method's tensors (FedAvg's rule);
+    - ``peft_methods``: the only PEFT methods it takes (default None: any, within ``lora_update_only``);
+    - ``peft_default``: the PEFT method selected when the user names none (Fed-SB: ``lora_xs``;
+      :func:`fedpeft.config.strategy_defaults`);
+    - ``privacy_default = (privacy group option, target ε)``: applied when the user chooses no
+      privacy group and no noise (:func:`fedpeft.config.strategy_defaults`; DP-LoRA has one);
+    - ``engines``: the ``engine.kind`` values it works with (default None: every engine; RoLoRA's
+      ``freeze_B`` is not batched by the cohort engine);
+    - ``needs_base_weights``: when true the server calls ``init(model, base_weights={module: W [out × in]})``
+      with its frozen pre-trained weights (FeDeRA);
+    - ``trained_share``: the share of a group's parameters a client trains in a round, averaged
+      over rounds (default 1 for every group): FFA-LoRA's frozen A is 0, RoLoRA's alternating
+      factors ½ each; the run's "trained parameters" (banner, summary) use it;
+    - ``personalized``: clients keep their own state and the global model alone is not a model
+      (FedSA-LoRA), so every client trains on 80% of its partition and evaluates its own model on
+      the other 20% (``fedpeft.data.held_out``); the run reports those;
+    - :meth:`reply_ranks`, :meth:`init`, :meth:`round_metrics`.
+    """
+
+    name: ClassVar[str]  # a dataclass field in each subclass: the strategy=<name> option
+    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
+    heterogeneous_ranks: ClassVar[bool] = False
+    privacy_modes: ClassVar[tuple[str, ...]] = PRIVACY_MODES
+    lora_update_only: ClassVar[bool] = False
+    peft_methods: ClassVar[tuple[str, ...] | None] = None
+    peft_default: ClassVar[str | None] = None
+    privacy_default: ClassVar[tuple[str, float] | None] = None
+    engines: ClassVar[tuple[str, ...] | None] = None
+    needs_base_weights: ClassVar[bool] = False
+    trained_share: ClassVar[dict[str, float]] = {}
+    personalized: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:  # inherits its parent's name: a helper, not a strategy of its own
+            return
+        name = cls.__dict__["name"]
+        missing = [m for m in ("payload", "aggregate") if getattr(cls, m) is getattr(Strategy, m)]
+        if missing:
+            raise TypeError(f"strategy={name}: {cls.__qualname__} must implement {' and '.join(missing)}")
+        old = REGISTRY.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"strategy name {name!r} is taken twice: {old.__module__}.{old.__qualname__} and {cls.__module__}.{cls.__qualname__}")
+        REGISTRY[name] = cls  # the same class defined again (a module reloaded) replaces itself
+
+    def __post_init__(self) -> None:
+        """Checks ``weighting`` (where the strategy has one) against ``weightings``; a subclass
+        with more fields to check extends this and calls ``super().__post_init__()``."""
+        weighting = getattr(self, "weighting", None)  # a strategy with no weighting field has nothing to check
+        if weighting is not None and weighting not in self.weightings:
+            raise ValueError(f"strategy.weighting: strategy={self.name} does not take {weighting!r}; "
+                             f"expected one of {', '.join(self.weightings)}")
+
+    @classmethod
+    def config_fields(cls) -> dict[str, Any]:
+        """Its config keys (``strategy.<key>``) with their defaults: the dataclass's init fields
+        except those the run supplies (:data:`RUN_FIELDS`). A field without a default is an error
+        naming it: the default is the config key's default."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name in RUN_FIELDS:
+                continue
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+            else:
+                raise TypeError(f"strategy={cls.name}: field {f.name!r} of {cls.__qualname__} needs a default (it is strategy.{f.name}'s default)")
+        return out
 
     def reply_ranks(self, rank: int) -> tuple[int, ...]:
         """The ranks a client given ``rank`` may answer with (HetLoRA's clients may prune)."""
-        ...
+        return (rank,)
 
     def init(self, model: GlobalModel) -> GlobalModel:
         """The starting state, from the server's freshly initialized peft adapter (at ``model.rank``).
         A strategy that declares ``needs_base_weights`` takes ``base_weights`` as well."""
-        ...
+        return model
 
-    def payload(self, model: GlobalModel, client: ClientSpec) -> Payload: ...
+    def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
+        """What client ``client`` receives this round."""
+        raise NotImplementedError(f"strategy={self.name} implements no payload")
 
-    def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel: ...
+    def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
+        """The next global model from this round's updates."""
+        raise NotImplementedError(f"strategy={self.name} implements no aggregate")
 
-    # Optional: ``round_metrics(model, updates) -> {name: float}``, diagnostics of the round's
-    # aggregation that the server logs with the round's metrics (FedAvg's ``factor_avg_error``).
-    # Optional: ``personalized = True`` (a ClassVar; FedSA-LoRA): clients keep their own state and
-    # the global model alone is not a model, so every client trains on 80% of its partition and
-    # evaluates its own model on the other 20% (``fedpeft.data.held_out``); the run reports those.
+    def round_metrics(self, model: GlobalModel, updates: list[ClientUpdate]) -> dict[str, float]:
+        """Diagnostics of the round's aggregation, logged with the round's metrics (FedAvg's
+        ``factor_avg_error``); none by default."""
+        return {}

@@ -25,11 +25,7 @@ import math
 import torch
 
 from fedpeft.lora import LoraFactors, average_factors, average_tensors, normalized_weights
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
-
-
-WEIGHTINGS = ("num_examples", "uniform")
-PRIVACY_MODES = ("none", "sample", "local", "central")
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
 
 
 def client_weights(updates: list[ClientUpdate], weighting: str) -> list[float]:
@@ -62,32 +58,12 @@ def factor_average_error(modules: list[list[LoraFactors]], p: list[float]) -> fl
     return math.sqrt(err / ref) if ref > 0 else 0.0
 
 
-def check_weighting(strategy) -> None:
-    """``strategy.weighting`` must be one the strategy declares (``weightings``)."""
-    if strategy.weighting not in strategy.weightings:
-        raise ValueError(
-            f"strategy.weighting: {strategy.weighting!r} is not accepted by strategy={strategy.name}; "
-            f"expected one of {', '.join(strategy.weightings)}"
-        )
-
-
 @dataclass(frozen=True)
-class FedAvg:
+class FedAvg(Strategy):
     weighting: str = "num_examples"
     name: str = "fedavg"
-    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
     heterogeneous_ranks: ClassVar[bool] = False  # A and B are averaged separately: one rank and scaling
-    privacy_modes: ClassVar[tuple[str, ...]] = PRIVACY_MODES
     lora_update_only: ClassVar[bool] = False  # averages any PEFT method's tensors elementwise
-
-    def __post_init__(self) -> None:
-        check_weighting(self)
-
-    def reply_ranks(self, rank: int) -> tuple[int, ...]:
-        return (rank,)
-
-    def init(self, model: GlobalModel) -> GlobalModel:
-        return model
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
         return Payload(adapter=model.adapter, head=model.head)

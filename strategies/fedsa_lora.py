@@ -29,27 +29,20 @@ import torch
 
 from fedpeft.lora import LoraFactors, average_tensors
 from fedpeft.plan import ClientPlan
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
-from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+from strategies.fedavg import client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
 
 @dataclass(frozen=True)
-class FedSALoRA:
+class FedSALoRA(Strategy):
     weighting: str = "num_examples"
     name: str = "fedsa_lora"
-    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
     heterogeneous_ranks: ClassVar[bool] = False  # Ā is a plain average of the A_k
     # central DP clips and noises the whole reply against one global model; B_k is no part of either
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # needs a PEFT method whose update is s·B·A
     personalized: ClassVar[bool] = True  # clients keep state; evaluate each client's own model
-
-    def __post_init__(self) -> None:
-        check_weighting(self)
-
-    def reply_ranks(self, rank: int) -> tuple[int, ...]:
-        return (rank,)
 
     def init(self, model: GlobalModel) -> GlobalModel:
         """A ← the server's peft init (every client starts from it), B ← 0 (a placeholder: never sent)."""

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from fedpeft.lora import LoraFactors, at_scaling, average_tensors, seeded_lora_A, truncate
 from fedpeft.plan import ClientPlan
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
-from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+from strategies.fedavg import client_weights
 
 HETERO_PRIVACY_MODES = ("none", "sample", "local")  # central DP needs one global model that every client receives
 
@@ -57,7 +57,7 @@ def average_head(model: GlobalModel, updates: list[ClientUpdate], p: list[float]
 
 
 @dataclass(frozen=True)
-class FFALoRA:
+class FFALoRA(Strategy):
     """``r_max``: the shared A's rank (default: the rank of the adapter :meth:`init` receives);
     every client's rank must be ``≤ r_max``. ``seed``: the shared A's seed (the plan's ``A_seed``).
     With an empty global adapter the payload is a fresh LoRA (``init_seed = seed · 1_000_003 + client_id``)
@@ -67,19 +67,15 @@ class FFALoRA:
     seed: int = 0
     r_max: int | None = None
     name: str = "ffa_lora"
-    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
     trained_share: ClassVar[dict[str, float]] = {"lora_A": 0.0}  # A stays at its shared init
 
     def __post_init__(self) -> None:
-        check_weighting(self)
-        if self.r_max is not None and self.r_max <= 0:
-            raise ValueError(f"strategy.r_max: must be positive, got {self.r_max}")
-
-    def reply_ranks(self, rank: int) -> tuple[int, ...]:
-        return (rank,)
+        super().__post_init__()
+        if self.r_max is not None and self.r_max < 1:
+            raise ValueError(f"strategy.r_max: must be at least 1 (or null), got {self.r_max}")
 
     def init(self, model: GlobalModel) -> GlobalModel:
         """Every module's A ← the shared seeded A at ``r_max``, B ← 0, scaling 1.0 (effective units)."""

@@ -61,8 +61,8 @@ from fedpeft.lora import (
     svd_form,
 )
 from fedpeft.plan import ClientPlan
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
-from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+from strategies.fedavg import client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
 
@@ -97,7 +97,7 @@ def client_factors(g: LoraFactors, rank: int, scaling: float, *, seed: int = 0, 
 
 
 @dataclass(frozen=True)
-class FlexLoRA:
+class FlexLoRA(Strategy):
     weighting: str = "num_examples"
     seed: int = 0
     # "auto": certified randomised leading components where that pays (many clients), else exact;
@@ -108,22 +108,18 @@ class FlexLoRA:
     # each payload's ‖ΔW − s_k B_k A_k‖_F within svd_tol · ‖ΔW‖_F of the optimum (randomised path)
     svd_tol: float = 1e-5
     name: str = "flexlora"
-    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
 
     def __post_init__(self) -> None:
-        check_weighting(self)
+        super().__post_init__()
         if self.svd not in SVD_MODES:
-            raise ValueError(f"strategy.svd: expected one of {', '.join(SVD_MODES)}, got {self.svd!r}")
+            raise ValueError(f"strategy.svd: unknown value {self.svd!r}; expected one of {', '.join(SVD_MODES)}")
         if self.r_max is not None and self.r_max < 1:
-            raise ValueError(f"strategy.r_max: must be at least 1 (or None), got {self.r_max}")
+            raise ValueError(f"strategy.r_max: must be at least 1 (or null), got {self.r_max}")
         if not 0 < self.svd_tol < 1:
             raise ValueError(f"strategy.svd_tol: must be in (0, 1), got {self.svd_tol}")
-
-    def reply_ranks(self, rank: int) -> tuple[int, ...]:
-        return (rank,)
 
     def init_seed(self, client_id: int) -> int:
         return self.seed * 1_000_003 + client_id

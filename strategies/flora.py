@@ -27,8 +27,8 @@ from torch import Tensor
 
 from fedpeft.lora import delta, stack
 from fedpeft.plan import ClientPlan
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
-from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+from strategies.fedavg import client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
 
@@ -46,20 +46,13 @@ def merged_delta(model: GlobalModel) -> dict[str, Tensor]:
 
 
 @dataclass(frozen=True)
-class FLoRA:
+class FLoRA(Strategy):
     weighting: str = "num_examples"
     seed: int = 0
     name: str = "flora"
-    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
-
-    def __post_init__(self) -> None:
-        check_weighting(self)
-
-    def reply_ranks(self, rank: int) -> tuple[int, ...]:
-        return (rank,)
 
     def init(self, model: GlobalModel) -> GlobalModel:
         """Drop the server's adapter (every round starts fresh); keep the head and any merges."""

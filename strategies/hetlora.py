@@ -26,10 +26,9 @@ from typing import ClassVar
 
 from fedpeft.lora import LoraFactors, at_scaling, frobenius_of_product, normalized_weights, truncate
 from fedpeft.lora import pruned_rank, tail_norm  # noqa: F401  (the clients' pruning math, in the neutral LoRA algebra)
-from fedpeft.lora import tail_start as _tail_start
 from fedpeft.plan import ClientPlan, SelfPruning
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
-from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
+from strategies.base import WEIGHTINGS, ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+from strategies.fedavg import client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
 
@@ -39,7 +38,7 @@ def sparsity_weight(f: LoraFactors) -> float:
 
 
 @dataclass(frozen=True)
-class HetLoRA:
+class HetLoRA(Strategy):
     """``gamma``, ``lam``, ``r_min``, ``prune``: the clients' self-pruning settings, sent as the
     plan's :class:`fedpeft.plan.SelfPruning` (its loss term and finalisation)."""
 
@@ -56,10 +55,13 @@ class HetLoRA:
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
 
     def __post_init__(self) -> None:
-        check_weighting(self)
-        _tail_start(1, self.gamma)
-        if self.r_min <= 0 or self.lam < 0:
-            raise ValueError(f"HetLoRA needs r_min > 0 and lam >= 0, got r_min={self.r_min}, lam={self.lam}")
+        super().__post_init__()
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"strategy.gamma: must be in (0, 1], got {self.gamma}")
+        if self.lam < 0:
+            raise ValueError(f"strategy.lam: must be non-negative, got {self.lam}")
+        if self.r_min < 1:
+            raise ValueError(f"strategy.r_min: must be at least 1, got {self.r_min}")
 
     def reply_ranks(self, rank: int) -> tuple[int, ...]:
         """The given rank, or (with pruning) the one self-pruning step :func:`pruned_rank` allows."""

@@ -30,19 +30,18 @@ import torch
 
 from fedpeft.lora import LoraFactors, average_tensors
 from fedpeft.plan import ClientPlan
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
-from strategies.fedavg import WEIGHTINGS, check_weighting, client_weights
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+from strategies.fedavg import client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
 FACTORS = ("A", "B")
 
 
 @dataclass(frozen=True)
-class RoLoRA:
+class RoLoRA(Strategy):
     weighting: str = "num_examples"
     first: str = "B"
     name: str = "rolora"
-    weightings: ClassVar[tuple[str, ...]] = WEIGHTINGS
     heterogeneous_ranks: ClassVar[bool] = False
     # Central DP (Flower's wrapper) clips and noises whole replies, which here lack the frozen factor.
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
@@ -51,17 +50,14 @@ class RoLoRA:
     trained_share: ClassVar[dict[str, float]] = {"lora_A": 0.5, "lora_B": 0.5}  # one factor a round
 
     def __post_init__(self) -> None:
-        check_weighting(self)
+        super().__post_init__()
         if self.first not in FACTORS:
-            raise ValueError(f"strategy.first: unknown value {self.first!r}; expected A or B")
+            raise ValueError(f"strategy.first: unknown value {self.first!r}; expected one of {', '.join(FACTORS)}")
 
     def trained(self, model: GlobalModel) -> str:
         """The factor the next round trains: ``first`` in odd rounds, the other in even ones."""
         other = "A" if self.first == "B" else "B"
         return self.first if model.aggregations % 2 == 0 else other
-
-    def reply_ranks(self, rank: int) -> tuple[int, ...]:
-        return (rank,)
 
     def init(self, model: GlobalModel) -> GlobalModel:
         return GlobalModel(adapter=model.adapter, head=model.head, merges=model.merges)

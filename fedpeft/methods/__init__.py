@@ -20,16 +20,28 @@ trainable tensor that matches no group is an error naming it, never silently "he
 
 from __future__ import annotations
 
-from fedpeft.methods import bitfit, ia3, lora, lora_xs, lycoris, prompts, vera
+import importlib
+import pkgutil
+
 from fedpeft.methods.base import GROUPS, PeftMethod
 
 __all__ = ["GROUPS", "METHODS", "PeftMethod", "get", "lora_update_methods"]
 
 
 def _registry() -> dict[str, PeftMethod]:
+    """Every method of every module of this package, by name: a module registers its methods by
+    ending with ``METHODS = [PeftMethod(...), ...]`` (``base`` and modules whose name starts with
+    ``_`` are helpers). A new PEFT method is one file here."""
     out: dict[str, PeftMethod] = {}
-    for mod in (lora, lycoris, vera, ia3, prompts, bitfit, lora_xs):
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_") or info.name == "base":
+            continue
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        if not isinstance(getattr(mod, "METHODS", None), (list, tuple)):
+            raise TypeError(f"{mod.__name__}: a PEFT method module ends with METHODS = [PeftMethod(...), ...]")
         for m in mod.METHODS:
+            if m.name in out:
+                raise TypeError(f"PEFT method {m.name!r} is declared twice ({mod.__name__} and another module of fedpeft.methods)")
             out[m.name] = m
     return out
 

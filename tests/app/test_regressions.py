@@ -309,7 +309,7 @@ def test_local_dp_in_the_client_app_clips_to_C_and_adds_noise_sigma_C(run_config
         rc = run_config(*overrides)
         s = runconfig.settings(rc)
         assert (s.privacy.mode, s.privacy.clip, s.privacy.noise_multiplier) == ("local", C, sigma)
-        fa = minilm_adapter(lm, privacy=privacy_plan(_compose(*overrides), None))  # local DP: no partitioner needed
+        fa = minilm_adapter(lm, privacy=privacy_plan(_compose(*overrides), None, personalized=False))  # local DP: no partitioner needed
         (msg,) = fa.configure_train(1, fa.arrays(), ConfigRecord(), grid)
         assert float(messages.decode(msg.content).config["noise-multiplier"]) == sigma  # σ reaches the client in the message
         reply = client_app.app(msg, node_context(501, 0, rc))

@@ -1,0 +1,199 @@
+"""One registration per strategy and per PEFT method (strategies/base.py, fedpeft/methods/__init__.py):
+a new one is one file, and the config group, its schema, validation and the server follow from it.
+
+The toy strategy here lives in a module written to ``tmp_path`` and imported, as a new file in
+``strategies/`` would be; it goes through ``fedpeft.config.validate`` (a composed ``strategy=toy_shrink``)
+and one in-process round of the Flower adapter, and is unregistered afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from flwr.app import ConfigRecord
+from hydra.core.config_store import ConfigStore
+
+import strategies
+from fedpeft import messages, methods
+from fedpeft.composing import compose
+from fedpeft.config import ConfigError, register
+from fedpeft.lora import LoraFactors, scaling_for
+from fedpeft.server import FlowerAdapter
+from fedpeft.serverapp import strategy_kwargs
+from tests.harness import FakeGrid
+
+SMALL = ["clients=3", "min_clients=2", "model.rank=4", "model.alpha=8", "tracking.mode=disabled", "engine.device=cpu"]
+
+TOY = '''
+"""A toy: FedAvg of A and the head, B averaged and shrunk by ``shrink``."""
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from fedpeft.lora import LoraFactors
+from strategies import GlobalModel, Payload, Strategy
+
+
+@dataclass(frozen=True)
+class ToyShrink(Strategy):
+    weighting: str = "uniform"
+    shrink: float = 0.5
+    name: str = "toy_shrink"
+    lora_update_only: ClassVar[bool] = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.shrink <= 1:
+            raise ValueError(f"strategy.shrink: must be in (0, 1], got {self.shrink}")
+
+    def payload(self, model, client):
+        return Payload(adapter=model.adapter, head=model.head)
+
+    def aggregate(self, model, updates):
+        k = len(updates)
+        adapter = {n: LoraFactors(sum(u.adapter[n].A for u in updates) / k, self.shrink * sum(u.adapter[n].B for u in updates) / k,
+                                  g.scaling) for n, g in model.adapter.items()}
+        head = {n: sum(u.head[n] for u in updates) / k for n in model.head}
+        return GlobalModel(adapter=adapter, head=head)
+
+    def round_metrics(self, model, updates):
+        return {"toy_updates": float(len(updates))}
+'''
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    """The toy strategy's module imported from ``tmp_path``; unregistered (and the config groups
+    rebuilt without it) afterwards."""
+    (tmp_path / "toy_shrink_strategy.py").write_text(TOY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        yield importlib.import_module("toy_shrink_strategy").ToyShrink
+    finally:
+        strategies.REGISTRY.pop("toy_shrink", None)
+        sys.modules.pop("toy_shrink_strategy", None)
+        register()
+
+
+def test_every_strategy_module_registers_its_class_and_the_group_is_generated_from_them():
+    import pkgutil
+
+    modules = {m.name for m in pkgutil.iter_modules(strategies.__path__)} - {"base"}
+    assert {cls.__module__.rsplit(".", 1)[1] for cls in strategies.REGISTRY.values()} == modules
+    assert list(strategies.REGISTRY) == sorted(strategies.REGISTRY)
+    register()
+    group = ConfigStore.instance().repo["strategy"]
+    assert sorted(n.removesuffix(".yaml") for n in group) == sorted(strategies.REGISTRY)
+    het = group["hetlora.yaml"].node
+    assert (het.name, het.weighting, het.gamma, het.lam, het.r_min, het.prune) == ("hetlora", "sparsity", 0.99, 1e-3, 1, True)
+    assert group["dp_lora.yaml"].node.weighting == "uniform" and group["flexlora.yaml"].node.svd == "auto"
+
+
+def test_optional_members_have_their_defaults_on_the_base_class():
+    fedavg = strategies.build("fedavg")
+    assert (fedavg.engines, fedavg.needs_base_weights, fedavg.trained_share, fedavg.privacy_default, fedavg.peft_default,
+            fedavg.personalized, fedavg.peft_methods, fedavg.reply_ranks(5)) == (None, False, {}, None, None, False, None, (5,))
+    assert strategies.build("flora").round_metrics(None, []) == {}
+    assert strategies.REGISTRY["rolora"].engines == ("per_client",) and strategies.REGISTRY["federa"].needs_base_weights
+    assert strategies.REGISTRY["fedsa_lora"].personalized and strategies.REGISTRY["dp_lora"].privacy_default == ("sample", 8.0)
+
+
+def test_a_name_taken_twice_or_a_strategy_without_aggregate_is_refused_and_a_helper_subclass_is_not_registered():
+    from dataclasses import dataclass
+
+    from strategies.base import Strategy
+    from strategies.fedavg import FedAvg
+
+    with pytest.raises(TypeError, match="strategy name 'fedavg' is taken twice: strategies.fedavg.FedAvg and"):
+        type("Other", (Strategy,), {"name": "fedavg", "payload": FedAvg.payload, "aggregate": FedAvg.aggregate})
+    with pytest.raises(TypeError, match="strategy=half: Half must implement aggregate"):
+        type("Half", (Strategy,), {"name": "half", "payload": FedAvg.payload})
+    assert "half" not in strategies.REGISTRY and strategies.REGISTRY["fedavg"] is FedAvg
+
+    @dataclass(frozen=True)
+    class Helper(FedAvg):  # inherits fedavg's name: not a strategy of its own
+        pass
+
+    assert strategies.REGISTRY["fedavg"] is FedAvg and Helper not in strategies.REGISTRY.values()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_toy_strategy_from_one_new_module_validates_and_runs_a_round(toy):
+    assert strategies.REGISTRY["toy_shrink"] is toy
+    cfg = compose(["strategy=toy_shrink", "strategy.shrink=0.25", *SMALL])
+    assert (cfg.strategy.name, cfg.strategy.weighting, cfg.strategy.shrink) == ("toy_shrink", "uniform", 0.25)
+    assert cfg.strategy.gamma == 0.99  # the other strategies' keys stay in the schema, at their defaults
+    # its check, its weightings and its declarations, reached through validate
+    for words, line in [
+        (["strategy=toy_shrink", "strategy.shrink=2"], "strategy.shrink: must be in (0, 1], got 2.0"),
+        (["strategy=fedavg", "strategy.shrink=0"], "strategy.shrink: must be in (0, 1], got 0.0"),
+        (["strategy=toy_shrink", "strategy.weighting=sparsity"], "strategy.weighting: strategy=toy_shrink does not take 'sparsity'; expected one of num_examples, uniform"),
+        (["strategy=toy_shrink", "peft=ia3"], "peft.name: strategy=toy_shrink aggregates LoRA factors"),
+        (["strategy=toy_shrink", "strategy.shrinks=1"], "unknown key 'strategy.shrinks'"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            compose([*words, *SMALL])
+        assert str(e.value).startswith(line), str(e.value)
+    assert compose(["strategy=fedavg", "strategy.shrink=0.75", *SMALL]).strategy.shrink == 0.75  # a key fedavg does not take is ignored
+
+    # one round of the Flower adapter with the strategy the server builds from that config
+    strategy = strategies.build(cfg.strategy.name, **strategy_kwargs(cfg))
+    assert strategy == toy(weighting="uniform", shrink=0.25)
+    rank, alpha, shapes = 2, 4.0, {"l0.q": (3, 4)}
+    s = scaling_for(rank, alpha)
+    start = strategies.GlobalModel({"l0.q": LoraFactors(torch.zeros(rank, 4), torch.zeros(3, rank), s)}, {"cls.bias": torch.zeros(2)})
+    fa = FlowerAdapter(strategy, start, fraction=1.0, min_clients=1, client_spec=lambda i: strategies.ClientSpec(i, rank, alpha),
+                       shapes=shapes, seed=0)
+    nodes = {11: 0, 12: 1}
+    fa.configure_train(1, fa.arrays(), ConfigRecord(), FakeGrid(nodes))
+    sent = {node: torch.full((rank, 4), float(node)) for node in nodes}
+    replies = [
+        SimpleNamespace(metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=""), has_error=lambda: False,
+                        content=messages.encode({"l0.q": LoraFactors(sent[node], torch.full((3, rank), float(node - 10)), s)},
+                                                {"cls.bias": torch.tensor([float(node), 1.0])}, {"num-examples": 10 * node}))
+        for node in nodes
+    ]
+    _, metrics = fa.aggregate_train(1, replies)
+    assert metrics["toy_updates"] == 2.0 and fa.stats[1].replied == 2
+    got = fa.model.adapter["l0.q"]
+    assert torch.equal(got.A, torch.full((rank, 4), 11.5))  # uniform mean of 11 and 12
+    assert torch.equal(got.B, torch.full((3, rank), 0.25 * 1.5))  # shrink · mean of 1 and 2
+    assert torch.equal(fa.model.head["cls.bias"], torch.tensor([11.5, 1.0]))
+
+
+def test_the_toy_is_gone_after_its_test():
+    register()
+    assert "toy_shrink" not in strategies.REGISTRY and "toy_shrink.yaml" not in ConfigStore.instance().repo["strategy"]
+    with pytest.raises(ConfigError, match="strategy: no option 'toy_shrink'"):
+        compose(["strategy=toy_shrink", *SMALL])
+
+
+def test_a_peft_method_from_one_new_module_is_discovered_with_its_config_group(tmp_path, monkeypatch):
+    (tmp_path / "toy_method.py").write_text(
+        "from fedpeft.methods import PeftMethod\n"
+        "from fedpeft.methods.ia3 import METHODS as IA3\n"
+        "METHODS = [PeftMethod('toy_ia3', IA3[0].config, IA3[0].groups, options=IA3[0].options, about='IA3 again')]\n"
+    )
+    monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])
+    try:
+        found = methods._registry()
+        assert list(found)[-1] == "toy_ia3" and set(found) - {"toy_ia3"} == set(methods.METHODS)
+        monkeypatch.setattr(methods, "METHODS", found)
+        cfg = compose(["peft=toy_ia3", "peft.feedforward_modules=[output.dense]", *SMALL])
+        assert (cfg.peft.name, list(cfg.peft.feedforward_modules)) == ("toy_ia3", ["output.dense"])
+        with pytest.raises(ConfigError, match=r"^peft.vera_rank: applies to peft=vera only, not peft=toy_ia3$"):
+            compose(["peft=toy_ia3", "peft.vera_rank=8", *SMALL])
+        (tmp_path / "toy_method.py").write_text("X = 1\n")
+        sys.modules.pop("fedpeft.methods.toy_method", None)
+        with pytest.raises(TypeError, match=r"^fedpeft.methods.toy_method: a PEFT method module ends with METHODS = "):
+            methods._registry()
+    finally:
+        sys.modules.pop("fedpeft.methods.toy_method", None)
+        monkeypatch.undo()
+        register()
+    assert "toy_ia3" not in methods.METHODS and "toy_ia3.yaml" not in ConfigStore.instance().repo["peft"]
