@@ -24,22 +24,20 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from safetensors.torch import load_file, save_file
 
 from clients.cohort import CohortError, CohortJob, train_cohort
 from clients.train import DPSettings, TrainSettings, evaluate, train
+from fedpeft import cohorts, messages, privacy, runconfig
 from fedpeft import data as fdata
-from fedpeft import cohorts, messages
 from fedpeft import merges as merge_forms
-from fedpeft import privacy, runconfig
 from fedpeft.config import Config, DataConfig, PartitionConfig
 from fedpeft.lora import LoraFactors
 from fedpeft.models import LoadedModel, apply_merge, build, module_shapes, use_adapter, write_adapter
 from fedpeft.plan import ClientPlan, Payload
-
 
 _MODELS: dict[str, LoadedModel] = {}
 

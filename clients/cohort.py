@@ -109,7 +109,6 @@ from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for, tail_start, tr
 from fedpeft.models import PREFIX, LoadedModel, ModelError, active, layer, module_shapes, scaling_of
 from fedpeft.plan import ClientUpdate, Payload, SelfPruning
 
-
 METHODS = ("lora", "rslora")  # the PEFT methods the cohort engine batches (LoRA factors on Linear layers)
 
 

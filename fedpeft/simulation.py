@@ -150,13 +150,13 @@ def simulate(run_config: dict[str, Any], num_supernodes: int, cfg: DictConfig) -
     and every node (``run_simulation`` cannot pass a run config: this is its body, with one)."""
     # lazy: Flower (FLWR_TELEMETRY_ENABLED) and the apps' transformers and datasets (HF_HUB_OFFLINE,
     # ...) read ENV_DEFAULTS when imported, and run() calls setup_env() first
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.telemetry import EventType
 
     from clients.app import app as client_app

@@ -17,10 +17,9 @@ measures the gap each round (logged as ``factor_avg_error``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
-
-import math
 
 import torch
 

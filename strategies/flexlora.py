@@ -65,7 +65,6 @@ from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Stra
 from strategies.fedavg import client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
-
 SVD_MODES = ("auto", "exact")
 
 

@@ -24,8 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fedpeft.lora import LoraFactors, at_scaling, frobenius_of_product, normalized_weights, truncate
-from fedpeft.lora import pruned_rank, tail_norm  # noqa: F401  (the clients' pruning math, in the neutral LoRA algebra)
+from fedpeft.lora import LoraFactors, at_scaling, frobenius_of_product, normalized_weights, pruned_rank, tail_norm, truncate  # noqa: F401  (the clients' pruning math, in the neutral LoRA algebra)
 from fedpeft.plan import ClientPlan, SelfPruning
 from strategies.base import WEIGHTINGS, ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
 from strategies.fedavg import client_weights

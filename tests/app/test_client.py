@@ -1,17 +1,17 @@
 """A client's local training and the model plumbing, in-process (no Flower, no Ray)."""
 
-import pytest
-import torch
 from dataclasses import replace
 from types import SimpleNamespace
+
+import pytest
+import torch
 
 from clients import app as client_app
 from clients.train import TrainSettings, batch_order, evaluate, train
 from fedpeft import data as fdata
-from fedpeft.config import ModelConfig
+from fedpeft.config import ModelConfig, schema
 from fedpeft.lora import LoraFactors
 from fedpeft.models import ModelError, build, read_adapter, write_adapter
-from fedpeft.config import schema
 from strategies.base import Payload
 
 MODEL = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=48)

@@ -17,7 +17,8 @@ def test_federa_init_on_minilm_keeps_the_forward_pass():
     adapter at (A₀, B₀) give the base model's logits."""
     from types import SimpleNamespace
 
-    from fedpeft.models import apply_merge, build as build_model, layer, read_adapter, write_adapter
+    from fedpeft.models import apply_merge, layer, read_adapter, write_adapter
+    from fedpeft.models import build as build_model
 
     torch.set_num_threads(2)
     lm = build_model(SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=32),
@@ -43,7 +44,8 @@ def minilm_and_data():
     from types import SimpleNamespace
 
     from fedpeft import data as fdata
-    from fedpeft.models import build as build_model, read_adapter
+    from fedpeft.models import build as build_model
+    from fedpeft.models import read_adapter
 
     torch.set_num_threads(2)
     lm = build_model(SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=32),

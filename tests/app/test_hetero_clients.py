@@ -4,7 +4,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tests.harness import pruning_plan
 
 from clients.app import sync_base
 from clients.train import TrainSettings, evaluate, train
@@ -15,6 +14,7 @@ from fedpeft.models import build, layer, module_shapes, read_adapter, use_adapte
 from fedpeft.plan import ClientPlan
 from fedpeft.server import global_adapter, load_global
 from strategies.base import GlobalModel, Payload
+from tests.harness import pruning_plan
 
 MODEL = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=32)
 

@@ -18,8 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from clients import app as client_app
 from clients.train import DPSettings, TrainSettings, train
 from fedpeft import compression, messages, runconfig
-from fedpeft import merges as merge_forms
 from fedpeft import data as fdata
+from fedpeft import merges as merge_forms
 from fedpeft.lora import fresh_adapter, scaling_for
 from fedpeft.models import apply_merge, layer, module_shapes, read_adapter, use_adapter
 from fedpeft.privacy import update_norm

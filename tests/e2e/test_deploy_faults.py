@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.harness import listeners
 
 from fedpeft.deploy import Deployment, make_pki, node_configs
 from fedpeft.launch import proc_table
+from tests.harness import listeners
 
 pytestmark = pytest.mark.slow
 

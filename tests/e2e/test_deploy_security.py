@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from tests.harness import listeners
 
 from fedpeft.deploy import Deployment, DeploymentError, format_node_config, free_ports, make_node_keypair, make_pki
+from tests.harness import listeners
 
 pytestmark = pytest.mark.slow
 

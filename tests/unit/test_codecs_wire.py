@@ -13,8 +13,8 @@ from fedpeft import compression, messages
 from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for
 from fedpeft.server import Codecs, FlowerAdapter
 from strategies.base import ClientSpec, GlobalModel
-from strategies.ffa_lora import FFALoRA
 from strategies.fedavg import FedAvg
+from strategies.ffa_lora import FFALoRA
 from tests.harness import FakeGrid
 
 SHAPES = {"l0.q": (48, 64), "l0.v": (48, 64)}

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from tests.harness import LargestTensor
 
 from fedpeft.lora import (
     FactorsWithLeading,
@@ -23,6 +22,7 @@ from fedpeft.lora import (
 )
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel
 from strategies.flexlora import FlexLoRA
+from tests.harness import LargestTensor
 
 F64 = torch.float64
 ALPHA = 16.0

@@ -13,7 +13,6 @@ from fedpeft import methods
 from fedpeft.composing import compose
 from fedpeft.config import ConfigError
 
-
 ALL = ["lora", "rslora", "dora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "lora_xs"]
 
 

@@ -11,17 +11,16 @@ import re
 from types import SimpleNamespace
 
 import pytest
-from flwr.superlink.grid import inmemory_grid
-from flwr.superlink.grid import http_grid
+from flwr.superlink.grid import http_grid, inmemory_grid
 from flwr.superlink.grid.http_grid import HttpGrid
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from omegaconf import OmegaConf
 
-from tests.harness import FakeGrid
 from fedpeft.engines import get as get_engine
 from fedpeft.engines import send_and_receive
 from fedpeft.serverapp import Federation
 from fedpeft.tracking import RoundProgress, duration
+from tests.harness import FakeGrid
 
 
 class Clock:

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from flwr.common.constant import ErrorCode
 from flwr.app import Array, ConfigRecord
+from flwr.common.constant import ErrorCode
 
 from fedpeft import compression, messages
 from fedpeft.lora import LoraFactors, scaling_for, seeded_lora_A

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from tests.harness import LargestTensor
 
 from fedpeft.lora import (
     LoraFactors,
@@ -24,6 +23,7 @@ from strategies.ffa_lora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA, merged_delta
 from strategies.hetlora import HetLoRA, pruned_rank, sparsity_weight, tail_norm
+from tests.harness import LargestTensor
 
 OUT, IN = 96, 80
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
