@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -167,3 +168,52 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
     except ValueError as e:
         raise ValueError(f"privacy.target_epsilon={target_epsilon} is unreachable at delta={delta}, "
                          f"sample_rate={q}, steps={n}: {e}") from e
+
+
+class BudgetExhausted(RuntimeError):
+    """A round whose releases would take the run past its privacy budget; the message says how far."""
+
+
+@dataclass
+class PrivacyPlan:
+    """The run's privacy layer on the server: what the ledger composes each round,
+    ``steps_per_round`` sampled Gaussian steps of ``noise_multiplier`` at ``sample_rate``
+    (sample-level: a client's local DP-SGD steps at its Poisson batch rate; client-level: one
+    release at the client sampling rate), the ledger itself (:class:`Accountant`) and the budget no
+    round may exceed. The Flower adapter asks it to :meth:`spend` each round before the round's
+    messages go out; resume restores the ledger (:meth:`state_dict`, :meth:`load_state_dict`)."""
+
+    mode: str
+    noise_multiplier: float
+    clip: float
+    sample_rate: float
+    steps_per_round: int
+    delta: float
+    budget: float | None = None  # ε at delta that no round may exceed
+    accountant: Accountant = field(init=False)
+    stopped: str | None = field(init=False, default=None)  # why the run stopped: the round that would exceed the budget
+
+    def __post_init__(self) -> None:
+        self.accountant = Accountant(self.delta)
+
+    def spend(self, server_round: int) -> float:
+        """Compose round ``server_round``'s releases into the ledger and return ε after it; a round
+        that would exceed the budget (``privacy.target_epsilon``, with 1e-6 relative slack) is not
+        composed: :class:`BudgetExhausted`, and :attr:`stopped` says why."""
+        after = self.accountant.epsilon_after(self.noise_multiplier, self.sample_rate, self.steps_per_round)
+        if self.budget is not None and after > self.budget * (1 + 1e-6):
+            spent = self.accountant.epsilon()
+            self.stopped = (f"privacy budget: round {server_round} would reach ε={after:.3f} > privacy.target_epsilon={self.budget} "
+                            f"(spent ε={spent:.3f} at δ={self.delta})")
+            raise BudgetExhausted(self.stopped)
+        self.accountant.step(self.noise_multiplier, self.sample_rate, self.steps_per_round)
+        return after
+
+    def state_dict(self) -> dict[str, Any]:
+        """The ledger (:meth:`Accountant.state_dict`); the plan itself comes from the config."""
+        return self.accountant.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Compose a saved ledger's phases into this (fresh) one."""
+        for z, q, n in (state or {"history": []})["history"]:
+            self.accountant.step(z, q, n)

@@ -6,8 +6,9 @@ updates to the strategy's pure ``aggregate``. Communication is counted from the 
 For a ``personalized`` strategy (FedSA-LoRA) ``configure_evaluate`` sends every client an evaluate
 message and ``aggregate_evaluate`` collects each client's metrics on its own held-out split.
 
-Privacy and compression wrap every strategy here: the adapter keeps the run's privacy ledger
-(ε after every round; a round that would exceed ``privacy.target_epsilon`` is not started),
+Privacy and compression wrap every strategy here: the adapter asks the run's privacy layer
+(:class:`fedpeft.privacy.PrivacyPlan`, which owns the ledger) to spend each round before its
+messages go out (a round that would exceed ``privacy.target_epsilon`` is not started),
 compresses payloads (downlink) and decodes compressed updates against the start it knows each
 client trained from (uplink). Central DP is Flower's ``DifferentialPrivacyServerSideFixedClipping``
 around this adapter (:func:`wrap_central_dp`).
@@ -36,7 +37,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 from fedpeft import merges as merge_forms
 from fedpeft import messages
 from fedpeft.lora import LoraFactors, best_rank
-from fedpeft.privacy import Accountant
+from fedpeft.privacy import BudgetExhausted, PrivacyPlan
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Strategy
 
 log = logging.getLogger("fedpeft.server")
@@ -61,25 +62,6 @@ class FederationFailed(RuntimeError):
     (its configuration, data or code), not of single clients, so the run ends with that one line."""
 
 
-@dataclass
-class PrivacyPlan:
-    """What the ledger composes each round: ``steps_per_round`` sampled Gaussian steps of
-    ``noise_multiplier`` at ``sample_rate`` (sample-level: a client's local DP-SGD steps at its
-    Poisson batch rate; client-level: one release at the client sampling rate)."""
-
-    mode: str
-    noise_multiplier: float
-    clip: float
-    sample_rate: float
-    steps_per_round: int
-    delta: float
-    budget: float | None = None  # ε at delta that no round may exceed
-    accountant: Accountant = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.accountant = Accountant(self.delta)
-
-
 @dataclass(frozen=True)
 class Codecs:
     uplink: str = "none"
@@ -90,6 +72,66 @@ class Codecs:
 def sample_size(num_nodes: int, fraction: float, min_clients: int) -> int:
     """Clients sampled per round: ``fraction`` of the nodes, at least ``min_clients`` and 1, at most all."""
     return min(max(int(num_nodes * fraction), min_clients, 1), num_nodes)
+
+
+class BaseMerges:
+    """The base merges of a run as every party applies them (FLoRA's stacked updates, FedEx-LoRA's
+    residuals, FeDeRA's fold: ``GlobalModel.merges``): the form each merge travels in (chosen once,
+    :func:`fedpeft.merges.cheapest`), the merges handed to the run's merge store (``on_merge``,
+    called with the version and its forms), each round's encoded merges (shared by the round's
+    messages) and the base version each client's node has. Its state is part of the server's."""
+
+    def __init__(self, on_merge: Callable[[int, Any], None] | None = None) -> None:
+        self.on_merge = on_merge
+        self.forms: dict[int, merge_forms.Merge] = {}  # base version → its merge in the form it travels (chosen once)
+        self.published = 0  # merges handed to on_merge (the store); init's (FeDeRA) go at round 1
+        self.encoded: dict[int, messages.EncodedMerge] = {}  # this round's encoded merges, shared by its messages
+        self.seen: dict[int, int] = {}  # client (partition id) → the base version its node has
+
+    def form(self, model: GlobalModel, version: int) -> merge_forms.Merge:
+        """Base version ``version``'s merge in the form every party applies: per module the
+        cheapest exact form of the strategy's stacked factors (:func:`fedpeft.merges.cheapest`),
+        chosen once; the messages, the merge store (``on_merge``) and the state carry this form."""
+        if version not in self.forms:
+            self.forms[version] = merge_forms.cheapest(model.merges[version - 1])
+        return self.forms[version]
+
+    def publish(self, model: GlobalModel) -> None:
+        """Choose the form of every merge not yet handed to ``on_merge`` (the run's merge store) and
+        hand it over: a round's merge when the round is applied, a strategy's initial merge (FeDeRA)
+        before round 1's messages go out."""
+        for v in range(self.published + 1, model.version + 1):
+            forms = self.form(model, v)  # chosen once, now: the store and every later message carry it
+            if self.on_merge is not None:
+                self.on_merge(v, forms)
+            self.published = v
+
+    def new_round(self) -> None:
+        self.encoded = {}  # last round's encoded merges go with last round's messages
+
+    def encoded_merge(self, model: GlobalModel, version: int) -> messages.EncodedMerge:
+        """Base version ``version``'s merge encoded once per round: every message of the round that
+        carries it holds these same ``Array`` objects (each message's byte count includes them)."""
+        if version not in self.encoded:
+            self.encoded[version] = messages.encode_merge(version, self.form(model, version))
+        return self.encoded[version]
+
+    def missing(self, model: GlobalModel, pid: int, version: int) -> dict[int, messages.EncodedMerge]:
+        """The base merges client ``pid``'s node has not seen, up to ``version``."""
+        return {v: self.encoded_merge(model, v) for v in range(self.seen.get(pid, 0) + 1, version + 1)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"merge_forms": {v: {m: merge_forms.parts(f) for m, f in forms.items()} for v, forms in self.forms.items()},
+                "seen": dict(self.seen), "merges_published": self.published}
+
+    def load_state_dict(self, state: dict[str, Any], model: GlobalModel) -> None:
+        if "merge_forms" in state:
+            self.forms = {int(v): {m: merge_forms.from_parts(p) for m, p in forms.items()} for v, forms in state["merge_forms"].items()}
+        else:  # a state written before merges had forms: its nodes were sent the stacked factors
+            self.forms = {v + 1: dict(merge) for v, merge in enumerate(model.merges)}
+        self.encoded = {}
+        self.seen = {int(k): int(v) for k, v in state["seen"].items()}
+        self.published = int(state.get("merges_published", model.version))  # older states: every merge came from a round
 
 
 class FlowerAdapter(FlowerStrategy):
@@ -126,17 +168,12 @@ class FlowerAdapter(FlowerStrategy):
         self.client_spec = client_spec
         self.shapes = shapes
         self.rng = random.Random(seed)
-        self.on_merge = on_merge  # called with (version, its forms: what every party applies) for each new base merge
-        self.forms: dict[int, merge_forms.Merge] = {}  # base version → its merge in the form it travels (chosen once)
-        self.published = 0  # base merges handed to on_merge (the store); init's (FeDeRA) go at round 1
-        self._encoded: dict[int, messages.EncodedMerge] = {}  # this round's encoded merges, shared by its messages
+        self.merges = BaseMerges(on_merge)  # the base merges as every party applies them, and who has which
         self.privacy = privacy
         self.codecs = codecs
         self.seed = seed
-        self.stopped: str | None = None  # why the run ended early (the privacy budget)
         self.sent: dict[int, tuple[ClientSpec, Any, Any]] = {}  # node id → (spec, payload, uplink reference)
         self.out: dict[int, Message] = {}  # node id → the train message sent to it this round
-        self.seen: dict[int, int] = {}  # client (partition id) → the base version its node has (FLoRA merges)
         self.rank_now: dict[int, int] = {}  # client → its current rank, once it shrank (HetLoRA)
         self.stats: dict[int, RoundStats] = {}
         self.num_clients = num_clients  # partition ids are 0 .. num_clients - 1 (when known)
@@ -160,30 +197,21 @@ class FlowerAdapter(FlowerStrategy):
         base version each client's node has, HetLoRA's pruned ranks, the privacy ledger."""
         return {
             "model": _model_state(self.model),
-            "merge_forms": {v: {m: merge_forms.parts(f) for m, f in forms.items()} for v, forms in self.forms.items()},
+            **self.merges.state_dict(),
             "rng": self.rng.getstate(),
-            "seen": dict(self.seen),
             "rank_now": dict(self.rank_now),
             "rounds_applied": self.rounds_applied,
-            "merges_published": self.published,
-            "ledger": self.privacy.accountant.state_dict() if self.privacy is not None else None,
+            "ledger": self.privacy.state_dict() if self.privacy is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model = _model_from_state(state["model"])
-        if "merge_forms" in state:
-            self.forms = {int(v): {m: merge_forms.from_parts(p) for m, p in forms.items()} for v, forms in state["merge_forms"].items()}
-        else:  # a state written before merges had forms: its nodes were sent the stacked factors
-            self.forms = {v + 1: dict(merge) for v, merge in enumerate(self.model.merges)}
-        self._encoded = {}
+        self.merges.load_state_dict(state, self.model)
         self.rng.setstate(state["rng"])
-        self.seen = {int(k): int(v) for k, v in state["seen"].items()}
         self.rank_now = {int(k): int(v) for k, v in state["rank_now"].items()}
         self.rounds_applied = int(state["rounds_applied"])
-        self.published = int(state.get("merges_published", self.model.version))  # older states: every merge came from a round
         if self.privacy is not None:
-            for z, q, n in (state["ledger"] or {"history": []})["history"]:
-                self.privacy.accountant.step(z, q, n)
+            self.privacy.load_state_dict(state["ledger"])
 
     def summary(self) -> None:
         log.info("fedpeft strategy %s, fraction %s, min clients %s", self.strategy.name, self.fraction, self.min_clients)
@@ -241,51 +269,32 @@ class FlowerAdapter(FlowerStrategy):
         head = {h: tensors[f"head/{h}"] for h in self.model.head}
         self.model = replace(self.model, adapter=adapter, head=head)
 
+    @property
+    def stopped(self) -> str | None:
+        """Why the run ended early (the privacy layer's budget), or None."""
+        return self.privacy.stopped if self.privacy is not None else None
+
     def account(self, server_round: int) -> float | None:
-        """Compose this round's releases into the ledger, or stop the run if they would exceed the budget."""
-        plan = self.privacy
-        if plan is None:
+        """The privacy layer spends this round's releases (:meth:`fedpeft.privacy.PrivacyPlan.spend`);
+        a round past the budget stops the run as Flower's strategies do (``PrivacyBudgetExhausted``)."""
+        if self.privacy is None:
             return None
-        after = plan.accountant.epsilon_after(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        if plan.budget is not None and after > plan.budget * (1 + 1e-6):
-            spent = plan.accountant.epsilon()
-            self.stopped = f"privacy budget: round {server_round} would reach ε={after:.3f} > privacy.target_epsilon={plan.budget} (spent ε={spent:.3f} at δ={plan.delta})"
-            raise PrivacyBudgetExhausted(self.stopped)
-        plan.accountant.step(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        return after
+        try:
+            return self.privacy.spend(server_round)
+        except BudgetExhausted as e:
+            raise PrivacyBudgetExhausted(str(e)) from None
 
     def merge_form(self, version: int) -> merge_forms.Merge:
-        """Base version ``version``'s merge in the form every party applies: per module the
-        cheapest exact form of the strategy's stacked factors (:func:`fedpeft.merges.cheapest`),
-        chosen once; the messages, the merge store (``on_merge``) and the state carry this form."""
-        if version not in self.forms:
-            self.forms[version] = merge_forms.cheapest(self.model.merges[version - 1])
-        return self.forms[version]
-
-    def publish(self) -> None:
-        """Choose the form of every merge not yet handed to ``on_merge`` (the run's merge store) and
-        hand it over: a round's merge when the round is applied, a strategy's initial merge (FeDeRA)
-        before round 1's messages go out."""
-        for v in range(self.published + 1, self.model.version + 1):
-            forms = self.merge_form(v)  # chosen once, now: the store and every later message carry it
-            if self.on_merge is not None:
-                self.on_merge(v, forms)
-            self.published = v
-
-    def encoded_merge(self, version: int) -> messages.EncodedMerge:
-        """Base version ``version``'s merge encoded once per round: every message of the round that
-        carries it holds these same ``Array`` objects (each message's byte count includes them)."""
-        if version not in self._encoded:
-            self._encoded[version] = messages.encode_merge(version, self.merge_form(version))
-        return self._encoded[version]
+        """Base version ``version``'s merge in the form every party applies (:meth:`BaseMerges.form`)."""
+        return self.merges.form(self.model, version)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._t0 = time.perf_counter()
-        self._encoded = {}  # last round's encoded merges go with last round's messages
+        self.merges.new_round()
         if self.privacy is not None and self.privacy.mode == "central":
             self.adopt(arrays)
         epsilon = self.account(server_round)
-        self.publish()
+        self.merges.publish(self.model)
         sampled = self.sample(grid)
         stats = self.stats[server_round] = RoundStats(sampled=len(sampled), epsilon=epsilon)
         self.sent = {}
@@ -303,7 +312,7 @@ class FlowerAdapter(FlowerStrategy):
                 },
                 send_A=down_A,
                 send_B=down_B,
-                merges=self.new_merges(pid, payload.base_version),
+                merges=self.merges.missing(self.model, pid, payload.base_version),
                 codec=self.codecs.downlink,
                 generator=torch.Generator().manual_seed(hash((self.seed, server_round, spec.client_id, 1)) % 2**31),
             )
@@ -333,10 +342,6 @@ class FlowerAdapter(FlowerStrategy):
             "alpha": float(spec.alpha),
             "base-version": payload.base_version,
         }
-
-    def new_merges(self, pid: int, version: int) -> dict[int, messages.EncodedMerge]:
-        """The base merges client ``pid``'s node has not seen, up to ``version``."""
-        return {v: self.encoded_merge(v) for v in range(self.seen.get(pid, 0) + 1, version + 1)}
 
     def check_reply(self, node: int, msg: Message) -> tuple[ClientUpdate, dict[str, float]]:
         """The update in ``node``'s reply, checked against what was sent to it: its records, keys,
@@ -417,7 +422,7 @@ class FlowerAdapter(FlowerStrategy):
                 reject(node, e)
                 continue
             stats.bytes_up += messages.num_bytes(msg.content)
-            self.seen[spec.client_id] = payload.base_version
+            self.merges.seen[spec.client_id] = payload.base_version
             rank = max((f.rank for f in update.adapter.values()), default=spec.rank)
             if rank < spec.rank:
                 shrunk[spec.client_id] = rank
@@ -442,7 +447,7 @@ class FlowerAdapter(FlowerStrategy):
         if stats.applied:
             diagnostics = self.strategy.round_metrics(self.model, updates)
             self.model = self.strategy.aggregate(self.model, updates)
-            self.publish()
+            self.merges.publish(self.model)
             self.rank_now.update(shrunk)
             self.rounds_applied += 1
         else:
@@ -482,7 +487,7 @@ class FlowerAdapter(FlowerStrategy):
             spec, payload = self.payload_of(pid)
             send_A, send_B = payload.plan.downlink
             content = messages.encode(payload.adapter, payload.head, self.header(server_round, spec, payload), send_A=send_A, send_B=send_B,
-                                      merges=self.new_merges(pid, payload.base_version))
+                                      merges=self.merges.missing(self.model, pid, payload.base_version))
             self.eval_of[node] = pid
             out.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
         self.eval_out = {m.metadata.dst_node_id: m for m in out}

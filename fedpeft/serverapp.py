@@ -42,9 +42,9 @@ from fedpeft.engines import get as get_engine
 from fedpeft.launch import setup_env
 from fedpeft.merges import save_merge
 from fedpeft.preflight import check_model, check_run_dir, prepare_data
-from fedpeft.privacy import noise_multiplier_for
+from fedpeft.privacy import PrivacyPlan, noise_multiplier_for
 from fedpeft.ranks import client_alpha, client_ranks
-from fedpeft.server import Codecs, FederationFailed, FlowerAdapter, PrivacyPlan, load_global, sample_size, wrap_central_dp
+from fedpeft.server import Codecs, FederationFailed, FlowerAdapter, load_global, sample_size, wrap_central_dp
 from fedpeft.tracking import RoundProgress, Tracker, hydra_overrides, progress_line, run_tags, say, varied_keys
 from strategies.base import ClientSpec
 

@@ -77,7 +77,7 @@ def child(mode: str, clients: int, fraction: float) -> dict:
     from fedpeft import merges, messages
     from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for
     from fedpeft.plan import KEYS, ClientPlan
-    from fedpeft.server import FlowerAdapter
+    from fedpeft.server import BaseMerges, FlowerAdapter
     from strategies.base import ClientSpec, GlobalModel
     from strategies.flora import FLoRA
 
@@ -85,21 +85,22 @@ def child(mode: str, clients: int, fraction: float) -> dict:
         setattr(TaskIdentity, attr, 1)
     torch.set_num_threads(2)
 
-    class Before(FlowerAdapter):
-        """configure_train as it was: the stacked factors, encoded into every message."""
+    class Before(BaseMerges):
+        """The merges as they were: the stacked factors, encoded into every message."""
 
-        def merge_form(self, version):
-            return dict(self.model.merges[version - 1])
+        def form(self, model, version):
+            return dict(model.merges[version - 1])
 
-        def encoded_merge(self, version):
-            return messages.encode_merge(version, self.merge_form(version))
+        def encoded_merge(self, model, version):
+            return messages.encode_merge(version, self.form(model, version))
 
-    cls = Before if mode == "before" else FlowerAdapter
     ranks = [RANKS[i % len(RANKS)] for i in range(clients)]
     g = torch.Generator().manual_seed(0)
     head = {k: torch.randn(s, generator=g) * 0.01 for k, s in HEAD.items()}
-    fa = cls(FLoRA(seed=0), GlobalModel({}, head), fraction=fraction, min_clients=1,
-             client_spec=lambda i: ClientSpec(i, ranks[i], ALPHA), shapes=SHAPES, seed=0)
+    fa = FlowerAdapter(FLoRA(seed=0), GlobalModel({}, head), fraction=fraction, min_clients=1,
+                       client_spec=lambda i: ClientSpec(i, ranks[i], ALPHA), shapes=SHAPES, seed=0)
+    if mode == "before":
+        fa.merges = Before()
     grid = Grid({1000 + i: i for i in range(clients)})
 
     msgs = list(fa.configure_train(1, fa.arrays(), ConfigRecord(), grid))

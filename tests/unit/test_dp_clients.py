@@ -12,8 +12,8 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from clients.app import noised_update
 from fedpeft import messages
 from fedpeft.lora import LoraFactors
-from fedpeft.privacy import Accountant, update_norm
-from fedpeft.server import FlowerAdapter, PrivacyPlan, wrap_central_dp
+from fedpeft.privacy import Accountant, PrivacyPlan, update_norm
+from fedpeft.server import FlowerAdapter, wrap_central_dp
 from strategies.base import ClientSpec, GlobalModel
 from strategies.fedavg import FedAvg
 from tests.harness import FakeGrid

@@ -267,7 +267,7 @@ def test_federa_init_merge_is_published_before_round_1_and_sent_to_every_client(
     assert fa.model.version == 1 and stored == {}  # published with round 1, not at construction (a resumed server re-runs init)
     state0 = fa.state_dict()
     msgs = list(fa.configure_train(1, fa.arrays(), ConfigRecord(), FakeGrid(NODES)))
-    assert sorted(stored) == [1] and fa.published == 1
+    assert sorted(stored) == [1] and fa.merges.published == 1
     for msg in msgs:
         dec = messages.decode(msg.content)
         assert dec.config["base-version"] == 1 and sorted(dec.merges) == [1]

@@ -221,13 +221,13 @@ def test_the_server_prepares_each_merge_once_and_every_client_reaches_the_same_b
         return msgs
 
     round_(1)  # 6 clients × rank 4 = 24 > 16 = min(out, in), generic: dense
-    assert {merges.kind(f) for f in fa.forms[1].values()} == {"dense"}
+    assert {merges.kind(f) for f in fa.merges.forms[1].values()} == {"dense"}
     basis = torch.randn(24, 2, generator=torch.Generator().manual_seed(7))
     msgs2 = round_(2, basis)  # every client's B in one 2-d subspace: the SVD at rank 2
-    assert {merges.kind(f) for f in fa.forms[2].values()} == {"svd"} and all(f.rank == 2 for f in fa.forms[2].values())
+    assert {merges.kind(f) for f in fa.merges.forms[2].values()} == {"svd"} and all(f.rank == 2 for f in fa.merges.forms[2].values())
     grid.nodes = {200: 0, 201: 1}  # two clients × rank 4 = 8: 8 · 40 = 320 ≤ 384, the stack itself
     round_(3)
-    assert all(fa.forms[3][m] is fa.model.merges[2][m] for m in SHAPES)
+    assert all(fa.merges.forms[3][m] is fa.model.merges[2][m] for m in SHAPES)
 
     # One encoded merge per round, its Arrays shared by every message (not copied per client), and
     # counted in every message's bytes.
@@ -238,7 +238,7 @@ def test_the_server_prepares_each_merge_once_and_every_client_reaches_the_same_b
         extra = messages.num_bytes(m.content) - messages.num_bytes(without_merges(m.content))
         assert extra == sum(len(a.data) + len(k) for k, a in merge_arrays(m).items()) > 384 * 4 * len(SHAPES)
     # The store holds the very forms the messages carry.
-    assert all(stored[v] is fa.forms[v] for v in (1, 2, 3))
+    assert all(stored[v] is fa.merges.forms[v] for v in (1, 2, 3))
 
     # A node that joins now gets all three merges, in one message; a worker short of merges reads the store.
     grid.nodes = {200: 0, 299: 5, 210: 9}
@@ -270,14 +270,14 @@ def test_the_server_prepares_each_merge_once_and_every_client_reaches_the_same_b
     # A resumed server sends the same forms, bit for bit.
     again = flora_adapter()
     again.load_state_dict(fa.state_dict())
-    assert sorted(again.forms) == [1, 2, 3]
+    assert sorted(again.merges.forms) == [1, 2, 3]
     grid.nodes = {210: 9}
     resumed = messages.decode(list(again.configure_train(4, again.arrays(), ConfigRecord(), grid))[0].content)
     assert all(same_form(late_dec.merges[v][m], resumed.merges[v][m]) for v in (1, 2, 3) for m in SHAPES)
     # A state from before merge forms: its nodes got the stacks, and so do the ones it sends to now.
     legacy = flora_adapter()
     legacy.load_state_dict({k: v for k, v in fa.state_dict().items() if k != "merge_forms"})
-    assert all(legacy.forms[v][m] is legacy.model.merges[v - 1][m] for v in (1, 2, 3) for m in SHAPES)
+    assert all(legacy.merges.forms[v][m] is legacy.model.merges[v - 1][m] for v in (1, 2, 3) for m in SHAPES)
 
 
 def test_the_merges_arrays_are_not_copied_per_client():
@@ -290,9 +290,9 @@ def test_the_merges_arrays_are_not_copied_per_client():
     msgs = list(fa.configure_train(2, fa.arrays(), ConfigRecord(), grid))
     held = {id(a.data): len(a.data) for m in msgs for a in merge_arrays(m).values()}
     counted = sum(messages.num_bytes(m.content) - messages.num_bytes(without_merges(m.content)) for m in msgs)
-    assert sum(held.values()) == fa.encoded_merge(1).num_bytes() - sum(len(k) for k in fa.encoded_merge(1).arrays)
-    assert counted == 40 * fa.encoded_merge(1).num_bytes()  # yet each client's bytes_down counts them
-    assert fa.encoded_merge(1).num_bytes() < 2 * 24 * 16 * 4 + 1000  # dense, not the rank-160 stack
+    assert sum(held.values()) == fa.merges.encoded_merge(fa.model, 1).num_bytes() - sum(len(k) for k in fa.merges.encoded_merge(fa.model, 1).arrays)
+    assert counted == 40 * fa.merges.encoded_merge(fa.model, 1).num_bytes()  # yet each client's bytes_down counts them
+    assert fa.merges.encoded_merge(fa.model, 1).num_bytes() < 2 * 24 * 16 * 4 + 1000  # dense, not the rank-160 stack
 
 
 def test_apply_merge_refuses_a_dense_merge_of_the_wrong_shape():
