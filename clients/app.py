@@ -410,7 +410,7 @@ def cohort_handler(msg: Message, context: Context) -> Message:
             try:
                 if st.plan.personal_B:
                     save_personal_B(st, ctx, result[0].adapter)
-                reply = make_ffn(lambda m, c: plain, MODS)(sub, ctx)  # the member's reply through the same mods as alone
+                reply = make_ffn(lambda m, c, plain=plain: plain, MODS)(sub, ctx)  # the member's reply through the same mods as alone
                 replies[j] = reply.error if reply.has_error() else reply.content
             except Exception as e:  # noqa: BLE001
                 replies[j] = _error(e)

@@ -99,6 +99,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
@@ -553,7 +554,7 @@ class _Forward:
     def __enter__(self) -> "_Forward":
         for m in self.lm.modules:
             self._patch(layer(self.lm, m), self._lora_forward(m, layer(self.lm, m)))
-        for path, (wrapper, tensors) in self.heads.items():
+        for _path, (wrapper, tensors) in self.heads.items():
             self._patch(wrapper, self._head_forward(wrapper.modules_to_save[self.name], tensors))
         for fname, fn in (("dropout", self._dropout), ("scaled_dot_product_attention", self._sdpa)):
             self._functions[fname] = getattr(F, fname)
@@ -590,14 +591,14 @@ class _Forward:
         outs = []
         for k, xk, Tk in self._members(x, "a dropout"):
             if T is not None and Tk < T and x.dim() == 3 and x.shape[1] == T:  # [rows, T, d]
-                head = self.streams.run(k, lambda: drop(xk[:, :Tk], p, True, False))
+                head = self.streams.run(k, lambda xk=xk, Tk=Tk: drop(xk[:, :Tk], p, True, False))
                 outs.append(torch.cat([head, xk[:, Tk:]], dim=1))
             elif T is not None and Tk < T and x.dim() == 4 and x.shape[2] == x.shape[3] == T:  # [rows, heads, T, T]
-                head = self.streams.run(k, lambda: drop(xk[:, :, :Tk, :Tk], p, True, False))
+                head = self.streams.run(k, lambda xk=xk, Tk=Tk: drop(xk[:, :, :Tk, :Tk], p, True, False))
                 top = torch.cat([head, xk[:, :, :Tk, Tk:]], dim=3)
                 outs.append(torch.cat([top, xk[:, :, Tk:]], dim=2))
             else:
-                outs.append(self.streams.run(k, lambda: drop(xk, p, True, False)))
+                outs.append(self.streams.run(k, lambda xk=xk: drop(xk, p, True, False)))
         return torch.cat(outs, dim=0)
 
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs) -> torch.Tensor:
@@ -615,7 +616,7 @@ class _Forward:
                 q, kk, v = q[..., :Tk, :], kk[..., :Tk, :], v[..., :Tk, :]
                 if m is not None:
                     m = m[..., :Tk, :Tk] if m.shape[-2] == T else m[..., :Tk]
-            o = self.streams.run(k, lambda: sdpa(q, kk, v, attn_mask=m, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs))
+            o = self.streams.run(k, partial(sdpa, q, kk, v, attn_mask=m, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs))
             outs.append(F.pad(o, (0, 0, 0, T - Tk)) if cut else o)
         return torch.cat(outs, dim=0)
 

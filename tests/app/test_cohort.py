@@ -198,8 +198,8 @@ def test_float32_cohort_is_as_accurate_as_the_per_client_engine(tweets):
         ref32, _ = alone(lm32, job, ADAMW)
         exact, _ = alone(lm64, job, ADAMW)
 
-        def change(f):  # the client's whole update, all modules' A and B, from its start
-            return torch.cat([(getattr(f.adapter[m], n).double() - getattr(job.payload.adapter[m], n).double()).flatten() for m in exact.adapter for n in ("A", "B")])
+        def change(f, start=job.payload.adapter, modules=tuple(exact.adapter)):  # the client's whole update, all modules' A and B, from its start
+            return torch.cat([(getattr(f.adapter[m], n).double() - getattr(start[m], n).double()).flatten() for m in modules for n in ("A", "B")])
 
         x, y, z = change(u), change(ref32), change(exact)
         assert rel(x, z) <= 2 * rel(y, z) + 1e-7, (job.client_id, rel(x, z), rel(y, z))
