@@ -166,7 +166,10 @@ def check_model(lm: LoadedModel) -> None:
     if lm.task == "classification":
         cfg = lm.model.get_base_model().config
         if cfg.problem_type not in (None, "single_label_classification") or cfg.num_labels < 2:
-            raise CohortError(f"classification with problem_type={cfg.problem_type!r}, num_labels={cfg.num_labels}: the cohort engine trains single-label classification only")
+            raise CohortError(
+                f"classification with problem_type={cfg.problem_type!r}, num_labels={cfg.num_labels}: "
+                "the cohort engine trains single-label classification only"
+            )
     # What train() optimises: the active adapter's LoRA factors and its modules_to_save copies.
     # Anything else trainable would be silently frozen here: refuse instead.
     marks = (f".lora_A.{name}.", f".lora_B.{name}.", f".modules_to_save.{name}.")
@@ -670,7 +673,10 @@ class _Forward:
                         xg, _take(W, sel), None if b is None else _take(b, sel), self.rows_per_member(sel), self._sink(sel, keys)))
                 return rows.apply(x.to(W.dtype), rows.groups, lambda xg, sel, _: _linear(xg, _take(W, sel), None if b is None else _take(b, sel)))
             if self.per_example is not None:
-                raise CohortError(f"privacy.mode=sample: the head {template.__class__.__name__} is not a Linear layer; the cohort engine clips per-example gradients of Linear heads only")
+                raise CohortError(
+                    f"privacy.mode=sample: the head {template.__class__.__name__} is not a Linear layer; "
+                    "the cohort engine clips per-example gradients of Linear heads only"
+                )
             outs = []
             for k, xk in zip(rows.members, rows.split(x)):
                 params = {p: stacks[h][k] for h, p in tensors}
@@ -770,7 +776,9 @@ def _param_keys(lm: LoadedModel, flags: list[tuple[torch.nn.Parameter, bool]]) -
     return [ids[id(p)] for p, trains in flags if trains and id(p) in ids]
 
 
-def _clip_and_noise(stacks: _Stacks, k: int, grads: dict[tuple[str, str], torch.Tensor], keys: list[tuple[str, str]], dp: DPSettings, sampler: _PoissonSampler) -> None:
+def _clip_and_noise(
+    stacks: _Stacks, k: int, grads: dict[tuple[str, str], torch.Tensor], keys: list[tuple[str, str]], dp: DPSettings, sampler: _PoissonSampler
+) -> None:
     """Client ``k``'s DP-SGD gradient, as Opacus's ``DPOptimizer.pre_step`` forms it: every
     example's gradient over all its trained tensors clipped to ``C`` (factor
     ``min(1, C / (‖g_i‖ + 1e-6))``), summed, plus ``N(0, (σC)²)`` per entry (in the tensors' order,

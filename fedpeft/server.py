@@ -200,7 +200,10 @@ class FlowerAdapter(FlowerStrategy):
         nodes = set(grid.get_node_ids())
         unknown = sorted(n for n in nodes if n not in self.partition_of)
         if unknown:
-            ask = [Message(RecordDict({messages.CONFIG: ConfigRecord({"query": "partition-id"})}), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+            ask = [
+                Message(RecordDict({messages.CONFIG: ConfigRecord({"query": "partition-id"})}), dst_node_id=n, message_type=MessageType.QUERY)
+                for n in unknown
+            ]
             held = {p: n for n, p in self.partition_of.items() if n in nodes}
             replies = list(grid.send_and_receive(ask, timeout=self.identify_timeout))
             asked = _ids({m.metadata.dst_node_id: m for m in ask})
@@ -249,7 +252,10 @@ class FlowerAdapter(FlowerStrategy):
         after = plan.accountant.epsilon_after(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
         if plan.budget is not None and after > plan.budget * (1 + 1e-6):
             spent = plan.accountant.epsilon()
-            self.stopped = f"privacy budget: round {server_round} would reach ε={after:.3f} > privacy.target_epsilon={plan.budget} (spent ε={spent:.3f} at δ={plan.delta})"
+            self.stopped = (
+                f"privacy budget: round {server_round} would reach ε={after:.3f} > privacy.target_epsilon={plan.budget} "
+                f"(spent ε={spent:.3f} at δ={plan.delta})"
+            )
             raise PrivacyBudgetExhausted(self.stopped)
         plan.accountant.step(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
         return after

@@ -36,12 +36,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fedpeft.lora import LoraFactors, best_rank, normalized_weights, scaling_for, stack  # noqa: E402
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel  # noqa: E402
-from strategies.ffa_lora import FFALoRA  # noqa: E402
-from strategies.flexlora import FlexLoRA  # noqa: E402
-from strategies.flora import FLoRA  # noqa: E402
-from strategies.hetlora import HetLoRA  # noqa: E402
+from fedpeft.lora import LoraFactors, best_rank, normalized_weights, scaling_for, stack
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel
+from strategies.ffa_lora import FFALoRA
+from strategies.flexlora import FlexLoRA
+from strategies.flora import FLoRA
+from strategies.hetlora import HetLoRA
 
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 ALPHA = 16.0

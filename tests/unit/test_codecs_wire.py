@@ -99,7 +99,8 @@ def test_adapter_compresses_payloads_and_decodes_delta_updates_against_what_it_s
         end = {k: LoraFactors(f.A + 0.05, f.B - 0.05, f.scaling) for k, f in dec.adapter.items()}
         targets.append(end)
         content = messages.encode(end, dec.head, {"num-examples": 5}, codec="int4", generator=torch.Generator().manual_seed(1), reference=start)
-        replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id, reply_to_message_id=""), has_error=lambda: False, content=content))
+        metadata = SimpleNamespace(src_node_id=m.metadata.dst_node_id, reply_to_message_id="")
+        replies.append(SimpleNamespace(metadata=metadata, has_error=lambda: False, content=content))
     fa.aggregate_train(1, replies)
     assert fa.stats[1].replied == 2
     for k in SHAPES:  # the delta (+0.05 everywhere) is constant per row: int4 codes it exactly
