@@ -169,7 +169,8 @@ class Step:
 
     def seed(self, stream: int) -> int:
         """A seed for one random stream of this client in this round (0: training, 2: local DP noise, 3: codec)."""
-        return hash((self.settings.seed, self.server_round, self.partition_id, stream) if stream else (self.settings.seed, self.server_round, self.partition_id)) % (2**31)
+        key = (self.settings.seed, self.server_round, self.partition_id, stream) if stream else (self.settings.seed, self.server_round, self.partition_id)
+        return hash(key) % (2**31)
 
 
 def read_step(msg: Message, context: Context) -> Step:
@@ -367,14 +368,15 @@ def cohort_handler(msg: Message, context: Context) -> Message:
     for pid, content in cohorts.unpack(msg.content):
         sub = Message(content=content, metadata=copy(msg.metadata))
         node_config = {**context.node_config, "partition-id": pid}
-        members.append((sub, Context(run_id=context.run_id, node_id=context.node_id, node_config=node_config, state=RecordDict(), run_config=context.run_config)))
+        ctx = Context(run_id=context.run_id, node_id=context.node_id, node_config=node_config, state=RecordDict(), run_config=context.run_config)
+        members.append((sub, ctx))
     replies: list[RecordDict | Error | None] = [None] * len(members)
     steps: dict[int, Step] = {}
     for j, (sub, ctx) in enumerate(members):
         try:
             fault_profile(sub, ctx, lambda m, c: m)
             steps[j] = read_step(sub, ctx)
-        except Exception as e:  # noqa: BLE001 - one member's failure is its reply, not the cohort's
+        except Exception as e:  # one member's failure is its reply, not the cohort's
             replies[j] = _error(e)
     if steps:
         versions = {st.base_version for st in steps.values()}
@@ -393,13 +395,13 @@ def cohort_handler(msg: Message, context: Context) -> Message:
             results: list = train_cohort(lm, jobs, settings, autocast=torch.bfloat16 if s.engine.precision == "bf16" else None)
         except CohortError:
             raise  # a setting the cohort engine cannot train: every member's error, naming it
-        except Exception:  # noqa: BLE001 - one client's failure (its loss became NaN, ...) must not fail the others
+        except Exception:  # one client's failure (its loss became NaN, ...) must not fail the others
             results = []
             for job in jobs:  # each member alone, as the per-client engine trains it
                 try:
                     use_adapter(lm, job.rank, job.alpha)
                     results.append(train(lm, job.payload, job.data, settings, seed=job.seed, client_id=job.client_id, dp=job.dp))
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     results.append(e)
         for (j, st), result in zip(steps.items(), results):
             sub, ctx = members[j]
@@ -410,9 +412,9 @@ def cohort_handler(msg: Message, context: Context) -> Message:
             try:
                 if st.plan.personal_B:
                     save_personal_B(st, ctx, result[0].adapter)
-                reply = make_ffn(lambda m, c: plain, MODS)(sub, ctx)  # the member's reply through the same mods as alone
+                reply = make_ffn(lambda m, c, plain=plain: plain, MODS)(sub, ctx)  # the member's reply through the same mods as alone
                 replies[j] = reply.error if reply.has_error() else reply.content
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 replies[j] = _error(e)
     return Message(content=cohorts.pack_replies(replies), reply_to=msg)
 

@@ -99,6 +99,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
@@ -165,7 +166,10 @@ def check_model(lm: LoadedModel) -> None:
     if lm.task == "classification":
         cfg = lm.model.get_base_model().config
         if cfg.problem_type not in (None, "single_label_classification") or cfg.num_labels < 2:
-            raise CohortError(f"classification with problem_type={cfg.problem_type!r}, num_labels={cfg.num_labels}: the cohort engine trains single-label classification only")
+            raise CohortError(
+                f"classification with problem_type={cfg.problem_type!r}, num_labels={cfg.num_labels}: "
+                "the cohort engine trains single-label classification only"
+            )
     # What train() optimises: the active adapter's LoRA factors and its modules_to_save copies.
     # Anything else trainable would be silently frozen here: refuse instead.
     marks = (f".lora_A.{name}.", f".lora_B.{name}.", f".modules_to_save.{name}.")
@@ -553,7 +557,7 @@ class _Forward:
     def __enter__(self) -> "_Forward":
         for m in self.lm.modules:
             self._patch(layer(self.lm, m), self._lora_forward(m, layer(self.lm, m)))
-        for path, (wrapper, tensors) in self.heads.items():
+        for _path, (wrapper, tensors) in self.heads.items():
             self._patch(wrapper, self._head_forward(wrapper.modules_to_save[self.name], tensors))
         for fname, fn in (("dropout", self._dropout), ("scaled_dot_product_attention", self._sdpa)):
             self._functions[fname] = getattr(F, fname)
@@ -590,14 +594,14 @@ class _Forward:
         outs = []
         for k, xk, Tk in self._members(x, "a dropout"):
             if T is not None and Tk < T and x.dim() == 3 and x.shape[1] == T:  # [rows, T, d]
-                head = self.streams.run(k, lambda: drop(xk[:, :Tk], p, True, False))
+                head = self.streams.run(k, lambda xk=xk, Tk=Tk: drop(xk[:, :Tk], p, True, False))
                 outs.append(torch.cat([head, xk[:, Tk:]], dim=1))
             elif T is not None and Tk < T and x.dim() == 4 and x.shape[2] == x.shape[3] == T:  # [rows, heads, T, T]
-                head = self.streams.run(k, lambda: drop(xk[:, :, :Tk, :Tk], p, True, False))
+                head = self.streams.run(k, lambda xk=xk, Tk=Tk: drop(xk[:, :, :Tk, :Tk], p, True, False))
                 top = torch.cat([head, xk[:, :, :Tk, Tk:]], dim=3)
                 outs.append(torch.cat([top, xk[:, :, Tk:]], dim=2))
             else:
-                outs.append(self.streams.run(k, lambda: drop(xk, p, True, False)))
+                outs.append(self.streams.run(k, lambda xk=xk: drop(xk, p, True, False)))
         return torch.cat(outs, dim=0)
 
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs) -> torch.Tensor:
@@ -615,7 +619,7 @@ class _Forward:
                 q, kk, v = q[..., :Tk, :], kk[..., :Tk, :], v[..., :Tk, :]
                 if m is not None:
                     m = m[..., :Tk, :Tk] if m.shape[-2] == T else m[..., :Tk]
-            o = self.streams.run(k, lambda: sdpa(q, kk, v, attn_mask=m, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs))
+            o = self.streams.run(k, partial(sdpa, q, kk, v, attn_mask=m, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs))
             outs.append(F.pad(o, (0, 0, 0, T - Tk)) if cut else o)
         return torch.cat(outs, dim=0)
 
@@ -669,7 +673,10 @@ class _Forward:
                         xg, _take(W, sel), None if b is None else _take(b, sel), self.rows_per_member(sel), self._sink(sel, keys)))
                 return rows.apply(x.to(W.dtype), rows.groups, lambda xg, sel, _: _linear(xg, _take(W, sel), None if b is None else _take(b, sel)))
             if self.per_example is not None:
-                raise CohortError(f"privacy.mode=sample: the head {template.__class__.__name__} is not a Linear layer; the cohort engine clips per-example gradients of Linear heads only")
+                raise CohortError(
+                    f"privacy.mode=sample: the head {template.__class__.__name__} is not a Linear layer; "
+                    "the cohort engine clips per-example gradients of Linear heads only"
+                )
             outs = []
             for k, xk in zip(rows.members, rows.split(x)):
                 params = {p: stacks[h][k] for h, p in tensors}
@@ -769,7 +776,9 @@ def _param_keys(lm: LoadedModel, flags: list[tuple[torch.nn.Parameter, bool]]) -
     return [ids[id(p)] for p, trains in flags if trains and id(p) in ids]
 
 
-def _clip_and_noise(stacks: _Stacks, k: int, grads: dict[tuple[str, str], torch.Tensor], keys: list[tuple[str, str]], dp: DPSettings, sampler: _PoissonSampler) -> None:
+def _clip_and_noise(
+    stacks: _Stacks, k: int, grads: dict[tuple[str, str], torch.Tensor], keys: list[tuple[str, str]], dp: DPSettings, sampler: _PoissonSampler
+) -> None:
     """Client ``k``'s DP-SGD gradient, as Opacus's ``DPOptimizer.pre_step`` forms it: every
     example's gradient over all its trained tensors clipped to ``C`` (factor
     ``min(1, C / (‖g_i‖ + 1e-6))``), summed, plus ``N(0, (σC)²)`` per entry (in the tensors' order,

@@ -223,7 +223,10 @@ def resolve_paths(paths: list[str | os.PathLike]) -> list[Path]:
             if m.is_dir():
                 dirs.extend(find_run_dirs(m))
         if not dirs:
-            raise CompareError(f"{text}: {'no match' if not matches else 'no fedpeft run directory there'} (a run directory holds config.yaml, metrics.jsonl or summary.json)")
+            raise CompareError(
+                f"{text}: {'no match' if not matches else 'no fedpeft run directory there'} "
+                "(a run directory holds config.yaml, metrics.jsonl or summary.json)"
+            )
         out.extend(dirs)
     unique: dict[Path, Path] = {}
     for d in out:
@@ -432,7 +435,8 @@ def table(groups: list[Group], metric: str) -> str:
     direction = "min" if lower_is_better(metric) else "max"
     with_eps = any(g.epsilon is not None for g in groups)
     with_params = any(not math.isnan(g.mean("params")) for g in groups)
-    head = ["group", "n", "seeds", f"final {metric}", f"best {metric} ({direction})", "MB up", "MB down", "seconds", "s / round"] + (["trained params"] if with_params else []) + (["ε"] if with_eps else [])
+    head = ["group", "n", "seeds", f"final {metric}", f"best {metric} ({direction})", "MB up", "MB down", "seconds", "s / round"]
+    head += (["trained params"] if with_params else []) + (["ε"] if with_eps else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         row = [g.label, str(g.n), ", ".join(show(s) for s in g.seeds), pm(*g.stat("final"), d), pm(*g.stat("best"), d),
@@ -489,8 +493,8 @@ def write_csvs(groups: list[Group], problems: list[Run], out_dir: Path, metric: 
                     f"{metric}_best_std", "mb_up", "mb_down", "seconds", "s_per_round", "epsilon", "trainable_params"])
         for g in groups:
             w.writerow([g.label, *(show(g.values[k]) for k in keys), g.n, " ".join(show(s) for s in g.seeds), *map(num, g.stat("final")),
-                        *map(num, g.stat("best")), num(g.mean("mb_up")), num(g.mean("mb_down")), num(g.mean("seconds")), num(g.mean("s_per_round")), num(g.epsilon),
-                        num(g.mean("params"))])
+                        *map(num, g.stat("best")), num(g.mean("mb_up")), num(g.mean("mb_down")), num(g.mean("seconds")), num(g.mean("s_per_round")),
+                        num(g.epsilon), num(g.mean("params"))])
     runs_csv = out_dir / "runs.csv"
     with runs_csv.open("w", newline="") as f:
         w = csv.writer(f)

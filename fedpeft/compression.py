@@ -277,7 +277,7 @@ def decode(arrays: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str,
 
     out: dict[str, Tensor] = {}
     for name, shape in shapes.items():
-        def part(p: str) -> Tensor:
+        def part(p: str, name: str = name) -> Tensor:
             key = name if kind == "none" else f"{name}{SEP}{p}"
             if key not in arrays:
                 raise ValueError(f"compression: tensor {name!r}: missing array {key!r} (codec {kind!r})")

@@ -423,7 +423,10 @@ def validate(cfg: Any) -> None:
     need(cfg.train.optimizer == "sgd" or cfg.train.momentum == 0, "train.momentum", "applies to train.optimizer=sgd only")
     need(cfg.partition.alpha > 0, "partition.alpha", f"must be positive, got {cfg.partition.alpha}")
     need(cfg.partition.shards_per_client >= 1, "partition.shards_per_client", "must be at least 1")
-    need(cfg.partition.min_partition_size >= 1, "partition.min_partition_size", f"must be at least 1 (a client with no data cannot train), got {cfg.partition.min_partition_size}")
+    need(
+        cfg.partition.min_partition_size >= 1, "partition.min_partition_size",
+        f"must be at least 1 (a client with no data cannot train), got {cfg.partition.min_partition_size}",
+    )
     need(cfg.engine.num_cpus > 0, "engine.num_cpus", f"must be positive, got {cfg.engine.num_cpus}")
     need(cfg.engine.num_gpus >= 0, "engine.num_gpus", f"must be non-negative, got {cfg.engine.num_gpus}")
     from fedpeft.engines import ENGINES
@@ -528,5 +531,8 @@ def validate_privacy(cfg: Any, need, one_of) -> None:
     if pv.noise_multiplier is not None:
         need(pv.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be non-negative, got {pv.noise_multiplier}")
     if pv.mode == "central":  # which strategies take it: their privacy_modes (checked in validate)
-        need(cfg.strategy.weighting == "uniform", "strategy.weighting", "central DP needs uniform client weights (a data-size weight would scale one client's sensitivity): set strategy.weighting=uniform")
+        need(
+            cfg.strategy.weighting == "uniform", "strategy.weighting",
+            "central DP needs uniform client weights (a data-size weight would scale one client's sensitivity): set strategy.weighting=uniform",
+        )
         need(cp.uplink == "none", "compression.uplink", "central DP clips the clients' raw updates on the server: use privacy=local to compress DP updates")

@@ -417,7 +417,7 @@ class Deployment:
         env["FLWR_HOME"] = str(self.work_dir / "home" / (home or name))
         Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
         if stdout is None:
-            out = open(self.work_dir / f"{name}.log", log_mode + "b")  # noqa: SIM115 (closed in _close_logs)
+            out = open(self.work_dir / f"{name}.log", log_mode + "b")  # closed in _close_logs
             err = subprocess.STDOUT
         else:
             out, err = stdout, subprocess.STDOUT

@@ -41,7 +41,9 @@ def project_dir() -> Path:
     root = Path(__file__).resolve().parent.parent
     pyproject = root / "pyproject.toml"
     if not pyproject.is_file() or "[tool.flwr.app.config]" not in pyproject.read_text():
-        raise ConfigError(f"the fedpeft app's pyproject.toml (with [tool.flwr.app.config]) is not in {root}; install fedpeft from its source tree (pip install -e .)")
+        raise ConfigError(
+            f"the fedpeft app's pyproject.toml (with [tool.flwr.app.config]) is not in {root}; install fedpeft from its source tree (pip install -e .)"
+        )
     return root
 
 

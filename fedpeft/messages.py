@@ -88,7 +88,9 @@ def tensors_of(adapter: Adapter, head: Mapping[str, torch.Tensor], *, send_A: bo
     return out
 
 
-def start_tensors(dec: "Decoded", shapes: Mapping[str, tuple[int, int]], rank: int, alpha: float, *, send_A: bool = True, send_B: bool = True) -> dict[str, torch.Tensor]:
+def start_tensors(
+    dec: "Decoded", shapes: Mapping[str, tuple[int, int]], rank: int, alpha: float, *, send_A: bool = True, send_B: bool = True
+) -> dict[str, torch.Tensor]:
     """What a client starts training from, as arrays: the payload's adapter (as decoded), or for
     an empty one the fresh LoRA of ``init_seed``; the reference of an uplink delta."""
     adapter = dec.adapter or (fresh_adapter(shapes, rank, scaling_for(rank, alpha), int(dec.config[INIT_SEED])) if shapes else {})
@@ -194,7 +196,10 @@ def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = N
                 B = tensors[f"B/{name}"]
             elif kept is not None and name in kept:  # frozen on the client (RoLoRA): the one sent
                 B = kept[name].B.detach().cpu().float()
-            elif isinstance(cfg.get(f"out_features/{name}"), int) and not isinstance(cfg.get(f"out_features/{name}"), bool) and cfg[f"out_features/{name}"] >= 1:
+            elif (
+                isinstance(cfg.get(f"out_features/{name}"), int) and not isinstance(cfg.get(f"out_features/{name}"), bool)
+                and cfg[f"out_features/{name}"] >= 1
+            ):
                 B = t.new_zeros(int(cfg[f"out_features/{name}"]), t.shape[0])  # personal (FedSA-LoRA): the receiver puts its own
             else:
                 raise UpdateError(f"module {name}: A without B (and neither a kept B nor a valid out_features/{name})")
@@ -324,7 +329,10 @@ def check_reply_layout(
     ``A_seed``, for a personal B its ``out_features``. So no size a client declares is allocated unchecked. Returns the reply's rank;
     raises :class:`UpdateError` naming the key."""
     if set(content.array_records) != {ARRAYS} or CONFIG not in content.config_records:
-        raise UpdateError(f"reply holds array records {sorted(content.array_records)} and config records {sorted(content.config_records)}, expected '{ARRAYS}' and '{CONFIG}'")
+        raise UpdateError(
+            f"reply holds array records {sorted(content.array_records)} and config records {sorted(content.config_records)}, "
+            f"expected '{ARRAYS}' and '{CONFIG}'"
+        )
     record, cfg = content.array_records[ARRAYS], content.config_records[CONFIG]
     got, delta = cfg.get("codec"), cfg.get("delta")
     if (codec == "none" and (got is not None or delta is not None)) or (codec != "none" and (got != codec or delta is not True)):

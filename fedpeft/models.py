@@ -144,7 +144,9 @@ def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed:
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             model = get_peft_model(base, peft_config)
     except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:
-        raise ModelError(f"peft={method.name} on model {model_cfg.name!r} (model.target_modules {list(model_cfg.target_modules)}): {str(e).strip().splitlines()[0]}") from e
+        raise ModelError(
+            f"peft={method.name} on model {model_cfg.name!r} (model.target_modules {list(model_cfg.target_modules)}): {str(e).strip().splitlines()[0]}"
+        ) from e
     if method.freeze:
         for n, p in model.named_parameters():
             if re.search(method.freeze, n):
@@ -244,7 +246,9 @@ def lora_config(lm: LoadedModel, ranks: Mapping[str, int], alphas: Mapping[str, 
 
 
 def _same_shape(a: LoraConfig, b: LoraConfig) -> bool:
-    return (a.r, float(a.lora_alpha), dict(a.rank_pattern or {}), dict(a.alpha_pattern or {})) == (b.r, float(b.lora_alpha), dict(b.rank_pattern or {}), dict(b.alpha_pattern or {}))
+    return (a.r, float(a.lora_alpha), dict(a.rank_pattern or {}), dict(a.alpha_pattern or {})) == (
+        b.r, float(b.lora_alpha), dict(b.rank_pattern or {}), dict(b.alpha_pattern or {})
+    )
 
 
 def use_config(lm: LoadedModel, name: str, config: LoraConfig) -> str:
@@ -368,6 +372,9 @@ def write_adapter(lm: LoadedModel, adapter: dict[str, LoraFactors], head: dict[s
     # peft reports some keys it did load as unexpected (prompt embeddings, a bias also in a head):
     # check what the model now holds instead.
     now = get_peft_model_state_dict(lm.model, adapter_name=active(lm))
-    wrong = [k for k, t in state.items() if k not in now or not torch.allclose(now[k].detach().cpu(), t.detach().cpu().to(now[k].dtype), rtol=0, atol=0, equal_nan=True)]
+    wrong = [
+        k for k, t in state.items()
+        if k not in now or not torch.allclose(now[k].detach().cpu(), t.detach().cpu().to(now[k].dtype), rtol=0, atol=0, equal_nan=True)
+    ]
     if wrong:
         raise ModelError(f"peft did not load adapter tensors {wrong[:3]}")

@@ -174,7 +174,9 @@ def prepare_data(cfg: DictConfig):
                                   f"data.{key} only renames a column of a Hugging Face dataset or a local path (drop the override)")
     task = fdata.task_of(ds)
     if cfg.model.task == "classification" and task != "classification":
-        raise ConfigError(f"model.task: classification needs labelled data, but data {cfg.data.name!r} has no label column (use a causal_lm model, e.g. model=smollm2)")
+        raise ConfigError(
+            f"model.task: classification needs labelled data, but data {cfg.data.name!r} has no label column (use a causal_lm model, e.g. model=smollm2)"
+        )
     num_labels = len(fdata.label_names(ds)) if cfg.model.task == "classification" else None
     kw = {k: v for k, v in OmegaConf.to_container(cfg.partition).items() if k != "kind"}
     partitioner = fdata.partition(ds["train"], cfg.partition.kind, cfg.clients, seed=cfg.seed, **kw)

@@ -228,7 +228,10 @@ class FlowerAdapter(FlowerStrategy):
         nodes = set(grid.get_node_ids())
         unknown = sorted(n for n in nodes if n not in self.partition_of)
         if unknown:
-            ask = [Message(RecordDict({messages.CONFIG: ConfigRecord({"query": "partition-id"})}), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+            ask = [
+                Message(RecordDict({messages.CONFIG: ConfigRecord({"query": "partition-id"})}), dst_node_id=n, message_type=MessageType.QUERY)
+                for n in unknown
+            ]
             held = {p: n for n, p in self.partition_of.items() if n in nodes}
             replies = list(grid.send_and_receive(ask, timeout=self.identify_timeout))
             asked = _ids({m.metadata.dst_node_id: m for m in ask})

@@ -272,8 +272,9 @@ class Federation:
             (self.run_dir / "ranks.json").write_text(json.dumps({"ranks": self.ranks, "alphas": self.alphas}) + "\n")
             if self.plan is not None:
                 p = self.plan
-                (self.run_dir / "privacy.json").write_text(json.dumps({"mode": p.mode, "noise_multiplier": p.noise_multiplier, "clip": p.clip, "sample_rate": p.sample_rate,
-                                                                        "steps_per_round": p.steps_per_round, "delta": p.delta, "budget": p.budget}) + "\n")
+                privacy = {"mode": p.mode, "noise_multiplier": p.noise_multiplier, "clip": p.clip, "sample_rate": p.sample_rate,
+                           "steps_per_round": p.steps_per_round, "delta": p.delta, "budget": p.budget}
+                (self.run_dir / "privacy.json").write_text(json.dumps(privacy) + "\n")
         varied = varied_keys(hydra_overrides(self.run_dir)) + list(cfg.tracking.tags or [])
         self.tracker = Tracker(
             self.run_dir, OmegaConf.to_container(cfg, resolve=True), mode=cfg.tracking.mode, project=cfg.tracking.project,
@@ -468,7 +469,10 @@ class Federation:
         where = f"; adapter in {self.tracker.checkpoint_dir(last)}" if self.cfg.tracking.save_adapters else f"; results in {self.run_dir}"
         what = "personalised (mean over clients' held-out splits)" if self.adapter.strategy.personalized else "test"
         if "accuracy" in final:
-            say(f"done in {self.summary['seconds']:.0f}s: {what} accuracy {final['accuracy']:.4f} (majority-class rate {self.baseline['majority_rate']:.4f}){where}")
+            say(
+                f"done in {self.summary['seconds']:.0f}s: {what} accuracy {final['accuracy']:.4f} "
+                f"(majority-class rate {self.baseline['majority_rate']:.4f}){where}"
+            )
         elif "perplexity" in final:
             say(f"done in {self.summary['seconds']:.0f}s: {what} perplexity {final['perplexity']:.2f}{where}")
         else:

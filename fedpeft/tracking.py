@@ -148,7 +148,7 @@ class Tracker:
                         settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True),
                     )
                     break
-                except Exception as e:  # noqa: BLE001 - wandb raises its own ServerResponseError
+                except Exception as e:  # wandb raises its own ServerResponseError
                     # A run killed moments ago leaves its wandb service holding the run id until it
                     # notices its parent is gone: wait for it rather than failing the resume.
                     if run_id is None or "is in use" not in str(e) or attempt == RUN_IN_USE_TRIES:

@@ -51,7 +51,8 @@ class FakeGrid:
             self.queries += 1
             node = m.metadata.dst_node_id
             content = RecordDict({"config": ConfigRecord({"partition-id": self.nodes[node]})})
-            out.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=m.metadata.message_id), has_error=lambda: False, content=content))
+            metadata = SimpleNamespace(src_node_id=node, reply_to_message_id=m.metadata.message_id)
+            out.append(SimpleNamespace(metadata=metadata, has_error=lambda: False, content=content))
         return out
 
 
@@ -82,7 +83,7 @@ class AppGrid:
             self.types.append(m.metadata.message_type)
             try:
                 self.waiting[mid] = client_app.app(m, self.contexts[m.metadata.dst_node_id])
-            except Exception as ex:  # noqa: BLE001 - as flwr's vce_api reports a ClientApp's exception
+            except Exception as ex:  # as flwr's vce_api reports a ClientApp's exception
                 self.waiting[mid] = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(type(ex)) + ":<'" + str(ex) + "'>"), reply_to=m)
             ids.append(mid)
         return ids

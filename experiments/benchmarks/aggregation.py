@@ -36,12 +36,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fedpeft.lora import LoraFactors, best_rank, normalized_weights, scaling_for, stack  # noqa: E402
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel  # noqa: E402
-from strategies.ffa_lora import FFALoRA  # noqa: E402
-from strategies.flexlora import FlexLoRA  # noqa: E402
-from strategies.flora import FLoRA  # noqa: E402
-from strategies.hetlora import HetLoRA  # noqa: E402
+from fedpeft.lora import LoraFactors, best_rank, normalized_weights, scaling_for, stack
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel
+from strategies.ffa_lora import FFALoRA
+from strategies.flexlora import FlexLoRA
+from strategies.flora import FLoRA
+from strategies.hetlora import HetLoRA
 
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 ALPHA = 16.0
@@ -98,21 +98,21 @@ def run(clients: int, modules: int, device: torch.device, dense_modules: int, sv
         # FFA-LoRA: shared seeded A, clients' A = its leading rows
         g_ffa = ffa.init(GlobalModel(adapter=server_adapter(name, gen, device)))
         ups = client_updates(name, specs, nums, gen, device, A_shared=g_ffa.adapter[name].A)
-        t["ffa_lora aggregate"] += timer(lambda: ffa.aggregate(g_ffa, ups))[0]
+        t["ffa_lora aggregate"] += timer(lambda g=g_ffa, ups=ups: ffa.aggregate(g, ups))[0]
         # the other three: independent random factors at each client's rank
         ups = client_updates(name, specs, nums, gen, device)
         g_het = het.init(GlobalModel(adapter=server_adapter(name, gen, device)))
-        t["hetlora aggregate (sparsity weights)"] += timer(lambda: het.aggregate(g_het, ups))[0]
-        t["flora aggregate (stack)"] += timer(lambda: flora.aggregate(GlobalModel(adapter={}), ups))[0]
-        dt, g_flex = timer(lambda: flex.aggregate(GlobalModel(adapter={}), ups))
+        t["hetlora aggregate (sparsity weights)"] += timer(lambda g=g_het, ups=ups: het.aggregate(g, ups))[0]
+        t["flora aggregate (stack)"] += timer(lambda ups=ups: flora.aggregate(GlobalModel(adapter={}), ups))[0]
+        dt, g_flex = timer(lambda ups=ups: flex.aggregate(GlobalModel(adapter={}), ups))
         t["flexlora aggregate (stack + factored SVD)"] += dt
-        t["flexlora payload, all clients (slices)"] += timer(lambda: [flex.payload(g_flex, c) for c in specs])[0]
+        t["flexlora payload, all clients (slices)"] += timer(lambda g=g_flex: [flex.payload(g, c) for c in specs])[0]
         if i < dense_modules:
             p = normalized_weights(nums)
             stacked = stack([u.adapter[name] for u in ups], p)
             for c in specs[:svd_samples]:
-                per_client_svd.append(timer(lambda: best_rank(stacked, c.rank, scaling_for(c.rank, c.alpha)))[0])
-            dense.append(timer(lambda: torch.linalg.svd(stacked.B @ stacked.A, full_matrices=False))[0])
+                per_client_svd.append(timer(lambda stacked=stacked, c=c: best_rank(stacked, c.rank, scaling_for(c.rank, c.alpha)))[0])
+            dense.append(timer(lambda stacked=stacked: torch.linalg.svd(stacked.B @ stacked.A, full_matrices=False))[0])
         del ups, g_ffa, g_het, g_flex
     rows = [(name, clients, secs, f"measured, {modules} modules") for name, secs in t.items()]
     if per_client_svd:

@@ -112,7 +112,8 @@ def make_model(name: str, device: str, max_length: int, rank: int, alpha: float)
 
     tweets = fdata.load("election_tweets", seed=0)["train"].shuffle(seed=0)
     task = "classification" if name == "minilm" else "causal_lm"
-    spec = SimpleNamespace(name=name, task=task, target_modules=["query", "value"] if name == "minilm" else ["q_proj", "v_proj"], rank=rank, alpha=alpha, dropout=0.0, max_length=max_length)
+    targets = ["query", "value"] if name == "minilm" else ["q_proj", "v_proj"]
+    spec = SimpleNamespace(name=name, task=task, target_modules=targets, rank=rank, alpha=alpha, dropout=0.0, max_length=max_length)
     lm = build(spec, num_labels=2 if task == "classification" else None, device=device, seed=0)
 
     def part(k: int, n: int):
@@ -126,13 +127,17 @@ def payload(lm: LoadedModel, rank: int, alpha: float, seed: int) -> Payload:
     """A later round's payload: A at peft's init scale, a small non-zero B, the model's head."""
     g = torch.Generator().manual_seed(seed)
     s = scaling_for(rank, alpha)
-    adapter = {m: LoraFactors((torch.rand(rank, i, generator=g) * 2 - 1) / math.sqrt(i), torch.randn(o, rank, generator=g) * 0.01, s) for m, (o, i) in module_shapes(lm).items()}
+    adapter = {
+        m: LoraFactors((torch.rand(rank, i, generator=g) * 2 - 1) / math.sqrt(i), torch.randn(o, rank, generator=g) * 0.01, s)
+        for m, (o, i) in module_shapes(lm).items()
+    }
     return Payload(adapter, read_adapter(lm).head)
 
 
 def tokens_of(lm: LoadedModel, job: CohortJob, settings: TrainSettings) -> int:
     """Real (non-padding) tokens the client trains on: its batches, replayed."""
-    return sum(int(encode(lm, job.data[idx])["attention_mask"].sum()) for idx in batch_order(len(job.data), settings.local_steps, settings.batch_size, job.seed))
+    order = batch_order(len(job.data), settings.local_steps, settings.batch_size, job.seed)
+    return sum(int(encode(lm, job.data[idx])["attention_mask"].sum()) for idx in order)
 
 
 def sync(device: str) -> None:
@@ -236,7 +241,10 @@ def bench(name: str, args) -> None:
     def peak():
         return torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
 
-    pad_alone = 1.0 - total / sum(sum(encode(lm, j.data[idx])["input_ids"].numel() for idx in batch_order(len(j.data), settings.local_steps, settings.batch_size, j.seed)) for j in jobs)
+    pad_alone = 1.0 - total / sum(
+        sum(encode(lm, j.data[idx])["input_ids"].numel() for idx in batch_order(len(j.data), settings.local_steps, settings.batch_size, j.seed))
+        for j in jobs
+    )
     configs = [("per-client", 1)] + [("cohort", k) for k in ks]
     best: dict[tuple[str, int], Row] = {}
     for rep in range(args.repeats):  # interleaved, so that a busy spell of a shared CPU hits every engine alike

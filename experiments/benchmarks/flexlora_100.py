@@ -41,9 +41,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fedpeft.lora import LoraFactors, normalized_weights, scaling_for, stack, svd_factors  # noqa: E402
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel  # noqa: E402
-from strategies.flexlora import FlexLoRA  # noqa: E402
+from fedpeft.lora import LoraFactors, normalized_weights, scaling_for, stack, svd_factors
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel
+from strategies.flexlora import FlexLoRA
 
 ALPHA = 16.0
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]

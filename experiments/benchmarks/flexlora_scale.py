@@ -33,9 +33,9 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fedpeft.lora import LoraFactors, scaling_for  # noqa: E402
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel  # noqa: E402
-from strategies.flexlora import FlexLoRA  # noqa: E402
+from fedpeft.lora import LoraFactors, scaling_for
+from strategies.base import ClientSpec, ClientUpdate, GlobalModel
+from strategies.flexlora import FlexLoRA
 
 ALPHA = 16.0
 

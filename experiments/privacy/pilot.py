@@ -90,7 +90,8 @@ def main() -> None:
             for dp in (None, DPSettings(sigma, 1.0)):
                 t0 = time.perf_counter()
                 payload = Payload(adapter=start.adapter, head=start.head, plan=ClientPlan(train_A=not freeze))
-                update, _ = train(lm, payload, part, TrainSettings(local_steps=args.steps, batch_size=args.batch, lr=lr, optimizer=args.optimizer, momentum=args.momentum), seed=1, client_id=0, dp=dp)
+                settings = TrainSettings(local_steps=args.steps, batch_size=args.batch, lr=lr, optimizer=args.optimizer, momentum=args.momentum)
+                update, _ = train(lm, payload, part, settings, seed=1, client_id=0, dp=dp)
                 write_adapter(lm, update.adapter, update.head)
                 acc = evaluate(lm, test, 128)["accuracy"]
                 write_adapter(lm, start.adapter, start.head)

@@ -83,7 +83,10 @@ def random_adapter(lm, rank, alpha, seed, b_scale=0.02):
     """A payload adapter as a later round sends it: A at peft's init scale, a small non-zero B."""
     g = torch.Generator().manual_seed(seed)
     s = scaling_for(rank, alpha)
-    return {m: LoraFactors((torch.rand(rank, i, generator=g) * 2 - 1) / i**0.5, torch.randn(o, rank, generator=g) * b_scale, s) for m, (o, i) in module_shapes(lm).items()}
+    return {
+        m: LoraFactors((torch.rand(rank, i, generator=g) * 2 - 1) / i**0.5, torch.randn(o, rank, generator=g) * b_scale, s)
+        for m, (o, i) in module_shapes(lm).items()
+    }
 
 
 def random_head(lm, seed):
@@ -177,7 +180,10 @@ def test_heterogeneous_ranks_scalings_and_a_small_client(minilm, full):
     head = random_head(minilm, 3)
     data = parts(full, [10, 8, 3, 2])
     spec = [(4, 4.0), (8, 16.0), (2, 8.0), (4, 4.0)]
-    jobs = [CohortJob(Payload(random_adapter(minilm, r, a, 20 + k), head), data[k], seed=200 + k, client_id=10 + k, rank=r, alpha=a) for k, (r, a) in enumerate(spec)]
+    jobs = [
+        CohortJob(Payload(random_adapter(minilm, r, a, 20 + k), head), data[k], seed=200 + k, client_id=10 + k, rank=r, alpha=a)
+        for k, (r, a) in enumerate(spec)
+    ]
     check(minilm, jobs, ADAMW)
 
 
@@ -192,14 +198,17 @@ def test_float32_cohort_is_as_accurate_as_the_per_client_engine(tweets):
     head = random_head(lm32, 3)
     data = parts(full, [10, 8, 3, 2])
     spec = [(8, 16.0), (4, 4.0), (2, 8.0), (4, 4.0)]
-    jobs = [CohortJob(Payload(random_adapter(lm32, r, a, 20 + k), head), data[k], seed=200 + k, client_id=10 + k, rank=r, alpha=a) for k, (r, a) in enumerate(spec)]
+    jobs = [
+        CohortJob(Payload(random_adapter(lm32, r, a, 20 + k), head), data[k], seed=200 + k, client_id=10 + k, rank=r, alpha=a)
+        for k, (r, a) in enumerate(spec)
+    ]
     differ = 0
     for job, (u, _) in zip(jobs, train_cohort(lm32, jobs, ADAMW)):
         ref32, _ = alone(lm32, job, ADAMW)
         exact, _ = alone(lm64, job, ADAMW)
 
-        def change(f):  # the client's whole update, all modules' A and B, from its start
-            return torch.cat([(getattr(f.adapter[m], n).double() - getattr(job.payload.adapter[m], n).double()).flatten() for m in exact.adapter for n in ("A", "B")])
+        def change(f, start=job.payload.adapter, modules=tuple(exact.adapter)):  # the client's whole update, all modules' A and B, from its start
+            return torch.cat([(getattr(f.adapter[m], n).double() - getattr(start[m], n).double()).flatten() for m in modules for n in ("A", "B")])
 
         x, y, z = change(u), change(ref32), change(exact)
         assert rel(x, z) <= 2 * rel(y, z) + 1e-7, (job.client_id, rel(x, z), rel(y, z))
@@ -228,7 +237,10 @@ def test_ffa_lora_frozen_A_and_a_mixed_cohort(minilm, full):
     jobs = []
     for k, (r, a) in enumerate([(8, 16.0), (4, 8.0), (4, 8.0)]):
         s = scaling_for(r, a)
-        adapter = {m: LoraFactors(seeded_lora_A(m, r, i, 42), torch.randn(o, r, generator=torch.Generator().manual_seed(k)) * 0.01, s) for m, (o, i) in module_shapes(minilm).items()}
+        adapter = {
+            m: LoraFactors(seeded_lora_A(m, r, i, 42), torch.randn(o, r, generator=torch.Generator().manual_seed(k)) * 0.01, s)
+            for m, (o, i) in module_shapes(minilm).items()
+        }
         plan = ClientPlan(train_A=False, A_seed=42) if k < 2 else ClientPlan()
         jobs.append(CohortJob(Payload(adapter, head, plan), data[k], seed=400 + k, client_id=k, rank=r, alpha=a))
     cohort, _ = check(minilm, jobs, ADAMW)
@@ -246,7 +258,10 @@ def test_hetlora_pruning_penalty_and_rank_shrink(minilm, full):
     head = random_head(minilm, 6)
     data = parts(full, [8, 8, 3])
     spec = [(8, 16.0, pruning_plan(0.5, 0.5, 1)), (4, 8.0, pruning_plan(0.5, 0.2, 1)), (4, 8.0, ClientPlan())]
-    jobs = [CohortJob(Payload(random_adapter(minilm, r, a, 60 + k, b_scale=0.2), head, i), data[k], seed=600 + k, client_id=k, rank=r, alpha=a) for k, (r, a, i) in enumerate(spec)]
+    jobs = [
+        CohortJob(Payload(random_adapter(minilm, r, a, 60 + k, b_scale=0.2), head, i), data[k], seed=600 + k, client_id=k, rank=r, alpha=a)
+        for k, (r, a, i) in enumerate(spec)
+    ]
     cohort, _ = check(minilm, jobs, ADAMW)
     ranks = [m.get("rank_after_pruning") for _, m in cohort]
     assert ranks == [4, 2, None]  # both pruning clients shrank, as alone
@@ -258,7 +273,10 @@ def test_sgd_with_momentum_and_weight_decay(minilm, full):
     head = random_head(minilm, 7)
     data = parts(full, [8, 5, 3])
     spec = [(8, 16.0), (4, 8.0), (2, 4.0)]
-    jobs = [CohortJob(Payload(random_adapter(minilm, r, a, 70 + k), head), data[k], seed=700 + k, client_id=k, rank=r, alpha=a) for k, (r, a) in enumerate(spec)]
+    jobs = [
+        CohortJob(Payload(random_adapter(minilm, r, a, 70 + k), head), data[k], seed=700 + k, client_id=k, rank=r, alpha=a)
+        for k, (r, a) in enumerate(spec)
+    ]
     check(minilm, jobs, sgd)
 
 
@@ -322,7 +340,10 @@ def test_rank_padding_stays_exactly_zero_and_the_model_is_left_as_it_was(minilm,
     head = random_head(minilm, 9)
     data = parts(full, [8, 8, 3])
     spec = [(2, 4.0), (8, 16.0), (4, 8.0)]
-    jobs = [CohortJob(Payload(random_adapter(minilm, r, a, 90 + k), head, pruning_plan(0.5, 0.1, 1)), data[k], seed=900 + k, client_id=k, rank=r, alpha=a) for k, (r, a) in enumerate(spec)]
+    jobs = [
+        CohortJob(Payload(random_adapter(minilm, r, a, 90 + k), head, pruning_plan(0.5, 0.1, 1)), data[k], seed=900 + k, client_id=k, rank=r, alpha=a)
+        for k, (r, a) in enumerate(spec)
+    ]
     use_adapter(minilm, 4, 8.0)
     before = read_adapter(minilm)
     base = {m: layer(minilm, m).base_layer.weight.clone() for m in minilm.modules}
@@ -491,7 +512,10 @@ def test_smollm2_itself(tweets):
     lm = dropout_off(build(spec, num_labels=None, device="cpu", seed=0))
     full = full_rows(tweets, lm.tokenizer)
     settings = TrainSettings(local_steps=2, batch_size=2, lr=1e-3)
-    jobs = [CohortJob(Payload(random_adapter(lm, r, a, k), {}), causal_rows(full, 4, 10 * k), seed=k, client_id=k, rank=r, alpha=a) for k, (r, a) in enumerate([(4, 8.0), (2, 4.0)])]
+    jobs = [
+        CohortJob(Payload(random_adapter(lm, r, a, k), {}), causal_rows(full, 4, 10 * k), seed=k, client_id=k, rank=r, alpha=a)
+        for k, (r, a) in enumerate([(4, 8.0), (2, 4.0)])
+    ]
     check(lm, jobs, settings)
 
 
@@ -516,7 +540,10 @@ def test_bf16_autocast_runs_the_base_in_bf16_and_keeps_the_clients_tensors_float
     hook = layer(lm, lm.modules[0]).base_layer.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     head = random_head(lm, 4)
     data = parts(full_rows(tweets, lm.tokenizer), [8, 6])
-    jobs = [CohortJob(Payload(random_adapter(lm, r, 2.0 * r, 40 + k), head), data[k], seed=40 + k, client_id=k, rank=r, alpha=2.0 * r) for k, r in enumerate((4, 2))]
+    jobs = [
+        CohortJob(Payload(random_adapter(lm, r, 2.0 * r, 40 + k), head), data[k], seed=40 + k, client_id=k, rank=r, alpha=2.0 * r)
+        for k, r in enumerate((4, 2))
+    ]
     sgd = TrainSettings(local_steps=3, batch_size=4, lr=0.5, optimizer="sgd")  # steps ∝ gradients (AdamW's first step is sign(g)·lr)
     fp32 = train_cohort(lm, jobs, sgd)
     assert set(seen) == {torch.float32}

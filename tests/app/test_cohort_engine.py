@@ -85,7 +85,9 @@ EXACT = ("clients_sampled", "clients_replied", "clients_failed", "clients_reject
 CASES = {
     "fedavg": [],
     "ffa_lora": ["strategy=ffa_lora"],
-    "hetlora_prunes_heterogeneous_ranks": ["strategy=hetlora", "ranks=flora", "ranks.levels=[4,3,2,2]", "strategy.lam=5.0", "strategy.gamma=0.5", "train.lr=1e-2", "train.local_steps=4"],
+    "hetlora_prunes_heterogeneous_ranks": [
+        "strategy=hetlora", "ranks=flora", "ranks.levels=[4,3,2,2]", "strategy.lam=5.0", "strategy.gamma=0.5", "train.lr=1e-2", "train.local_steps=4",
+    ],
     "flora_merges_the_base": ["strategy=flora", "ranks=flora", "ranks.levels=[4,2,2,1]", "fraction=0.75"],
     "flexlora_int8": ["strategy=flexlora", "ranks=flora", "ranks.levels=[4,2,2,1]", "compression=int8"],
     "topk_error_feedback": ["compression=topk", "compression.topk_fraction=0.2"],
@@ -129,7 +131,10 @@ def test_a_client_whose_training_fails_in_a_cohort_fails_alone(tmp_path, no_drop
     cfg = compose([*BASE, "engine.kind=cohort", "engine.cohort_size=4", "rounds=1"])
     run_dir = tmp_path / "run"
     rc = to_run_config(cfg, run_dir, shared_dir=str(run_dir))
-    contexts = {100 + i: Context(run_id=13, node_id=100 + i, node_config={"partition-id": i, "num-partitions": 4}, state=RecordDict(), run_config=rc) for i in range(4)}
+    contexts = {
+        100 + i: Context(run_id=13, node_id=100 + i, node_config={"partition-id": i, "num-partitions": 4}, state=RecordDict(), run_config=rc)
+        for i in range(4)
+    }
     grid = AppGrid(contexts)
     fed = Federation(cfg, RunSpec(run_dir, shared_dir=str(run_dir)))
     msgs = list(fed.strategy.configure_train(1, fed.adapter.arrays(), ConfigRecord(), grid))

@@ -70,7 +70,11 @@ def test_dp_sgd_keeps_hetloras_pruning_term(setup):
     lm, part, start = setup
     g = torch.Generator().manual_seed(0)
     start = GlobalModel({m: LoraFactors(f.A, 0.05 * torch.randn(f.B.shape, generator=g), f.scaling) for m, f in start.adapter.items()}, start.head)
-    u, m = train(lm, Payload(adapter=start.adapter, head=start.head, plan=pruning_plan(0.5, 50.0, 1)), part, STEPS, seed=1, client_id=0, dp=DPSettings(1.0, 1.0))
+    u, m = train(
+        lm, Payload(adapter=start.adapter, head=start.head, plan=pruning_plan(0.5, 50.0, 1)), part, STEPS, seed=1, client_id=0, dp=DPSettings(1.0, 1.0)
+    )
     assert m["rank_after_pruning"] == 2 and all(f.rank == 2 for f in u.adapter.values())
-    _, m0 = train(lm, Payload(adapter=start.adapter, head=start.head, plan=pruning_plan(0.5, 0.0, 1)), part, STEPS, seed=1, client_id=0, dp=DPSettings(1.0, 1.0))
+    _, m0 = train(
+        lm, Payload(adapter=start.adapter, head=start.head, plan=pruning_plan(0.5, 0.0, 1)), part, STEPS, seed=1, client_id=0, dp=DPSettings(1.0, 1.0)
+    )
     assert m0["rank_after_pruning"] == 4  # without the term the tail does not shrink: the rank stays

@@ -119,7 +119,10 @@ def test_ffa_client_trains_B_only_and_keeps_the_shared_A(lm, tweets):
 def test_fresh_init_is_seeded_and_starts_at_zero_update(lm, tweets):
     use_adapter(lm, 6, 8.0)
     head = read_adapter(lm).head
-    runs = [train(lm, Payload(adapter={}, head=head, plan=ClientPlan(init_seed=s)), tweets, TrainSettings(1, 8, 1e-9), seed=0, client_id=0)[0] for s in (5, 5, 6)]
+    runs = [
+        train(lm, Payload(adapter={}, head=head, plan=ClientPlan(init_seed=s)), tweets, TrainSettings(1, 8, 1e-9), seed=0, client_id=0)[0]
+        for s in (5, 5, 6)
+    ]
     m = lm.modules[0]
     assert runs[0].adapter[m].rank == 6
     torch.testing.assert_close(runs[0].adapter[m].A, runs[1].adapter[m].A)

@@ -23,7 +23,10 @@ from strategies.flora import merged_delta
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMOLLM2 = SimpleNamespace(name="smollm2", task="causal_lm", target_modules=ALL_LINEAR, rank=4, alpha=8.0, dropout=0.0, max_length=12)
 MINILM = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=16)
-TEXTS = ["To be, or not to be, that is the question:", "Now is the winter of our discontent", "All the world's a stage,", "Friends, Romans, countrymen, lend me your ears;"]
+TEXTS = [
+    "To be, or not to be, that is the question:", "Now is the winter of our discontent", "All the world's a stage,",
+    "Friends, Romans, countrymen, lend me your ears;",
+]
 
 
 def layer_of(peft_model, module: str):
@@ -134,7 +137,10 @@ def run_rounds(smol, name, rounds, r_max, gen):
     kwargs = {"r_max": r_max} if name == "ffa_lora" else {}
     strategy = strategies.build(name, **kwargs)
     start = r_max or SMOLLM2.rank
-    initial = {m: LoraFactors(torch.rand(start, i, generator=gen) * 0.08 - 0.04, torch.zeros(o, start), scaling_for(start, 2.0 * start)) for m, (o, i) in smol.shapes.items()}
+    initial = {
+        m: LoraFactors(torch.rand(start, i, generator=gen) * 0.08 - 0.04, torch.zeros(o, start), scaling_for(start, 2.0 * start))
+        for m, (o, i) in smol.shapes.items()
+    }
     model = strategy.init(GlobalModel(adapter=initial, head={}))
     for ranks in rounds:
         updates = []

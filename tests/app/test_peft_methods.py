@@ -41,7 +41,8 @@ def minilm_models():
 
     def get(name):
         if name not in cache:
-            cache[name] = build(ModelConfig(rank=4, alpha=8), num_labels=2, device="cpu", seed=0, peft_cfg=PeftConfig(name=name, num_virtual_tokens=4, vera_rank=16))
+            peft_cfg = PeftConfig(name=name, num_virtual_tokens=4, vera_rank=16)
+            cache[name] = build(ModelConfig(rank=4, alpha=8), num_labels=2, device="cpu", seed=0, peft_cfg=peft_cfg)
         return cache[name]
 
     return get
@@ -81,7 +82,8 @@ def test_a_trainable_tensor_outside_the_methods_groups_is_an_error_naming_it(min
 
 def test_a_model_without_bias_terms_refuses_bitfit():
     with pytest.raises(ModelError, match="peft=bitfit: the model has nothing this method trains"):
-        build(ModelConfig(name="smollm2", task="causal_lm", target_modules=["q_proj"], max_length=16), num_labels=None, device="cpu", seed=0, peft_cfg=PeftConfig(name="bitfit"))
+        model_cfg = ModelConfig(name="smollm2", task="causal_lm", target_modules=["q_proj"], max_length=16)
+        build(model_cfg, num_labels=None, device="cpu", seed=0, peft_cfg=PeftConfig(name="bitfit"))
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
@@ -159,8 +161,9 @@ def test_each_method_federates_with_fedavg_and_its_checkpoint_reloads_to_the_log
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("name", ["dora", "ia3", "prefix_tuning"])
 def test_causal_lm_methods_federate_and_reload_to_the_logged_perplexity(name, tmp_path):
-    fed, rows = federate(tmp_path, [*FED[:-2], *small(name), "+preset=shakespeare", "clients=3", "min_clients=3", "fraction=1.0", "model.target_modules=[q_proj,v_proj]",
-                                    "model.max_length=24", "train.local_steps=2", "train.batch_size=4", "data.eval_samples=16", "model.eval_batch_size=8", f"peft={name}"])
+    fed, rows = federate(tmp_path, [*FED[:-2], *small(name), "+preset=shakespeare", "clients=3", "min_clients=3", "fraction=1.0",
+                                    "model.target_modules=[q_proj,v_proj]", "model.max_length=24", "train.local_steps=2", "train.batch_size=4",
+                                    "data.eval_samples=16", "model.eval_batch_size=8", f"peft={name}"])
     assert rows[2]["loss"] < rows[0]["loss"], rows
     m = reload_and_evaluate(fed, tmp_path / "adapters" / "round_002", "causal_lm")
     assert m["loss"] == pytest.approx(rows[2]["loss"], rel=1e-4)

@@ -35,6 +35,7 @@ ALPHA = 8.0
 RANK = 4  # the client rank of the MiniLM tests (model.rank=4, model.alpha=8)
 NUM_PARTITIONS = 10
 RUN_ID = 1  # the run id of every node context here (the client app's model cache is keyed by it)
+NO_CODECS = Codecs()  # no compression either way (frozen: safe to share as a default)
 BASE = [
     "engine.device=cpu", "engine.num_cpus=1", "model.rank=4", "model.alpha=8", "model.max_length=32",
     "train.local_steps=2", "train.batch_size=8", "train.lr=3e-3", f"clients={NUM_PARTITIONS}",
@@ -93,7 +94,7 @@ def node_context(node: int, pid: int, run_config: dict) -> Context:
     return Context(run_id=RUN_ID, node_id=node, node_config={"partition-id": pid, "num-partitions": NUM_PARTITIONS}, state=RecordDict(), run_config=run_config)
 
 
-def minilm_adapter(lm, strategy=None, codecs=Codecs(), privacy=None):
+def minilm_adapter(lm, strategy=None, codecs=NO_CODECS, privacy=None):
     use_adapter(lm, RANK, ALPHA)
     return FlowerAdapter(
         strategy or FedAvg(), read_adapter(lm), fraction=1.0, min_clients=1,

@@ -155,7 +155,7 @@ def test_supernode_killed_mid_round_rejoins(tmp_path):
     def run_app() -> None:
         try:
             outcome["status"] = dep.run(project_dir(), to_run_config(cfg, run_dir), timeout=ROUND_TIMEOUT * 6 + 600)
-        except BaseException as e:  # noqa: BLE001 (reported by the test thread)
+        except BaseException as e:  # reported by the test thread
             outcome["error"] = e
 
     def restart() -> None:
@@ -163,7 +163,7 @@ def test_supernode_killed_mid_round_rejoins(tmp_path):
             t0 = time.monotonic()
             dep.start_node(2)
             timing["restart"] = time.monotonic() - t0
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             outcome["restart_error"] = e
 
     def run_alive() -> None:

@@ -79,7 +79,9 @@ def test_failing_clients_are_counted_and_the_rounds_go_on(tmp_path, caplog):
     catcher.emit = flower_errors.append
     logging.getLogger("flwr").addHandler(catcher)
     try:
-        cfg, summary = simulate(tmp_path, "clients=6", "rounds=2", "train.local_steps=2", "profile.failure_rate=0.5", "tracking.mode=disabled", "tracking.save_adapters=false")
+        cfg, summary = simulate(
+            tmp_path, "clients=6", "rounds=2", "train.local_steps=2", "profile.failure_rate=0.5", "tracking.mode=disabled", "tracking.save_adapters=false"
+        )
     finally:
         logging.getLogger("flwr").removeHandler(catcher)
     from clients.app import should_fail

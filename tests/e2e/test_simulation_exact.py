@@ -109,7 +109,7 @@ def test_federa_round_0_is_the_base_model_and_training_moves_it(tmp_path):
     h = summary["history"]
     assert h[0]["accuracy"] == plain["accuracy"]
     assert h[0]["loss"] == pytest.approx(plain["loss"], rel=1e-5)
-    for m, (A, B, s) in checkpoint(tmp_path / "run", 0).items():
+    for _m, (A, B, s) in checkpoint(tmp_path / "run", 0).items():
         assert A.shape[0] == 2 * cfg.model.rank and B.abs().max() > 0.1  # [merge | init], scaling 1
         assert (s * B.double() @ A.double()).abs().max() < 1e-5
     assert h[2]["loss"] != h[0]["loss"] and [r["clients_replied"] for r in h[1:]] == [3, 3]

@@ -33,7 +33,8 @@ from tests.harness import run_cli
         # what a strategy accepts comes from its class (weightings, heterogeneous_ranks, privacy_modes)
         ("strategy=fedavg strategy.weighting=sparsity", "strategy.weighting: strategy=fedavg does not take 'sparsity'; expected one of num_examples, uniform"),
         ("strategy=flora strategy.weighting=sparsity", "strategy.weighting: strategy=flora does not take 'sparsity'"),
-        ("strategy=dp_lora privacy=sample privacy.noise_multiplier=1 strategy.weighting=sparsity", "strategy.weighting: strategy=dp_lora does not take 'sparsity'"),
+        ("strategy=dp_lora privacy=sample privacy.noise_multiplier=1 strategy.weighting=sparsity",
+         "strategy.weighting: strategy=dp_lora does not take 'sparsity'"),
         ("strategy=dp_lora privacy=sample privacy.noise_multiplier=1 ranks=flora", "ranks.kind: strategy=dp_lora needs one rank for all clients"),
         ("strategy=fedavg ranks=heavy_tail", "ranks.kind: strategy=fedavg needs one rank for all clients"),
         ("strategy=fedavg ranks=heavy_tail", "use a strategy that takes heterogeneous ranks (ffa_lora, flexlora, flora, hetlora)"),
@@ -42,11 +43,13 @@ from tests.harness import run_cli
         ("peft=ia3 peft.feedforward_modules=[nope]", "peft.feedforward_modules: 'nope' matches no module of model 'minilm'"),
         ("peft=lora_xs peft.u=0", "peft.u: must be at least 1 (or null: model.rank²), got 0"),
         # MiniLM has 512 positions: 449 prompt tokens + 64 do not fit (measured: the forward raises), 448 do
-        ("peft=prompt_tuning peft.num_virtual_tokens=449 model.max_length=64", "peft.num_virtual_tokens: 449 virtual tokens + model.max_length 64 exceed the 512 positions of model 'minilm'; use at most 448"),
+        ("peft=prompt_tuning peft.num_virtual_tokens=449 model.max_length=64",
+         "peft.num_virtual_tokens: 449 virtual tokens + model.max_length 64 exceed the 512 positions of model 'minilm'; use at most 448"),
         ("peft=prefix_tuning peft.num_virtual_tokens=500", "peft.num_virtual_tokens: 500 virtual tokens + model.max_length"),
         # no strategy takes heterogeneous ranks with VeRA: it says so rather than naming strategies that refuse it
         ("peft=vera ranks=flora", "heterogeneous ranks (ffa_lora, flexlora, flora, hetlora) cannot take peft=vera: use ranks=fixed"),
-        ("strategy=ffa_lora privacy=central privacy.noise_multiplier=1", "privacy.mode: strategy=ffa_lora does not work with privacy.mode=central; use privacy=none | sample | local"),
+        ("strategy=ffa_lora privacy=central privacy.noise_multiplier=1",
+         "privacy.mode: strategy=ffa_lora does not work with privacy.mode=central; use privacy=none | sample | local"),
         # values that used to pass and then fail every client, or fail far from the key
         ("train.weight_decay=-1", "train.weight_decay: must be non-negative, got -1.0"),
         ("train.optimizer=lion", "train.optimizer: unknown value 'lion'; expected one of adamw, sgd"),
@@ -65,7 +68,8 @@ from tests.harness import run_cli
         ("partition=dirichlet partition.alpha=0.01 partition.min_partition_size=0 clients=50", "partition.min_partition_size: must be at least 1"),
         ("clients=4 min_clients=10", "min_clients: 10 clients per round asked for, but there are only clients=4"),
         # ranks larger than the smallest targeted module (MiniLM: 384x384), from the model's config alone
-        ("model.rank=1000", "model.rank: rank 1000 exceeds 384, the most that the smallest targeted module (bert.encoder.layer.0.attention.self.query, 384x384) can use"),
+        ("model.rank=1000",
+         "model.rank: rank 1000 exceeds 384, the most that the smallest targeted module (bert.encoder.layer.0.attention.self.query, 384x384) can use"),
         ("strategy=flora ranks=flora ranks.levels=[8,400]", "ranks.levels: rank 400 exceeds 384"),
         ("strategy=hetlora ranks=hetlora ranks.r_max=500", "ranks.r_max: rank 500 exceeds 384"),
         ("model.target_modules=[nope]", "model.target_modules: ['nope'] do not fit model 'minilm'"),
@@ -205,9 +209,15 @@ def test_missing_asset_says_what_to_run(tmp_path, monkeypatch, capsys):
 def test_help_lists_groups_and_keys(tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(["simulate", "--help"], tmp_path, monkeypatch, capsys)
     assert code == 0
-    for group in ("strategy: dp_lora, fed_sb, fedavg, federa, fedex_lora, fedsa_lora, ffa_lora", "peft: bitfit, dora, ia3, loha, lokr, lora, lora_xs", "model: minilm, smollm2", "partition: dirichlet, iid, natural, shards", "engine: ray", "privacy: central, local, none, sample", "compression: bf16, fp16, int4, int8, none, topk"):
+    for group in (
+        "strategy: dp_lora, fed_sb, fedavg, federa, fedex_lora, fedsa_lora, ffa_lora", "peft: bitfit, dora, ia3, loha, lokr, lora, lora_xs",
+        "model: minilm, smollm2", "partition: dirichlet, iid, natural, shards", "engine: ray", "privacy: central, local, none, sample",
+        "compression: bf16, fp16, int4, int8, none, topk",
+    ):
         assert group in out, out
-    for key in ("clients: 10", "rounds:", "fraction:", "seed:", "local_steps:", "num_gpus:", "ray_address:", "failure_rate:", "target_epsilon:", "topk_fraction:"):
+    for key in (
+        "clients: 10", "rounds:", "fraction:", "seed:", "local_steps:", "num_gpus:", "ray_address:", "failure_rate:", "target_epsilon:", "topk_fraction:",
+    ):
         assert key in out
     assert list(tmp_path.iterdir()) == []
 

@@ -99,7 +99,8 @@ def test_adapter_compresses_payloads_and_decodes_delta_updates_against_what_it_s
         end = {k: LoraFactors(f.A + 0.05, f.B - 0.05, f.scaling) for k, f in dec.adapter.items()}
         targets.append(end)
         content = messages.encode(end, dec.head, {"num-examples": 5}, codec="int4", generator=torch.Generator().manual_seed(1), reference=start)
-        replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id, reply_to_message_id=""), has_error=lambda: False, content=content))
+        metadata = SimpleNamespace(src_node_id=m.metadata.dst_node_id, reply_to_message_id="")
+        replies.append(SimpleNamespace(metadata=metadata, has_error=lambda: False, content=content))
     fa.aggregate_train(1, replies)
     assert fa.stats[1].replied == 2
     for k in SHAPES:  # the delta (+0.05 everywhere) is constant per row: int4 codes it exactly
@@ -108,12 +109,11 @@ def test_adapter_compresses_payloads_and_decodes_delta_updates_against_what_it_s
 
 
 def test_fresh_starts_and_frozen_A_have_references_too():
-    g = GlobalModel(adapter=adapter(5), head=HEAD)
     ffa = FFALoRA(seed=3)
     model = ffa.init(GlobalModel(adapter={m: LoraFactors(torch.zeros(4, i), torch.zeros(o, 4), 2.0) for m, (o, i) in SHAPES.items()}, head=HEAD))
     fa = FlowerAdapter(ffa, model, fraction=1.0, min_clients=1, client_spec=lambda i: ClientSpec(i, 4, 8.0),
                        shapes=SHAPES, seed=0, codecs=Codecs(uplink="int8"))
-    msgs = list(fa.configure_train(1, fa.arrays(), ConfigRecord(), FakeGrid({3: 0})))
+    fa.configure_train(1, fa.arrays(), ConfigRecord(), FakeGrid({3: 0}))
     spec, payload, reference = fa.sent[3]
     assert not any(k.startswith("A/") for k in reference)  # FFA: A is neither sent nor coded
     # a fresh-start payload's reference is the seeded fresh LoRA the client builds

@@ -202,7 +202,8 @@ def test_local_folder_splits_by_file_name_and_shares_one_label_encoding(tmp_path
 def test_saved_datasetdict_folder(tmp_path):
     import datasets
 
-    datasets.DatasetDict(train=datasets.Dataset.from_dict({"s": [f"s{i}" for i in range(20)], "y": [i % 2 for i in range(20)]})).save_to_disk(str(tmp_path / "saved"))
+    train = datasets.Dataset.from_dict({"s": [f"s{i}" for i in range(20)], "y": [i % 2 for i in range(20)]})
+    datasets.DatasetDict(train=train).save_to_disk(str(tmp_path / "saved"))
     ds = fdata.load(str(tmp_path / "saved"), text_column="s", label_column="y")
     assert (len(ds["train"]), len(ds["test"])) == (16, 4) and fdata.label_names(ds) == ["0", "1"]
 

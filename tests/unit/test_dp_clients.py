@@ -66,7 +66,8 @@ def test_central_dp_with_flowers_wrapper_clips_averages_and_noises(task_identity
     for i, m in enumerate(sent):
         ad, head = _adapters(r=8, scale=1.0, seed=10 + i)  # norms far above C
         content = messages.encode(ad, head, {"num-examples": 10 + i})
-        replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id, reply_to_message_id=""), has_error=lambda: False, content=content))
+        metadata = SimpleNamespace(src_node_id=m.metadata.dst_node_id, reply_to_message_id="")
+        replies.append(SimpleNamespace(metadata=metadata, has_error=lambda: False, content=content))
         t = messages.tensors_of(ad, head)
         scale = C / update_norm(t)
         clipped.append({k: v * scale for k, v in t.items()})

@@ -52,7 +52,8 @@ def base_after(W0: dict, model: GlobalModel) -> dict:
 
 def trained(adapter, seed, train_A=True, train_B=True):
     """A client's local training, simulated: both (or one) factors moved at random."""
-    return {m: LoraFactors(f.A + 0.3 * randn(*f.A.shape, seed=seed * 7 + i) * train_A, f.B + 0.3 * randn(*f.B.shape, seed=seed * 7 + 3 + i) * train_B, f.scaling)
+    return {m: LoraFactors(f.A + 0.3 * randn(*f.A.shape, seed=seed * 7 + i) * train_A, f.B + 0.3 * randn(*f.B.shape, seed=seed * 7 + 3 + i) * train_B,
+                           f.scaling)
             for i, (m, f) in enumerate(adapter.items())}
 
 
@@ -128,7 +129,10 @@ def test_rolora_alternates_and_the_average_of_the_trained_factor_is_exact(first)
         frozen = "B" if train == "A" else "A"
         pls = [s.payload(g, ClientSpec(k, R, ALPHA)) for k in range(3)]
         assert all(pl.plan.to_config() == {f"freeze_{frozen}": True} for pl in pls)
-        ups = [ClientUpdate(k, trained(pl.adapter, seed=10 * t + k, train_A=train == "A", train_B=train == "B"), head_of(k), [5, 30, 12][k]) for k, pl in enumerate(pls)]
+        ups = [
+            ClientUpdate(k, trained(pl.adapter, seed=10 * t + k, train_A=train == "A", train_B=train == "B"), head_of(k), [5, 30, 12][k])
+            for k, pl in enumerate(pls)
+        ]
         p = normalized_weights([u.num_examples for u in ups])
         before = g
         g = s.aggregate(g, ups)
@@ -306,7 +310,8 @@ def test_registered_with_their_declarations():
         ("strategy=fedex_lora ranks=heavy_tail", "ranks.kind: strategy=fedex_lora needs one rank for all clients"),
         ("strategy=fedex_lora privacy=central privacy.noise_multiplier=1 strategy.weighting=uniform",
          "privacy.mode: strategy=fedex_lora does not work with privacy.mode=central"),
-        ("strategy=rolora privacy=central privacy.noise_multiplier=1 strategy.weighting=uniform", "privacy.mode: strategy=rolora does not work with privacy.mode=central"),
+        ("strategy=rolora privacy=central privacy.noise_multiplier=1 strategy.weighting=uniform",
+         "privacy.mode: strategy=rolora does not work with privacy.mode=central"),
         ("strategy=federa strategy.weighting=sparsity", "strategy.weighting: strategy=federa does not take 'sparsity'"),
         ("strategy=federa strategy.bogus=1", "unknown key 'strategy.bogus'"),
     ],

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
-from sweep import paired_claims, select  # noqa: E402
+from sweep import paired_claims, select
 
 
 def _run(root: Path, name: str, accuracy: float, status: str = "finished", majority: float = 0.5) -> None:

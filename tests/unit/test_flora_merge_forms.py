@@ -176,7 +176,9 @@ def replies(fa, msgs, grid, basis=None, seed=0):
         fresh = fresh_adapter(SHAPES, 4, scaling_for(4, ALPHA), int(dec.config["init_seed"]))
         g = torch.Generator().manual_seed(seed * 1000 + pid)
         trained = {
-            name: LoraFactors(f.A, torch.randn(f.B.shape, generator=g) * 0.05 if basis is None else basis[:, torch.randint(basis.shape[1], (4,), generator=g)], f.scaling)
+            name: LoraFactors(
+                f.A, torch.randn(f.B.shape, generator=g) * 0.05 if basis is None else basis[:, torch.randint(basis.shape[1], (4,), generator=g)], f.scaling
+            )
             for name, f in fresh.items()
         }
         content = messages.encode(trained, {"head.w": torch.full((2, 3), float(pid))}, {"num-examples": 10 + pid})
@@ -245,7 +247,8 @@ def test_the_server_prepares_each_merge_once_and_every_client_reaches_the_same_b
     msgs4 = list(fa.configure_train(4, fa.arrays(), ConfigRecord(), grid))
     late_dec = messages.decode(next(m for m in msgs4 if m.metadata.dst_node_id == 210).content)
     assert sorted(late_dec.merges) == [1, 2, 3]
-    assert sorted(messages.decode(next(m for m in msgs4 if m.metadata.dst_node_id == 299).content).merges) == [2, 3]  # client 5 trained on base 1 in round 2, sat out round 3
+    # client 5 trained on base 1 in round 2, sat out round 3
+    assert sorted(messages.decode(next(m for m in msgs4 if m.metadata.dst_node_id == 299).content).merges) == [2, 3]
     late, from_store, process = lm0.copy(), lm0.copy(), lm0.copy()
     client_app.sync_base(late, 3, late_dec.merges, None)
     client_app.sync_base(from_store, 3, {}, str(tmp_path))

@@ -69,7 +69,9 @@ def test_an_option_the_method_does_not_read_is_refused_in_one_line(option, metho
 def test_sample_level_dp_refuses_methods_without_opacus_gradients_in_one_line(name):
     """Opacus 1.6 computes no per-example gradient for these peft layers (measured: the training
     step raises); the config says so before anything runs. Update-level DP takes them."""
-    with pytest.raises(ConfigError, match=rf"privacy.mode: sample-level DP-SGD needs Opacus's per-example gradients, which Opacus 1.6 lacks for peft={name}'s layers"):
+    with pytest.raises(
+        ConfigError, match=rf"privacy.mode: sample-level DP-SGD needs Opacus's per-example gradients, which Opacus 1.6 lacks for peft={name}'s layers"
+    ):
         compose([f"peft={name}", "privacy=sample", "privacy.noise_multiplier=0.5"])
     assert compose([f"peft={name}", "privacy=local", "privacy.noise_multiplier=0.5"]).peft.name == name
 

@@ -132,7 +132,8 @@ def test_a_toy_strategy_from_one_new_module_validates_and_runs_a_round(toy):
     for words, line in [
         (["strategy=toy_shrink", "strategy.shrink=2"], "strategy.shrink: must be in (0, 1], got 2.0"),
         (["strategy=fedavg", "strategy.shrink=0"], "strategy.shrink: must be in (0, 1], got 0.0"),
-        (["strategy=toy_shrink", "strategy.weighting=sparsity"], "strategy.weighting: strategy=toy_shrink does not take 'sparsity'; expected one of num_examples, uniform"),
+        (["strategy=toy_shrink", "strategy.weighting=sparsity"],
+         "strategy.weighting: strategy=toy_shrink does not take 'sparsity'; expected one of num_examples, uniform"),
         (["strategy=toy_shrink", "peft=ia3"], "peft.name: strategy=toy_shrink aggregates LoRA factors"),
         (["strategy=toy_shrink", "strategy.shrinks=1"], "unknown key 'strategy.shrinks'"),
     ]:

@@ -104,7 +104,7 @@ def test_run_seed_reaches_ffa_loras_shared_A_on_server_and_client():
             assert dec.config["A_seed"] == seed
             A_server[seed, run] = {m: f.A for m, f in fa.model.adapter.items()}
             A_client[seed, run] = {m: f.A for m, f in dec.adapter.items()}
-            for m, (o, i) in SHAPES.items():
+            for m, (_o, i) in SHAPES.items():
                 assert torch.equal(A_client[seed, run][m], A_server[seed, run][m][:RANK])
                 assert torch.equal(A_server[seed, run][m], seeded_lora_A(m, 8, i, seed))
     for m in SHAPES:

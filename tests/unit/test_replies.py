@@ -40,7 +40,10 @@ def head(value: float):
 
 
 def reply(node: int, content=None, error=None, code=2, reply_to=""):
-    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=reply_to), has_error=lambda: error is not None, error=SimpleNamespace(reason=error, code=code), content=content)
+    return SimpleNamespace(
+        metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=reply_to), has_error=lambda: error is not None,
+        error=SimpleNamespace(reason=error, code=code), content=content,
+    )
 
 
 def setup(strategy=None, min_clients=1, **kw):
