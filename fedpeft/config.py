@@ -245,7 +245,7 @@ def _strategy_schema(registered: tuple[tuple[str, type], ...]) -> type:
                 raise TypeError(f"strategy.{key}: strategy={name} types it {tp}, strategy={typed[key][1]} {typed[key][0]}: one key, one type")
             typed.setdefault(key, (tp, name))
             defaults.setdefault(key, []).append(default)
-    spec: list[tuple[str, Any, Any]] = [("name", str, field(default=MISSING))]
+    spec: list[tuple[str, Any, Any]] = [("name", str, field(default="fedavg"))]  # the default group option (configs/config.yaml)
     for key, values in defaults.items():
         value = max(values, key=values.count)  # the most common default; the first one on a tie
         spec.append((key, typed[key][0], field(default_factory=lambda v=value: v) if isinstance(value, (list, dict)) else field(default=value)))
