@@ -18,6 +18,7 @@ costs no more than torch.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import struct
 import time
@@ -189,6 +190,34 @@ def simulate(tmp_path, *overrides):
 
     cfg = compose(["tracking.mode=offline", "model.rank=4", "model.alpha=8", "model.max_length=48", "data.eval_samples=256", *overrides])
     return cfg, run(cfg, tmp_path / "run")
+
+
+_RUN_IDS = itertools.count(1000)
+
+
+def federate(tmp_path, *overrides, run_id: int | None = None):
+    """The same small MiniLM run as :func:`simulate`, in-process: the real server
+    (:class:`fedpeft.serverapp.Federation`) over :class:`AppGrid` (the real ClientApp, each node with
+    its own Context), in ``tmp_path / "run"``, W&B off: (config, the run's summary). Each call is a
+    new run id (a worker's cached base model is per run, as FLoRA's merges change it). What it
+    cannot show (Ray workers, processes) the e2e tier shows. Needs the ``task_identity`` fixture."""
+    from flwr.app import Context, RecordDict
+
+    from fedpeft.composing import compose
+    from fedpeft.runconfig import RunSpec, to_run_config
+    from fedpeft.serverapp import Federation
+
+    cfg = compose(["tracking.mode=disabled", "model.rank=4", "model.alpha=8", "model.max_length=48", "data.eval_samples=256",
+                   "engine.device=cpu", "engine.num_cpus=1", *overrides])
+    run_dir = tmp_path / "run"
+    run_id = next(_RUN_IDS) if run_id is None else run_id
+    rc = to_run_config(cfg, run_dir, shared_dir=str(run_dir / "state"))
+    contexts = {
+        100 + i: Context(run_id=run_id, node_id=100 + i, node_config={"partition-id": i, "num-partitions": cfg.clients}, state=RecordDict(),
+                         run_config=rc)
+        for i in range(cfg.clients)
+    }
+    return cfg, Federation(cfg, RunSpec(run_dir, shared_dir=str(run_dir / "state"))).run(AppGrid(contexts))
 
 
 # ------------------------------------------------------------------ W&B's offline run files

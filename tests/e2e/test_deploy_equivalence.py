@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 
 BASE = ["clients=3", "rounds=2", "train.local_steps=2", "model.rank=4", "model.alpha=8", "model.max_length=32",
         "data.eval_samples=64", "tracking.mode=disabled", "seed=5"]
+# (FedAvg's plain path is part of both: each case sends full adapters down and replies up through
+# the same deployed ClientApp; FedAvg alone adds nothing a deployment could get wrong.)
 CASES = {
-    "fedavg": ["strategy=fedavg"],
     # two of three clients per round for three rounds: a node sampled in round 2 but not in round 1
     # gets merge 1 in its message (a device has no shared merge store), and in round 3 only merge 2:
     # its new ClientApp process rebuilds the base from the merges its node state kept
