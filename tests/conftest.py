@@ -40,6 +40,18 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny models and batches: one thread is fastest, and the
+    2-core machine may be shared), the previous count restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TIERS = ("unit", "app", "e2e")
 HERE = Path(__file__).resolve().parent
 

@@ -8,21 +8,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from tests.harness import federate
 
-pytestmark = pytest.mark.usefixtures("task_identity")
+pytestmark = pytest.mark.usefixtures("task_identity", "one_torch_thread")
 
 HEAD_BYTES = (2 * 384 + 2) * 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # Every strategy with a DP mechanism and a codec, each a small federation through the real server and ClientApp, in-process.

@@ -3,12 +3,8 @@ machine a second intra-op thread only waits for the core the other processes hol
 three other test runs, the tier took 217 s with torch's default two threads and 81 s with one."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_per_unit_test(one_torch_thread):  # tests/conftest.py's fixture, for every unit test
     yield
-    torch.set_num_threads(before)
