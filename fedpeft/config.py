@@ -50,6 +50,16 @@ class ModelConfig:
     max_length: int = 64
     # Batch size for the server-side evaluation.
     eval_batch_size: int = 128
+    # The frozen base's weights: float32 | bfloat16 | float16 | auto (the checkpoint's own dtype).
+    # Adapters, heads, optimizer states, the wire and every aggregation stay float32.
+    dtype: str = "float32"
+    # none | 8bit | 4bit: a bitsandbytes-quantized frozen base (QLoRA), prepared by peft's
+    # prepare_model_for_kbit_training; what a strategy adds to the base stays float32 beside it.
+    quantization: str = "none"
+    # 4bit only: nf4 | fp4, double quantization of the quantization constants, the compute dtype.
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
 
 
 @dataclass
@@ -115,6 +125,20 @@ class TrainConfig:
     # adamw | sgd (with momentum): a fresh optimizer per client and round.
     optimizer: str = "adamw"
     momentum: float = 0.0
+    # Recompute activations in the backward pass (less memory, ~30% more compute).
+    gradient_checkpointing: bool = False
+    # Optimizer steps of local_steps each accumulate this many batches of batch_size (the logical
+    # batch is batch_size × grad_accum_steps).
+    grad_accum_steps: int = 1
+    # The learning rate over the run's rounds (one value per round, as FlowerTune's cosine
+    # annealing): constant | cosine | linear, from lr down to lr_min, after warmup_rounds rounds of
+    # linear warmup.
+    lr_schedule: str = "constant"
+    lr_min: float = 0.0
+    warmup_rounds: int = 0
+    # Clip the global gradient norm of each optimizer step (null: no clipping). Not DP: DP-SGD's
+    # per-example clip is privacy.clip.
+    max_grad_norm: Optional[float] = None
 
 
 @dataclass
@@ -380,6 +404,9 @@ TASKS = ("classification", "causal_lm")
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 TRACKING_MODES = ("auto", "offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def validate(cfg: Any) -> None:
@@ -414,6 +441,16 @@ def validate(cfg: Any) -> None:
     need(cfg.model.eval_batch_size >= 1, "model.eval_batch_size", f"must be at least 1, got {cfg.model.eval_batch_size}")
     need(len(cfg.model.target_modules) > 0, "model.target_modules", "must name at least one module")
     need(cfg.model.max_length >= 8, "model.max_length", f"must be at least 8, got {cfg.model.max_length}")
+    one_of(cfg.model.dtype, "model.dtype", DTYPES)
+    one_of(cfg.model.quantization, "model.quantization", QUANTIZATIONS)
+    one_of(cfg.model.quant_type, "model.quant_type", ("nf4", "fp4"))
+    one_of(cfg.model.compute_dtype, "model.compute_dtype", ("float32", "bfloat16", "float16"))
+    need(cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be at least 1, got {cfg.train.grad_accum_steps}")
+    one_of(cfg.train.lr_schedule, "train.lr_schedule", LR_SCHEDULES)
+    need(0 <= cfg.train.lr_min <= cfg.train.lr, "train.lr_min", f"must be in [0, train.lr={cfg.train.lr}], got {cfg.train.lr_min}")
+    need(0 <= cfg.train.warmup_rounds < cfg.rounds, "train.warmup_rounds", f"must be in [0, rounds={cfg.rounds}), got {cfg.train.warmup_rounds}")
+    need(cfg.train.max_grad_norm is None or cfg.train.max_grad_norm > 0, "train.max_grad_norm",
+         f"must be positive (or null: no clipping), got {cfg.train.max_grad_norm}")
     need(cfg.train.local_steps >= 1, "train.local_steps", f"must be at least 1, got {cfg.train.local_steps}")
     need(cfg.train.batch_size >= 1, "train.batch_size", f"must be at least 1, got {cfg.train.batch_size}")
     need(cfg.train.lr > 0, "train.lr", f"must be positive, got {cfg.train.lr}")
