@@ -115,8 +115,8 @@ def interval_row(text: str, diffs: list[float]) -> str:
     return f"| {text} | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {n} | {verdict} |"
 
 
-def paired_claims(sweep_dir: Path, claims: list[tuple[str, str, str]], seeds: list[int]) -> list[str]:
-    """Each ``(claim, better, worse)`` as the paired difference of final accuracy between the runs
+def paired_claims(sweep_dir: Path, claims: list[tuple[str, str, str]], seeds: list[int], metric: str = "accuracy") -> list[str]:
+    """Each ``(claim, better, worse)`` as the paired difference of the final ``metric`` between the runs
     ``<better>_seed<s>`` and ``<worse>_seed<s>`` (same seed: same partition, initialisation and
     client sampling), with a 95% t-interval over the seeds both finished. ``worse`` may be
     ``majority:<run>``: that run's majority-class rate."""
@@ -124,8 +124,8 @@ def paired_claims(sweep_dir: Path, claims: list[tuple[str, str, str]], seeds: li
     for text, a, b in claims:
         diffs = []
         for s in seeds:
-            fa = final(sweep_dir / f"{a}_seed{s}")
-            fb = final(sweep_dir / f"{b.removeprefix('majority:')}_seed{s}", "majority_rate" if b.startswith("majority:") else "accuracy")
+            fa = final(sweep_dir / f"{a}_seed{s}", metric)
+            fb = final(sweep_dir / f"{b.removeprefix('majority:')}_seed{s}", "majority_rate" if b.startswith("majority:") else metric)
             if fa is not None and fb is not None:
                 diffs.append(fa - fb)
         lines.append(interval_row(text, diffs))
@@ -133,8 +133,8 @@ def paired_claims(sweep_dir: Path, claims: list[tuple[str, str, str]], seeds: li
 
 
 def write_claims(sweep_dir: Path, claims: list[tuple[str, str, str]], seeds: list[int], out: Path,
-                 title: str = "The papers' claims, on paired seeds") -> None:
-    """:func:`paired_claims` as ``out/claims.md``, and printed."""
-    table = paired_claims(sweep_dir, claims, seeds)
+                 title: str = "The papers' claims, on paired seeds", metric: str = "accuracy") -> None:
+    """:func:`paired_claims` (of ``metric``) as ``out/claims.md``, and printed."""
+    table = paired_claims(sweep_dir, claims, seeds, metric)
     (out / "claims.md").write_text(f"# {title}\n\n" + "\n".join(table) + "\n")
     print("\n".join(table))
