@@ -25,8 +25,8 @@ Terms (bytes; ``GB`` below is 10⁹ bytes):
   over the vocabulary, often the biggest term: the float32 log-softmax kept for the backward pass
   plus the gradient passing through it, three ``T × vocab`` float32 tensors at the backward's start
   (and the logits themselves when the base is not float32).
-* **Runtime**: the process before any model (torch, transformers, peft, Flower): about 0.5 GB of
-  host memory on CPU; on a GPU, the CUDA context (about 0.5 GB) that ``max_memory_allocated`` does
+* **Runtime**: the process before any model (torch, transformers, peft, Flower, Ray, a tokenizer
+  and its data): about 0.75 GB of host memory on CPU; on a GPU, the CUDA context (about 0.5 GB) that ``max_memory_allocated`` does
   not count but the GPU's memory holds.
 * **Cohort** (``engine.kind=cohort``): one base, ``cohort_size`` clients' adapters and optimizer
   states, and the activations of all their batches in one pass.
@@ -50,7 +50,9 @@ from fedpeft.config import ConfigError
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-RUNTIME_CPU = 0.5 * GB  # torch, transformers, peft and Flower imported, no model
+# An actor's process before its model: torch, transformers, peft, Flower and Ray imported (0.6 GB
+# measured), the tokenizer and its data (experiments/benchmarks/llm_memory.py: 0.75 GB in all).
+RUNTIME_CPU = 0.75 * GB
 CUDA_CONTEXT = 0.5 * GB
 
 

@@ -156,9 +156,11 @@ class FlowerAdapter(FlowerStrategy):
         config_digest: str = "",
         base_weights: dict[str, torch.Tensor] | None = None,
         lr_at: Callable[[int], float] | None = None,
+        failure_note: Callable[[str], str] | None = None,
     ) -> None:
         self.strategy = strategy
         self.lr_at = lr_at  # round → its learning rate (train.lr_schedule), sent to the clients; None: each uses train.lr
+        self.failure_note = failure_note  # a client failure's reason → what to add to its warning line (an actor killed: its memory plan)
         if strategy.needs_base_weights:  # FeDeRA: its init decomposes the pre-trained weights
             if base_weights is None:
                 raise ValueError(f"strategy={strategy.name} initialises from the pre-trained weights: pass base_weights")
@@ -446,7 +448,8 @@ class FlowerAdapter(FlowerStrategy):
             raise FederationFailed(f"{same[0][0]} ({same[0][1]} of {stats.sampled} sampled clients)")
         for node, line, _ in failures:
             pid = self.partition_of.get(node)
-            log.warning("round %d: client %son node %d failed: %s", server_round, "" if pid is None else f"{pid} ", node, line)
+            note = self.failure_note(line) if self.failure_note is not None else ""
+            log.warning("round %d: client %son node %d failed: %s%s", server_round, "" if pid is None else f"{pid} ", node, line, note)
         stats.replied = len(updates)
         stats.applied = len(updates) >= max(self.min_clients, 1)
         diagnostics: dict[str, float] = {}

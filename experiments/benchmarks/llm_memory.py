@@ -158,6 +158,7 @@ def worker(spec: dict) -> dict:
     """One setting in this process: load, warm up, reset the peak, train, measure."""
     import torch
 
+    import clients.app  # noqa: F401  (what an actor imports: Flower, fedpeft's client side)
     from clients.cohort import CohortJob, train_cohort
     from clients.train import TrainSettings, train
     from fedpeft.models import read_adapter
@@ -180,8 +181,8 @@ def worker(spec: dict) -> dict:
         else:
             train(lm, Payload(g.adapter, g.head), data[0], s, seed=0, client_id=0)
 
-    run(1)  # warm-up: allocator, kernels, the optimizer's first step
-    if cuda:
+    if cuda:  # warm-up: allocator, kernels, the optimizer's first step
+        run(1)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
@@ -239,23 +240,29 @@ def cpu_table(args) -> None:
           f"{'tokens/s':>9}  loaded by")
     worst = 0.0
     saved = json.loads(Path(args.load).read_text()) if args.load else {}
-    measured = {}
-    for base in args.bases.split(","):
-        for ck in (False, True):
-            spec = dict(name="smollm2", path=path, base=base, device="cpu", checkpointing=ck, engine=args.engine, cohort=args.cohort,
-                        batch_size=args.batch_size, max_length=args.max_length, steps=args.steps, threads=args.threads)
-            key = json.dumps({k: v for k, v in spec.items() if k != "path"}, sort_keys=True)
-            got = measured[key] = saved[key] if key in saved else collect(launch(spec))
-            if args.save:
-                Path(args.save).write_text(json.dumps(measured, indent=1))
-            est = estimate(path, base, spec)
-            if "error" in got:
-                print(f"{base:9} {'on' if ck else 'off':4} {args.engine:10} {est / 1e9:11.2f} {'failed: ' + got['error']}")
-                continue
-            ratio = got["peak"] / est
-            worst = max(worst, abs(ratio - 1))
-            print(f"{base:9} {'on' if ck else 'off':4} {args.engine:10} {est / 1e9:11.2f} {got['peak'] / 1e9:8.2f} {ratio:6.2f} "
-                  f"{got['resident'] / 1e9:9.2f} {got['load_peak'] / 1e9:12.2f} {got['tokens_per_s']:9.0f}  {got['loaded_by']}")
+    specs = [dict(name="smollm2", path=path, base=base, device="cpu", checkpointing=ck, engine=args.engine, cohort=args.cohort,
+                  batch_size=args.batch_size, max_length=args.max_length, steps=args.steps, threads=args.threads)
+             for base in args.bases.split(",") for ck in (False, True)]
+    keys = [json.dumps({k: v for k, v in spec.items() if k != "path"}, sort_keys=True) for spec in specs]
+    measured = {k: saved[k] for k in keys if k in saved}
+    todo = [(k, spec) for k, spec in zip(keys, specs) if k not in measured]
+    for i in range(0, len(todo), args.parallel):  # each process's own high-water mark: parallel rows do not disturb each other's peaks
+        batch = [(k, launch(spec)) for k, spec in todo[i : i + args.parallel]]
+        for k, proc in batch:
+            measured[k] = collect(proc)
+        if args.save:
+            Path(args.save).write_text(json.dumps(measured, indent=1))
+    for key, spec in zip(keys, specs):
+        base, ck = spec["base"], spec["checkpointing"]
+        got = measured[key]
+        est = estimate(path, base, spec)
+        if "error" in got:
+            print(f"{base:9} {'on' if ck else 'off':4} {args.engine:10} {est / 1e9:11.2f} {'failed: ' + got['error']}")
+            continue
+        ratio = got["peak"] / est
+        worst = max(worst, abs(ratio - 1))
+        print(f"{base:9} {'on' if ck else 'off':4} {args.engine:10} {est / 1e9:11.2f} {got['peak'] / 1e9:8.2f} {ratio:6.2f} "
+              f"{got['resident'] / 1e9:9.2f} {got['load_peak'] / 1e9:12.2f} {got['tokens_per_s']:9.0f}  {got['loaded_by']}")
     print(f"largest deviation of the estimate from the measured peak: {100 * worst:.0f}%")
 
 
@@ -292,6 +299,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=None)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parallel", type=int, default=1, help="CPU: settings measured at once (each in its own process)")
     ap.add_argument("--checkpointing", action="store_true", help="CUDA: with gradient checkpointing")
     ap.add_argument("--workdir", default=None, help="CUDA: where the random Llama checkpoint is saved (default: the temp dir)")
     ap.add_argument("--save", default=None, help="CPU: write the measurements (JSON) here, row by row")

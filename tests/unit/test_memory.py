@@ -138,3 +138,14 @@ def test_check_memory_divides_the_host_among_concurrent_actors(monkeypatch, tiny
         memory.check_memory(cfg, None)
     cfg.engine.num_cpus = 2.0  # 2 actors at once
     assert memory.check_memory(cfg, None) is not None
+
+
+def test_a_client_whose_actor_died_gets_the_plan_in_its_failure_line(tiny):
+    from fedpeft.serverapp import actor_death_note
+
+    plan = memory.make_plan(tiny, memory.Setting(batch_size=4, max_length=32, causal=True))
+    note = actor_death_note(plan)
+    died = note("<class 'ray.exceptions.ActorDiedError'>:<'The actor died unexpectedly before finishing this task.'>")
+    assert died.startswith(f" (its actor died: out of memory? the memory plan is {plan.per_actor / 1e9:.1f} GB per actor at train.batch_size=4")
+    assert note("<class 'clients.train.ClientOutOfMemory'>:<'client 1: out of memory training rank 4, ...'>") == ""  # it said so itself
+    assert note("<class 'ValueError'>:<'something else'>") == "" and actor_death_note(None)("ActorDiedError") == ""
