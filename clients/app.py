@@ -30,7 +30,7 @@ from flwr.common.constant import ErrorCode
 from safetensors.torch import load_file, save_file
 
 from clients.cohort import CohortError, CohortJob, train_cohort
-from clients.train import DPSettings, TrainSettings, evaluate, train
+from clients.train import DPSettings, TrainSettings, evaluate, release, train
 from fedpeft import cohorts, messages, privacy, runconfig
 from fedpeft import data as fdata
 from fedpeft import merges as merge_forms
@@ -156,6 +156,11 @@ class Step:
     base_version: int
     noise_multiplier: float | None
     plan: ClientPlan
+    lr: float | None = None  # the round's scheduled learning rate (train.lr_schedule); None: train.lr
+
+    def train_settings(self) -> TrainSettings:
+        """This client's local training in this round: ``train.*`` at the round's learning rate."""
+        return TrainSettings.of(self.settings.train, self.lr)
 
     @property
     def send_A(self) -> bool:
@@ -188,6 +193,7 @@ def read_step(msg: Message, context: Context) -> Step:
         partition_id=int(context.node_config["partition-id"]), rank=int(c["rank"]), alpha=float(c["alpha"]),
         base_version=int(c["base-version"]), noise_multiplier=None if nm is None else float(nm),
         plan=ClientPlan.from_config({k: v for k, v in c.items() if k not in RESERVED}),
+        lr=float(c["lr"]) if "lr" in c else None,
     )
 
 
@@ -320,7 +326,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     lm, part = prepare(step, context)
     use_adapter(lm, step.rank, step.alpha)
     dp = DPSettings(step.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None
-    update, metrics = train(lm, payload_of(step, context), part, TrainSettings(**asdict(s.train)), seed=step.seed(0), client_id=step.partition_id, dp=dp)
+    update, metrics = train(lm, payload_of(step, context), part, step.train_settings(), seed=step.seed(0), client_id=step.partition_id, dp=dp)
     if step.plan.personal_B:
         save_personal_B(step, context, update.adapter)
     return plain_reply(msg, step, update, metrics)
@@ -360,8 +366,9 @@ def cohort_handler(msg: Message, context: Context) -> Message:
     its error), then training, then its reply through :data:`MODS`, the per-client handler's mods
     (local DP, the uplink codec; a top-k residual lives in ``<shared-dir>/client_<id>``). A simulation engine only: the members'
     data are partitions of the run's dataset and their state lives in the shared dir. If training
-    the cohort fails (one client's loss became NaN, ...), each member is trained alone instead, so
-    that a failing client fails alone."""
+    the cohort fails (one client's loss became NaN, the cohort ran out of memory, ...), each member
+    is trained alone instead, so that a failing client fails alone (out of memory: one line naming
+    its plan and what to change, :class:`clients.train.ClientOutOfMemory`)."""
     if not runconfig.load(context.run_config)[1].shared_dir:
         raise CohortError("engine.kind=cohort runs on simulation workers only (this node has no shared dir): use engine.kind=per_client on devices")
     members = []
@@ -390,12 +397,15 @@ def cohort_handler(msg: Message, context: Context) -> Message:
                       DPSettings(st.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None)
             for j, st in steps.items()
         ]
-        settings = TrainSettings(**asdict(s.train))
+        settings = steps[first].train_settings()  # one round: one learning rate
         try:
-            results: list = train_cohort(lm, jobs, settings, autocast=torch.bfloat16 if s.engine.precision == "bf16" else None)
+            results: list | None = train_cohort(lm, jobs, settings, autocast=torch.bfloat16 if s.engine.precision == "bf16" else None)
         except CohortError:
             raise  # a setting the cohort engine cannot train: every member's error, naming it
-        except Exception:  # one client's failure (its loss became NaN, ...) must not fail the others
+        except Exception:  # one client's failure (its loss became NaN, out of memory, ...) must not fail the others
+            results = None
+        if results is None:  # outside the except block: the failed cohort's tensors are freed first
+            release(lm)
             results = []
             for job in jobs:  # each member alone, as the per-client engine trains it
                 try:
@@ -419,7 +429,7 @@ def cohort_handler(msg: Message, context: Context) -> Message:
     return Message(content=cohorts.pack_replies(replies), reply_to=msg)
 
 
-RESERVED = ("server-round", "rank", "alpha", "base-version", "noise-multiplier", "config-digest")
+RESERVED = ("server-round", "rank", "alpha", "base-version", "noise-multiplier", "config-digest", "lr")
 RESIDUAL = "topk-residual"
 
 

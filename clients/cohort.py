@@ -85,6 +85,16 @@ the client's expected batch size (:func:`_clip_and_noise`), then HetLoRA's term'
 and the optimizer steps — Opacus's ``DPOptimizer`` step, per client. With dropout off, a client's
 DP-SGD update equals the per-client engine's, noise included (the tests check σ = 0 and σ > 0).
 
+**Training options** (``train.*``, as :func:`clients.train.train` honours them): the round's ``lr``;
+``grad_accum_steps`` G: each optimizer step accumulates G of every client's ``batch_order`` batches
+(each client's loss divided by G; DP-SGD: one Poisson sample at the logical batch's rate, its loss
+taken in chunks of ``batch_size`` rows as the per-client engine's virtual steps take it);
+``max_grad_norm``: each client's own global norm over its own slices of the stacks (its LoRA
+factors and head; zero padding adds nothing), clipped as ``clip_grad_norm_`` clips it alone;
+``gradient_checkpointing``: transformers' non-reentrant checkpointing of the base's layers (refused
+for a model with active dropout: a recomputed forward would draw a client's masks from its stream
+again).
+
 Not supported (each raises :class:`CohortError`, one line naming the setting): ``freeze_B`` (RoLoRA's
 rounds that train A; the config refuses ``strategy=rolora`` with ``engine.kind=cohort``), DP-SGD with a head
 that is not a Linear layer, a cohort mixing DP and non-DP clients, LoRA variants such as DoRA, LoRA on non-``Linear`` modules, merged
@@ -105,7 +115,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from clients.train import DPSettings, TrainSettings, batch_order, encode, make_optimizer
+from clients.train import DPSettings, TrainSettings, batch_order, check_settings, checkpointing, encode, make_optimizer
 from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for, tail_start, truncate
 from fedpeft.models import PREFIX, LoadedModel, ModelError, active, layer, module_shapes, scaling_of
 from fedpeft.plan import ClientUpdate, Payload, SelfPruning
@@ -709,16 +719,43 @@ def _collate(lm: LoadedModel, batches: list[dict[str, torch.Tensor]]) -> tuple[d
     return cat, labels, stats
 
 
+def _loss(lm: LoadedModel, lg: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """The loss of one batch's rows, as the model computes it for that batch alone."""
+    if lm.task == "classification":  # transformers' single-label loss: mean cross-entropy
+        return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1))
+    base = lm.model.get_base_model()  # the model's own causal-LM loss (shift, ignore -100, mean over predicted tokens)
+    return base.loss_function(logits=lg, labels=lb, vocab_size=base.config.vocab_size)
+
+
 def _client_losses(lm: LoadedModel, logits: torch.Tensor, labels: torch.Tensor, rows: _Rows) -> list[torch.Tensor]:
     """Each client's loss on its own rows, as the model computes it for that client's batch alone."""
-    base = lm.model.get_base_model()
-    out = []
+    return [_loss(lm, lg, lb) for lg, lb in zip(rows.split(logits), rows.split(labels))]
+
+
+def _dp_chunked(lm: LoadedModel, logits: torch.Tensor, labels: torch.Tensor, rows: _Rows, size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """DP-SGD with ``grad_accum_steps > 1``: each client's logical batch in chunks of ``size`` rows,
+    as the per-client engine's virtual steps run it: per client ``Σ_c n_c · loss_c`` (what Opacus's
+    per-example gradients are the gradients of) and its loss, the chunks' mean weighted by rows."""
+    objectives, values = [], []
     for lg, lb in zip(rows.split(logits), rows.split(labels)):
-        if lm.task == "classification":  # transformers' single-label loss: mean cross-entropy
-            out.append(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1)))
-        else:  # the model's own causal-LM loss (shift, ignore -100, mean over predicted tokens)
-            out.append(base.loss_function(logits=lg, labels=lb, vocab_size=base.config.vocab_size))
-    return out
+        n = lg.shape[0]
+        parts = [(min(size, n - i), _loss(lm, lg[i : i + size], lb[i : i + size])) for i in range(0, n, size)]
+        objectives.append(torch.stack([c * v for c, v in parts]).sum())
+        values.append(parts[0][1] if len(parts) == 1 else torch.stack([c * v.detach() for c, v in parts]).sum() / n)
+    return objectives, values
+
+
+def _clip_per_client(stacks: "_Stacks", max_norm: float) -> None:
+    """``train.max_grad_norm`` per client: client k's global gradient norm over its own slices of
+    the stacks (``clip_grad_norm_``'s norm of the per-tensor norms; the zero padding adds nothing),
+    its slices scaled by ``min(1, max_norm / (norm + 1e-6))`` as ``clip_grad_norm_`` scales alone."""
+    grads = [t.grad for t in stacks.params() if t.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in grads], dim=1)
+    coef = (max_norm / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
 
 
 # ----------------------------------------------------------------------------------------- DP-SGD
@@ -842,6 +879,13 @@ def train_cohort(
     return results
 
 
+def _has_dropout(lm: LoadedModel) -> bool:
+    """Whether training draws random masks: an ``nn.Dropout`` with p > 0 or attention dropout in the config."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in lm.model.modules()):
+        return True
+    return float(getattr(lm.model.get_base_model().config, "attention_dropout", 0.0) or 0.0) > 0  # Llama-style attention reads it directly
+
+
 def _passes(lengths: list[int], counts: list[int], pad_tolerance: float | None, max_tokens: int | None) -> list[list[int]]:
     """The step's forward passes: lists of stack indices (ascending, i.e. by rows then rank)."""
     if pad_tolerance is not None and not 0.0 <= pad_tolerance <= 1.0:
@@ -873,6 +917,14 @@ def _train(
         torch.cuda.reset_peak_memory_stats(lm.device)
     check_model(lm)
     _check_jobs(lm, jobs)
+    try:
+        check_settings(settings, jobs[0].dp is not None)
+    except ValueError as e:
+        raise CohortError(str(e)) from None
+    if settings.gradient_checkpointing and _has_dropout(lm):
+        raise CohortError("train.gradient_checkpointing: the cohort engine draws each client's dropout masks from its own stream, "
+                          "which a recomputed forward would draw again; use engine.kind=per_client or a model without dropout")
+    checkpointing(lm, settings.gradient_checkpointing)
     K = len(jobs)
     given = jobs
     # Stacked in order of rows per step, then rank (stable): a pass's equal rows and ranks are runs.
@@ -895,11 +947,11 @@ def _train(
     seed = given[0].seed if K == 1 else hash(tuple(j.seed for j in given)) % (2**31)
     dp = jobs[0].dp is not None
     if dp:
-        samplers = [_PoissonSampler(len(j.data), settings.batch_size, j.seed, lm.device) for j in jobs]
+        samplers = [_PoissonSampler(len(j.data), settings.logical_batch, j.seed, lm.device) for j in jobs]
         keys = _param_keys(lm, flags)
         streams = _Streams([smp.g for smp in samplers], lm.device, [smp.noise_g for smp in samplers])
     else:
-        orders = [batch_order(len(j.data), settings.local_steps, settings.batch_size, j.seed) for j in jobs]
+        orders = [batch_order(len(j.data), settings.local_steps * settings.grad_accum_steps, settings.batch_size, j.seed) for j in jobs]
         streams = _Streams.seeded([j.seed for j in jobs], lm.device)
     losses: list[list[float]] = [[] for _ in jobs]
     totals = {"tokens": 0, "slots": 0, "slots_alone": 0, "passes": 0}
@@ -912,40 +964,55 @@ def _train(
             fwd.streams = streams
             if dp and not fwd.linear_heads():
                 raise CohortError("privacy.mode=sample: the cohort engine clips per-example gradients of Linear heads only")
+            accum = settings.grad_accum_steps
+            chunked = dp and accum > 1  # DP-SGD's logical batch, its loss in chunks as the per-client engine's virtual steps
             for _ in range(settings.local_steps):
-                if dp:  # each client's Poisson sample, drawn as the per-client engine's Opacus loader draws it
-                    batches = [encode(lm, j.data[smp.next()]) for j, smp in zip(jobs, samplers)]
-                    counts = [b["input_ids"].shape[0] for b in batches]
-                    fwd.per_example = {}
-                else:
-                    batches = [encode(lm, j.data[next(o)]) for j, o in zip(jobs, orders)]
-                    if [b["input_ids"].shape[0] for b in batches] != counts:
-                        raise RuntimeError(f"cohort engine: batch sizes {[b['input_ids'].shape[0] for b in batches]} differ from the planned {counts}")
-                for members in _passes([b["input_ids"].shape[1] for b in batches], counts, pad_tolerance, max_tokens):
-                    inputs, labels, stats = _collate(lm, [batches[k] for k in members])
-                    for key in stats:
-                        totals[key] += stats[key]
-                    totals["passes"] += 1
-                    rows = _Rows(members, [counts[k] for k in members], lm.device, [batches[k]["input_ids"].shape[1] for k in members])
-                    fwd.set_rows(rows)
-                    with torch.autocast(lm.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                        logits = model(**inputs).logits
-                    per_client = _client_losses(lm, logits, labels, rows)
-                    values = torch.stack([v.detach() for v in per_client]).tolist()
-                    for k, v in zip(members, values):
-                        if not (v == v and abs(v) != float("inf")):
-                            raise FloatingPointError(f"client {jobs[k].client_id}: training loss became {v}")
-                        losses[k].append(v)
-                    if dp:  # Opacus's per-sample gradients are those of n × the batch's mean loss
-                        torch.stack([v * counts[k] for k, v in zip(members, per_client)]).sum().backward()
+                step_losses: list[list[float]] = [[] for _ in jobs]
+                for _micro in range(1 if dp else accum):
+                    if dp:  # each client's Poisson sample, drawn as the per-client engine's Opacus loader draws it
+                        batches = [encode(lm, j.data[smp.next()]) for j, smp in zip(jobs, samplers)]
+                        counts = [b["input_ids"].shape[0] for b in batches]
+                        fwd.per_example = {}
                     else:
-                        torch.stack(per_client).sum().backward()
+                        batches = [encode(lm, j.data[next(o)]) for j, o in zip(jobs, orders)]
+                        if [b["input_ids"].shape[0] for b in batches] != counts:
+                            raise RuntimeError(f"cohort engine: batch sizes {[b['input_ids'].shape[0] for b in batches]} differ from the planned {counts}")
+                    for members in _passes([b["input_ids"].shape[1] for b in batches], counts, pad_tolerance, max_tokens):
+                        inputs, labels, stats = _collate(lm, [batches[k] for k in members])
+                        for key in stats:
+                            totals[key] += stats[key]
+                        totals["passes"] += 1
+                        rows = _Rows(members, [counts[k] for k in members], lm.device, [batches[k]["input_ids"].shape[1] for k in members])
+                        fwd.set_rows(rows)
+                        with torch.autocast(lm.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                            logits = model(**inputs).logits
+                        if chunked:
+                            objectives, per_client = _dp_chunked(lm, logits, labels, rows, settings.batch_size)
+                        else:
+                            per_client = _client_losses(lm, logits, labels, rows)
+                        values = torch.stack([v.detach() for v in per_client]).tolist()
+                        for k, v in zip(members, values):
+                            if not (v == v and abs(v) != float("inf")):
+                                raise FloatingPointError(f"client {jobs[k].client_id}: training loss became {v}")
+                            step_losses[k].append(v)
+                        if chunked:
+                            torch.stack(objectives).sum().backward()
+                        elif dp:  # Opacus's per-sample gradients are those of n × the batch's mean loss
+                            torch.stack([v * counts[k] for k, v in zip(members, per_client)]).sum().backward()
+                        elif accum > 1:
+                            (torch.stack(per_client).sum() / accum).backward()
+                        else:
+                            torch.stack(per_client).sum().backward()
+                for k, ls in enumerate(step_losses):
+                    losses[k].append(ls[0] if len(ls) == 1 else sum(ls) / len(ls))
                 if dp:
                     for k, job in enumerate(jobs):
                         _clip_and_noise(stacks, k, fwd.per_example[k], keys, job.dp, samplers[k])
                     fwd.per_example = None
                 if pruning:  # HetLoRA's term reads no data: its own backward, into the same gradients
                     (stacks.lam * stacks.tail_term(stacks.effective_A())).sum().backward()
+                if settings.max_grad_norm is not None:
+                    _clip_per_client(stacks, settings.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
     finally:

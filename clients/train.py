@@ -1,9 +1,12 @@
 """A client's local training: one function, payload + partition → update + metrics.
 
-The Flower ClientApp (``clients.app``) calls it; a future cohort executor that trains many
-clients' adapters at once must reproduce its semantics: start from the payload, a fresh optimizer (AdamW, or SGD)
-over the adapter's trainable tensors, ``local_steps`` steps of ``batch_size`` examples drawn
-without replacement (reshuffled every pass) from a generator seeded by ``(seed, round, client)``.
+The Flower ClientApp (``clients.app``) calls it; the cohort engine (``clients.cohort``), which
+trains many clients' adapters at once, reproduces its semantics: start from the payload, a fresh
+optimizer (AdamW, or SGD) at the round's learning rate over the adapter's trainable tensors,
+``local_steps`` optimizer steps, each accumulating ``grad_accum_steps`` batches of ``batch_size``
+examples (each batch's loss divided by ``grad_accum_steps``) drawn without replacement (reshuffled
+every pass) from a generator seeded by ``(seed, round, client)``, the global gradient norm clipped
+to ``max_grad_norm`` before each step when set.
 """
 
 from __future__ import annotations
@@ -23,12 +26,34 @@ from fedpeft.plan import ClientUpdate, Finaliser, LossTerm, Payload
 
 @dataclass(frozen=True)
 class TrainSettings:
+    """One client's local training in one round (``train.*``; ``lr`` is the round's learning rate,
+    :func:`fedpeft.schedule.lr_at`)."""
+
     local_steps: int
     batch_size: int
     lr: float
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.0  # sgd only
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass
+    grad_accum_steps: int = 1  # batches accumulated per optimizer step
+    max_grad_norm: float | None = None  # clip each step's global gradient norm (not DP)
+
+    @classmethod
+    def of(cls, train: Any, lr: float | None = None) -> "TrainSettings":
+        """The settings of a ``train`` config section (:class:`fedpeft.config.TrainConfig`), at
+        ``lr`` (the round's scheduled learning rate) when given, else ``train.lr``."""
+        return cls(
+            local_steps=train.local_steps, batch_size=train.batch_size, lr=train.lr if lr is None else float(lr),
+            weight_decay=train.weight_decay, optimizer=train.optimizer, momentum=train.momentum,
+            gradient_checkpointing=bool(train.gradient_checkpointing), grad_accum_steps=int(train.grad_accum_steps),
+            max_grad_norm=None if train.max_grad_norm is None else float(train.max_grad_norm),
+        )
+
+    @property
+    def logical_batch(self) -> int:
+        """The examples behind one optimizer step: ``batch_size × grad_accum_steps``."""
+        return self.batch_size * self.grad_accum_steps
 
 
 def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
@@ -47,7 +72,13 @@ class DPSettings:
     """Sample-level DP-SGD (Abadi et al., CCS 2016) through Opacus: every example's gradient of
     the trainable adapter tensors is clipped to ``max_grad_norm`` and Gaussian noise of std
     ``noise_multiplier · max_grad_norm`` is added to their sum; batches are Poisson-sampled at rate
-    ``1 / ceil(n / batch_size)`` (what the accountant assumes)."""
+    ``1 / ceil(n / logical_batch)`` (what the accountant assumes).
+
+    With ``grad_accum_steps = G`` a step's batch is the logical one: a Poisson sample at the rate
+    of ``batch_size × G`` examples, run in physical chunks of at most ``batch_size`` rows (Opacus's
+    virtual steps: each chunk's per-example gradients are clipped and summed, ``signal_skip_step``),
+    noised once and divided by the logical expected batch size. So DP-SGD still clips per example
+    over the logical batch, and the accountant's sample rate is the logical one."""
 
     noise_multiplier: float
     max_grad_norm: float
@@ -57,6 +88,83 @@ def sample_rate(n: int, batch_size: int) -> float:
     """The Poisson sampling rate of Opacus's ``DPDataLoader`` for ``n`` examples in batches of
     ``batch_size``: one over the number of batches of the plain loader."""
     return 1.0 / math.ceil(n / batch_size)
+
+
+class ClientOutOfMemory(MemoryError):
+    """A client's training ran out of memory; the message names its plan and what to change."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's ``OutOfMemoryError`` (CUDA), or the CPU allocator's failure (a RuntimeError)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "not enough memory" in str(e))
+
+
+def base_kind(lm: LoadedModel) -> str:
+    """The frozen base's storage: 4bit | 8bit (bitsandbytes), or its dtype."""
+    w = layer(lm, lm.modules[0]).base_layer.weight if lm.modules else next(lm.model.parameters())
+    kind = type(w).__name__
+    return "4bit" if kind == "Params4bit" else "8bit" if kind == "Int8Params" else str(w.dtype).removeprefix("torch.")
+
+
+def out_of_memory_line(lm: LoadedModel, settings: TrainSettings, client_id: int, cohort: int = 1) -> str:
+    """One line: the client's plan (rank, batch, length, base, checkpointing, cohort) and what to change."""
+    rank = layer(lm, lm.modules[0]).lora_A[active(lm)].weight.shape[0] if lm.modules else None
+    base = base_kind(lm)
+    plan = (f"rank {rank}, " if rank else "") + f"train.batch_size={settings.batch_size} x model.max_length={lm.max_length} tokens"
+    plan += f" (x{settings.grad_accum_steps} accumulated)" if settings.grad_accum_steps > 1 else ""
+    plan += f", {base} base, gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}"
+    plan += f", a cohort of {cohort} on {lm.device.type}" if cohort > 1 else f" on {lm.device.type}"
+    fixes = []
+    if settings.batch_size > 1:
+        fixes.append(f"train.batch_size={max(1, settings.batch_size // 2)} with train.grad_accum_steps={2 * settings.grad_accum_steps}")
+    if not settings.gradient_checkpointing:
+        fixes.append("train.gradient_checkpointing=true")
+    if base != "4bit":
+        fixes.append("model.quantization=4bit")
+    if cohort > 1:
+        fixes.append("a smaller engine.cohort_size")
+    fixes.append("fewer actors per GPU (a larger engine.num_gpus)" if lm.device.type == "cuda" else "fewer concurrent actors (a larger engine.num_cpus)")
+    return f"client {client_id}: out of memory training {plan}; try {', or '.join(fixes)}"
+
+
+def release(lm: LoadedModel) -> None:
+    """After an out-of-memory failure: drop the model's gradients and the allocator's cache, so that
+    the worker's next client starts clean."""
+    for p in lm.model.parameters():
+        p.grad = None
+    if lm.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def check_settings(settings: TrainSettings, dp: bool) -> None:
+    """Combinations no engine trains: DP-SGD clips per example (``privacy.clip``), so a second,
+    global clip is refused; Opacus's per-example hooks see a recomputed forward twice, so gradient
+    checkpointing is refused with DP-SGD."""
+    if dp and settings.max_grad_norm is not None:
+        raise ValueError("train.max_grad_norm: privacy.mode=sample clips every example's gradient (privacy.clip); drop train.max_grad_norm")
+    if dp and settings.gradient_checkpointing:
+        raise ValueError("train.gradient_checkpointing: Opacus's per-example gradients (privacy.mode=sample) "
+                         "do not work with recomputed activations; set train.gradient_checkpointing=false")
+
+
+def checkpointing(lm: LoadedModel, on: bool) -> None:
+    """Turn transformers' gradient checkpointing on or off on the cached model (non-reentrant, so
+    that gradients reach the adapters though the frozen inputs need none; with it on, the input
+    embeddings' output requires grad, as peft's k-bit preparation does)."""
+    base = lm.model.get_base_model()
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        if on:
+            raise ValueError(f"train.gradient_checkpointing: model {type(base).__name__} does not support gradient checkpointing")
+        return
+    if on and not base.is_activation_checkpointing:
+        base.activation_checkpointing_enable({"use_reentrant": False})
+        if not getattr(base, "_require_grads_hooks", None):  # transformers adds the hook itself for input_ids models
+            base.enable_input_require_grads()
+    elif not on and base.is_activation_checkpointing:
+        base.activation_checkpointing_disable()
+        base.disable_input_require_grads()
 
 
 def batch_order(n: int, steps: int, batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -105,9 +213,20 @@ def train(
     ``dp``: train with DP-SGD through Opacus on exactly the trainable tensors (with ``train_A=False``,
     B and the head; with ``train_B=False``, A and the head); the cached model is wrapped for this call
     only and unwrapped afterwards.
+
+    Out of memory (``torch.OutOfMemoryError``, or the CPU allocator's failure): the gradients and
+    the allocator's cache are released and :class:`ClientOutOfMemory` raised, one line naming the
+    client's plan and what to change; the worker stays usable for its next client.
+
+    ``settings``: ``lr`` is the round's; ``grad_accum_steps`` batches per optimizer step;
+    ``max_grad_norm`` clips each step's global gradient norm over the trainable tensors (after the
+    plan's loss term is added); ``gradient_checkpointing`` recomputes activations in the backward
+    pass (the cached model keeps the setting until a call asks otherwise).
     """
     if len(data) == 0:
         raise ValueError(f"client {client_id}: its partition is empty")
+    check_settings(settings, dp is not None)
+    checkpointing(lm, settings.gradient_checkpointing)
     t0 = time.perf_counter()
     plan = payload.plan
     if payload.adapter or not lm.modules:  # a method without LoRA factors has only "head" tensors
@@ -129,6 +248,7 @@ def train(
     model.train()
     devices = [lm.device] if lm.device.type == "cuda" else []
     # Dropout draws from torch's RNG: fork it and seed it per (seed, round, client).
+    oom = None
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
@@ -136,9 +256,17 @@ def train(
                 losses = _steps(lm, opt, data, settings, seed, client_id, extra)
             else:
                 losses = _dp_steps(lm, opt, data, settings, dp, client_id, extra)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        oom = out_of_memory_line(lm, settings, client_id)  # raised below, once this frame's tensors are freed
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    if oom is not None:
+        del opt, extra
+        release(lm)
+        raise ClientOutOfMemory(oom)
     trained = read_adapter(lm)
     adapter = trained.adapter
     metrics = {
@@ -185,21 +313,39 @@ class _Extra:
         return self.finaliser.rank_after(self.rank, self.before, self.finaliser.measure(self.factors()))
 
 
+def clip_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> None:
+    """``train.max_grad_norm``: scale the gradients so that their global L2 norm is at most ``max_norm``."""
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+
+
 def _steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: TrainSettings, seed: int, client_id: int, extra: _Extra) -> list[float]:
+    """``local_steps`` optimizer steps of ``grad_accum_steps`` batches each (the batches are the
+    first ``local_steps × grad_accum_steps`` of :func:`batch_order`); a step's loss is the mean of
+    its batches' losses, the plan's loss term is added once per step."""
     model = lm.model
+    params = [p for g in opt.param_groups for p in g["params"]]
+    accum = settings.grad_accum_steps
     losses: list[float] = []
     try:
-        for idx in batch_order(len(data), settings.local_steps, settings.batch_size, seed):
-            batch = encode(lm, data[idx])
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"client {client_id}: training loss became {loss.item()}")
-            penalty = extra.penalty()
-            total = loss + penalty if penalty is not None else loss
-            total.backward()
+        order = batch_order(len(data), settings.local_steps * accum, settings.batch_size, seed)
+        for _ in range(settings.local_steps):
+            step_losses = []
+            for i in range(accum):
+                batch = encode(lm, data[next(order)])
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"client {client_id}: training loss became {loss.item()}")
+                total = loss / accum if accum > 1 else loss
+                if i == accum - 1:
+                    penalty = extra.penalty()
+                    total = total + penalty if penalty is not None else total
+                total.backward()
+                step_losses.append(loss.item())
+            clip_norm(params, settings.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(step_losses[0] if accum == 1 else sum(step_losses) / accum)
     finally:
         model.eval()
     return losses
@@ -209,13 +355,19 @@ def _dp_steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: 
     """``local_steps`` DP-SGD steps via Opacus's ``PrivacyEngine`` (hooks grad-sample mode,
     Poisson-sampled batches). The wrapper is closed afterwards, so the worker's cached model can be
     wrapped again for the next client. The plan's loss term (HetLoRA's pruning term) depends on no
-    example: its gradient is added after Opacus has clipped and noised the data gradient."""
+    example: its gradient is added after Opacus has clipped and noised the data gradient.
+
+    ``grad_accum_steps > 1``: the loader samples logical batches (rate ``1 / ceil(n /
+    logical_batch)``), each run in chunks of at most ``batch_size`` rows; every chunk's
+    per-example gradients are clipped and summed (``signal_skip_step``, Opacus's virtual steps), the
+    last chunk's ``pre_step`` adds the noise once and divides by the logical expected batch size. A
+    step's loss is the chunks' mean weighted by their rows."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
     rows = TensorDataset(torch.arange(len(data)))
-    collate = lambda items: encode(lm, data[[int(i) for (i,) in items]])  # noqa: E731
-    loader = DataLoader(rows, batch_size=min(settings.batch_size, len(data)), collate_fn=collate)
+    collate = lambda items: torch.stack([i for (i,) in items])  # noqa: E731  (the sampled row indices)
+    loader = DataLoader(rows, batch_size=min(settings.logical_batch, len(data)), collate_fn=collate)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")  # runs are seeded on purpose
         model, dp_opt, dp_loader = PrivacyEngine().make_private(
@@ -232,14 +384,25 @@ def _dp_steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: 
             except StopIteration:  # a new pass over the data (Poisson-sampled again)
                 batches = iter(dp_loader)
                 continue
-            if batch["input_ids"].shape[0] == 0:  # an empty Poisson sample (probability ~e^-batch_size)
+            if len(batch) == 0:  # an empty Poisson sample (probability ~e^-batch_size)
                 continue
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"client {client_id}: training loss became {loss.item()}")
-            with warnings.catch_warnings():  # Opacus's hooks on a frozen-input layer: expected
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
+            idx = batch.tolist()
+            size = settings.batch_size if settings.grad_accum_steps > 1 else len(idx)  # G = 1: the Poisson batch in one pass
+            chunks = [idx[i : i + size] for i in range(0, len(idx), size)]
+            step_losses = []
+            for c, chunk in enumerate(chunks):
+                loss = model(**encode(lm, data[chunk])).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"client {client_id}: training loss became {loss.item()}")
+                with warnings.catch_warnings():  # Opacus's hooks on a frozen-input layer: expected
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
+                step_losses.append(loss.item())
+                if c < len(chunks) - 1:  # a virtual step: clip and sum this chunk's per-example gradients
+                    dp_opt.signal_skip_step(do_skip=True)
+                    dp_opt.pre_step()
+                    dp_opt.zero_grad(set_to_none=True)
+            loss_value = step_losses[0] if len(chunks) == 1 else sum(v * len(ch) for v, ch in zip(step_losses, chunks)) / len(idx)
             if dp_opt.pre_step():  # clip per example, add noise, average
                 penalty = extra.penalty()
                 if penalty is not None:
@@ -250,7 +413,7 @@ def _dp_steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: 
                             p.grad.add_(g)
                 dp_opt.original_optimizer.step()
             dp_opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(loss_value)
     finally:
         model._close()  # remove Opacus's hooks and per-sample gradients from the cached model
         lm.model.eval()

@@ -96,8 +96,10 @@ def check_model(cfg, num_labels: int | None) -> None:
     ``min(out, in)`` of the smallest targeted module: past it a rank adds parameters (and bytes on
     the wire) but no capacity. A method that trains bias terms (BitFit) needs a model that has some,
     and prompt or prefix tuning's virtual tokens take positions: with ``model.max_length`` they must
-    fit the model's ``max_position_embeddings``."""
+    fit the model's ``max_position_embeddings``. And one client's memory plan must fit an actor's
+    share of the machine (:func:`check_memory`)."""
     from fedpeft import methods  # lazy: the method modules import peft
+    check_memory(cfg, num_labels)
     method = methods.get(cfg.peft.name)
     targets = tuple(cfg.model.target_modules)
     ff = tuple(cfg.peft.feedforward_modules or ()) if "feedforward_modules" in method.options else ()  # IA3 also adapts these
@@ -130,6 +132,19 @@ def check_model(cfg, num_labels: int | None) -> None:
         if rank > limit:
             raise ConfigError(f"{key}: rank {rank} exceeds {limit}, the most that the smallest targeted module ({module}, "
                               f"{out}x{inn}) can use; a larger rank adds parameters but no capacity (use at most {limit})")
+
+
+def check_memory(cfg, num_labels: int | None):
+    """The run's memory plan (:mod:`fedpeft.memory`, from the model's config on the meta device) at
+    the largest client rank must fit one actor's share (``engine.num_gpus`` × the GPU's memory, or
+    the host's available RAM over the concurrent actors): otherwise one line naming settings that fit.
+    Other PEFT methods are planned as LoRA at the same rank (their adapters are as small or
+    smaller, LoHa's twice; against the base and activations, a rounding error)."""
+    from fedpeft import memory
+    from fedpeft.ranks import client_ranks
+
+    r_max = max(client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed))
+    return memory.check_memory(cfg, num_labels, r_max)
 
 
 def check_assets(cfg) -> None:

@@ -155,8 +155,12 @@ class FlowerAdapter(FlowerStrategy):
         expected_examples: Callable[[int], int | None] | None = None,
         config_digest: str = "",
         base_weights: dict[str, torch.Tensor] | None = None,
+        lr_at: Callable[[int], float] | None = None,
+        failure_note: Callable[[str], str] | None = None,
     ) -> None:
         self.strategy = strategy
+        self.lr_at = lr_at  # round → its learning rate (train.lr_schedule), sent to the clients; None: each uses train.lr
+        self.failure_note = failure_note  # a client failure's reason → what to add to its warning line (an actor killed: its memory plan)
         if strategy.needs_base_weights:  # FeDeRA: its init decomposes the pre-trained weights
             if base_weights is None:
                 raise ValueError(f"strategy={strategy.name} initialises from the pre-trained weights: pass base_weights")
@@ -344,6 +348,7 @@ class FlowerAdapter(FlowerStrategy):
             "rank": spec.rank,
             "alpha": float(spec.alpha),
             "base-version": payload.base_version,
+            **({"lr": float(self.lr_at(server_round))} if self.lr_at is not None else {}),
         }
 
     def check_reply(self, node: int, msg: Message) -> tuple[ClientUpdate, dict[str, float]]:
@@ -443,7 +448,8 @@ class FlowerAdapter(FlowerStrategy):
             raise FederationFailed(f"{same[0][0]} ({same[0][1]} of {stats.sampled} sampled clients)")
         for node, line, _ in failures:
             pid = self.partition_of.get(node)
-            log.warning("round %d: client %son node %d failed: %s", server_round, "" if pid is None else f"{pid} ", node, line)
+            note = self.failure_note(line) if self.failure_note is not None else ""
+            log.warning("round %d: client %son node %d failed: %s%s", server_round, "" if pid is None else f"{pid} ", node, line, note)
         stats.replied = len(updates)
         stats.applied = len(updates) >= max(self.min_clients, 1)
         diagnostics: dict[str, float] = {}
@@ -459,6 +465,8 @@ class FlowerAdapter(FlowerStrategy):
                 server_round, len(updates), stats.sampled, self.min_clients,
             )
         stats.train_metrics = {**_weighted_mean(metric_rows), **diagnostics}
+        if self.lr_at is not None:  # the round's scheduled learning rate, in its metrics row
+            stats.train_metrics["lr"] = float(self.lr_at(server_round))
         if any("train_seconds" in m for _, m in metric_rows):  # the slowest client: round_seconds minus it is the framework's overhead
             stats.train_metrics["train_seconds_max"] = max(m["train_seconds"] for _, m in metric_rows if "train_seconds" in m)
         stats.seconds = time.perf_counter() - self._t0

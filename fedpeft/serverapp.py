@@ -83,7 +83,7 @@ def privacy_plan(cfg: DictConfig, partitioner, personalized: bool):
     """The noise multiplier and what each round composes into the privacy ledger.
 
     sample: every client runs ``train.local_steps`` DP-SGD steps per round at its Poisson rate
-    ``1/ceil(n_k/batch)``; the ledger takes the largest rate (the smallest partition) and counts
+    ``1/ceil(n_k/(batch_size · grad_accum_steps))`` (a step's logical batch); the ledger takes the largest rate (the smallest partition) and counts
     every round for every client (no amplification by client sampling is claimed).
     central / local: one Gaussian release per round per client, at the client sampling rate
     ``K/N`` (a fixed-size uniform sample, accounted as Poisson sampling at that rate, as in
@@ -97,13 +97,43 @@ def privacy_plan(cfg: DictConfig, partitioner, personalized: bool):
         return None
     if pv.mode == "sample":
         smallest = min(train_size(cfg, partitioner, i, personalized) for i in range(cfg.clients))
-        q, steps = sample_rate(smallest, cfg.train.batch_size), cfg.train.local_steps
+        # a step's logical batch (train.grad_accum_steps batches, clipped per example, noised once)
+        q, steps = sample_rate(smallest, cfg.train.batch_size * cfg.train.grad_accum_steps), cfg.train.local_steps
     else:
         q, steps = sample_size(cfg.clients, cfg.fraction, cfg.min_clients) / cfg.clients, 1
     sigma = pv.noise_multiplier
     if sigma is None:
         sigma = noise_multiplier_for(pv.target_epsilon, pv.delta, q, steps * cfg.rounds)
     return PrivacyPlan(pv.mode, float(sigma), pv.clip, q, steps, pv.delta, budget=pv.target_epsilon)
+
+
+def actor_death_note(plan) -> Any:
+    """A client whose actor died (killed by Ray's memory monitor or the kernel's OOM killer: no
+    line of its own) gets the run's memory plan and what to change added to its failure line."""
+    import re
+
+    def note(reason: str) -> str:
+        if plan is None or "ClientOutOfMemory" in reason or not re.search(r"ActorDied|RayActorError|OutOfMemory|died|killed", reason):
+            return ""
+        s = plan.setting
+        return (f" (its actor died: out of memory? the memory plan is {plan.per_actor / 1e9:.1f} GB per actor at train.batch_size={s.batch_size} x "
+                f"model.max_length={s.max_length}; lower train.batch_size, set train.gradient_checkpointing=true or model.quantization=4bit, "
+                "or run fewer actors at once)")
+
+    return note
+
+
+def lr_schedule(cfg: DictConfig):
+    """Round → learning rate (:func:`fedpeft.schedule.lr_at`) when ``train.lr_schedule`` or
+    ``train.warmup_rounds`` vary it; None for a constant ``train.lr`` (messages and metrics rows as before)."""
+    from functools import partial
+
+    from fedpeft.schedule import lr_at, scheduled
+
+    t = cfg.train
+    if not scheduled(t.lr_schedule, t.warmup_rounds):
+        return None
+    return partial(lr_at, rounds=cfg.rounds, lr=t.lr, lr_min=t.lr_min, schedule=t.lr_schedule, warmup_rounds=t.warmup_rounds)
 
 
 def rank_tag(cfg: DictConfig, ranks: list[int]) -> str:
@@ -201,11 +231,14 @@ class Federation:
 
         cfg = self.cfg
         self.ds, self.partitioner, self.test, num_labels = prepare_data(cfg)
-        check_model(cfg, num_labels)
+        check_model(cfg, num_labels)  # the memory plan too: a run that cannot fit is refused before the model loads
         self.ranks = client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)
         self.alphas = [client_alpha(cfg.ranks, r, cfg.model.rank, cfg.model.alpha) for r in self.ranks]
         self.lm = build(cfg.model, num_labels=num_labels, device=cfg.engine.device, seed=cfg.seed, peft_cfg=cfg.peft)
         r_max = max(self.ranks)
+        from fedpeft.memory import plan_for
+
+        self.memory = plan_for(cfg, num_labels, r_max)
         use_adapter(self.lm, r_max, client_alpha(cfg.ranks, r_max, cfg.model.rank, cfg.model.alpha))
         try:  # a model the engine cannot train (the cohort engine batches LoRA on Linear layers) is refused before round 1
             self.engine.check_model(self.lm)
@@ -241,6 +274,8 @@ class Federation:
             expected_examples=lru_cache(maxsize=None)(lambda i: train_size(cfg, partitioner, i, strategy.personalized)),
             config_digest=runconfig.digest(cfg),
             base_weights=base,
+            lr_at=lr_schedule(cfg),
+            failure_note=actor_death_note(self.memory[0] if self.memory is not None else None),
         )
         central = cfg.privacy.mode == "central"
         self.strategy = wrap_central_dp(self.adapter, sample_size(cfg.clients, cfg.fraction, cfg.min_clients)) if central else self.adapter
@@ -319,6 +354,8 @@ class Federation:
                 + (f", budget ε={plan.budget}" if plan.budget is not None else "") + self.default_note())
         ranks = self.ranks
         say(f"client ranks ({cfg.ranks.kind}, alpha {cfg.ranks.alpha}): {ranks if len(ranks) <= 20 else ranks[:20] + ['...']}")
+        if self.memory is not None:
+            say(self.memory[0].line())
         sizes = [self.partitioner.load_partition(i).num_rows for i in range(min(cfg.clients, 3))]
         say(f"{cfg.strategy.name} on {cfg.data.name} ({len(self.ds['train'])} train / {len(self.test)} eval examples, "
             f"{cfg.partition.kind} over {cfg.clients} clients, e.g. sizes {sizes}), model {cfg.model.name} "
