@@ -163,8 +163,10 @@ def generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, batch
 
     tok, model = lm.tokenizer, lm.model
     stops = list(stop_ids) if stop_ids is not None else stop_token_ids(lm)
-    # a fresh config: the checkpoint's own sampling settings (temperature, top_p) do not apply to greedy decoding
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    # a fresh config: the checkpoint's own sampling settings (temperature, top_p) do not apply to greedy decoding, and
+    # the KV cache is on even where training turned it off in the model's config (gradient checkpointing)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=tok.pad_token_id,
+                              use_cache=True)
     model.eval()
     out: list[str] = []
     with padding_side(tok, "left"):
