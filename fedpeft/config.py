@@ -223,6 +223,25 @@ class ProfileConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The server's generative evaluation of instruction data (rows with ``prompt`` / ``response`` /
+    ``answer`` / ``task`` columns; fedpeft/generate.py): every round the held-out response loss and
+    perplexity, and greedy generations scored against the answers. Text and classification data
+    read none of these keys."""
+
+    # New tokens generated per held-out prompt, at most (greedy; a generation stops earlier at eos or
+    # the template's end-of-turn token).
+    max_new_tokens: int = 32
+    # Held-out rows the server generates for each round: a fixed seeded subset, balanced over the
+    # tasks (0: no generation; the response loss still covers every held-out row).
+    generate_samples: int = 64
+    # (prompt, answer, generation) samples per round written to samples/round_NNN.jsonl in the run
+    # directory and to W&B as a table: the first of the generated rows (so at most
+    # eval.generate_samples; 0: none).
+    log_samples: int = 8
+
+
+@dataclass
 class Config:
     # An instance of strategy_schema(): generated from the registered strategies, so not a fixed type here.
     strategy: Any = MISSING
@@ -237,6 +256,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     clients: int = 10
     rounds: int = 5
     # Share of clients sampled each round; at least min_clients (and at least 1) are sampled.
@@ -517,6 +537,9 @@ def validate(cfg: Any) -> None:
          f"strategy={name} does not work with privacy.mode={cfg.privacy.mode}; use privacy={' | '.join(cls.privacy_modes)}")
     validate_privacy(cfg, need, one_of)
     need(cfg.data.eval_samples >= 0, "data.eval_samples", f"must be non-negative, got {cfg.data.eval_samples}")
+    need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", f"must be at least 1, got {cfg.eval.max_new_tokens}")
+    need(cfg.eval.generate_samples >= 0, "eval.generate_samples", f"must be non-negative (0: no generation), got {cfg.eval.generate_samples}")
+    need(cfg.eval.log_samples >= 0, "eval.log_samples", f"must be non-negative (0: none), got {cfg.eval.log_samples}")
 
 
 def check_strategy(cfg: Any) -> None:

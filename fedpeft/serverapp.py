@@ -208,6 +208,7 @@ class Federation:
         self.t_start = time.perf_counter()
         self.guard = threading.Lock()  # a round's checkpoint, metrics row and state are written whole
         self.history: list[dict[str, Any]] = []
+        self.samples: dict[int, list[dict[str, Any]]] = {}  # a round's generated samples, until record() logs them
         self.failure: str | None = None
         self.status = "failed"
         self.state = self.saved_state() if self.resume else None
@@ -282,7 +283,7 @@ class Federation:
 
     def trim_to(self, last: int) -> None:
         """Resume: keep what the state's last round wrote and drop anything a killed round left
-        after it (a metrics row, an adapter); the history is the metrics rows kept."""
+        after it (a metrics row, an adapter, generated samples); the history is the metrics rows kept."""
         path = self.run_dir / "metrics.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
         kept = [r for r in rows if r["round"] <= last]
@@ -292,6 +293,9 @@ class Federation:
         for d in (self.run_dir / "adapters").glob("round_*"):
             if d.name.endswith(".tmp") or int(d.name.split("_")[1]) > last:  # half-written, or after the state
                 shutil.rmtree(d, ignore_errors=True)
+        for f in (self.run_dir / "samples").glob("round_*"):
+            if f.suffix != ".jsonl" or int(f.stem.split("_")[1]) > last:
+                f.unlink()
         self.history = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in kept]
 
     def open_tracking(self) -> None:
@@ -374,8 +378,11 @@ class Federation:
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
         """The global model's test metrics (a ``personalized`` strategy: the means of the clients'
-        own, :meth:`personal_evaluation`) and the round's statistics: one metrics row."""
-        from clients.train import evaluate
+        own, :meth:`personal_evaluation`) and the round's statistics: one metrics row. On
+        instruction rows the test metrics are the response loss and perplexity and the generative
+        metrics, and the round's generated samples wait in :attr:`samples` for :meth:`record`
+        (:func:`fedpeft.evaluation.server_metrics`)."""
+        from fedpeft.evaluation import server_metrics
 
         if self.cfg.privacy.mode == "central":  # Flower's DP wrapper noised the aggregate
             self.adapter.adopt(arrays)
@@ -386,7 +393,10 @@ class Federation:
             row.update({k[len("personal/"):-len("_mean")]: v for k, v in personal.items() if k.startswith("personal/") and k.endswith("_mean")})
             row.update(personal)
         else:
-            row.update(evaluate(self.lm, self.test, self.cfg.model.eval_batch_size))
+            metrics, samples = server_metrics(self.lm, self.test, self.cfg)
+            row.update(metrics)
+            if samples:
+                self.samples[server_round] = samples
         stats = self.adapter.stats.get(server_round)
         if stats is not None:
             row.update(stats.train_metrics)
@@ -400,12 +410,13 @@ class Federation:
         return row
 
     def record(self, server_round: int, row: dict[str, Any]) -> None:
-        """End of a round: the adapter checkpoint, the metrics row, then the server state, each
-        written whole; the state last, so a run killed before it resumes at this round again."""
+        """End of a round: the adapter checkpoint, the metrics row (with the round's generated
+        samples, :attr:`samples`), then the server state, each written whole; the state last, so a
+        run killed before it resumes at this round again."""
         with self.guard:
             if self.cfg.tracking.save_adapters:
                 save_checkpoint(self.lm, self.tracker.checkpoint_dir(server_round))
-            self.tracker.log_round(server_round, row)
+            self.tracker.log_round(server_round, row, samples=self.samples.pop(server_round, None))
             self.history.append({"round": server_round, **row})
             atomic_save({"round": server_round, "config": OmegaConf.to_container(self.cfg, resolve=True),
                          "adapter": self.adapter.state_dict()}, self.run_dir / STATE)
@@ -511,7 +522,10 @@ class Federation:
                 f"(majority-class rate {self.baseline['majority_rate']:.4f}){where}"
             )
         elif "perplexity" in final:
-            say(f"done in {self.summary['seconds']:.0f}s: {what} perplexity {final['perplexity']:.2f}{where}")
+            from fedpeft.generate import summary_line
+
+            gen = summary_line(final)
+            say(f"done in {self.summary['seconds']:.0f}s: {what} perplexity {final['perplexity']:.2f}{'; ' + gen if gen else ''}{where}")
         else:
             say(f"done in {self.summary['seconds']:.0f}s: no evaluation in the last round (see the log){where}")
 

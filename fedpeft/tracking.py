@@ -1,4 +1,4 @@
-"""Run directory, metrics.jsonl, per-round peft checkpoints, W&B (server side only), progress lines."""
+"""Run directory, metrics.jsonl, per-round peft checkpoints and generated samples, W&B (server side only), progress lines."""
 
 from __future__ import annotations
 
@@ -111,6 +111,9 @@ def run_summary(summary: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> di
     return out
 
 
+# The columns of a round's generated-samples table (the samples of fedpeft.generate.evaluate, after the round).
+SAMPLE_COLUMNS = ("round", "task", "prompt", "answer", "generation", "correct", "rougeL")
+
 RUN_IN_USE_TRIES, RUN_IN_USE_WAIT = 12, 5.0  # a resumed W&B run whose id is still held: up to a minute
 
 
@@ -167,7 +170,15 @@ class Tracker:
                     if row["round"] >= self.wandb.starting_step:
                         self._log_wandb(row)
 
-    def log_round(self, server_round: int, metrics: Mapping[str, Any]) -> None:
+    def log_round(self, server_round: int, metrics: Mapping[str, Any], samples: list[Mapping[str, Any]] | None = None) -> None:
+        """One round: its metrics row appended to ``metrics.jsonl`` and, where generated ``samples``
+        are given, ``samples/round_NNN.jsonl`` (written whole, before the row); both to W&B."""
+        if samples:
+            path = self.samples_path(server_round)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps({"round": server_round, **s}) + "\n" for s in samples))
+            os.replace(tmp, path)
         row = {"round": server_round, "elapsed_s": round(time.perf_counter() - self.t0, 3), **metrics}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -175,8 +186,25 @@ class Tracker:
             self._log_wandb(row)
 
     def _log_wandb(self, row: Mapping[str, Any]) -> None:
-        """A metrics row's numbers, at step = round (its ``round`` field is the plots' x-axis)."""
-        self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["round"])
+        """A metrics row's numbers, at step = round (its ``round`` field is the plots' x-axis), and
+        the round's samples file, if any, as the ``samples`` table (:data:`SAMPLE_COLUMNS`)."""
+        data: dict[str, Any] = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        samples = self.samples(row["round"])
+        if samples:
+            import wandb
+
+            data["samples"] = wandb.Table(columns=list(SAMPLE_COLUMNS), data=[[s.get(c) for c in SAMPLE_COLUMNS] for s in samples])
+        self.wandb.log(data, step=row["round"])
+
+    def samples_path(self, server_round: int) -> Path:
+        return self.run_dir / "samples" / f"round_{server_round:03d}.jsonl"
+
+    def samples(self, server_round: int) -> list[dict[str, Any]]:
+        """The generated samples logged for a round (none: no such file)."""
+        path = self.samples_path(server_round)
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def checkpoint_dir(self, server_round: int) -> Path:
         return self.run_dir / "adapters" / f"round_{server_round:03d}"
@@ -197,7 +225,8 @@ class Tracker:
 
 def progress_line(server_round: int, rounds: int, m: Mapping[str, Any], elapsed: float) -> str:
     parts = [f"round {server_round}/{rounds}"]
-    for key, fmt in (("accuracy", "acc {:.4f}"), ("perplexity", "ppl {:.2f}"), ("loss", "loss {:.4f}"), ("train_loss", "train_loss {:.4f}")):
+    for key, fmt in (("accuracy", "acc {:.4f}"), ("perplexity", "ppl {:.2f}"), ("loss", "loss {:.4f}"), ("gen/accuracy", "gen acc {:.4f}"),
+                     ("gen/rougeL", "rougeL {:.4f}"), ("train_loss", "train_loss {:.4f}")):
         if key in m:
             parts.append(fmt.format(m[key]))
     if "clients_sampled" in m:
