@@ -213,7 +213,7 @@ class Federation:
             raise ConfigError(str(e)) from None
 
     def build_adapter(self) -> None:
-        from fedpeft.models import layer, module_shapes, read_adapter
+        from fedpeft.models import base_weight, module_shapes, read_adapter
 
         cfg = self.cfg
         strategy = strategies.build(cfg.strategy.name, **strategy_kwargs(cfg))
@@ -222,8 +222,9 @@ class Federation:
         merges = self.run_dir / MERGES
         ranks, alphas, partitioner = self.ranks, self.alphas, self.partitioner
         rslora = cfg.peft.name == "rslora"
-        # FeDeRA initialises from the pre-trained weights: the server model's base weights are W_0 (merges never touch them)
-        base = {m: layer(self.lm, m).base_layer.weight.detach() for m in self.lm.modules} if strategy.needs_base_weights else None
+        # FeDeRA initialises from the pre-trained weights: the server model's base weights are W_0 (merges never touch them;
+        # a quantized or bf16 base: dequantized / upcast to float32)
+        base = {m: base_weight(self.lm, m) for m in self.lm.modules} if strategy.needs_base_weights else None
         self.adapter = FlowerAdapter(
             strategy,
             read_adapter(self.lm),
