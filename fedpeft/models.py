@@ -109,7 +109,7 @@ def pick_device(device: str) -> torch.device:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HEAD_MODULES = ["classifier", "score", "pooler"]  # a classifier's trained head, never quantized
+HEAD_MODULES = ["classifier", "score", "pooler"]  # a classifier's head (and BERT's pooler under it): kept unquantized
 
 
 def base_dtype(model_cfg: Any) -> "torch.dtype | str":
