@@ -112,7 +112,10 @@ def rank_tag(cfg: DictConfig, ranks: list[int]) -> str:
 
 def save_checkpoint(lm, path: Path) -> None:
     """The active adapter in peft format at ``path``, written whole or not at all (a sibling
-    temporary directory, then a rename)."""
+    temporary directory, then a rename). On the server that is the global adapter
+    (:func:`fedpeft.server.load_global`), which carries every base merge (FLoRA's, FedEx-LoRA's,
+    FeDeRA's) stacked with the adapter: it applies to the pre-trained base as loaded, quantized or
+    not; the merges themselves are kept in the run's ``state/merges``."""
     from fedpeft.models import save_adapter
 
     tmp = path.with_name(path.name + ".tmp")
