@@ -100,8 +100,11 @@ rounds that train A; the config refuses ``strategy=rolora`` with ``engine.kind=c
 that is not a Linear layer, a cohort mixing DP and non-DP clients, LoRA variants such as DoRA, LoRA on non-``Linear`` modules, merged
 adapters, multi-label/regression classification heads, clients of one cohort on different FLoRA
 base versions. bf16: ``autocast=torch.bfloat16`` runs the frozen base under autocast and the
-LoRA path and heads in the adapter's dtype (float32); a base model loaded in bf16 runs as peft runs
-it (the LoRA path in the adapter's dtype, added to the base output in its dtype).
+LoRA path and heads in the adapter's dtype (float32); a base model loaded in bf16 / fp16 or
+quantized by bitsandbytes (``model.dtype``, ``model.quantization``) runs as peft runs it: the frozen
+``base_layer(x)`` (a bnb ``Linear4bit`` / ``Linear8bitLt`` too) with what strategies merged beside it
+(its float32 :class:`fedpeft.models.HeldDelta`, a forward hook of that module), the LoRA path in the
+adapter's dtype (float32), added to the base output in its dtype.
 """
 
 from __future__ import annotations
@@ -157,8 +160,6 @@ def as_job(job: CohortJob | Sequence[Any]) -> CohortJob:
 def check_model(lm: LoadedModel) -> None:
     """Refuse (:class:`CohortError`, one line naming the setting) a model the cohort engine cannot
     batch; the server calls it before the first round."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
     name = active(lm)
     if lm.task not in ("classification", "causal_lm"):
         raise CohortError(f"model.task={lm.task!r}: the cohort engine trains classification and causal_lm only")
@@ -167,7 +168,7 @@ def check_model(lm: LoadedModel) -> None:
         raise CohortError(f"peft={method}: the cohort engine batches peft={' | '.join(METHODS)} only; use engine.kind=per_client")
     for m in lm.modules:
         lay = layer(lm, m)
-        if not isinstance(lay, LoraLinear):
+        if not isinstance(lay, _linear_layers()):
             raise CohortError(f"model.target_modules: {m} is a {type(lay).__name__}; the cohort engine batches LoRA on Linear layers only")
         if lay.merged:
             raise CohortError(f"{m}: the LoRA adapter is merged into the base weights; unmerge it before training a cohort")
@@ -186,6 +187,18 @@ def check_model(lm: LoadedModel) -> None:
     for pname, p in lm.model.named_parameters():
         if p.requires_grad and not any(k in pname for k in marks):
             raise CohortError(f"the model trains {pname}, which is neither a LoRA factor nor a head tensor; the cohort engine cannot batch it")
+
+
+def _linear_layers() -> tuple[type, ...]:
+    """peft's LoRA Linear layers: over a float base, and over a bitsandbytes 4-bit / 8-bit one
+    (its ``base_layer`` is a bnb module the batched forward calls like any other)."""
+    from peft.tuners.lora.layer import Linear
+
+    try:
+        from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
+    except ImportError:  # peft defines them only when bitsandbytes imports
+        return (Linear,)
+    return (Linear, Linear4bit, Linear8bitLt)
 
 
 def _check_jobs(lm: LoadedModel, jobs: list[CohortJob]) -> None:

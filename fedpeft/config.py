@@ -426,6 +426,12 @@ TRACKING_MODES = ("auto", "offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+# PEFT methods that cannot adapt a bitsandbytes-quantized base, per quantization, and why
+QUANTIZED_REFUSED = {
+    "loha": {"4bit": "peft's LoHa reads the packed 4-bit weight's shape as the layer's"},
+    "lokr": {"4bit": "peft's LoKr reads the packed 4-bit weight's shape as the layer's"},
+    "lora_xs": {q: "LoRA-XS initialises from an SVD of the base weights, which peft cannot take of a quantized weight" for q in ("8bit", "4bit")},
+}
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -526,6 +532,9 @@ def validate(cfg: Any) -> None:
     need(cfg.privacy.mode != "sample" or method.opacus, "privacy.mode",
          f"sample-level DP-SGD needs Opacus's per-example gradients, which Opacus 1.6 lacks for peft={method.name}'s layers: use "
          f"peft={' | '.join(n for n, m in methods.METHODS.items() if m.opacus)}, or privacy=local / central (they noise the update)")
+    quant = cfg.model.quantization
+    refused = QUANTIZED_REFUSED.get(method.name, {})
+    need(quant not in refused, "model.quantization", f"{quant} with peft={method.name}: {refused.get(quant)}; use peft=lora (QLoRA) or model.quantization=none")
     ENGINES[cfg.engine.kind].check(cfg, need)  # what the engine runs: engine.precision, the PEFT methods it batches
     from fedpeft.privacy import MODES
 

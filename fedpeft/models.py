@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import torch
 from filelock import FileLock
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training, set_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -108,31 +108,95 @@ def pick_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HEAD_MODULES = ["classifier", "score", "pooler"]  # a classifier's head (and BERT's pooler under it): kept unquantized
+
+
+def base_dtype(model_cfg: Any) -> "torch.dtype | str":
+    """``model.dtype`` as ``from_pretrained`` takes it (``"auto"``: the checkpoint's own)."""
+    dtype = getattr(model_cfg, "dtype", "float32")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ModelError(f"model.dtype={dtype!r}: expected one of float32, bfloat16, float16, auto")
+    return DTYPES.get(dtype, "auto")
+
+
+def quantization_config(model_cfg: Any):
+    """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` (8bit | 4bit; None for
+    none), with NF4/FP4, double quantization and the compute dtype of the model config. A
+    classifier's head modules stay unquantized (they train). bitsandbytes that cannot be imported
+    is one line naming ``model.quantization``."""
+    q = getattr(model_cfg, "quantization", "none")
+    if q == "none":
+        return None
+    if q not in ("8bit", "4bit"):
+        raise ModelError(f"model.quantization={q!r}: expected one of none, 8bit, 4bit")
+    try:
+        import bitsandbytes  # noqa: F401  (transformers checks it too, with a longer message)
+    except Exception as e:  # ImportError, or a backend that fails to initialise
+        raise ModelError(f"model.quantization={q}: bitsandbytes is not usable here ({_first_line(e)}); "
+                         "install bitsandbytes or use model.quantization=none") from None
+    from transformers import BitsAndBytesConfig
+
+    skip = HEAD_MODULES if model_cfg.task == "classification" else None  # None: transformers keeps lm_head unquantized
+    if q == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    if model_cfg.compute_dtype not in DTYPES:
+        raise ModelError(f"model.compute_dtype={model_cfg.compute_dtype!r}: expected one of float32, bfloat16, float16")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_cfg.quant_type,
+        bnb_4bit_use_double_quant=bool(model_cfg.double_quant),
+        bnb_4bit_compute_dtype=DTYPES[model_cfg.compute_dtype],
+        llm_int8_skip_modules=skip,
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed: int = 0, peft_cfg: Any = None) -> LoadedModel:
-    """Load the base model, attach a fresh adapter of the PEFT method ``peft_cfg.name`` (default
-    LoRA; seeded) and return it in eval mode."""
+    """Load the base model (in ``model.dtype``; quantized by bitsandbytes with ``model.quantization``,
+    then peft's ``prepare_model_for_kbit_training``), attach a fresh adapter of the PEFT method
+    ``peft_cfg.name`` (default LoRA; seeded) and return it in eval mode. Whatever the base's dtype,
+    everything trained (adapter, head) is float32."""
     method = methods.get(getattr(peft_cfg, "name", "lora"))  # no peft_cfg: LoRA, which reads no peft.* option
     if model_cfg.task not in method.tasks:
         raise ModelError(f"peft={method.name} does not support model.task={model_cfg.task}")
 
     hf_logging.disable_progress_bar()
     path = model_path(model_cfg.name)
+    dev = pick_device(device)
+    dtype, quant = base_dtype(model_cfg), quantization_config(model_cfg)
+    # float32 and not quantized: loaded exactly as before these options existed
+    extra: dict[str, Any] = {} if dtype is torch.float32 and quant is None else {"dtype": dtype}
+    if quant is not None:
+        extra.update(quantization_config=quant, device_map={"": dev})
     torch.manual_seed(seed)  # a new classification head is initialized while loading: seed it
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if model_cfg.task == "classification":
             if not num_labels:
                 raise ModelError(f"model {model_cfg.name!r}: a classification task needs labelled data")
-            base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra)
             task_type = TaskType.SEQ_CLS
         else:
-            base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            base = AutoModelForCausalLM.from_pretrained(path, **{"dtype": torch.float32, **extra})
             task_type = TaskType.CAUSAL_LM
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError, RuntimeError, NotImplementedError) as e:
         if isinstance(e, ModelError):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"model {model_cfg.name!r} ({path}) could not be loaded: {first}") from e
+        if quant is not None and not isinstance(e, OSError):
+            raise ModelError(
+                f"model.quantization={model_cfg.quantization}: bitsandbytes cannot quantize model {model_cfg.name!r} on {dev}: {_first_line(e)}"
+            ) from e
+        if not isinstance(e, (OSError, ValueError)):
+            raise
+        raise ModelError(f"model {model_cfg.name!r} ({path}) could not be loaded: {_first_line(e)}") from e
+    if quant is not None:
+        # frozen base, its non-quantized tensors (norms, embeddings) upcast to float32; gradient
+        # checkpointing is train.gradient_checkpointing's business (clients/train.py), not turned on here
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(base.config, "pad_token_id", None) is None:
@@ -142,22 +206,42 @@ def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed:
     try:
         with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            model = get_peft_model(base, peft_config)
+            model = get_peft_model(base, peft_config)  # (autocast_adapter_dtype: a bf16/fp16 base gets float32 LoRA factors)
     except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:
+        on = f" with model.quantization={model_cfg.quantization}" if quant is not None else ""
         raise ModelError(
-            f"peft={method.name} on model {model_cfg.name!r} (model.target_modules {list(model_cfg.target_modules)}): {str(e).strip().splitlines()[0]}"
+            f"peft={method.name} on model {model_cfg.name!r}{on} (model.target_modules {list(model_cfg.target_modules)}): {_first_line(e)}"
         ) from e
     if method.freeze:
         for n, p in model.named_parameters():
             if re.search(method.freeze, n):
                 p.requires_grad_(False)
-    dev = pick_device(device)
-    model.to(dev).eval()
+    if quant is None:
+        model.to(dev)
+    model.eval()
+    if not (dtype is torch.float32 and quant is None):
+        float32_trained(model)
     groups = trained_groups(model, method)
     modules = tuple(k[: -len(".lora_A.weight")] for k, g in groups.items() if g == "lora_A")
     head = tuple(k for k, g in groups.items() if g not in ("lora_A", "lora_B"))
     lora = peft_config if method.lora_update else None
     return LoadedModel(model, tokenizer, model_cfg.task, dev, model_cfg.max_length, modules, head, lora, method=method, groups=groups)
+
+
+def float32_trained(model: torch.nn.Module) -> None:
+    """Every trained tensor in float32 over a reduced-precision base: peft casts LoRA's factors
+    itself (``autocast_adapter_dtype``); a trained copy of a base module (a classifier head in
+    ``modules_to_save``) is cast here, and its inputs are cast to float32 when it runs."""
+    for mod in model.modules():
+        params = [p for p in mod.parameters(recurse=False) if p.requires_grad and p.is_floating_point()]
+        if params and any(p.dtype != torch.float32 for p in params):
+            for p in params:
+                p.data = p.data.float()
+            mod.register_forward_pre_hook(_float_inputs)
+
+
+def _float_inputs(module: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def short_name(key: str) -> str:
@@ -282,8 +366,113 @@ def scaling_of(lm: LoadedModel, module: str) -> float:
 
 
 def module_shapes(lm: LoadedModel) -> dict[str, tuple[int, int]]:
-    """``(out, in)`` of every LoRA-wrapped weight."""
-    return {m: tuple(layer(lm, m).base_layer.weight.shape) for m in lm.modules}
+    """``(out, in)`` of every LoRA-wrapped weight (a bitsandbytes 4-bit weight is stored packed:
+    its layer's ``out_features`` / ``in_features``)."""
+    return {m: _weight_shape(layer(lm, m)) for m in lm.modules}
+
+
+def _weight_shape(lay) -> tuple[int, int]:
+    w = lay.base_layer.weight
+    return tuple(w.shape) if w.is_floating_point() else (int(lay.out_features), int(lay.in_features))
+
+
+def base_weight(lm: LoadedModel, module: str) -> torch.Tensor:
+    """The effective base weight ``W [out × in]`` of a LoRA-wrapped module, as its forward applies
+    it: the weight itself for a float32 base (no copy); otherwise float32, dequantized by peft
+    (bitsandbytes) or upcast, plus what strategies merged beside it (:class:`HeldDelta`)."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    base = layer(lm, module).base_layer
+    w = base.weight
+    held: HeldDelta | None = getattr(base, HeldDelta.ATTR, None)
+    if w.dtype == torch.float32 and held is None:
+        return w.detach()
+    with torch.no_grad():
+        w = (w if w.is_floating_point() else dequantize_module_weight(base)).detach().float()
+        return w + held.dense() if held is not None else w
+
+
+class HeldDelta:
+    """What strategies merged into one frozen base weight that is not float32 (bf16, fp16, or
+    bitsandbytes 8-/4-bit): kept in float32 beside it, never rounded into it, and added to the base
+    layer's output by a forward hook: ``y = base(x) + x ΔWᵀ`` (in float32, autocast off, then cast to
+    the base output's dtype). So the effective weight is ``W + ΔW`` with ``ΔW`` exactly the sum of
+    the merges applied (to float32 rounding), and every node that applied the same merges in the
+    same forms holds the same ``ΔW`` bit for bit.
+
+    ``ΔW`` is held in its smaller form: a stack of low-rank factors (``A [r × in]``, ``B [out × r]``,
+    the merges' scalings folded into ``A``) while ``r (out + in) ≤ out · in``, else dense ``[out × in]``;
+    factor merges append to the stack, and the stack turns dense (formed in float64, rounded once)
+    when it would outgrow dense. Dense merges add to the dense ``ΔW`` in float32, as a float32 base
+    adds them to ``W``."""
+
+    ATTR = "fedpeft_delta"
+
+    def __init__(self, shape: tuple[int, int], device: torch.device) -> None:
+        self.shape, self.device = tuple(shape), device
+        self.A: torch.Tensor | None = None
+        self.B: torch.Tensor | None = None
+        self.D: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, lay) -> "HeldDelta":
+        """The layer's held delta, attached (with its forward hook) the first time."""
+        base = lay.base_layer
+        held = getattr(base, cls.ATTR, None)
+        if held is None:
+            held = cls(_weight_shape(lay), base.weight.device)
+            setattr(base, cls.ATTR, held)  # a plain attribute: no parameter, buffer or state-dict entry
+            base.register_forward_hook(held.hook)
+        return held
+
+    def add(self, form: "LoraFactors | torch.Tensor") -> None:
+        if isinstance(form, torch.Tensor):
+            if tuple(form.shape) != self.shape:
+                raise ValueError(f"a dense ΔW of shape {tuple(form.shape)} does not fit the weight {self.shape}")
+            self._to_dense()
+            self.D += form.to(self.device, torch.float32)
+            return
+        A = (form.scaling * form.A.to(self.device, torch.float32)) if form.scaling != 1.0 else form.A.to(self.device, torch.float32)
+        B = form.B.to(self.device, torch.float32)
+        if (B.shape[0], A.shape[1]) != self.shape:
+            raise ValueError(f"merge factors of shape {(B.shape[0], A.shape[1])} do not fit the weight {self.shape}")
+        if self.D is not None:
+            self.D += B @ A
+            return
+        self.A = A.clone() if self.A is None else torch.cat([self.A, A])
+        self.B = B.clone() if self.B is None else torch.cat([self.B, B], dim=1)
+        out, inn = self.shape
+        if self.A.shape[0] * (out + inn) > out * inn:
+            self._to_dense()
+
+    def _to_dense(self) -> None:
+        if self.D is None:
+            self.D = self.dense()
+            self.A = self.B = None
+
+    def dense(self) -> torch.Tensor:
+        """``ΔW [out × in]`` in float32 (a copy)."""
+        if self.D is not None:
+            return self.D.clone()
+        if self.A is None:
+            return torch.zeros(self.shape, device=self.device)
+        return (self.B.double() @ self.A.double()).float()
+
+    def numel(self) -> int:
+        """Values held (``r (out + in)`` or ``out · in``)."""
+        return self.D.numel() if self.D is not None else (0 if self.A is None else self.A.numel() + self.B.numel())
+
+    def hook(self, module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.float()
+            if self.D is not None:
+                d = torch.nn.functional.linear(xf, self.D)
+            elif self.A is not None:
+                d = torch.nn.functional.linear(torch.nn.functional.linear(xf, self.A), self.B)
+            else:
+                return out
+            return (out.float() + d).to(out.dtype)
 
 
 def fresh_init(lm: LoadedModel, seed: int) -> None:
@@ -301,11 +490,19 @@ def fresh_init(lm: LoadedModel, seed: int) -> None:
 
 @torch.no_grad()
 def apply_merge(lm: LoadedModel, merge: dict[str, "LoraFactors | torch.Tensor"]) -> None:
-    """``W ← W + s·B·A`` for every module (FLoRA's base merge), or ``W ← W + ΔW`` for a module whose
-    merge came dense (:mod:`fedpeft.merges`), then one base version more."""
+    """Add one base merge (FLoRA's stack, FedEx-LoRA's residual, FeDeRA's fold; per module factors
+    or a dense ``ΔW``, :mod:`fedpeft.merges`) to the base, then one base version more. A float32
+    weight takes it in place, ``W ← W + s·B·A`` (or ``W + ΔW``); any other (bf16, fp16, quantized)
+    is never rounded: the merge joins the module's :class:`HeldDelta`, float32 beside the weight."""
     for m, f in merge.items():
-        w = layer(lm, m).base_layer.weight
-        if isinstance(f, torch.Tensor):
+        lay = layer(lm, m)
+        w = lay.base_layer.weight
+        if w.dtype != torch.float32:
+            try:
+                HeldDelta.of(lay).add(f)
+            except ValueError as e:
+                raise ValueError(f"merge of {m}: {e}") from None
+        elif isinstance(f, torch.Tensor):
             if tuple(f.shape) != tuple(w.shape):
                 raise ValueError(f"merge of {m}: a dense ΔW of shape {tuple(f.shape)} does not fit the weight {tuple(w.shape)}")
             w += f.to(w.device, torch.float32).to(w.dtype)

@@ -142,7 +142,10 @@ def rank_tag(cfg: DictConfig, ranks: list[int]) -> str:
 
 def save_checkpoint(lm, path: Path) -> None:
     """The active adapter in peft format at ``path``, written whole or not at all (a sibling
-    temporary directory, then a rename)."""
+    temporary directory, then a rename). On the server that is the global adapter
+    (:func:`fedpeft.server.load_global`), which carries every base merge (FLoRA's, FedEx-LoRA's,
+    FeDeRA's) stacked with the adapter: it applies to the pre-trained base as loaded, quantized or
+    not; the merges themselves are kept in the run's ``state/merges``."""
     from fedpeft.models import save_adapter
 
     tmp = path.with_name(path.name + ".tmp")
@@ -247,7 +250,7 @@ class Federation:
             raise ConfigError(str(e)) from None
 
     def build_adapter(self) -> None:
-        from fedpeft.models import layer, module_shapes, read_adapter
+        from fedpeft.models import base_weight, module_shapes, read_adapter
 
         cfg = self.cfg
         strategy = strategies.build(cfg.strategy.name, **strategy_kwargs(cfg))
@@ -256,8 +259,9 @@ class Federation:
         merges = self.run_dir / MERGES
         ranks, alphas, partitioner = self.ranks, self.alphas, self.partitioner
         rslora = cfg.peft.name == "rslora"
-        # FeDeRA initialises from the pre-trained weights: the server model's base weights are W_0 (merges never touch them)
-        base = {m: layer(self.lm, m).base_layer.weight.detach() for m in self.lm.modules} if strategy.needs_base_weights else None
+        # FeDeRA initialises from the pre-trained weights: the server model's base weights are W_0 (merges never touch them;
+        # a quantized or bf16 base: dequantized / upcast to float32)
+        base = {m: base_weight(self.lm, m) for m in self.lm.modules} if strategy.needs_base_weights else None
         self.adapter = FlowerAdapter(
             strategy,
             read_adapter(self.lm),
