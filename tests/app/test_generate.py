@@ -211,17 +211,11 @@ def flora_run(tmp_path_factory):
     merge), in-process through the real server and ClientApp."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from clients import app as client_app
-    from clients.train import TrainSettings
     from tests.harness import federate
 
     mp = pytest.MonkeyPatch()
     for attr in ("_task_id", "_run_id", "_node_id"):
         mp.setattr(TaskIdentity, attr, 1)
-    # TODO(integration): drop this once clients/train.py's TrainSettings takes the train.* keys of the LLM
-    # schema (gradient_checkpointing, grad_accum_steps, lr_schedule, ...); on this branch's base it does not yet.
-    fields = {f.name for f in dataclasses.fields(TrainSettings)}
-    mp.setattr(client_app, "TrainSettings", lambda **kw: TrainSettings(**{k: v for k, v in kw.items() if k in fields}))
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("flora")

@@ -133,20 +133,6 @@ def test_what_bitsandbytes_cannot_run_is_refused_in_one_line(monkeypatch):
 # --------------------------------------------------------------------------- federations on a 4-bit base
 
 
-@pytest.fixture(autouse=True)
-def train_settings_of_this_branch(monkeypatch):
-    """TEMPORARY (branch quant, for the integrator: delete once clients/train.py's TrainSettings takes
-    the schema's train.gradient_checkpointing / grad_accum_steps / lr_schedule / ... keys, the memory
-    part of issue 23): the ClientApp builds TrainSettings(**train); here the keys it does not know yet
-    are dropped (they are at their defaults in these tests)."""
-    import dataclasses
-
-    from clients.train import TrainSettings
-
-    known = {f.name for f in dataclasses.fields(TrainSettings)}
-    monkeypatch.setattr(client_app, "TrainSettings", lambda **kw: TrainSettings(**{k: v for k, v in kw.items() if k in known}))
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """A random-init Llama (2 layers, hidden 64, grouped-query v_proj 64 → 32) with SmolLM2's tokenizer, saved as a local model."""
