@@ -100,6 +100,21 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     group_column: Optional[str] = None
+    # text (plain text or classification: text_column, label_column) | alpaca (instruction, input,
+    # output) | chat (messages: a list of {role, content}) | prompt_completion (prompt, completion).
+    # The instruction formats train a causal LM on the response tokens only (fedpeft/instruct.py).
+    format: str = "text"
+    # Instruction data's chat template: null (the tokenizer's own when it has one; else alpaca for
+    # format=alpaca, plain for prompt_completion) | tokenizer | alpaca | chatml | plain.
+    template: Optional[str] = None
+    # Instruction data: the dataset's column for a field of the format named otherwise, e.g.
+    # {instruction: question, output: answer} (data.columns.output=answer).
+    columns: dict[str, str] = field(default_factory=dict)
+    # Instruction data: the column naming each example's task (its generative metrics are per task;
+    # with partition=natural, one task per client group).
+    task_column: Optional[str] = None
+    # Instruction data: a system message for conversations that have none (null: the template's default).
+    system_prompt: Optional[str] = None
     # Cap on the held-out examples the server evaluates each round (0 = the whole test split);
     # a fixed seeded subset, the same every round.
     eval_samples: int = 1000
@@ -407,6 +422,11 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+# data.format, the fields of each instruction format (data.columns maps them) and the named chat
+# templates of data.template (fedpeft/instruct.py renders them).
+DATA_FORMATS = ("text", "alpaca", "chat", "prompt_completion")
+FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "prompt_completion": ("prompt", "completion")}
+TEMPLATE_NAMES = ("tokenizer", "alpaca", "chatml", "plain")
 
 
 def validate(cfg: Any) -> None:
@@ -517,6 +537,25 @@ def validate(cfg: Any) -> None:
          f"strategy={name} does not work with privacy.mode={cfg.privacy.mode}; use privacy={' | '.join(cls.privacy_modes)}")
     validate_privacy(cfg, need, one_of)
     need(cfg.data.eval_samples >= 0, "data.eval_samples", f"must be non-negative, got {cfg.data.eval_samples}")
+    validate_data(cfg, need, one_of)
+
+
+def validate_data(cfg: Any, need, one_of) -> None:
+    """``data.format`` and the instruction-data keys (fedpeft/instruct.py)."""
+    data = cfg.data
+    one_of(data.format, "data.format", DATA_FORMATS)
+    if data.template is not None:
+        one_of(data.template, "data.template", TEMPLATE_NAMES)
+    if data.format == "text":
+        for key, default in (("template", None), ("task_column", None), ("system_prompt", None)):
+            need(data[key] == default, f"data.{key}", "applies to instruction data only (data.format=alpaca | chat | prompt_completion)")
+        need(not data.columns, "data.columns", "applies to instruction data only (data.format=alpaca | chat | prompt_completion)")
+        return
+    for key in data.columns:
+        fields = FORMAT_FIELDS[data.format]
+        need(key in fields, f"data.columns.{key}", f"not a field of data.format={data.format} (its fields: {', '.join(fields)})")
+    need(cfg.model.task == "causal_lm", "model.task",
+         f"data.format={data.format} trains a causal LM on the responses: set model.task=causal_lm (e.g. model=smollm2)")
 
 
 def check_strategy(cfg: Any) -> None:
