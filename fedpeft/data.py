@@ -279,15 +279,13 @@ def _words(text: str, n: int = INSTRUCT_WORDS) -> str:
     return " ".join(text.split()[:n])
 
 
-def _balanced(d: Dataset, n: int, rng: np.random.Generator) -> list[int]:
-    """``n`` row indices of ``d``, as many per class as the classes allow (``n // classes`` each, fewer
-    for a class that has fewer), each class's drawn with ``rng``; in class order."""
-    labels = np.asarray(d["label"])
+def _balanced(labels: np.ndarray, n: int, rng: np.random.Generator) -> list[int]:
+    """``n`` indices into ``labels``, as many per class as the classes allow (``n // classes`` each,
+    fewer for a class that has fewer), each class's drawn with ``rng``; in class order."""
     classes = np.unique(labels)
     out: list[int] = []
     for c in classes:
-        idx = np.flatnonzero(labels == c)
-        out += rng.permutation(idx)[: n // len(classes)].tolist()
+        out += rng.permutation(np.flatnonzero(labels == c))[: n // len(classes)].tolist()
     return out
 
 
@@ -298,24 +296,32 @@ def load_instruct(seed: int = 0) -> DatasetDict:
     tweet, the sentiment of a Rotten Tomatoes review, the newsgroup of a 20 Newsgroups message, the
     topic of a Reuters R8 story; answers are words: ``Trump``, ``positive``, ``sci.space``,
     ``crude oil``); Shakespeare's asks for the second line of a speech given its first. Inputs keep
-    their first :data:`INSTRUCT_WORDS` words. Each split is drawn from the source's own split, so no
-    test example was seen in training."""
+    their first :data:`INSTRUCT_WORDS` words. Each split is drawn from the source's own split, and
+    an input that also occurs in a task's training split (the corpora repeat some texts) is never
+    one of its test examples."""
     rng = np.random.default_rng(seed)
     sources = {"tweet_author": _builtin("election_tweets", seed), "review_sentiment": _builtin("rotten_tomatoes", seed),
                "newsgroup_topic": _builtin("newsgroups", 0), "reuters_topic": _builtin("reuters_r8", 0)}
+    seen: dict[str, set[str]] = defaultdict(set)  # each task's training inputs
     out = {}
     for split, n in INSTRUCT_SIZES.items():
         examples: list[tuple[str, str, str]] = []  # (task, input, answer)
         for task, ds in sources.items():
             d = ds[split]
-            names = d.features["label"].names
-            words = _ANSWERS.get(task, {})
-            for i in _balanced(d, n, rng):
-                examples.append((task, d[i]["text"], words.get(names[d[i]["label"]], names[d[i]["label"]])))
+            names, words = d.features["label"].names, _ANSWERS.get(task, {})
+            texts = [_words(t) for t in d["text"]]
+            ok = [i for i, t in enumerate(texts) if t and t not in seen[task]]
+            labels = np.asarray(d["label"])[ok]
+            for j in _balanced(labels, n, rng):
+                name = names[labels[j]]
+                examples.append((task, texts[ok[j]], words.get(name, name)))
         speeches = [t.split("\n") for t in _builtin("shakespeare", 0)[split]["text"]]
-        pairs = [(s[0], s[1]) for s in speeches if len(s) >= 2 and s[0].strip() and s[1].strip()]
+        pairs = [(_words(s[0]), _words(s[1])) for s in speeches if len(s) >= 2 and s[0].strip() and s[1].strip()]
+        pairs = [p for p in pairs if p[0] not in seen["shakespeare_continue"]]
         examples += [("shakespeare_continue", *pairs[i]) for i in rng.permutation(len(pairs))[:n]]
-        cols = {"instruction": [INSTRUCT_TASKS[t] for t, _, _ in examples], "input": [_words(x) for _, x, _ in examples],
+        for task, x, _ in examples:
+            seen[task].add(x)
+        cols = {"instruction": [INSTRUCT_TASKS[t] for t, _, _ in examples], "input": [x for _, x, _ in examples],
                 "output": [a for _, _, a in examples], "task": [t for t, _, _ in examples]}
         out[split] = Dataset.from_dict(cols, features=Features({k: Value("string") for k in cols}))
     return DatasetDict(out)
