@@ -108,7 +108,7 @@ class DataConfig:
     # format=alpaca, plain for prompt_completion) | tokenizer | alpaca | chatml | plain.
     template: Optional[str] = None
     # Instruction data: the dataset's column for a field of the format named otherwise, e.g.
-    # {instruction: question, output: answer} (data.columns.output=answer).
+    # {instruction: question, output: answer} (+data.columns.output=answer on the command line).
     columns: dict[str, str] = field(default_factory=dict)
     # Instruction data: the column naming each example's task (its generative metrics are per task;
     # with partition=natural, one task per client group).

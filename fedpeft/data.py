@@ -508,7 +508,7 @@ def _instruction(name: str, seed: int, group_column: str | None, spec: Any) -> D
         missing = [f"{source[f]!r}" + (f" (data.columns.{f})" if f in overrides else "") for f in instruct.REQUIRED[spec.format] if source[f] not in cols]
         if missing:
             raise DataError(f"dataset {name!r}: data.format={spec.format} needs the column(s) {', '.join(missing)}, missing from its "
-                            f"{split} split (columns: {', '.join(cols)}); map yours with data.columns.<field>=<column>")
+                            f"{split} split (columns: {', '.join(cols)}); map yours with +data.columns.<field>=<column>")
         for role, col in extra.items():
             if col is not None and col not in cols:
                 raise DataError(f"dataset {name!r}: no {role} column {col!r} in its {split} split (columns: {', '.join(cols)}); set data.{role}_column")

@@ -173,3 +173,32 @@ def test_a_federated_round_of_the_instruct_preset(tmp_path, task_identity, one_t
     assert row["clients_replied"] == 5 and row["round_applied"] == 1
     assert 0.5 < row["truncated_fraction"] < 1 and row["dropped_fraction"] == 0
     assert 0 < row["loss"] < 20 and row["perplexity"] > 1
+
+
+def test_a_local_file_through_the_preflight_columns_mapped_one_task_per_client(tmp_path):
+    """``fedpeft simulate`` on a user's jsonl: its columns mapped with ``+data.columns.*``, its task
+    column the natural key; a missing column is one line naming the file's columns."""
+    import json
+
+    from fedpeft.composing import compose
+    from fedpeft.data import DataError
+    from fedpeft.models import converted_dir
+    from fedpeft.preflight import prepare_data
+
+    if not (converted_dir() / "tokenizer_config.json").exists():
+        pytest.skip("SmolLM2's converted checkpoint (its tokenizer) is not cached")
+    f = tmp_path / "qa.jsonl"
+    f.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "reply": str(2 * i), "domain": "sums" if i % 2 else "doubles"}) + "\n"
+                         for i in range(20)))
+    words = ["model=smollm2", f"data.name={f}", "data.format=alpaca", "+data.columns.instruction=question", "data.task_column=domain",
+             "partition=natural", "clients=2", "min_clients=1"]
+    cfg = compose([*words, "+data.columns.output=reply", f"hydra.run.dir={tmp_path / 'run'}"])
+    ds, partitioner, test, num_labels = prepare_data(cfg)
+    assert num_labels is None and len(ds["train"]) == 16 and len(test) == 4
+    parts = [partitioner.load_partition(i) for i in range(2)]
+    assert sorted(p["task"][0] for p in parts) == ["doubles", "sums"] and all(len(set(p["task"])) == 1 for p in parts)
+    row = ds["train"][0]
+    assert row["prompt"].endswith(f"{row['prompt'].split('user')[-1].split('<|im_end|>')[0]}<|im_end|>\n<|im_start|>assistant\n")
+    assert row["response"] == f"{row['answer']}<|im_end|>\n" and row["answer"] == str(2 * int(row["prompt"].split("What is ")[1].split(" ")[0]))
+    with pytest.raises(DataError, match=r"needs the column\(s\) 'output', missing from its train split \(columns: question, reply, domain\)"):
+        compose([*words, f"hydra.run.dir={tmp_path / 'run2'}"])

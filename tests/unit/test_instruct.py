@@ -187,7 +187,7 @@ def test_local_files_of_each_format_and_their_own_test_split(tmp_path, chat_tok)
 def test_a_dataset_without_the_formats_columns_names_them(tmp_path, plain_tok):
     f = write_jsonl(tmp_path / "qa.jsonl", [{"question": "say hi", "answer": "hello"}] * 3)
     with pytest.raises(DataError, match=r"^dataset '.*qa\.jsonl': data\.format=alpaca needs the column\(s\) 'instruction', 'output', missing from "
-                                        r"its train split \(columns: question, answer\); map yours with data\.columns\.<field>=<column>$"):
+                                        r"its train split \(columns: question, answer\); map yours with \+data\.columns\.<field>=<column>$"):
         fdata.load(str(f), instruct=spec(plain_tok))
     ok = fdata.load(str(f), seed=0, instruct=spec(plain_tok, columns=[("instruction", "question"), ("output", "answer")]))
     assert {*ok["train"]["answer"], *ok["test"]["answer"]} == {"hello"}
