@@ -16,7 +16,6 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from fedpeft.instruct import fit
 from fedpeft.lora import LoraFactors, truncate
 from fedpeft.models import LoadedModel, active, fresh_init, layer, read_adapter, write_adapter
 from fedpeft.plan import ClientUpdate, Finaliser, LossTerm, Payload
@@ -88,9 +87,22 @@ def encode(lm: LoadedModel, rows: dict[str, Sequence[Any]]) -> dict[str, torch.T
     return {k: v.to(lm.device) for k, v in enc.items()}
 
 
+def fit(prompt: Sequence[int], response: Sequence[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of a prompt and its response cut to ``max_length`` together: unchanged when they
+    fit; else the prompt loses its start, down to ``max(max_length - len(response), max_length // 2)``
+    tokens (at least half the window stays the prompt's, or all of it when it is shorter), then the
+    response loses its tail: a response keeps at least ``max_length - max_length // 2`` tokens (or all of itself)."""
+    p, r = list(prompt), list(response)
+    if len(p) + len(r) <= max_length:
+        return p, r
+    keep_p = min(len(p), max(max_length - len(r), max_length // 2))
+    p = p[len(p) - keep_p:] if keep_p else []
+    return p, r[: max_length - len(p)]
+
+
 def instruction_ids(lm: LoadedModel, rows: dict[str, Sequence[Any]]) -> tuple[list[tuple[list[int], list[int]]], int, int]:
     """Each row's prompt and response token ids (tokenized apart, ``add_special_tokens=False``),
-    cut to ``lm.max_length`` together by :func:`fedpeft.instruct.fit`; and how many rows were cut
+    cut to ``lm.max_length`` together by :func:`fit`; and how many rows were cut
     (truncated) and how many kept no response token (dropped: they train nothing)."""
     prompts = lm.tokenizer(list(rows["prompt"]), add_special_tokens=False)["input_ids"]
     responses = lm.tokenizer(list(rows["response"]), add_special_tokens=False)["input_ids"]

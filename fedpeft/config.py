@@ -37,6 +37,11 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key."""
 
 
+class DataError(ValueError):
+    """A dataset or a partitioning that cannot work; the message is one line and names it
+    (raised by fedpeft.data and fedpeft.instruct, which both import it from here)."""
+
+
 @dataclass
 class ModelConfig:
     # A built-in asset ("minilm", "smollm2"), a Hugging Face model id, or a local directory.

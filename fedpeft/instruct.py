@@ -23,10 +23,10 @@ is exactly the full rendering. The formatted rows (the interface every consumer 
   the ``group`` (the natural partition key: one task per client group) unless
   ``data.group_column`` names another.
 
-:func:`fit` is the truncation rule: a pair longer than ``model.max_length`` loses the start of its
-prompt first (the prompt keeps at least half the window, or all of itself), then the tail of its
-response; it never silently loses a whole response, and ``clients.train`` counts the examples it
-cuts.
+Truncation is ``clients.train.fit``'s: a pair longer than ``model.max_length`` loses the start of
+its prompt first (the prompt keeps at least half the window, or all of itself), then the tail of
+its response; it never silently loses a whole response, and ``clients.train`` counts the examples
+it cuts. :func:`check_prompts` refuses a ``model.max_length`` that leaves no prompt room for a response.
 """
 
 from __future__ import annotations
@@ -34,15 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import islice
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
-from fedpeft.config import DATA_FORMATS as FORMATS  # noqa: F401  (re-exported: the formats and their fields)
-from fedpeft.config import FORMAT_FIELDS as FIELDS  # noqa: F401
-from fedpeft.config import TEMPLATE_NAMES, ConfigError
-from fedpeft.data import DataError
+from fedpeft.config import TEMPLATE_NAMES, ConfigError, DataError
 
-# The fields of each instruction format (``data.columns`` maps them to a dataset's columns) and
-# the ones a dataset must have.
+# The fields of each instruction format a dataset must have (all of them: fedpeft.config.FORMAT_FIELDS).
 REQUIRED = {"alpaca": ("instruction", "output"), "chat": ("messages",), "prompt_completion": ("prompt", "completion")}
 
 _ALPACA_INTRO = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -187,19 +183,6 @@ def format_rows(rows: list[dict[str, Any]], fmt: str, tok: Any, chat_template: s
         out["response"].append(response)
         out["answer"].append(msgs[-1]["content"])
     return out
-
-
-def fit(prompt: Sequence[int], response: Sequence[int], max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of a prompt and its response cut to ``max_length`` together: unchanged when they
-    fit; else the prompt loses its start, down to ``max(max_length - len(response), max_length // 2)``
-    tokens (at least half the window stays the prompt's, or all of it when it is shorter), then the
-    response loses its tail. A response keeps at least ``max_length - max_length // 2`` tokens."""
-    p, r = list(prompt), list(response)
-    if len(p) + len(r) <= max_length:
-        return p, r
-    keep_p = min(len(p), max(max_length - len(r), max_length // 2))
-    p = p[len(p) - keep_p:] if keep_p else []
-    return p, r[: max_length - len(p)]
 
 
 def check_prompts(prompts: Iterable[str], tok: Any, max_length: int, name: str, sample: int = 2000) -> None:

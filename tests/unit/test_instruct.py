@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from clients.train import fit
 from fedpeft import data as fdata
 from fedpeft import instruct
 from fedpeft.composing import compose
@@ -76,7 +77,7 @@ ALPACA_ROWS = [
 ])
 def test_fit_keeps_the_prompts_end_and_the_responses_start(p, r, L, kept):
     P, R = list(range(100, 100 + p)), list(range(200, 200 + r))
-    fp, fr = instruct.fit(P, R, L)
+    fp, fr = fit(P, R, L)
     assert (len(fp), len(fr)) == kept
     assert len(fp) + len(fr) <= L
     assert fp == P[len(P) - len(fp):]  # the prompt's end (its generation prompt) is kept
@@ -137,7 +138,8 @@ def test_prompt_completion_plain_template_keeps_the_text_as_it_is(plain_tok):
 
 def test_chat_without_a_template_and_unknown_templates_are_refused(plain_tok, chat_tok):
     tok = instruct.tokenizer(plain_tok)
-    with pytest.raises(ConfigError, match=r"^data\.template: data\.format=chat needs a chat template.*has none; set data\.template to one of alpaca, chatml, plain$"):
+    refused = r"^data\.template: data\.format=chat needs a chat template.*has none; set data\.template to one of alpaca, chatml, plain$"
+    with pytest.raises(ConfigError, match=refused):
         instruct.template_of(tok, "chat", None, "base")
     with pytest.raises(ConfigError, match=r"^data\.template: the tokenizer .* has no chat template"):
         instruct.template_of(tok, "alpaca", "tokenizer")
@@ -193,6 +195,8 @@ def test_a_dataset_without_the_formats_columns_names_them(tmp_path, plain_tok):
     assert {*ok["train"]["answer"], *ok["test"]["answer"]} == {"hello"}
     with pytest.raises(DataError, match=r"'nope' \(data\.columns\.output\)"):
         fdata.load(str(f), instruct=spec(plain_tok, columns=[("instruction", "question"), ("output", "nope")]))
+    with pytest.raises(DataError, match=r"^dataset '.*bad\.jsonl', train split: data\.format=chat: 'messages' must be a list of \{role, content\} objects$"):
+        fdata.load(str(write_jsonl(tmp_path / "bad.jsonl", [{"messages": "hi"}])), instruct=spec(plain_tok, "chat", template="chatml"))
     with pytest.raises(DataError, match=r"no task column 'domain'"):
         fdata.load(str(f), instruct=spec(plain_tok, columns=[("instruction", "question"), ("output", "answer")], task_column="domain"))
 
