@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from clients.cohort import CohortError, CohortJob, train_cohort
 from clients.train import DPSettings, TrainSettings, evaluate, release, train
-from fedpeft import cohorts, messages, privacy, runconfig
+from fedpeft import cohorts, instruct, messages, privacy, runconfig
 from fedpeft import data as fdata
 from fedpeft import merges as merge_forms
 from fedpeft.config import Config, DataConfig, PartitionConfig
@@ -58,25 +58,28 @@ def get_model(s: Config, num_labels: int | None, run_id: int = 0) -> LoadedModel
     return _MODELS[key]
 
 
-def _load(name: str, data: DataConfig, seed: int):
-    return fdata.load(name, seed=seed, text_column=data.text_column, label_column=data.label_column, group_column=data.group_column)
+def _load(name: str, data: DataConfig, seed: int, model: str = ""):
+    """``data`` read from ``name``; instruction data are rendered with model ``model``'s tokenizer."""
+    return fdata.load(name, seed=seed, text_column=data.text_column, label_column=data.label_column, group_column=data.group_column,
+                      instruct=instruct.spec(data, model))
 
 
 @lru_cache(maxsize=4)
-def _partitioner(data_json: str, partition_json: str, num_partitions: int, seed: int):
+def _partitioner(data_json: str, partition_json: str, num_partitions: int, seed: int, model: str = ""):
     data, p = DataConfig(**json.loads(data_json)), json.loads(partition_json)
-    ds = _load(data.name, data, seed)
+    ds = _load(data.name, data, seed, model)
     return fdata.partition(ds["train"], p.pop("kind"), num_partitions, seed=seed, **p), ds
 
 
-def get_partitioner(data: DataConfig, partition: PartitionConfig, num_partitions: int, seed: int):
-    """The partitioner of ``data`` into ``num_partitions`` (cached per worker process) and the dataset."""
-    return _partitioner(json.dumps(asdict(data), sort_keys=True), json.dumps(asdict(partition), sort_keys=True), num_partitions, seed)
+def get_partitioner(data: DataConfig, partition: PartitionConfig, num_partitions: int, seed: int, model: str = ""):
+    """The partitioner of ``data`` into ``num_partitions`` (cached per worker process) and the
+    dataset (instruction data rendered with model ``model``'s tokenizer)."""
+    return _partitioner(json.dumps(asdict(data), sort_keys=True), json.dumps(asdict(partition), sort_keys=True), num_partitions, seed, model)
 
 
 @lru_cache(maxsize=2)
-def _local_data(path: str, data_json: str, seed: int):
-    return _load(path, DataConfig(**json.loads(data_json)), seed)
+def _local_data(path: str, data_json: str, seed: int, model: str = ""):
+    return _load(path, DataConfig(**json.loads(data_json)), seed, model)
 
 
 def node_data(s: Config, node_config: dict):
@@ -85,9 +88,9 @@ def node_data(s: Config, node_config: dict):
     its train split; in simulation (and a local deployment), partition ``partition-id`` of
     ``num-partitions`` of ``data.name``, split as the server splits it."""
     if "data-path" in node_config:
-        ds = _local_data(str(node_config["data-path"]), json.dumps(asdict(s.data), sort_keys=True), s.seed)
+        ds = _local_data(str(node_config["data-path"]), json.dumps(asdict(s.data), sort_keys=True), s.seed, s.model.name)
         return ds["train"], ds
-    partitioner, ds = get_partitioner(s.data, s.partition, int(node_config["num-partitions"]), s.seed)
+    partitioner, ds = get_partitioner(s.data, s.partition, int(node_config["num-partitions"]), s.seed, s.model.name)
     return partitioner.load_partition(int(node_config["partition-id"])), ds
 
 

@@ -118,7 +118,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from clients.train import DPSettings, TrainSettings, batch_order, check_settings, checkpointing, encode, make_optimizer
+from clients.train import DPSettings, TrainSettings, batch_order, check_settings, checkpointing, encode, make_optimizer, truncation_metrics
 from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for, tail_start, truncate
 from fedpeft.models import PREFIX, LoadedModel, ModelError, active, layer, module_shapes, scaling_of
 from fedpeft.plan import ClientUpdate, Payload, SelfPruning
@@ -1048,7 +1048,8 @@ def _train(
     for k, job in enumerate(jobs):
         adapter = stacks.factors(k)
         ls = losses[k]
-        metrics: dict[str, float] = {"train_loss": sum(ls) / len(ls), "train_loss_first": ls[0], "train_loss_last": ls[-1]}
+        metrics: dict[str, float] = {"train_loss": sum(ls) / len(ls), "train_loss_first": ls[0], "train_loss_last": ls[-1],
+                                     **truncation_metrics(lm, job.data)}
         if stacks.prune[k]:
             rank = stacks.ranks[lm.modules[0]][k]
             new_rank = stacks.prune[k].rank_after(rank, start_term[k], end_term[k])

@@ -179,7 +179,10 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> Iterator[list
 
 
 def encode(lm: LoadedModel, rows: dict[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
-    """Tokenize a batch of rows (``text`` and, for classification, ``label``) onto the device."""
+    """Tokenize a batch of rows onto the device: ``text`` and, for classification, ``label``; or
+    instruction rows (``prompt`` and ``response``, :mod:`fedpeft.instruct`): :func:`encode_instruction`."""
+    if "prompt" in rows and "response" in rows:
+        return encode_instruction(lm, rows)[0]
     enc = lm.tokenizer(
         list(rows["text"]), truncation=True, max_length=lm.max_length, padding=True, return_tensors="pt"
     )
@@ -190,6 +193,65 @@ def encode(lm: LoadedModel, rows: dict[str, Sequence[Any]]) -> dict[str, torch.T
         labels[enc["attention_mask"] == 0] = -100
         enc["labels"] = labels
     return {k: v.to(lm.device) for k, v in enc.items()}
+
+
+def fit(prompt: Sequence[int], response: Sequence[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of a prompt and its response cut to ``max_length`` together: unchanged when they
+    fit; else the prompt loses its start, down to ``max(max_length - len(response), max_length // 2)``
+    tokens (at least half the window stays the prompt's, or all of it when it is shorter), then the
+    response loses its tail: a response keeps at least ``max_length - max_length // 2`` tokens (or all of itself)."""
+    p, r = list(prompt), list(response)
+    if len(p) + len(r) <= max_length:
+        return p, r
+    keep_p = min(len(p), max(max_length - len(r), max_length // 2))
+    p = p[len(p) - keep_p:] if keep_p else []
+    return p, r[: max_length - len(p)]
+
+
+def instruction_ids(lm: LoadedModel, rows: dict[str, Sequence[Any]]) -> tuple[list[tuple[list[int], list[int]]], int, int]:
+    """Each row's prompt and response token ids (tokenized apart, ``add_special_tokens=False``),
+    cut to ``lm.max_length`` together by :func:`fit`; and how many rows were cut
+    (truncated) and how many kept no response token (dropped: they train nothing)."""
+    prompts = lm.tokenizer(list(rows["prompt"]), add_special_tokens=False)["input_ids"]
+    responses = lm.tokenizer(list(rows["response"]), add_special_tokens=False)["input_ids"]
+    out, truncated, dropped = [], 0, 0
+    for p, r in zip(prompts, responses):
+        fp, fr = fit(p, r, lm.max_length)
+        truncated += len(fp) + len(fr) < len(p) + len(r)
+        dropped += not fr
+        out.append((fp, fr))
+    return out, truncated, dropped
+
+
+def encode_instruction(lm: LoadedModel, rows: dict[str, Sequence[Any]]) -> tuple[dict[str, torch.Tensor], int, int]:
+    """Instruction rows as a right-padded batch: ``input_ids`` = prompt + response, ``labels`` =
+    -100 on the prompt and the padding and the response's ids elsewhere, so the model's causal-LM
+    loss is the mean cross-entropy over the response tokens only; with the counts of
+    :func:`instruction_ids`."""
+    pairs, truncated, dropped = instruction_ids(lm, rows)
+    width = max(len(p) + len(r) for p, r in pairs)
+    pad = lm.tokenizer.pad_token_id
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (p, r) in enumerate(pairs):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.as_tensor(p + r, dtype=torch.long)
+        labels[i, len(p):n] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, :n] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {k: v.to(lm.device) for k, v in batch.items()}, truncated, dropped
+
+
+def truncation_metrics(lm: LoadedModel, data: Any) -> dict[str, float]:
+    """For instruction data: the shares of the client's examples that ``model.max_length`` cuts
+    (``truncated_fraction``) and that keep no response token (``dropped_fraction``); the server's
+    example-weighted mean of them is the share over all the round's training examples. Empty for
+    other data (their metrics are unchanged)."""
+    if len(data) == 0 or "prompt" not in data.column_names or "response" not in data.column_names:
+        return {}
+    _, truncated, dropped = instruction_ids(lm, data[:])
+    return {"truncated_fraction": truncated / len(data), "dropped_fraction": dropped / len(data)}
 
 
 def train(
@@ -273,6 +335,7 @@ def train(
         "train_loss": sum(losses) / len(losses),
         "train_loss_first": losses[0],
         "train_loss_last": losses[-1],
+        **truncation_metrics(lm, data),
     }
     new_rank = extra.rank_after()
     if new_rank is not None:

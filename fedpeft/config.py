@@ -37,6 +37,11 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key."""
 
 
+class DataError(ValueError):
+    """A dataset or a partitioning that cannot work; the message is one line and names it
+    (raised by fedpeft.data and fedpeft.instruct, which both import it from here)."""
+
+
 @dataclass
 class ModelConfig:
     # A built-in asset ("minilm", "smollm2"), a Hugging Face model id, or a local directory.
@@ -100,6 +105,21 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     group_column: Optional[str] = None
+    # text (plain text or classification: text_column, label_column) | alpaca (instruction, input,
+    # output) | chat (messages: a list of {role, content}) | prompt_completion (prompt, completion).
+    # The instruction formats train a causal LM on the response tokens only (fedpeft/instruct.py).
+    format: str = "text"
+    # Instruction data's chat template: null (the tokenizer's own when it has one; else alpaca for
+    # format=alpaca, plain for prompt_completion) | tokenizer | alpaca | chatml | plain.
+    template: Optional[str] = None
+    # Instruction data: the dataset's column for a field of the format named otherwise, e.g.
+    # {instruction: question, output: answer} (+data.columns.output=answer on the command line).
+    columns: dict[str, str] = field(default_factory=dict)
+    # Instruction data: the column naming each example's task (its generative metrics are per task;
+    # with partition=natural, one task per client group).
+    task_column: Optional[str] = None
+    # Instruction data: a system message for conversations that have none (null: the template's default).
+    system_prompt: Optional[str] = None
     # Cap on the held-out examples the server evaluates each round (0 = the whole test split);
     # a fixed seeded subset, the same every round.
     eval_samples: int = 1000
@@ -433,6 +453,11 @@ QUANTIZED_REFUSED = {
     "lora_xs": {q: "LoRA-XS initialises from an SVD of the base weights, which peft cannot take of a quantized weight" for q in ("8bit", "4bit")},
 }
 LR_SCHEDULES = ("constant", "cosine", "linear")
+# data.format, the fields of each instruction format (data.columns maps them) and the named chat
+# templates of data.template (fedpeft/instruct.py renders them).
+DATA_FORMATS = ("text", "alpaca", "chat", "prompt_completion")
+FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "prompt_completion": ("prompt", "completion")}
+TEMPLATE_NAMES = ("tokenizer", "alpaca", "chatml", "plain")
 
 
 def validate(cfg: Any) -> None:
@@ -549,6 +574,25 @@ def validate(cfg: Any) -> None:
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", f"must be at least 1, got {cfg.eval.max_new_tokens}")
     need(cfg.eval.generate_samples >= 0, "eval.generate_samples", f"must be non-negative (0: no generation), got {cfg.eval.generate_samples}")
     need(cfg.eval.log_samples >= 0, "eval.log_samples", f"must be non-negative (0: none), got {cfg.eval.log_samples}")
+    validate_data(cfg, need, one_of)
+
+
+def validate_data(cfg: Any, need, one_of) -> None:
+    """``data.format`` and the instruction-data keys (fedpeft/instruct.py)."""
+    data = cfg.data
+    one_of(data.format, "data.format", DATA_FORMATS)
+    if data.template is not None:
+        one_of(data.template, "data.template", TEMPLATE_NAMES)
+    if data.format == "text":
+        for key, default in (("template", None), ("task_column", None), ("system_prompt", None)):
+            need(data[key] == default, f"data.{key}", "applies to instruction data only (data.format=alpaca | chat | prompt_completion)")
+        need(not data.columns, "data.columns", "applies to instruction data only (data.format=alpaca | chat | prompt_completion)")
+        return
+    for key in data.columns:
+        fields = FORMAT_FIELDS[data.format]
+        need(key in fields, f"data.columns.{key}", f"not a field of data.format={data.format} (its fields: {', '.join(fields)})")
+    need(cfg.model.task == "causal_lm", "model.task",
+         f"data.format={data.format} trains a causal LM on the responses: set model.task=causal_lm (e.g. model=smollm2)")
 
 
 def check_strategy(cfg: Any) -> None:

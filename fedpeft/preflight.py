@@ -176,10 +176,17 @@ def check_resources(cfg: DictConfig) -> None:
 
 def prepare_data(cfg: DictConfig):
     """Load the dataset and partition it as the clients will (cached per process), check that the
-    model's task fits the data, and pick the server's fixed evaluation subset."""
+    model's task fits the data, and pick the server's fixed evaluation subset. Instruction data
+    (``data.format`` other than text) are rendered with the model's tokenizer
+    (:mod:`fedpeft.instruct`), and ``model.max_length`` must leave room for a response after some prompt."""
     from fedpeft import data as fdata
+    from fedpeft import instruct
 
-    ds = fdata.load(cfg.data.name, seed=cfg.seed, text_column=cfg.data.text_column, label_column=cfg.data.label_column, group_column=cfg.data.group_column)
+    spec = instruct.spec(cfg.data, cfg.model.name)
+    ds = fdata.load(cfg.data.name, seed=cfg.seed, text_column=cfg.data.text_column, label_column=cfg.data.label_column,
+                    group_column=cfg.data.group_column, instruct=spec)
+    if spec is not None:
+        instruct.check_prompts(ds["train"]["prompt"], instruct.tokenizer(cfg.model.name), cfg.model.max_length, cfg.data.name)
     if cfg.data.name in fdata.BUILTIN:  # the column keys rename a user's columns; a built-in's are fixed
         cols = ds["train"].column_names
         for key, given, default in (("text_column", cfg.data.text_column, "text"), ("label_column", cfg.data.label_column, "label"),

@@ -213,7 +213,8 @@ def test_unknown_dataset_is_one_line():
         fdata.load("no/such-dataset")
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg.startswith("dataset 'no/such-dataset': not a built-in (rotten_tomatoes, newsgroups, election_tweets, reuters_r8, shakespeare), not a local path")
+    assert msg.startswith("dataset 'no/such-dataset': not a built-in (rotten_tomatoes, newsgroups, election_tweets, reuters_r8, shakespeare, "
+                          "instruct), not a local path")
     with pytest.raises(fdata.DataError, match="did you mean 'rotten_tomatoes'"):
         fdata.load("rotten-tomatoes")
     with pytest.raises(fdata.DataError, match="^dataset 'missing.csv': no such file or directory$"):
