@@ -6,7 +6,8 @@ end-of-turn or eos text), ``answer`` (the raw reference answer) and, optionally,
 :func:`evaluate` reports
 
 - ``loss`` / ``perplexity``: the mean cross-entropy over the *response* tokens of every held-out
-  row (prompt and padding tokens are labelled -100: :func:`instruction_batch`), and per task
+  row (prompt and padding tokens are labelled -100, each row cut to ``model.max_length`` as in training:
+  :func:`clients.train.encode_instruction`), and per task
   ``loss/<task>`` / ``perplexity/<task>``;
 - on ``eval.generate_samples`` held-out rows (a fixed seeded subset, balanced over the tasks:
   :func:`pick_rows`), greedy generations (:func:`generate`: batched with left padding, at most
@@ -36,6 +37,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from clients.train import encode_instruction
 from fedpeft.config import ConfigError
 from fedpeft.models import LoadedModel
 
@@ -50,30 +52,6 @@ def is_instruction(data: Any) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Tokens
-
-
-def instruction_batch(lm: LoadedModel, rows: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
-    """``prompt + response`` of a batch of instruction rows, tokenized each on its own
-    (``add_special_tokens=False``, so the prompt's tokens are exactly those the model generates
-    after), concatenated, cut to ``lm.max_length`` from the right and right-padded, on the model's
-    device: ``input_ids``, ``attention_mask`` and ``labels`` = the input ids with every prompt and
-    padding position set to -100, so a loss covers the response tokens only. A response cut short
-    keeps its first tokens; a prompt of ``max_length`` tokens or more leaves its row no response
-    token (it adds nothing to the loss)."""
-    tok = lm.tokenizer
-    prompts = tok(list(rows["prompt"]), add_special_tokens=False)["input_ids"]
-    responses = tok(list(rows["response"]), add_special_tokens=False)["input_ids"]
-    seqs = [(p + r)[: lm.max_length] for p, r in zip(prompts, responses)]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for i, (p, s) in enumerate(zip(prompts, seqs)):
-        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attention[i, : len(s)] = 1
-        if len(s) > len(p):
-            labels[i, len(p) : len(s)] = input_ids[i, len(p) : len(s)]
-    return {"input_ids": input_ids.to(lm.device), "attention_mask": attention.to(lm.device), "labels": labels.to(lm.device)}
 
 
 def perplexity(loss: float) -> float:
@@ -91,7 +69,7 @@ def response_loss(lm: LoadedModel, data: Any, batch_size: int) -> dict[str, floa
     tasks = "task" in data.column_names
     for start in range(0, len(data), batch_size):
         rows = data[start : start + batch_size]
-        batch = instruction_batch(lm, rows)
+        batch = encode_instruction(lm, rows)[0]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         L = batch["labels"].shape[1]
         logits = logits[:, -L:]  # a prompt-learning method prepends virtual tokens' positions

@@ -18,6 +18,7 @@ import torch
 from datasets import Dataset
 from omegaconf import OmegaConf
 
+from clients.train import encode_instruction
 from fedpeft import generate as G
 from fedpeft.config import EvalConfig, ModelConfig
 from tests.harness import random_B, run_cli
@@ -91,7 +92,7 @@ def test_generation_stops_at_the_end_of_turn(lm, rows):
 
 
 def test_the_loss_covers_the_response_tokens_only(lm, rows):
-    batch = G.instruction_batch(lm, rows[:])
+    batch = encode_instruction(lm, rows[:])[0]
     tok = lm.tokenizer
     for i in range(len(rows)):
         p = tok(rows["prompt"][i], add_special_tokens=False)["input_ids"]
@@ -104,7 +105,7 @@ def test_the_loss_covers_the_response_tokens_only(lm, rows):
     sums, counts = {}, {}
     with torch.no_grad():
         for i, task in enumerate(rows["task"]):
-            one = G.instruction_batch(lm, rows[i : i + 1])
+            one = encode_instruction(lm, rows[i : i + 1])[0]
             logits = lm.model(input_ids=one["input_ids"]).logits[0, :-1]
             target = one["labels"][0, 1:]
             keep = target != -100
@@ -117,9 +118,12 @@ def test_the_loss_covers_the_response_tokens_only(lm, rows):
     assert m["perplexity"] == pytest.approx(torch.tensor(sums[None] / counts[None]).exp().item(), rel=1e-5)
     for task in ("sentiment", "capital", "story"):
         assert m[f"loss/{task}"] == pytest.approx(sums[task] / counts[task], rel=1e-5)
-    # a prompt cut to max_length leaves its row no response token: that row adds nothing
+    # cut to max_length as in training (clients.train.fit): the prompt loses its start, the response keeps its first tokens
     short = dataclasses.replace(lm, max_length=10)
-    assert (G.instruction_batch(short, rows[:2])["labels"] == -100).all()
+    cut = encode_instruction(short, rows[:2])[0]
+    kept = (cut["labels"] != -100).sum(1).tolist()
+    whole = [len(lm.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in rows["response"][:2]]
+    assert cut["input_ids"].shape[1] <= 10 and kept == [min(w, 10 - 10 // 2) for w in whole] and min(kept) > 0
 
 
 def test_evaluate_scores_generations_per_task_and_keeps_samples(lm, rows):
