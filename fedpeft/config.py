@@ -61,10 +61,11 @@ class ModelConfig:
     # none | 8bit | 4bit: a bitsandbytes-quantized frozen base (QLoRA), prepared by peft's
     # prepare_model_for_kbit_training; what a strategy adds to the base stays float32 beside it.
     quantization: str = "none"
-    # 4bit only: nf4 | fp4, double quantization of the quantization constants, the compute dtype.
+    # 4bit only: nf4 | fp4, double quantization of the quantization constants, the compute dtype
+    # (auto: bfloat16 on a GPU, float32 on a CPU, where torch's bf16 matmuls are slow).
     quant_type: str = "nf4"
     double_quant: bool = True
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"
 
 
 @dataclass
@@ -495,7 +496,7 @@ def validate(cfg: Any) -> None:
     one_of(cfg.model.dtype, "model.dtype", DTYPES)
     one_of(cfg.model.quantization, "model.quantization", QUANTIZATIONS)
     one_of(cfg.model.quant_type, "model.quant_type", ("nf4", "fp4"))
-    one_of(cfg.model.compute_dtype, "model.compute_dtype", ("float32", "bfloat16", "float16"))
+    one_of(cfg.model.compute_dtype, "model.compute_dtype", ("auto", "float32", "bfloat16", "float16"))
     need(cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be at least 1, got {cfg.train.grad_accum_steps}")
     one_of(cfg.train.lr_schedule, "train.lr_schedule", LR_SCHEDULES)
     need(0 <= cfg.train.lr_min <= cfg.train.lr, "train.lr_min", f"must be in [0, train.lr={cfg.train.lr}], got {cfg.train.lr_min}")

@@ -219,7 +219,7 @@ class Setting:
     dtype: str = "float32"
     quantization: str = "none"
     double_quant: bool = True
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"
     rank: int = 8
     batch_size: int = 16
     max_length: int = 64

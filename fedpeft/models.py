@@ -120,9 +120,21 @@ def base_dtype(model_cfg: Any) -> "torch.dtype | str":
     return DTYPES.get(dtype, "auto")
 
 
-def quantization_config(model_cfg: Any):
+def compute_dtype(model_cfg: Any, device: torch.device) -> torch.dtype:
+    """A 4-bit base's compute dtype: ``model.compute_dtype``, where ``auto`` is bfloat16 on a GPU and
+    float32 on a CPU (torch's bf16 matmuls are ~50× slower than float32 on this project's CPUs:
+    ``experiments/benchmarks/llm_memory.py`` and the README's table)."""
+    name = getattr(model_cfg, "compute_dtype", "auto")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ModelError(f"model.compute_dtype={name!r}: expected one of auto, float32, bfloat16, float16")
+    return DTYPES[name]
+
+
+def quantization_config(model_cfg: Any, device: torch.device):
     """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` (8bit | 4bit; None for
-    none), with NF4/FP4, double quantization and the compute dtype of the model config. A
+    none), with NF4/FP4, double quantization and the compute dtype (:func:`compute_dtype`) of the model config. A
     classifier's head modules stay unquantized (they train). bitsandbytes that cannot be imported
     is one line naming ``model.quantization``."""
     q = getattr(model_cfg, "quantization", "none")
@@ -140,13 +152,11 @@ def quantization_config(model_cfg: Any):
     skip = HEAD_MODULES if model_cfg.task == "classification" else None  # None: transformers keeps lm_head unquantized
     if q == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    if model_cfg.compute_dtype not in DTYPES:
-        raise ModelError(f"model.compute_dtype={model_cfg.compute_dtype!r}: expected one of float32, bfloat16, float16")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=model_cfg.quant_type,
         bnb_4bit_use_double_quant=bool(model_cfg.double_quant),
-        bnb_4bit_compute_dtype=DTYPES[model_cfg.compute_dtype],
+        bnb_4bit_compute_dtype=compute_dtype(model_cfg, device),
         llm_int8_skip_modules=skip,
     )
 
@@ -167,7 +177,7 @@ def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed:
     hf_logging.disable_progress_bar()
     path = model_path(model_cfg.name)
     dev = pick_device(device)
-    dtype, quant = base_dtype(model_cfg), quantization_config(model_cfg)
+    dtype, quant = base_dtype(model_cfg), quantization_config(model_cfg, dev)
     # float32 and not quantized: loaded exactly as before these options existed
     extra: dict[str, Any] = {} if dtype is torch.float32 and quant is None else {"dtype": dtype}
     if quant is not None:
