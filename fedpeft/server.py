@@ -3,8 +3,10 @@
 ``configure_train`` samples nodes and sends each its own message (the strategy's per-client
 payload); ``aggregate_train`` decodes and checks the replies, counts failures, and hands the good
 updates to the strategy's pure ``aggregate``. Communication is counted from the records sent.
-For a ``personalized`` strategy (FedSA-LoRA) ``configure_evaluate`` sends every client an evaluate
-message and ``aggregate_evaluate`` collects each client's metrics on its own held-out split.
+What a strategy keeps between rounds besides the global model is its own
+:class:`strategies.base.ServerState` (HetLoRA's pruned ranks), saved with the adapter's state.
+For a ``personalized`` strategy (FedSA-LoRA) :class:`PersonalEvaluation` sends every client an
+evaluate message and collects each client's metrics on its own held-out split.
 
 Privacy and compression wrap every strategy here: the adapter asks the run's privacy layer
 (:class:`fedpeft.privacy.PrivacyPlan`, which owns the ledger) to spend each round before its
@@ -161,12 +163,8 @@ class FlowerAdapter(FlowerStrategy):
         self.strategy = strategy
         self.lr_at = lr_at  # round → its learning rate (train.lr_schedule), sent to the clients; None: each uses train.lr
         self.failure_note = failure_note  # a client failure's reason → what to add to its warning line (an actor killed: its memory plan)
-        if strategy.needs_base_weights:  # FeDeRA: its init decomposes the pre-trained weights
-            if base_weights is None:
-                raise ValueError(f"strategy={strategy.name} initialises from the pre-trained weights: pass base_weights")
-            self.model = strategy.init(model, base_weights=base_weights)
-        else:
-            self.model = strategy.init(model)
+        self.model = strategy.start(model, base_weights)  # base_weights: the frozen pre-trained weights, for a strategy that starts from them (FeDeRA)
+        self.strategy_state = strategy.server_state()  # what the strategy keeps between rounds (HetLoRA's pruned ranks), saved with the rest
         self.fraction = fraction
         self.min_clients = min_clients
         self.client_spec = client_spec
@@ -178,7 +176,6 @@ class FlowerAdapter(FlowerStrategy):
         self.seed = seed
         self.sent: dict[int, tuple[ClientSpec, Any, Any]] = {}  # node id → (spec, payload, uplink reference)
         self.out: dict[int, Message] = {}  # node id → the train message sent to it this round
-        self.rank_now: dict[int, int] = {}  # client → its current rank, once it shrank (HetLoRA)
         self.stats: dict[int, RoundStats] = {}
         self.num_clients = num_clients  # partition ids are 0 .. num_clients - 1 (when known)
         self.identify_timeout = identify_timeout
@@ -190,29 +187,27 @@ class FlowerAdapter(FlowerStrategy):
         self.expected_examples = expected_examples
         self.rounds_applied = 0  # rounds whose aggregate became the global model
         self.config_digest = config_digest  # sent with each train message: a node checks its run config against it
-        self.eval_out: dict[int, Message] = {}  # node id → the evaluate message sent to it (personalised evaluation)
-        self.eval_of: dict[int, int] = {}  # node id → the client (partition id) it evaluates
-        self.personal: dict[int, dict[str, float]] = {}  # round → the personalised evaluation's metrics
+        self.evaluation = PersonalEvaluation() if strategy.personalized else None  # clients evaluate their own models (FedSA-LoRA)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything this adapter needs to continue a run after its last complete round: the
         global model (with FLoRA's merges, FlexLoRA's factors), the forms FLoRA's merges travel in
         (what the nodes applied: a resumed run sends the same), the sampler's random state, the
-        base version each client's node has, HetLoRA's pruned ranks, the privacy ledger."""
-        return {
-            "model": _model_state(self.model),
-            **self.merges.state_dict(),
-            "rng": self.rng.getstate(),
-            "rank_now": dict(self.rank_now),
-            "rounds_applied": self.rounds_applied,
-            "ledger": self.privacy.state_dict() if self.privacy is not None else None,
-        }
+        base version each client's node has, the strategy's own state (HetLoRA's pruned ranks,
+        ``rank_now``), the privacy ledger."""
+        own = {"model": _model_state(self.model), **self.merges.state_dict(), "rng": self.rng.getstate()}
+        rest = {"rounds_applied": self.rounds_applied, "ledger": self.privacy.state_dict() if self.privacy is not None else None}
+        strategy_state = self.strategy_state.state_dict()
+        taken = sorted(strategy_state.keys() & (own.keys() | rest.keys()))
+        if taken:
+            raise ValueError(f"strategy={self.strategy.name}: its server state's keys {taken} are the server's own; name them otherwise")
+        return {**own, **strategy_state, **rest}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model = _model_from_state(state["model"])
         self.merges.load_state_dict(state, self.model)
         self.rng.setstate(state["rng"])
-        self.rank_now = {int(k): int(v) for k, v in state["rank_now"].items()}
+        self.strategy_state.load_state_dict(state)
         self.rounds_applied = int(state["rounds_applied"])
         if self.privacy is not None:
             self.privacy.load_state_dict(state["ledger"])
@@ -333,10 +328,9 @@ class FlowerAdapter(FlowerStrategy):
         return out
 
     def payload_of(self, pid: int):
-        """Client ``pid``'s spec (its rank as it shrank, HetLoRA) and the strategy's payload for it."""
-        spec = self.client_spec(pid)
-        if spec.client_id in self.rank_now:
-            spec = replace(spec, rank=min(spec.rank, self.rank_now[spec.client_id]))
+        """Client ``pid``'s spec as the strategy's state has it (HetLoRA: its rank as it shrank) and
+        the strategy's payload for it."""
+        spec = self.strategy_state.spec(self.client_spec(pid))
         return spec, self.strategy.payload(self.model, spec)
 
     def header(self, server_round: int, spec: ClientSpec, payload) -> dict[str, Any]:
@@ -401,7 +395,7 @@ class FlowerAdapter(FlowerStrategy):
         metric_rows: list[tuple[int, dict[str, float]]] = []
         failures: list[tuple[int, str]] = []
         answered: set[int] = set()
-        shrunk: dict[int, int] = {}  # client → the smaller rank it answered with (HetLoRA), kept if the round is applied
+        accepted: list[tuple[ClientSpec, ClientUpdate]] = []  # the good updates with their specs, for the strategy's state
 
         def reject(node: int, reason: object) -> None:
             stats.rejected += 1
@@ -431,9 +425,7 @@ class FlowerAdapter(FlowerStrategy):
                 continue
             stats.bytes_up += messages.num_bytes(msg.content)
             self.merges.seen[spec.client_id] = payload.base_version
-            rank = max((f.rank for f in update.adapter.values()), default=spec.rank)
-            if rank < spec.rank:
-                shrunk[spec.client_id] = rank
+            accepted.append((spec, update))
             updates.append(update)
             if metrics:
                 metric_rows.append((update.num_examples, metrics))
@@ -457,7 +449,7 @@ class FlowerAdapter(FlowerStrategy):
             diagnostics = self.strategy.round_metrics(self.model, updates)
             self.model = self.strategy.aggregate(self.model, updates)
             self.merges.publish(self.model)
-            self.rank_now.update(shrunk)
+            self.strategy_state.applied(accepted)
             self.rounds_applied += 1
         else:
             log.warning(
@@ -485,56 +477,79 @@ class FlowerAdapter(FlowerStrategy):
         return (self.arrays() if stats.applied else None), MetricRecord({k: float(v) for k, v in metrics.items()})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Personalised evaluation, for a strategy that declares ``personalized`` (FedSA-LoRA):
-        every connected client is sent the strategy's payload for it (the global A and head, full
-        precision, B never) in an evaluate message, and evaluates its own model on its held-out
-        split (:func:`clients.app.evaluate_handler`). Other strategies: none (the server
+        """Flower's evaluate step: a ``personalized`` strategy's clients evaluate their own models
+        (:meth:`PersonalEvaluation.configure`); other strategies send nothing (the server
         evaluates the global adapter itself)."""
-        self.eval_out, self.eval_of = {}, {}
-        if not self.strategy.personalized:
-            return []
-        out = []
-        for node, pid in sorted(self.identify(grid).items(), key=lambda kv: kv[1]):
-            spec, payload = self.payload_of(pid)
-            send_A, send_B = payload.plan.downlink
-            content = messages.encode(payload.adapter, payload.head, self.header(server_round, spec, payload), send_A=send_A, send_B=send_B,
-                                      merges=self.merges.missing(self.model, pid, payload.base_version))
-            self.eval_of[node] = pid
-            out.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
-        self.eval_out = {m.metadata.dst_node_id: m for m in out}
-        return out
+        return self.evaluation.configure(self, server_round, grid) if self.evaluation is not None else []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The personalised evaluation's metrics of the round (:meth:`PersonalEvaluation.aggregate`); None without one."""
+        return self.evaluation.aggregate(self, server_round, replies) if self.evaluation is not None else None
+
+    @property
+    def personal(self) -> dict[int, dict[str, float]]:
+        """Round → the personalised evaluation's metrics (empty without one)."""
+        return self.evaluation.metrics if self.evaluation is not None else {}
+
+
+class PersonalEvaluation:
+    """Personalised evaluation, for a strategy that declares ``personalized`` (FedSA-LoRA): the
+    global model alone is not a model, so each round every client evaluates its own on its
+    held-out split and the replies are the round's ``personal`` metrics. Nothing of it is saved
+    (a round's metrics go to its metrics row)."""
+
+    def __init__(self) -> None:
+        self.out: dict[int, Message] = {}  # node id → the evaluate message sent to it this round
+        self.of: dict[int, int] = {}  # node id → the client (partition id) it evaluates
+        self.metrics: dict[int, dict[str, float]] = {}  # round → its metrics
+
+    def configure(self, adapter: FlowerAdapter, server_round: int, grid: Grid) -> list[Message]:
+        """Every connected client is sent the strategy's payload for it (the global A and head,
+        full precision, B never) in an evaluate message, and evaluates its own model on its
+        held-out split (:func:`clients.app.evaluate_handler`)."""
+        self.out, self.of = {}, {}
+        out = []
+        for node, pid in sorted(adapter.identify(grid).items(), key=lambda kv: kv[1]):
+            spec, payload = adapter.payload_of(pid)
+            send_A, send_B = payload.plan.downlink
+            content = messages.encode(payload.adapter, payload.head, adapter.header(server_round, spec, payload), send_A=send_A, send_B=send_B,
+                                      merges=adapter.merges.missing(adapter.model, pid, payload.base_version))
+            self.of[node] = pid
+            out.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
+        self.out = {m.metadata.dst_node_id: m for m in out}
+        return out
+
+    def aggregate(self, adapter: FlowerAdapter, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The clients' own metrics (:func:`personal_metrics`) as this round's ``personal`` metrics.
         A client whose evaluation failed (an error reply, a malformed one, or none within the
         round timeout) is left out with a one-line warning and counted (``personal/failed``); it
         never ends the run."""
-        if not self.eval_out:
+        if not self.out:
             return None
-        ids = _ids(self.eval_out)
+        ids = _ids(self.out)
         rows: dict[int, dict[str, float]] = {}
         failures: list[tuple[int, str]] = []
         answered: set[int] = set()
-        for msg in sorted(replies, key=lambda m: self.eval_of.get(_sender(m, ids), -1)):
+        for msg in sorted(replies, key=lambda m: self.of.get(_sender(m, ids), -1)):
             node = _sender(msg, ids)
-            if node not in self.eval_of or node in answered:
-                log.warning("round %d: evaluation reply from %s ignored: %s", server_round, self._who(node),
+            if node not in self.of or node in answered:
+                log.warning("round %d: evaluation reply from %s ignored: %s", server_round, adapter._who(node),
                             "a second reply" if node in answered else "it was not asked to evaluate")
                 continue
             answered.add(node)
-            pid = self.eval_of[node]
+            pid = self.of[node]
             try:
                 if msg.has_error():
                     raise ValueError(_one_line(msg.error.reason))
                 rows[pid] = check_eval_reply(msg.content, pid)
             except (messages.UpdateError, KeyError, ValueError, TypeError) as e:
                 failures.append((node, _one_line(str(e))))
-        failures += [(node, "no reply within the round timeout (engine.round_timeout)") for node in sorted(set(self.eval_of) - answered, key=self.eval_of.get)]
+        failures += [(node, "no reply within the round timeout (engine.round_timeout)") for node in sorted(set(self.of) - answered, key=self.of.get)]
         for node, line in failures:
-            log.warning("round %d: client %d on node %d failed evaluation: %s", server_round, self.eval_of[node], node, line)
+            log.warning("round %d: client %d on node %d failed evaluation: %s", server_round, self.of[node], node, line)
         metrics = {**personal_metrics(rows), "personal/clients": len(rows), "personal/failed": len(failures),
-                   "personal/bytes_down": sum(messages.num_bytes(m.content) for m in self.eval_out.values())}
-        self.personal[server_round] = metrics
+                   "personal/bytes_down": sum(messages.num_bytes(m.content) for m in self.out.values())}
+        self.metrics[server_round] = metrics
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
 

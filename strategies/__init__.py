@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from strategies.base import REGISTRY, ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+from strategies.base import REGISTRY, ClientSpec, ClientUpdate, GlobalModel, Payload, ServerState, Strategy
 
 for _module in pkgutil.iter_modules(__path__):  # every module: a new strategy is one file here
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -42,4 +42,4 @@ def build(name: str, **kwargs) -> Strategy:
     return cls(**kwargs)
 
 
-__all__ = ["ClientSpec", "ClientUpdate", "GlobalModel", "Payload", "Strategy", "build", "personalized", "REGISTRY"]
+__all__ = ["ClientSpec", "ClientUpdate", "GlobalModel", "Payload", "ServerState", "Strategy", "build", "personalized", "REGISTRY"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 from torch import Tensor
 
@@ -61,6 +61,30 @@ class ClientSpec:
         return scaling_for(self.rank, self.alpha, self.rslora)
 
 
+class ServerState:
+    """What a strategy keeps on the server between rounds beside its :class:`GlobalModel`; this
+    base keeps nothing. The server makes one per run (:meth:`Strategy.server_state`), asks it for
+    each client's spec before it builds that client's payload (:meth:`spec`), tells it the updates
+    of each applied round (:meth:`applied`), and saves and resumes it with the run: the keys of
+    :meth:`state_dict` join the server's saved state at its top level, and :meth:`load_state_dict`
+    reads them from that state (a key it lacks, in a state saved before the key existed, leaves the
+    default). HetLoRA's :class:`strategies.hetlora.PrunedRanks` is one."""
+
+    def spec(self, spec: ClientSpec) -> ClientSpec:
+        """The spec client ``spec.client_id``'s payload is built for this round (by default the run's)."""
+        return spec
+
+    def applied(self, sent: list[tuple[ClientSpec, ClientUpdate]]) -> None:
+        """An applied round's accepted updates, each with the spec its payload was built for, in
+        partition order. A round that is not applied (too few good replies) does not come here."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Read this state's keys from the server's saved state ``state``."""
+
+
 WEIGHTINGS = ("num_examples", "uniform")  # the weightings every strategy can compute (fedavg.client_weights)
 PRIVACY_MODES = ("none", "sample", "local", "central")
 
@@ -100,15 +124,16 @@ class Strategy:
       privacy group and no noise (:func:`fedpeft.config.strategy_defaults`; DP-LoRA has one);
     - ``engines``: the ``engine.kind`` values it works with (default None: every engine; RoLoRA's
       ``freeze_B`` is not batched by the cohort engine);
-    - ``needs_base_weights``: when true the server calls ``init(model, base_weights={module: W [out × in]})``
-      with its frozen pre-trained weights (FeDeRA);
+    - ``needs_base_weights``: when true :meth:`start` calls ``init(model, base_weights={module: W [out × in]})``
+      with the server's frozen pre-trained weights (FeDeRA);
     - ``trained_share``: the share of a group's parameters a client trains in a round, averaged
       over rounds (default 1 for every group): FFA-LoRA's frozen A is 0, RoLoRA's alternating
       factors ½ each; the run's "trained parameters" (banner, summary) use it;
     - ``personalized``: clients keep their own state and the global model alone is not a model
       (FedSA-LoRA), so every client trains on 80% of its partition and evaluates its own model on
       the other 20% (``fedpeft.data.held_out``); the run reports those;
-    - :meth:`reply_ranks`, :meth:`init`, :meth:`round_metrics`.
+    - :meth:`reply_ranks`, :meth:`init`, :meth:`round_metrics`, and :meth:`server_state` (what it
+      keeps on the server between rounds besides the global model: HetLoRA's pruned ranks).
     """
 
     name: ClassVar[str]  # a dataclass field in each subclass: the strategy=<name> option
@@ -170,6 +195,22 @@ class Strategy:
         """The starting state, from the server's freshly initialized peft adapter (at ``model.rank``).
         A strategy that declares ``needs_base_weights`` takes ``base_weights`` as well."""
         return model
+
+    def start(self, model: GlobalModel, base_weights: Mapping[str, Tensor] | None = None) -> GlobalModel:
+        """The run's first global model, as the server asks for it: :meth:`init` of its fresh
+        adapter, given ``base_weights`` (the frozen pre-trained weights, ``{module: W [out × in]}``)
+        where the strategy declares ``needs_base_weights``; without them such a strategy is refused
+        in one line. A strategy overrides :meth:`init`, not this."""
+        if not self.needs_base_weights:
+            return self.init(model)
+        if base_weights is None:
+            raise ValueError(f"strategy={self.name} initialises from the pre-trained weights: pass base_weights")
+        return self.init(model, base_weights=base_weights)
+
+    def server_state(self) -> ServerState:
+        """A fresh :class:`ServerState`: what the strategy keeps on the server between rounds
+        besides the global model (by default nothing)."""
+        return ServerState()
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
         """What client ``client`` receives this round."""

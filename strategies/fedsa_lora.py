@@ -17,7 +17,7 @@ reads a ``B_k``. One rank and scaling for every client (``Ā`` is a plain averag
 
 The global ``Ā`` alone is not a model, so ``personalized``: every client evaluates its own model
 on a held-out 20% of its partition, and the run's ``accuracy`` is the mean over clients
-(``fedpeft.server.FlowerAdapter.aggregate_evaluate``).
+(``fedpeft.server.PersonalEvaluation``).
 """
 
 from __future__ import annotations

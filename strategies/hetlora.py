@@ -7,7 +7,7 @@ The server keeps one adapter at the largest rank ``r_max`` (in effective-update 
     distribute (truncate):  A_k = A_g[:r_k],  B_k = B_g[:, :r_k] / s_k,   scaling s_k = α_k/r_k (α_k/√r_k with rsLoRA: ClientSpec.scaling)
     local training + rank self-pruning: the client adds ``λ · ‖B[:, ⌊γr⌋:]‖_F ‖A[⌊γr⌋:, :]‖_F`` to its
         loss (:func:`tail_norm`) and may return a smaller rank ``r'_k = max(⌊γ r_k⌋, r_min)``
-        (:func:`pruned_rank`)
+        (:func:`pruned_rank`); the server sends its later payloads at that rank (:class:`PrunedRanks`)
     aggregate (zero-pad):   A_g = Σ_k p_k pad(A_k, r_max),  B_g = Σ_k p_k pad(s_k B_k, r_max)
 
 with sparsity-weighted aggregation ``p_k = S_k / Σ_j S_j``, ``S_k = ‖s_k B_k A_k‖_F`` (computed per
@@ -21,12 +21,12 @@ that hold them (and shrunk by the others' zeros), which is HetLoRA's design.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Mapping
 
 from fedpeft.lora import LoraFactors, at_scaling, frobenius_of_product, normalized_weights, pruned_rank, tail_norm, truncate  # noqa: F401  (the clients' pruning math, in the neutral LoRA algebra)
 from fedpeft.plan import ClientPlan, SelfPruning
-from strategies.base import WEIGHTINGS, ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+from strategies.base import WEIGHTINGS, ClientSpec, ClientUpdate, GlobalModel, Payload, ServerState, Strategy
 from strategies.fedavg import client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
@@ -34,6 +34,31 @@ from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_facto
 def sparsity_weight(f: LoraFactors) -> float:
     """HetLoRA's ``S_k = ‖s_k B_k A_k‖_F``, without forming ``B_k A_k``."""
     return float(frobenius_of_product(f))
+
+
+class PrunedRanks(ServerState):
+    """HetLoRA's server state: the rank each client pruned to (``rank_now``: client → rank). A
+    client that answered an applied round at a smaller rank than it was sent gets its later
+    payloads at that rank (never above its configured one). Saved as ``rank_now``."""
+
+    def __init__(self) -> None:
+        self.rank_now: dict[int, int] = {}
+
+    def spec(self, spec: ClientSpec) -> ClientSpec:
+        rank = self.rank_now.get(spec.client_id)
+        return spec if rank is None else replace(spec, rank=min(spec.rank, rank))
+
+    def applied(self, sent: list[tuple[ClientSpec, ClientUpdate]]) -> None:
+        for spec, update in sent:
+            rank = max((f.rank for f in update.adapter.values()), default=spec.rank)
+            if rank < spec.rank:
+                self.rank_now[spec.client_id] = rank
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rank_now": dict(self.rank_now)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rank_now = {int(k): int(v) for k, v in state.get("rank_now", {}).items()}
 
 
 @dataclass(frozen=True)
@@ -65,6 +90,9 @@ class HetLoRA(Strategy):
     def reply_ranks(self, rank: int) -> tuple[int, ...]:
         """The given rank, or (with pruning) the one self-pruning step :func:`pruned_rank` allows."""
         return tuple(sorted({rank, pruned_rank(rank, self.gamma, self.r_min)})) if self.prune else (rank,)
+
+    def server_state(self) -> PrunedRanks:
+        return PrunedRanks()
 
     def init(self, model: GlobalModel) -> GlobalModel:
         """The server adapter at its own rank (``r_max``), converted to effective units: ``B ← s·B``, scaling 1."""

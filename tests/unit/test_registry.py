@@ -29,14 +29,30 @@ from tests.harness import FakeGrid
 SMALL = ["clients=3", "min_clients=2", "model.rank=4", "model.alpha=8", "tracking.mode=disabled", "engine.device=cpu"]
 
 TOY = '''
-"""A toy: FedAvg of A and the head, B averaged and shrunk by ``shrink``."""
+"""A toy: FedAvg of A and the head, B averaged and shrunk by ``shrink``; the server counts each
+client's applied updates (its own server state)."""
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from fedpeft.lora import LoraFactors
-from strategies import GlobalModel, Payload, Strategy
+from strategies import GlobalModel, Payload, ServerState, Strategy
+
+
+class Rounds(ServerState):
+    def __init__(self):
+        self.rounds = {}
+
+    def applied(self, sent):
+        for spec, update in sent:
+            self.rounds[spec.client_id] = self.rounds.get(spec.client_id, 0) + 1
+
+    def state_dict(self):
+        return {"toy_rounds": dict(self.rounds)}
+
+    def load_state_dict(self, state):
+        self.rounds = dict(state.get("toy_rounds", {}))
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,9 @@ class ToyShrink(Strategy):
 
     def round_metrics(self, model, updates):
         return {"toy_updates": float(len(updates))}
+
+    def server_state(self):
+        return Rounds()
 '''
 
 
@@ -165,6 +184,13 @@ def test_a_toy_strategy_from_one_new_module_validates_and_runs_a_round(toy):
     assert torch.equal(got.A, torch.full((rank, 4), 11.5))  # uniform mean of 11 and 12
     assert torch.equal(got.B, torch.full((3, rank), 0.25 * 1.5))  # shrink · mean of 1 and 2
     assert torch.equal(fa.model.head["cls.bias"], torch.tensor([11.5, 1.0]))
+    # its server state: told of the applied round, saved with the server's state and resumed from it
+    state = fa.state_dict()
+    assert state["toy_rounds"] == {0: 1, 1: 1}
+    again = FlowerAdapter(strategy, start, fraction=1.0, min_clients=1, client_spec=lambda i: strategies.ClientSpec(i, rank, alpha),
+                          shapes=shapes, seed=0)
+    again.load_state_dict(state)
+    assert again.strategy_state.rounds == {0: 1, 1: 1} and again.state_dict()["toy_rounds"] == {0: 1, 1: 1}
 
 
 def test_the_toy_is_gone_after_its_test():
@@ -198,3 +224,109 @@ def test_a_peft_method_from_one_new_module_is_discovered_with_its_config_group(t
         monkeypatch.undo()
         register()
     assert "toy_ia3" not in methods.METHODS and "toy_ia3.yaml" not in ConfigStore.instance().repo["peft"]
+
+
+# ------------------------------------------------------------------ a strategy's own server state and start
+
+
+def lora_update(client: int, rank: int) -> strategies.ClientUpdate:
+    g = torch.Generator().manual_seed(client)
+    return strategies.ClientUpdate(client, {"l0.q": LoraFactors(torch.randn(rank, 4, generator=g), torch.randn(3, rank, generator=g), 2.0)}, {}, 10)
+
+
+def test_the_default_server_state_keeps_nothing_and_hetloras_keeps_each_clients_pruned_rank():
+    from strategies.base import ServerState
+    from strategies.hetlora import PrunedRanks
+
+    spec = strategies.ClientSpec(3, 8, 16.0)
+    plain = strategies.build("fedavg").server_state()
+    assert type(plain) is ServerState and plain.spec(spec) is spec and plain.state_dict() == {}
+    plain.applied([(spec, lora_update(3, 4))])
+    plain.load_state_dict({"rank_now": {3: 4}})
+    assert plain.spec(spec) is spec and plain.state_dict() == {}
+
+    het = strategies.build("hetlora", gamma=0.5).server_state()
+    assert type(het) is PrunedRanks and het.rank_now == {}
+    assert strategies.build("hetlora").server_state() is not het  # a fresh one per run
+    specs = [strategies.ClientSpec(0, 8, 16.0), strategies.ClientSpec(1, 4, 8.0), strategies.ClientSpec(2, 8, 16.0)]
+    headless = strategies.ClientUpdate(2, {}, {}, 10)  # no LoRA factors: nothing pruned
+    het.applied([(specs[0], lora_update(0, 4)), (specs[1], lora_update(1, 4)), (specs[2], headless)])
+    assert het.rank_now == {0: 4}
+    assert het.spec(specs[0]) == strategies.ClientSpec(0, 4, 16.0)  # the pruned rank, its alpha kept
+    assert het.spec(specs[1]) is specs[1] and het.spec(specs[2]) is specs[2]
+    assert het.spec(strategies.ClientSpec(0, 2, 4.0)).rank == 2  # never above the client's configured rank
+    het.applied([(strategies.ClientSpec(0, 4, 16.0), lora_update(0, 2))])  # pruned again, from the rank it was sent
+    assert het.rank_now == {0: 2} and het.state_dict() == {"rank_now": {0: 2}}
+    again = PrunedRanks()
+    again.load_state_dict({"rng": None, "rank_now": {"1": 2.0}})  # the saved key; its values read as ints
+    assert again.rank_now == {1: 2}
+    fresh = PrunedRanks()
+    fresh.load_state_dict({})
+    assert fresh.rank_now == {}
+
+
+def test_start_hands_the_pretrained_weights_only_to_a_strategy_that_declares_them():
+    from strategies.federa import FeDeRA
+
+    shapes = {"l0.q": (6, 5), "l0.v": (6, 5)}
+    g = torch.Generator().manual_seed(0)
+    model = strategies.GlobalModel({m: LoraFactors(torch.randn(2, i, generator=g), torch.zeros(o, 2), 2.0) for m, (o, i) in shapes.items()})
+    W = {m: torch.randn(o, i, generator=g) for m, (o, i) in shapes.items()}
+    fedavg = strategies.build("fedavg")
+    assert fedavg.start(model) is model and fedavg.start(model, W) is model  # FedAvg's init, without the weights
+    want = FeDeRA().init(model, base_weights=W)
+    got = FeDeRA().start(model, W)
+    assert got.version == want.version == 1
+    for m in shapes:
+        assert torch.equal(got.adapter[m].A, want.adapter[m].A) and torch.equal(got.adapter[m].B, want.adapter[m].B)
+        assert torch.equal(got.merges[0][m].A, want.merges[0][m].A)
+    with pytest.raises(ValueError, match=r"^strategy=federa initialises from the pre-trained weights: pass base_weights$"):
+        FeDeRA().start(model)
+
+
+OLD_STATE_KEYS = {"model", "merge_forms", "seen", "merges_published", "rng", "rank_now", "rounds_applied", "ledger"}  # before ServerState
+
+
+def test_the_servers_saved_state_keeps_its_keys_and_a_state_saved_before_resumes():
+    shapes = {"l0.q": (3, 4)}
+    g = torch.Generator().manual_seed(1)
+    start = strategies.GlobalModel({"l0.q": LoraFactors(torch.randn(8, 4, generator=g), torch.zeros(3, 8), 1.0)})
+
+    def adapter(name, **kw):
+        return FlowerAdapter(strategies.build(name, **kw), start, fraction=1.0, min_clients=1,
+                             client_spec=lambda i: strategies.ClientSpec(i, 8, 8.0), shapes=shapes, seed=0)
+
+    het = adapter("hetlora", gamma=0.5)
+    het.strategy_state.applied([(strategies.ClientSpec(0, 8, 8.0), lora_update(0, 4))])
+    state = het.state_dict()
+    assert set(state) == OLD_STATE_KEYS and state["rank_now"] == {0: 4}
+    again = adapter("hetlora", gamma=0.5)
+    again.load_state_dict(state)
+    assert again.strategy_state.rank_now == {0: 4}
+    spec, payload = again.payload_of(0)
+    assert spec.rank == 4 and {f.rank for f in payload.adapter.values()} == {4}
+    assert again.payload_of(1)[0].rank == 8
+    # other strategies keep no rank_now now; a state saved with the old empty one still resumes
+    fedavg = adapter("fedavg")
+    assert set(fedavg.state_dict()) == OLD_STATE_KEYS - {"rank_now"}
+    adapter("fedavg").load_state_dict({**fedavg.state_dict(), "rank_now": {}})
+    # a strategy state key that is the server's own is refused in one line, not silently overwritten
+    het.strategy_state.state_dict = lambda: {"rng": 0}
+    with pytest.raises(ValueError, match=r"^strategy=hetlora: its server state's keys \['rng'\] are the server's own"):
+        het.state_dict()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_personalised_evaluation_belongs_to_a_personalized_strategy_only():
+    from fedpeft.server import PersonalEvaluation
+
+    shapes = {"l0.q": (3, 4)}
+    start = strategies.GlobalModel({"l0.q": LoraFactors(torch.zeros(2, 4), torch.zeros(3, 2), 2.0)})
+    for name, personalized in [("fedsa_lora", True), ("fedavg", False), ("hetlora", False)]:
+        fa = FlowerAdapter(strategies.build(name), start, fraction=1.0, min_clients=1, client_spec=lambda i: strategies.ClientSpec(i, 2, 4.0),
+                           shapes=shapes, seed=0)
+        assert isinstance(fa.evaluation, PersonalEvaluation) is personalized
+        msgs = list(fa.configure_evaluate(1, fa.arrays(), ConfigRecord(), FakeGrid({11: 0, 12: 1})))
+        assert len(msgs) == (2 if personalized else 0) and fa.personal == {}
+        if not personalized:
+            assert fa.aggregate_evaluate(1, []) is None

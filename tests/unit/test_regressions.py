@@ -28,8 +28,8 @@ RANK = 4
 
 
 def test_hetlora_server_sends_a_pruned_client_its_pruned_rank_in_later_rounds():
-    """Mutation check: with ``self.rank_now[...] = rank`` (fedpeft/server.py aggregate_train) or the
-    ``rank_now`` lookup in configure_train removed, round 2 goes out at the config rank 8: fails."""
+    """Mutation check: with ``self.rank_now[...] = rank`` (strategies/hetlora.py PrunedRanks.applied) or the
+    ``rank_now`` lookup in PrunedRanks.spec removed, round 2 goes out at the config rank 8: fails."""
     ranks = {0: 8, 1: 4}
     g = torch.Generator().manual_seed(0)
     start = {m: LoraFactors(torch.randn(8, i, generator=g), torch.zeros(o, 8), scaling_for(8, ALPHA)) for m, (o, i) in SHAPES.items()}

@@ -157,7 +157,7 @@ def test_hetlora_accepts_the_rank_or_its_one_pruning_step_and_nothing_else(caplo
     assert "client 3 (node 14) rejected: scaling/l0.q is 4.0, expected 2.0" in text
     want = het.aggregate(before, [ClientUpdate(0, factors(1.0, r=2), head(1.0), 10), ClientUpdate(2, factors(3.0), head(3.0), 30)])
     assert_model_equals(fa, want)
-    assert fa.rank_now == {0: 2}
+    assert fa.strategy_state.rank_now == {0: 2}
 
 
 @pytest.mark.parametrize("scaling", [math.nan, math.inf, 1e30, 3.0])
