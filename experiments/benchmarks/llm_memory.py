@@ -262,7 +262,7 @@ def cpu_table(args) -> None:
         ratio = got["peak"] / est
         worst = max(worst, abs(ratio - 1))
         print(f"{base:9} {'on' if ck else 'off':4} {args.engine:10} {est / 1e9:11.2f} {got['peak'] / 1e9:8.2f} {ratio:6.2f} "
-              f"{got['resident'] / 1e9:9.2f} {got['load_peak'] / 1e9:12.2f} {got['tokens_per_s']:9.0f}  {got['loaded_by']}")
+              f"{got['resident'] / 1e9:9.2f} {got['load_peak'] / 1e9:12.2f} {got['tokens_per_s']:9.1f}  {got['loaded_by']}")
     print(f"largest deviation of the estimate from the measured peak: {100 * worst:.0f}%")
 
 
