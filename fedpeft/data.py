@@ -20,6 +20,7 @@ from __future__ import annotations
 import bz2
 import csv
 import difflib
+import functools
 import os
 import re
 import warnings
@@ -31,6 +32,7 @@ from typing import Any
 import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from tqdm import tqdm
 
 from fedpeft import assets
 from fedpeft.config import FORMAT_FIELDS, DataError  # DataError: a dataset or a partitioning that cannot work
@@ -617,6 +619,10 @@ def make_partitioner(kind: str, num_partitions: int, *, seed: int = 0, alpha: fl
         return PathologicalPartitioner(num_partitions=int(num_partitions), partition_by=partition_by,
                                        num_classes_per_partition=int(shards_per_client),
                                        class_assignment_mode="first-deterministic", seed=seed)
+    from flwr_datasets.partitioner import natural_id_partitioner
+
+    # its index pass prints a tqdm bar on the server and in every actor: fedpeft shows progress itself
+    natural_id_partitioner.tqdm = functools.partial(tqdm, disable=True)
     return NaturalIdPartitioner(partition_by="group")
 
 
