@@ -379,9 +379,16 @@ def typed(container: dict[str, Any]) -> DictConfig:
     """``container`` merged into the structured schema: an unknown key or a wrong type fails here,
     naming the key (:class:`ConfigError`)."""
     try:
-        return OmegaConf.merge(OmegaConf.structured(schema()), container)
+        return OmegaConf.merge(structured(strategy_schema()), container)
     except Exception as e:
         raise ConfigError(config_error_line(e)) from e
+
+
+@lru_cache(maxsize=4)
+def structured(strategy_type: type) -> DictConfig:
+    """The structured schema (:func:`schema`) for this generated strategy schema, built once:
+    ``OmegaConf.merge`` copies its first argument, so the cached config is never changed."""
+    return OmegaConf.structured(schema())
 
 
 def peft_option(method: Any) -> dict[str, Any]:
