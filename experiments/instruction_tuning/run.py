@@ -31,10 +31,10 @@ METRIC = "gen/accuracy"  # the server's greedy-generation accuracy over the held
 METHODS = {m: [f"+method={m}"] for m in ["fedavg_r4", "hetlora", "flora", "flexlora", "fedex_lora"]}
 FULL = ["model.quantization=none"]  # + model.dtype=<--full-dtype>
 SETTINGS = {**METHODS, "fedavg_r4_full": ["+method=fedavg_r4", *FULL], "flora_full": ["+method=flora", *FULL]}
-# The budget of one run on a 2-core CPU (about 6 minutes): 3 rounds of 5 local steps of 4 examples,
-# the server's loss on 100 held-out rows and 40 greedy generations (8 per task) of up to 8 tokens.
-BUDGET = ["rounds=3", "train.local_steps=5", "train.batch_size=4", "data.eval_samples=100", "eval.generate_samples=40",
-          "eval.max_new_tokens=8", "eval.log_samples=4"]
+# The budget of one run on a 2-core CPU: 3 rounds of 4 local steps of 4 examples, the server's loss
+# on 50 held-out rows and 25 greedy generations (5 per task) of up to 6 tokens (the labels' length).
+BUDGET = ["rounds=3", "train.local_steps=4", "train.batch_size=4", "data.eval_samples=50", "eval.generate_samples=25",
+          "eval.max_new_tokens=6", "eval.log_samples=4"]
 # (claim, better, worse): "better ≥ worse" in final generative accuracy.
 CLAIMS = [
     ("heterogeneous ranks (FLoRA) ≥ everyone at the smallest rank (Wang et al. 2024)", "flora", "fedavg_r4"),

@@ -2,7 +2,6 @@
 disk by round, and a re-run round replies the same (the strategy and the server adapter:
 tests/unit/test_fedsa.py; one real simulation: tests/e2e/test_fedsa.py)."""
 
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -67,7 +66,7 @@ def test_the_client_app_trains_from_its_own_B_and_a_rerun_round_gives_the_same(t
         reply = client_app.app(m0, ctx(101))
         B2 = stored(0, 2)
         # exactly what training from (global A, own round-1 B) gives
-        want, _ = train(lm, start, client_app.local_data(s, ctx(101).node_config, step.plan)[0], TrainSettings(**asdict(s.train)),
+        want, _ = train(lm, start, client_app.local_data(s, ctx(101).node_config, step.plan)[0], TrainSettings.of(s.train),
                         seed=step.seed(0), client_id=0)
         assert all(torch.equal(want.adapter[n].B, B2[n]) for n in B2)
         again = client_app.app(m0, ctx(101))  # round 2 re-run by a new process (resume): the same start, the same reply
