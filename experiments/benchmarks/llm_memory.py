@@ -21,11 +21,8 @@ loaded), fed synthetic token rows; 1, 2 and 4 actors share the GPU (processes st
 each training its own client, or a cohort of ``--cohort`` clients), and the table gives each
 actor's peak and tokens/s. Without CUDA, ``--device cuda`` says so and exits.
 
-The quantized and bf16 bases load the way fedpeft's ``build`` loads them when it honours
-``model.dtype`` / ``model.quantization`` (checked on the loaded base); otherwise (a fedpeft without
-them) by the same recipe here: ``from_pretrained`` with ``dtype`` or a ``BitsAndBytesConfig``
-(NF4, double quantization, bf16 compute), peft's ``prepare_model_for_kbit_training`` without its
-checkpointing (the benchmark's setting decides), then the LoRA.
+Every base loads through fedpeft's own ``build`` (``model.dtype``, ``model.quantization``: NF4 with
+double quantization, ``model.compute_dtype=auto``).
 """
 
 from __future__ import annotations
@@ -94,53 +91,16 @@ def synthetic_llama_dir(shape: dict, where: Path) -> Path:
     return where
 
 
-def load(path: str, name: str, base: str, device: str, max_length: int):
-    """A :class:`fedpeft.models.LoadedModel` of ``path`` with a ``base`` (float32 | bfloat16 | 8bit | 4bit) base."""
-    import torch
-
-    from fedpeft.models import build, layer
+def load(name: str, base: str, device: str, max_length: int):
+    """A :class:`fedpeft.models.LoadedModel` with a ``base`` (float32 | bfloat16 | 8bit | 4bit) base,
+    built by fedpeft's own ``build`` (``model.dtype`` / ``model.quantization``; a 4-bit base computes
+    in ``model.compute_dtype=auto``: bfloat16 on a GPU, float32 on a CPU)."""
+    from fedpeft.models import build
 
     spec = SimpleNamespace(name=name, task="causal_lm", target_modules=list(TARGETS), rank=RANK, alpha=ALPHA, dropout=0.0, max_length=max_length,
-                           dtype=base if base in ("float32", "bfloat16") else "bfloat16", quantization=base if base.endswith("bit") else "none",
-                           quant_type="nf4", double_quant=True, compute_dtype="bfloat16")
-    if base == "float32":
-        return build(spec, num_labels=None, device=device, seed=0), "fedpeft"
-    lm = build(spec, num_labels=None, device=device, seed=0)
-    w = layer(lm, lm.modules[0]).base_layer.weight
-    honoured = (w.dtype == torch.bfloat16) if base == "bfloat16" else type(w).__name__ in ("Params4bit", "Int8Params")
-    if honoured:
-        return lm, "fedpeft"
-    del lm, w
-    return load_direct(path, base, device, max_length), "recipe"
-
-
-def load_direct(path: str, base: str, device: str, max_length: int):
-    """The bf16 / QLoRA recipe (see the module's docstring) for a fedpeft whose build lacks it."""
-    import torch
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    from fedpeft.models import LoadedModel
-
-    kw: dict = {"dtype": torch.bfloat16}
-    if base == "4bit":
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                                       bnb_4bit_compute_dtype=torch.bfloat16)
-    elif base == "8bit":
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, device_map={"": device}, **kw)
-    if base.endswith("bit"):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    torch.manual_seed(0)
-    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = get_peft_model(model, lora).eval()
-    modules = tuple(n[len("base_model.model."):] for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and n.split(".")[-1] in TARGETS)
-    return LoadedModel(peft_model, tok, "causal_lm", torch.device(device), max_length, modules, (), lora)
+                           dtype="bfloat16" if base == "bfloat16" else "float32", quantization=base if base.endswith("bit") else "none",
+                           quant_type="nf4", double_quant=True, compute_dtype="auto")
+    return build(spec, num_labels=None, device=device, seed=0)
 
 
 def rows(tokenizer, n: int, length: int, seed: int):
@@ -167,7 +127,7 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     cuda = spec["device"] == "cuda"
     start_rss = vm("VmRSS")
-    lm, how = load(spec["path"], spec["name"], spec["base"], spec["device"], spec["max_length"])
+    lm = load(spec["name"], spec["base"], spec["device"], spec["max_length"])
     load_peak = torch.cuda.max_memory_allocated() if cuda else vm("VmHWM")
     k = spec["cohort"]
     settings = TrainSettings(local_steps=1, batch_size=spec["batch_size"], lr=1e-4, gradient_checkpointing=spec["checkpointing"])
@@ -195,7 +155,7 @@ def worker(spec: dict) -> dict:
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if cuda else vm("VmHWM")
     tokens = spec["steps"] * spec["batch_size"] * spec["max_length"] * (k if spec["engine"] == "cohort" else 1)
-    return {"peak": peak, "resident": resident, "load_peak": load_peak, "runtime": start_rss, "tokens_per_s": tokens / seconds, "loaded_by": how}
+    return {"peak": peak, "resident": resident, "load_peak": load_peak, "runtime": start_rss, "tokens_per_s": tokens / seconds}
 
 
 # ----------------------------------------------------------------------------------------- parent
@@ -237,7 +197,7 @@ def cpu_table(args) -> None:
     print(f"SmolLM2-135M on CPU, LoRA r={RANK} on {'/'.join(TARGETS)}, batch {args.batch_size} x {args.max_length} tokens, {args.steps} step(s); "
           "peak = resident high-water over the training steps (fresh process per row)")
     print(f"{'base':9} {'ckpt':4} {'engine':10} {'estimate GB':>11} {'peak GB':>8} {'ratio':>6} {'before GB':>9} {'load peak GB':>12} "
-          f"{'tokens/s':>9}  loaded by")
+          f"{'tokens/s':>9}")
     worst = 0.0
     saved = json.loads(Path(args.load).read_text()) if args.load else {}
     specs = [dict(name="smollm2", path=path, base=base, device="cpu", checkpointing=ck, engine=args.engine, cohort=args.cohort,
@@ -262,7 +222,7 @@ def cpu_table(args) -> None:
         ratio = got["peak"] / est
         worst = max(worst, abs(ratio - 1))
         print(f"{base:9} {'on' if ck else 'off':4} {args.engine:10} {est / 1e9:11.2f} {got['peak'] / 1e9:8.2f} {ratio:6.2f} "
-              f"{got['resident'] / 1e9:9.2f} {got['load_peak'] / 1e9:12.2f} {got['tokens_per_s']:9.1f}  {got['loaded_by']}")
+              f"{got['resident'] / 1e9:9.2f} {got['load_peak'] / 1e9:12.2f} {got['tokens_per_s']:9.1f}")
     print(f"largest deviation of the estimate from the measured peak: {100 * worst:.0f}%")
 
 
