@@ -8,6 +8,7 @@ what we hold is exactly what ``save_pretrained`` writes.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -235,7 +236,19 @@ def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed:
     modules = tuple(k[: -len(".lora_A.weight")] for k, g in groups.items() if g == "lora_A")
     head = tuple(k for k, g in groups.items() if g not in ("lora_A", "lora_B"))
     lora = peft_config if method.lora_update else None
+    if quant is not None or dtype is not torch.float32:
+        release_heap()  # converting or quantizing a float32 checkpoint leaves its freed copy in the heap
     return LoadedModel(model, tokenizer, model_cfg.task, dev, model_cfg.max_length, modules, head, lora, method=method, groups=groups)
+
+
+def release_heap() -> None:
+    """Hand the heap's free memory back to the operating system (glibc's ``malloc_trim``; nothing
+    elsewhere). Loading SmolLM2 in 4-bit from its float32 checkpoint leaves ~0.3 GB freed but
+    resident in the process, on every actor, until this is called."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def float32_trained(model: torch.nn.Module) -> None:
