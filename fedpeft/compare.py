@@ -517,6 +517,11 @@ def styles(n: int) -> list[tuple[str, str, str]]:
     return [(f"C{i % 10}", *looks[(i // 10) % len(looks)]) for i in range(n)]
 
 
+def plot_stem(metric: str) -> str:
+    """A metric's name as a file name's start: ``gen/accuracy`` → ``gen_accuracy`` (no folder)."""
+    return metric.replace("/", "_")
+
+
 def plot(groups: list[Group], out_dir: Path, metric: str, title: str) -> list[Path]:
     import matplotlib  # lazy: only when plotting (the backend is chosen before pyplot is imported)
 
@@ -525,7 +530,7 @@ def plot(groups: list[Group], out_dir: Path, metric: str, title: str) -> list[Pa
     import matplotlib.ticker
 
     written = []
-    for x, xlabel, name in (("round", "round", f"{metric}_vs_round.png"), ("mb_up", "cumulative MB uploaded", f"{metric}_vs_mb_up.png")):
+    for x, xlabel, name in (("round", "round", f"{plot_stem(metric)}_vs_round.png"), ("mb_up", "cumulative MB uploaded", f"{plot_stem(metric)}_vs_mb_up.png")):
         many = len(groups) > 8  # the legend goes beside the axes, not over the curves
         fig, ax = plt.subplots(figsize=(11, 5) if many else (7, 4.5))
         for g, (color, linestyle, marker) in zip(groups, styles(len(groups))):
@@ -577,7 +582,7 @@ def write_report(groups: list[Group], problems: list[Run], out_dir: Path, metric
     md += failure_lines(runs, root)
     md += ["", "## Incomplete runs (not in the aggregates)", ""]
     md += problem_lines(problems, root) or ["None."]
-    md += ["", f"![{metric} vs round]({metric}_vs_round.png)", "", f"![{metric} vs MB up]({metric}_vs_mb_up.png)", ""]
+    md += ["", f"![{metric} vs round]({plot_stem(metric)}_vs_round.png)", "", f"![{metric} vs MB up]({plot_stem(metric)}_vs_mb_up.png)", ""]
     path = out_dir / "compare.md"
     path.write_text("\n".join(md))
     write_csvs(groups, problems, out_dir, metric)
@@ -637,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nincomplete runs (not in the aggregates): {len(problems)}")
         print("\n".join(problem_lines(problems, root)))
     print(f"\nwrote {md}")
-    for name in ("compare.csv", "runs.csv", f"{metric}_vs_round.png", f"{metric}_vs_mb_up.png"):
+    for name in ("compare.csv", "runs.csv", f"{plot_stem(metric)}_vs_round.png", f"{plot_stem(metric)}_vs_mb_up.png"):
         print(f"wrote {out_dir / name}")
     return 0
 

@@ -260,3 +260,18 @@ def test_fifteen_curves_get_fifteen_different_styles():
     looks = compare.styles(15)
     assert len(set(looks)) == 15 and len({c for c, _, _ in looks}) == 10
     assert looks[0] == ("C0", "-", "o") and looks[10] == ("C0", "--", "s")
+
+
+def test_a_metric_named_with_a_slash_plots_to_files_in_the_output_folder(tmp_path):
+    """Generative metrics are named ``gen/accuracy``: the plots are ``gen_accuracy_vs_*.png`` in the
+    output folder itself (no ``gen/`` folder), and the report links them so."""
+    root = tmp_path / "gen"
+    for seed, values in enumerate([[0.1, 0.2, 0.3], [0.0, 0.2, 0.4]]):
+        make_run(root / f"run{seed}", config(model__task="causal_lm", seed=seed), values, metric="gen/accuracy", bytes_up=(0, 0))
+    runs, problems = compare.load_runs([root])
+    [group] = compare.group_runs(runs, "gen/accuracy")
+    assert group.stat("final") == (pytest.approx(0.35), pytest.approx(math.sqrt(0.005)))
+    md = compare.write_report([group], problems, tmp_path / "out", "gen/accuracy", "gen").read_text()
+    for name in ("gen_accuracy_vs_round.png", "gen_accuracy_vs_mb_up.png"):
+        assert (tmp_path / "out" / name).read_bytes().startswith(PNG) and f"]({name})" in md
+    assert not (tmp_path / "out" / "gen").exists()
