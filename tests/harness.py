@@ -113,6 +113,19 @@ def random_B(adapter, seed, scale=0.05):
     return {m: LoraFactors(f.A, scale * torch.randn(f.B.shape, generator=g), f.scaling) for m, f in adapter.items()}
 
 
+def save_tiny_llama(path: Path, tok, *, positions: int = 64) -> Path:
+    """A random-init two-layer Llama (hidden 32, 4 heads, 2 KV heads: a grouped-query ``v_proj``),
+    seeded, with the tokenizer ``tok`` (SmolLM2's), saved at ``path`` as a local checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=positions, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def dropout_off(lm):
     """``lm`` (a ``fedpeft.models.LoadedModel``) with every dropout layer's probability set to 0."""
     for mod in lm.model.modules():

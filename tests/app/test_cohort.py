@@ -40,7 +40,7 @@ from fedpeft import data as fdata
 from fedpeft.lora import LoraFactors, fresh_adapter, scaling_for, seeded_lora_A
 from fedpeft.models import build, layer, module_shapes, read_adapter, use_adapter
 from fedpeft.plan import ClientPlan, Payload
-from tests.harness import dropout_off, pruning_plan
+from tests.harness import dropout_off, pruning_plan, save_tiny_llama
 
 MAXLEN = 16
 MINILM = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=MAXLEN)
@@ -463,19 +463,13 @@ def causal_rows(ds, n, start):
 def tiny_llama(tmp_path_factory):
     """A two-layer random Llama with SmolLM2's tokenizer (the SmolLM2 path of ``build``: causal LM,
     LoRA on q_proj and v_proj), saved and built like any local checkpoint."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from fedpeft.models import converted_dir
 
     if not (converted_dir() / "tokenizer_config.json").exists():
         pytest.skip("SmolLM2's converted checkpoint (its tokenizer) is not cached")
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tok = AutoTokenizer.from_pretrained(converted_dir())
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    path = save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), AutoTokenizer.from_pretrained(converted_dir()))
     spec = SimpleNamespace(name=str(path), task="causal_lm", target_modules=["q_proj", "v_proj"], rank=4, alpha=8.0, dropout=0.0, max_length=MAXLEN)
     return dropout_off(build(spec, num_labels=None, device="cpu", seed=0))
 

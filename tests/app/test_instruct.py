@@ -24,7 +24,7 @@ from fedpeft.config import ConfigError
 from fedpeft.models import build, use_adapter
 from fedpeft.plan import Payload
 from tests.app.test_cohort import check, random_adapter
-from tests.harness import dropout_off, federate
+from tests.harness import dropout_off, federate, save_tiny_llama
 
 MAXLEN = 64
 QA = [("What is the capital of France?", "Paris"), ("Who wrote Hamlet?", "William Shakespeare"), ("Is this review positive or negative?\n\nA dull, "
@@ -48,15 +48,7 @@ def rows(tok, pairs, system_prompt="Be brief."):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory, smol_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny_instruct_llama")
-    tok = smol_tokenizer
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    path = save_tiny_llama(tmp_path_factory.mktemp("tiny_instruct_llama"), smol_tokenizer, positions=128)
     spec = SimpleNamespace(name=str(path), task="causal_lm", target_modules=["q_proj", "v_proj"], rank=4, alpha=8.0, dropout=0.0, max_length=MAXLEN)
     lm = dropout_off(build(spec, num_labels=None, device="cpu", seed=0))
     use_adapter(lm, 4, 8.0)

@@ -21,7 +21,7 @@ from fedpeft.models import build, use_adapter
 from fedpeft.plan import ClientPlan, Payload
 from fedpeft.schedule import lr_at
 from tests.app.test_cohort import MAXLEN, MINILM, causal_rows, check, full_rows, parts, random_adapter, random_head
-from tests.harness import dropout_off, federate
+from tests.harness import dropout_off, federate, save_tiny_llama
 
 SGD = TrainSettings(local_steps=2, batch_size=4, lr=0.5, optimizer="sgd")
 ADAMW = TrainSettings(local_steps=2, batch_size=4, lr=3e-3, weight_decay=0.01)
@@ -45,19 +45,13 @@ def tiny_llama(tmp_path_factory):
     """A two-layer random Llama with SmolLM2's tokenizer, as in tests/app/test_cohort.py."""
     from types import SimpleNamespace
 
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from fedpeft.models import converted_dir
 
     if not (converted_dir() / "tokenizer_config.json").exists():
         pytest.skip("SmolLM2's converted checkpoint (its tokenizer) is not cached")
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tok = AutoTokenizer.from_pretrained(converted_dir())
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    path = save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), AutoTokenizer.from_pretrained(converted_dir()))
     spec = SimpleNamespace(name=str(path), task="causal_lm", target_modules=["q_proj", "v_proj"], rank=4, alpha=8.0, dropout=0.0, max_length=MAXLEN)
     return dropout_off(build(spec, num_labels=None, device="cpu", seed=0))
 
