@@ -259,8 +259,9 @@ def deploy(args: list[str]) -> int:
         last = json.loads(rows[-1])["round"] if rows else None
         if last is not None and not (run_dir / "summary.json").exists():
             (run_dir / "summary.json").write_text(json.dumps({"run_dir": str(run_dir), "status": "interrupted", "last_round": last}, indent=2) + "\n")
-        print(f"[fedpeft] interrupted: every deployment process is stopped; the last complete round is round {last}"
-              + (f"; continue it with: fedpeft deploy resume={run_dir}" if last is not None else ""), flush=True)
+        print(f"[fedpeft] interrupted: every deployment process is stopped; the last complete round is round {last}; continue it with: "
+              f"fedpeft deploy resume={run_dir}" if last is not None else
+              "[fedpeft] interrupted: every deployment process is stopped before any round completed; nothing to resume", flush=True)
         return 130
     except fdeploy.DeploymentError as e:
         summary_file = run_dir / "summary.json"

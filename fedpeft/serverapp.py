@@ -513,7 +513,10 @@ class Federation:
         """Ctrl-C / SIGTERM (called by the launcher with :attr:`guard` held): record the run as interrupted."""
         last = len(self.history) - 1
         where = f" (adapter in {self.tracker.checkpoint_dir(last)})" if self.cfg.tracking.save_adapters and self.history else ""
-        say(f"interrupted: the run is stopped; the last complete round is round {last}{where}; continue it with resume={self.run_dir}")
+        if self.history:
+            say(f"interrupted: the run is stopped; the last complete round is round {last}{where}; continue it with resume={self.run_dir}")
+        else:  # stopped during round 0's evaluation: no state was saved, so there is nothing to resume
+            say(f"interrupted: the run is stopped before any round completed (round 0 is the initial evaluation); nothing to resume in {self.run_dir}")
         self.finish("interrupted")
 
     def say_done(self) -> None:
