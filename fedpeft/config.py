@@ -83,6 +83,10 @@ class PeftConfig:
     feedforward_modules: list[str] = field(default_factory=list)
     # lora_xs (Fed-SB's R): the trained coordinates of each r×r core; null: r² (R unconstrained).
     u: Optional[int] = None
+    # peft's own settings, passed to the method's peft config class as they are
+    # (`+peft.kwargs.init_lora_weights=gaussian`, `+peft.kwargs.layers_to_transform=[0,1]`); checked
+    # against its fields. What fedpeft sets itself is refused, naming its key (r: model.rank).
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -354,6 +358,8 @@ def config_error_line(e: BaseException) -> str:
         if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
             key = err.full_key
             first = str(err).strip().splitlines()[0]
+            if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and "not in" in first and key.startswith("peft.kwargs."):
+                return f"{key}: peft's own settings are added with a '+': +{key}=<value>"
             if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and "not in" in first:
                 return f"unknown key '{key}' ({first}){did_you_mean(key)}"
             return f"{key}: {first}"
@@ -545,9 +551,15 @@ def validate(cfg: Any) -> None:
     need(cfg.peft.u is None or cfg.peft.u >= 1, "peft.u", f"must be at least 1 (or null: model.rank²), got {cfg.peft.u}")
     defaults = PeftConfig()
     for key, value in OmegaConf.to_container(cfg.peft).items():  # an option the method would silently ignore
+        if key == "kwargs":
+            continue
         readers = [m.name for m in methods.METHODS.values() if key in m.options]
         need(key == "name" or value == getattr(defaults, key) or method.name in readers, f"peft.{key}",
              f"applies to peft={' | '.join(readers)} only, not peft={method.name}")
+    try:
+        methods.peft_config(method, cfg.model, cfg.peft)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     wanted = cls.peft_methods
     need(wanted is None or method.name in wanted, "peft.name", f"strategy={name} trains peft={' | '.join(wanted or ())} only, not peft={method.name}")
     need(not cls.lora_update_only or method.lora_update, "peft.name",
