@@ -234,12 +234,41 @@ def simulate(overrides: list[str]) -> int:
     hydra_mode = any(a.split("=")[0] in HYDRA_FLAGS for a in overrides)
     if not hydra_mode:
         try:
-            compose(overrides)
+            config_dir, config_name, words = config_flags(overrides)
+            compose(words, config_dir, config_name)
         except (ConfigError, assets.AssetMissingError, DataError) as e:
             kind = {ConfigError: "config error", DataError: "data error"}.get(type(e), "missing asset")
             print(f"fedpeft: {kind}: {e}", file=sys.stderr)
             return 2
     return run_hydra(overrides)
+
+
+CONFIG_FLAGS = {"--config-dir": "dir", "-cd": "dir", "--config-name": "name", "-cn": "name"}
+
+
+def config_flags(words: list[str]) -> tuple[Path | None, str, list[str]]:
+    """Hydra's ``--config-dir DIR`` / ``--config-name NAME`` (also ``-cd``/``-cn``, ``--flag=value``)
+    taken out of ``words``: (the directory, the config's name, the other words). Hydra reads them
+    itself when the run starts; fedpeft composes and checks the same config first."""
+    from fedpeft.config import ConfigError
+
+    found: dict[str, str] = {}
+    rest: list[str] = []
+    it = iter(words)
+    for w in it:
+        flag, eq, value = w.partition("=")
+        if flag in CONFIG_FLAGS:
+            if not eq:
+                value = next(it, "")
+            if not value or value.startswith("-"):
+                raise ConfigError(f"{flag}: needs a value ({flag} {'DIR' if CONFIG_FLAGS[flag] == 'dir' else 'NAME'})")
+            found[CONFIG_FLAGS[flag]] = value
+        else:
+            rest.append(w)
+    if "name" in found and "dir" not in found:
+        raise ConfigError("--config-name: give the directory that holds it too (--config-dir DIR)")
+    config_dir = Path(found["dir"]).expanduser().resolve() if "dir" in found else None
+    return config_dir, found.get("name", "config"), rest
 
 
 def simulate_resume(run_dir: Path, overrides: list[str]) -> int:

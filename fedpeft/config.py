@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -365,7 +366,7 @@ def config_error_line(e: BaseException) -> str:
             return f"{key}: {first}"
     text = str(chain[0]).strip()
     lines = [l.strip() for l in text.splitlines() if l.strip()]
-    if lines and lines[0].startswith("In 'config': Could not find"):
+    if lines and re.match(r"In '[^']+': Could not find", lines[0]):
         # An unknown group option, e.g. strategy=nope: name it and list what exists.
         missing = lines[0].split("'")[3]
         group = missing.split("/")[0]
