@@ -222,6 +222,11 @@ def resume_config(run_dir: Path, overrides: list[str]):
 
 
 def simulate(overrides: list[str]) -> int:
+    if any(a in ("--help", "-h") for a in overrides):  # fedpeft's own help: every key described, in seconds
+        from fedpeft import help
+
+        print(help.text(), end="")
+        return 0
     setup_env()
     resume = [a for a in overrides if a.startswith("resume=")]
     if resume:
