@@ -238,6 +238,7 @@ def simulate(overrides: list[str]) -> int:
 
     hydra_mode = any(a.split("=")[0] in HYDRA_FLAGS for a in overrides)
     if not hydra_mode:
+        print("[fedpeft] checking the config, the data and the model's shapes …", flush=True)
         try:
             config_dir, config_name, words = config_flags(overrides)
             compose(words, config_dir, config_name)
