@@ -26,6 +26,18 @@ def compose_run(overrides: list[str], config_dir: Path | None = None, config_nam
     """:func:`compose`, and the run directory ``hydra.run.dir`` names (``${now:...}`` read now).
     ``config_dir`` / ``config_name``: a user's own primary config, as Hydra's ``--config-dir`` /
     ``--config-name`` give it (:func:`user_config`); fedpeft's ``configs/`` stay on the search path."""
+    cfg, run_dir = compose_config(overrides, config_dir, config_name)
+    check_run_dir(run_dir)
+    check_assets(cfg)
+    check_resources(cfg)
+    *_, num_labels = prepare_data(cfg)  # cached: the run that follows in this process reuses it
+    check_model(cfg, num_labels)
+    return cfg, run_dir
+
+
+def compose_config(overrides: list[str], config_dir: Path | None = None, config_name: str = "config"):
+    """The config alone, composed and validated, and its run directory: no file system, asset,
+    machine, data or model check (what the docs' commands are checked with)."""
     register()
     GlobalHydra.instance().clear()
     if config_dir is not None:
@@ -44,11 +56,6 @@ def compose_run(overrides: list[str], config_dir: Path | None = None, config_nam
     strategy_defaults(cfg, overrides)
     schema_check(cfg)
     validate(cfg)
-    check_run_dir(run_dir)
-    check_assets(cfg)
-    check_resources(cfg)
-    *_, num_labels = prepare_data(cfg)  # cached: the run that follows in this process reuses it
-    check_model(cfg, num_labels)
     return cfg, run_dir
 
 

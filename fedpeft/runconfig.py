@@ -7,8 +7,11 @@ pyproject.toml, overridden by the launcher (``fedpeft simulate``/``deploy``, ``f
 - ``config``: the resolved fedpeft config as JSON (what ``fedpeft simulate`` composed and
   validated). Empty when the app is started by ``flwr run .`` directly: the app then composes
   ``configs/`` itself (:func:`fedpeft.composing.compose`) with
-- ``overrides``: Hydra overrides, the same ``KEY=VALUE`` / ``GROUP=OPTION`` words ``fedpeft
-  simulate`` takes;
+- ``app-overrides``: the app's own Hydra overrides (pyproject.toml: a small, quick federation),
+  then ``overrides``: the user's, the same ``KEY=VALUE`` / ``GROUP=OPTION`` words ``fedpeft
+  simulate`` takes. Flower replaces a run-config value as a whole, so the two are separate keys:
+  ``flwr run --run-config "overrides='strategy=flora'"`` adds to the app's overrides, and a key the
+  user sets replaces the app's word for that key (:func:`overrides`);
 - ``run-dir``: where the server writes (empty: ``runs/flwr/<time>``); ``resume``: continue the run
   in ``run-dir`` from its last complete round;
 - ``shared-dir``: simulation only: a directory every simulated node can read, because all of them
@@ -63,9 +66,21 @@ def _config(config_json: str, overrides: str) -> DictConfig:
     return compose(overrides.split())
 
 
+def _key(word: str) -> str:
+    return word.lstrip("~+").split("=", 1)[0]
+
+
+def overrides(run_config: dict[str, Any]) -> list[str]:
+    """The Hydra overrides an app composes when no ``config`` is given: ``app-overrides``, less the
+    words whose key ``overrides`` sets again, then ``overrides``."""
+    user = str(run_config.get("overrides", "")).split()
+    given = {_key(w) for w in user}
+    return [w for w in str(run_config.get("app-overrides", "")).split() if _key(w) not in given] + user
+
+
 def load(run_config: dict[str, Any]) -> tuple[DictConfig, RunSpec]:
     """The validated config and the run spec from a Flower ``run_config``."""
-    cfg = _config(str(run_config.get("config", "")), str(run_config.get("overrides", "")))
+    cfg = _config(str(run_config.get("config", "")), " ".join(overrides(run_config)))
     run_dir = str(run_config.get("run-dir", "")) or str(Path("runs") / "flwr" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     return cfg, RunSpec(Path(run_dir), bool(run_config.get("resume", False)), str(run_config.get("shared-dir", "")))
 
@@ -88,9 +103,9 @@ def _digest(config_json: str, overrides: str) -> str:
 
 def settings_digest(run_config: dict[str, Any]) -> str:
     """:func:`digest` of a run config's config (cached: a node checks it with every message)."""
-    return _digest(str(run_config.get("config", "")), str(run_config.get("overrides", "")))
+    return _digest(str(run_config.get("config", "")), " ".join(overrides(run_config)))
 
 
 def settings(run_config: dict[str, Any]) -> C.Config:
     """The typed config a ClientApp trains with (cached per run config)."""
-    return _settings(str(run_config.get("config", "")), str(run_config.get("overrides", "")))
+    return _settings(str(run_config.get("config", "")), " ".join(overrides(run_config)))
