@@ -167,8 +167,8 @@ def check_python(code: str) -> None:
 def check_flwr(args: list[str]) -> None:
     import click
     from flwr.cli.app import typer_click_object
-    from flwr.supercore.utils import simulation_config_from_json
     from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
+    from flwr.supercore.utils import simulation_config_from_json
 
     ctx = typer_click_object.make_context("flwr", list(args), resilient_parsing=False)
     command = ctx.command
@@ -178,8 +178,8 @@ def check_flwr(args: list[str]) -> None:
     if args[0] == "run":
         app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
         run_config = fuse_dicts(flatten_dict(app), parse_config_args(ctx.params["run_config_overrides"] or []))
-        from fedpeft.runconfig import overrides as app_overrides
         from fedpeft.composing import compose_config
+        from fedpeft.runconfig import overrides as app_overrides
 
         compose_config(app_overrides(run_config))
         federation = parse_config_args(ctx.params["federation_config_overrides"] or [])
