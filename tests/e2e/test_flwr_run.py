@@ -47,9 +47,16 @@ def test_flwr_run_dot_runs_the_app_on_a_local_simulation(tmp_path):
         links = [p for p in processes_with_env(f"FLWR_HOME={home}") if "flower-superlink --insecure --simulation" in cmdline(p)]
         assert len(links) == 1
         os.kill(links[0], signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while processes_with_env(f"FLWR_HOME={home}") and time.monotonic() < deadline:
+        # the SuperLink and its flower-superexec end within seconds; the simulation's orphaned Ray
+        # workers (ray::ClientAppActor) end by themselves once their raylet is gone (~40 s measured)
+        flower = ("flower-superlink", "flower-superexec", "flwr-simulation")
+        deadline = time.monotonic() + 15
+        while any(f in cmdline(p) for p in processes_with_env(f"FLWR_HOME={home}") for f in flower) and time.monotonic() < deadline:
             time.sleep(0.5)
+        assert [c for c in map(cmdline, processes_with_env(f"FLWR_HOME={home}")) if any(f in c for f in flower)] == []
+        deadline = time.monotonic() + 90
+        while processes_with_env(f"FLWR_HOME={home}") and time.monotonic() < deadline:
+            time.sleep(1)
         assert [cmdline(p) for p in processes_with_env(f"FLWR_HOME={home}")] == []
     finally:
         left = processes_with_env(f"FLWR_HOME={home}")

@@ -207,6 +207,16 @@ def check_pkill(args: list[str]) -> None:
     assert " ".join(words) == args[2], f"flwr starts its local SuperLink as {' '.join(words)!r}"
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_python_and_toml_block_parses(page):
+    """A ``python`` block compiles and imports only what exists; a ``toml`` block is TOML."""
+    text = page.read_text()
+    for code in re.findall(r"```python\n(.*?)```", text, re.S):
+        check_python(code)
+    for code in re.findall(r"```toml\n(.*?)```", text, re.S):
+        tomllib.loads(code)
+
+
 def test_the_checks_refuse_what_is_wrong():
     from fedpeft.config import ConfigError
 
@@ -224,6 +234,8 @@ def test_the_checks_refuse_what_is_wrong():
         check_flwr(["run", ".", "--federation-config", "options.num-supernodes=3"])
     with pytest.raises(AssertionError):
         check_pkill(["-TERM", "-f", "flower-superlink --simulation"])
+    with pytest.raises(AssertionError, match="has no make_pki2"):
+        check_python("from fedpeft.deploy import make_pki2")
 
 
 @pytest.mark.parametrize("words", page_commands())
