@@ -241,7 +241,7 @@ class TrackingConfig:
 
 @dataclass
 class PrivacyConfig:
-    """Differential privacy (fedpeft/privacy.py; the README's privacy section says which mode suits
+    """Differential privacy (fedpeft/privacy.py; docs/privacy.md says which mode suits
     which strategy). none | sample (DP-SGD in every client, Opacus) | central (the server clips each
     update and noises the aggregate) | local (every client clips and noises its own update)."""
 

@@ -124,7 +124,7 @@ def base_dtype(model_cfg: Any) -> "torch.dtype | str":
 def compute_dtype(model_cfg: Any, device: torch.device) -> torch.dtype:
     """A 4-bit base's compute dtype: ``model.compute_dtype``, where ``auto`` is bfloat16 on a GPU and
     float32 on a CPU (torch's bf16 matmuls are ~50× slower than float32 on this project's CPUs:
-    ``experiments/benchmarks/llm_memory.py`` and the README's table)."""
+    ``experiments/benchmarks/llm_memory.py`` and the table in docs/llm.md)."""
     name = getattr(model_cfg, "compute_dtype", "auto")
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

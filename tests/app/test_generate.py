@@ -301,7 +301,7 @@ TINY = [
 
 
 def test_lm_eval_runs_on_a_saved_adapter(lm, tmp_path):
-    """The README's command, ``lm_eval --model hf --model_args pretrained=<base>,peft=<adapter>
+    """docs/llm.md's command, ``lm_eval --model hf --model_args pretrained=<base>,peft=<adapter>
     --tasks fedpeft_tiny --include_path <dir>``, through lm-eval's own ``simple_evaluate`` with the
     same arguments (the CLI spends ~40 s here indexing lm-eval's thousands of built-in tasks before
     it starts; the API can skip them). Its log-likelihoods are the adapted model's, computed here."""

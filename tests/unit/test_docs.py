@@ -19,7 +19,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "experiments").glob("**/README.md"))]
-# Programs that are not this project's or Flower's: their lines are shown, not checked here.
+# Programs that are not this project's or Flower's: their lines are shown, not checked here (the
+# README's `bash .ci/setup ...` lines are CI's own; lm_eval's command runs through its API in
+# tests/app/test_generate.py).
 OTHERS = {"bash", "export", "wandb", "lm_eval", "pip", "ray", "ssh-keygen", "cd"}
 
 
