@@ -119,6 +119,10 @@ def check_fedpeft(args: list[str]) -> None:
 
     command, rest = args[0], args[1:]
     if command in ("simulate", "deploy"):
+        for flag in ("--config-dir", "-cd", "--config-name", "-cn"):  # a user's own YAML: a placeholder in the docs
+            while flag in rest:
+                i = rest.index(flag)
+                rest = rest[:i] + rest[i + 2:]
         rest = [a for a in rest if a not in ("--multirun", "--help", "--insecure") and not a.startswith("resume=")]
         for run in overrides(rest):
             compose_config(run)
@@ -129,6 +133,11 @@ def check_fedpeft(args: list[str]) -> None:
         source = (ROOT / "fedpeft" / "compare.py").read_text()
         for flag in (a for a in rest if a.startswith("--")):
             assert f'"{flag}"' in source, f"fedpeft compare takes no {flag}"
+    elif command == "pki":
+        source = (ROOT / "fedpeft" / "cli.py").read_text()
+        assert len([a for a in rest if not a.startswith("-")]) >= 1, "fedpeft pki DIR --nodes N [--san HOST ...]"
+        for flag in (a for a in rest if a.startswith("--")):
+            assert f'"{flag}"' in source, f"fedpeft pki takes no {flag}"
     elif command == "fetch-assets":
         from fedpeft.assets import ASSETS
 
