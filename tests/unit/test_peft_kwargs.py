@@ -48,7 +48,8 @@ def test_refused_kwargs_name_the_key(name, kwargs, expected):
 @pytest.mark.parametrize("words, expected", [
     ("+peft.kwargs.lora_alph=3", "peft.kwargs.lora_alph: LoraConfig (peft=lora) has no setting 'lora_alph'; did you mean lora_alpha"),
     ("+peft.kwargs.r=16", "peft.kwargs.r: fedpeft sets r for peft=lora itself; set model.rank instead"),
-    ("peft.kwargs.layers_to_transform=[0]", "peft.kwargs.layers_to_transform: peft's own settings are added with a '+': +peft.kwargs.layers_to_transform=<value>"),
+    ("peft.kwargs.layers_to_transform=[0]",
+     "peft.kwargs.layers_to_transform: peft's own settings are added with a '+': +peft.kwargs.layers_to_transform=<value>"),
 ])
 def test_cli_refuses_bad_kwargs_in_one_line(words, expected, tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(["simulate", *words.split()], tmp_path, monkeypatch, capsys)
