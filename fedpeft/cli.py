@@ -29,7 +29,7 @@ commands:
                               the same federation on a real local Flower deployment: a
                               SuperLink and one SuperNode per client, TLS and node
                               authentication (resume=RUN_DIR works here too)
-  compare PATH... [--metric NAME] [--out DIR] [--title T]
+  compare PATH... [--metric NAME] [--baseline GROUP] [--out DIR] [--format png,pdf,svg]
                               compare runs (run dirs, folders, globs, experiment names):
                               grouped by the config keys that differ, mean ± std over
                               seeds; a table, CSVs and plots (see: fedpeft compare --help)
