@@ -721,6 +721,18 @@ def default_title(runs: list[Run], metric: str) -> str:
     return f"{metric}: " + ", ".join(bits) if bits else f"{metric} over {len(runs)} run{'s' * (len(runs) != 1)}"
 
 
+def PlainLog(**kwargs):
+    """matplotlib's LogFormatter (which ticks it labels: minor ones too on a short axis), written as
+    plain numbers: 0.06, 1, 10 (not 6e-02, 10⁰ or 1.5×10⁰)."""
+    from matplotlib.ticker import LogFormatter
+
+    class Plain(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return Plain(**kwargs)
+
+
 def figure(groups: list[Group], metric: str, x: str, title: str, majority_rate: float | None = None):
     """One plot as a matplotlib Figure (no pyplot state): the metric's mean ± std over seeds against
     the round (``x="round"``) or the mean cumulative MB uploaded (``x="mb_up"``, a log axis: the
@@ -728,7 +740,7 @@ def figure(groups: list[Group], metric: str, x: str, title: str, majority_rate: 
     sits right of the axes, inside the figure (which widens for long labels). A personalised group
     is drawn with open markers and a thicker line; the majority class is a dotted grey line."""
     from matplotlib.figure import Figure  # lazy: only when plotting
-    from matplotlib.ticker import LogFormatter, MaxNLocator
+    from matplotlib.ticker import MaxNLocator
 
     entries = len(groups) + (majority_rate is not None)
     ncols = 1 if entries <= 18 else 2
@@ -755,7 +767,7 @@ def figure(groups: list[Group], metric: str, x: str, title: str, majority_rate: 
     elif positive:
         ax.set_xscale("log")
         for set_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-            set_formatter(LogFormatter(labelOnlyBase=False))  # 0.1, 1, 10 (and 1.5 on a short axis), not 10⁰ or 1.5×10⁰
+            set_formatter(PlainLog(labelOnlyBase=False))
         ax.set_xlabel("cumulative MB uploaded (log scale)")
     else:
         ax.set_xlabel("cumulative MB uploaded")
