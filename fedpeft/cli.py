@@ -225,6 +225,7 @@ def deploy(args: list[str]) -> int:
     from fedpeft.composing import compose_run
     from fedpeft.config import ConfigError
     from fedpeft.engines import ENGINES
+    from fedpeft.preflight import check_wandb
 
     setup_env()
     insecure = "--insecure" in args
@@ -241,6 +242,7 @@ def deploy(args: list[str]) -> int:
         refusal = ENGINES[cfg.engine.kind].deploy_refusal
         if refusal:
             raise ConfigError(refusal)
+        check_wandb(cfg, run_dir)  # before any process starts: W&B's key and server (or tracking.fallback=offline)
     except _user_errors() as e:
         print(f"fedpeft: error: {e}", file=sys.stderr)
         return 2
