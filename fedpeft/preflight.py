@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -217,6 +218,8 @@ def wandb_problem(timeout: float = WANDB_TIMEOUT) -> str | None:
     netrc, an identity token file), the server (``WANDB_BASE_URL`` or ``wandb login --host``) not
     answering within ``timeout`` s, or the server refusing the key. Asked of wandb itself, without a
     prompt, before Ray starts (W&B took 80-170 s to fail inside the run, with a traceback)."""
+    import contextlib
+    import io
     import urllib.error
     import urllib.request
 
@@ -231,12 +234,15 @@ def wandb_problem(timeout: float = WANDB_TIMEOUT) -> str | None:
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         return f"the W&B server {base_url} is unreachable ({' '.join(str(reason).split())[:120] or type(reason).__name__})"
-    if not wandb.login(prompt=False, verify=False):
-        return f"no W&B API key for {base_url} (set WANDB_API_KEY or run `wandb login`)"
+    chatter = io.StringIO()  # wandb's "Loaded credentials from WANDB_API_KEY" lines: the run says what matters
     try:
-        wandb.login(prompt=False, verify=True)
+        with contextlib.redirect_stderr(chatter), contextlib.redirect_stdout(chatter):
+            logged_in = wandb.login(prompt=False, verify=True)
     except Exception as e:  # wandb's AuthenticationError (refused key, or the server stopped answering)
-        return f"the W&B server {base_url} refused the API key ({' '.join(str(e).split())[:160]})"
+        why = " ".join(re.sub(r"<[^>]*>", " ", str(e)).split())  # an HTML error page, as text
+        return f"the W&B server {base_url} refused the API key ({why[:160]})"
+    if not logged_in:
+        return f"no W&B API key for {base_url} (set WANDB_API_KEY or run `wandb login`)"
     return None
 
 

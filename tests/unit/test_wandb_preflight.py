@@ -67,6 +67,16 @@ def test_online_without_an_api_key_is_one_line(wb, server):
         check_wandb(cfg())
 
 
+def test_a_key_the_server_refuses_is_one_line(wb, server):
+    """A reachable server that does not accept the key (this one answers every request with an error)."""
+    wb.setenv("WANDB_BASE_URL", server)
+    wb.setenv("WANDB_API_KEY", KEY)
+    with pytest.raises(ConfigError) as e:
+        check_wandb(cfg())
+    msg = str(e.value)
+    assert msg.startswith(f"tracking.mode=online: the W&B server {server} refused the API key (") and "\n" not in msg and "<" not in msg
+
+
 def test_fallback_offline_goes_on_offline_and_says_how_to_sync(wb, tmp_path, capsys):
     wb.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
     wb.setenv("WANDB_API_KEY", KEY)
