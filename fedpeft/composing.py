@@ -17,18 +17,23 @@ from fedpeft.config import CONFIG_DIR, ConfigError, config_error_line, register,
 from fedpeft.preflight import check_assets, check_model, check_resources, check_run_dir, prepare_data
 
 
-def compose(overrides: list[str]):
+def compose(overrides: list[str], config_dir: Path | None = None, config_name: str = "config"):
     """Compose and validate the config; raises ConfigError with a one-line message."""
-    return compose_run(overrides)[0]
+    return compose_run(overrides, config_dir, config_name)[0]
 
 
-def compose_run(overrides: list[str]):
-    """:func:`compose`, and the run directory ``hydra.run.dir`` names (``${now:...}`` read now)."""
+def compose_run(overrides: list[str], config_dir: Path | None = None, config_name: str = "config"):
+    """:func:`compose`, and the run directory ``hydra.run.dir`` names (``${now:...}`` read now).
+    ``config_dir`` / ``config_name``: a user's own primary config, as Hydra's ``--config-dir`` /
+    ``--config-name`` give it (:func:`user_config`); fedpeft's ``configs/`` stay on the search path."""
     register()
     GlobalHydra.instance().clear()
+    if config_dir is not None:
+        user_config(config_dir, config_name)
+        overrides = [*overrides, f"hydra.searchpath=[file://{CONFIG_DIR}]"]
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        with initialize_config_dir(config_dir=str(config_dir or CONFIG_DIR), version_base=None):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
             run_dir = hydra_run_dir(cfg)
     except Exception as e:  # Hydra / OmegaConf errors: reduce to one line naming the key
         raise ConfigError(config_error_line(e)) from e
@@ -45,6 +50,29 @@ def compose_run(overrides: list[str]):
     *_, num_labels = prepare_data(cfg)  # cached: the run that follows in this process reuses it
     check_model(cfg, num_labels)
     return cfg, run_dir
+
+
+def user_config(config_dir: Path, config_name: str) -> None:
+    """A user's primary config ``config_dir/config_name.yaml`` must exist and build on fedpeft's:
+    its defaults list names ``config`` (``defaults: [config, _self_]``); raises ConfigError."""
+    import yaml
+
+    path = Path(config_dir) / (config_name if config_name.endswith(".yaml") else f"{config_name}.yaml")
+    if not Path(config_dir).is_dir():
+        raise ConfigError(f"--config-dir: {config_dir} is not a directory")
+    if not path.is_file():
+        have = sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
+        raise ConfigError(f"--config-name: no {path.name} in {config_dir}" + (f"; it has {', '.join(have)}" if have else ""))
+    if path.stem == "config":
+        raise ConfigError(f"--config-name: name your config anything but 'config' ({path}): it builds on fedpeft's own config.yaml")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config-name: {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    defaults = doc.get("defaults", []) if isinstance(doc, dict) else []
+    if "config" not in [d for d in defaults if isinstance(d, str)]:
+        raise ConfigError(f"--config-name: {path} must build on fedpeft's config: start it with 'defaults: [config, _self_]' "
+                          "(then your keys; group options such as '- override strategy: flora' go in the list)")
 
 
 def hydra_run_dir(cfg) -> Path | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,10 +49,15 @@ class ModelConfig:
     name: str = "minilm"
     # "classification" (a sequence-classification head is trained with the adapter) or "causal_lm".
     task: str = "classification"
+    # The modules the adapter wraps, by name or name suffix (peft's target_modules).
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    # The LoRA rank of every client (ranks=... gives clients their own ranks).
     rank: int = 8
+    # LoRA's alpha: the update is (alpha / rank)·B·A (alpha/√rank with peft=rslora).
     alpha: float = 16.0
+    # Dropout on the adapter's input during local training.
     dropout: float = 0.0
+    # Tokens per example: longer texts are truncated (instruction data: the prompt is kept, the response cut).
     max_length: int = 64
     # Batch size for the server-side evaluation.
     eval_batch_size: int = 128
@@ -61,10 +67,12 @@ class ModelConfig:
     # none | 8bit | 4bit: a bitsandbytes-quantized frozen base (QLoRA), prepared by peft's
     # prepare_model_for_kbit_training; what a strategy adds to the base stays float32 beside it.
     quantization: str = "none"
-    # 4bit only: nf4 | fp4, double quantization of the quantization constants, the compute dtype
-    # (auto: bfloat16 on a GPU, float32 on a CPU, where torch's bf16 matmuls are slow).
+    # 4bit only: the 4-bit data type, nf4 (QLoRA's NormalFloat) | fp4.
     quant_type: str = "nf4"
+    # 4bit only: quantize the quantization constants too (QLoRA's double quantization; ~0.4 bit/weight less).
     double_quant: bool = True
+    # 4bit only: the dtype its matmuls run in (auto: bfloat16 on a GPU, float32 on a CPU, where torch's
+    # bf16 matmuls are slow).
     compute_dtype: str = "auto"
 
 
@@ -74,6 +82,7 @@ class PeftConfig:
     lists them). The LoRA family, LoHa, LoKr, VeRA and IA3 adapt model.target_modules (LoRA-like
     ones at model.rank / model.alpha). The keys below are the methods' ``options``."""
 
+    # The PEFT method (the peft group's options): lora, dora, vera, ia3, prompt_tuning, ...
     name: str = "lora"
     # prompt_tuning, prefix_tuning: the number of virtual tokens.
     num_virtual_tokens: int = 16
@@ -83,16 +92,24 @@ class PeftConfig:
     feedforward_modules: list[str] = field(default_factory=list)
     # lora_xs (Fed-SB's R): the trained coordinates of each r×r core; null: r² (R unconstrained).
     u: Optional[int] = None
+    # peft's own settings, passed to the method's peft config class as they are
+    # (`+peft.kwargs.init_lora_weights=gaussian`, `+peft.kwargs.layers_to_transform=[0,1]`); checked
+    # against its fields. What fedpeft sets itself is refused, naming its key (r: model.rank).
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class RanksConfig:
     """Client LoRA ranks (fedpeft/ranks.py): fixed | list | tiers | uniform."""
 
+    # fixed (model.rank for all) | list (levels, cycled over clients) | tiers (levels in proportions) | uniform (in [r_min, r_max]).
     kind: str = "fixed"
     levels: list[int] = field(default_factory=list)  # the ranks (kind=list: cycled; kind=tiers: one per tier)
+    # kind=tiers: the share of clients at each of levels' ranks.
     proportions: list[float] = field(default_factory=list)
+    # kind=uniform: the smallest rank drawn.
     r_min: int = 5
+    # kind=uniform: the largest rank drawn.
     r_max: int = 50
     # fixed: model.alpha for every rank; proportional: model.alpha / model.rank × r
     alpha: str = "fixed"
@@ -103,8 +120,11 @@ class DataConfig:
     # A built-in (rotten_tomatoes, newsgroups, election_tweets, reuters_r8, shakespeare), a Hugging
     # Face dataset id, or a local path.
     name: str = "election_tweets"
+    # The column holding each example's text (format=text).
     text_column: str = "text"
+    # The column holding each example's class label (classification).
     label_column: str = "label"
+    # The column whose values make the natural clients (partition=natural), e.g. the author.
     group_column: Optional[str] = None
     # text (plain text or classification: text_column, label_column) | alpaca (instruction, input,
     # output) | chat (messages: a list of {role, content}) | prompt_completion (prompt, completion).
@@ -130,8 +150,11 @@ class DataConfig:
 class PartitionConfig:
     # iid | dirichlet | shards | natural  (all flwr-datasets partitioners)
     kind: str = "iid"
+    # dirichlet: the concentration of each client's label mix (small: skewed clients).
     alpha: float = 0.5
+    # shards: how many label-sorted shards each client gets.
     shards_per_client: int = 2
+    # dirichlet: redraw until every client holds at least this many examples.
     min_partition_size: int = 2
 
 
@@ -139,12 +162,17 @@ class PartitionConfig:
 class TrainConfig:
     """Local training on each client, each round."""
 
+    # Optimizer steps each client takes per round.
     local_steps: int = 20
+    # Examples per step (per micro-batch with grad_accum_steps > 1).
     batch_size: int = 16
+    # The local learning rate (the schedule's peak with lr_schedule=cosine | linear).
     lr: float = 3e-3
+    # The optimizer's weight decay on the trained tensors.
     weight_decay: float = 0.0
     # adamw | sgd (with momentum): a fresh optimizer per client and round.
     optimizer: str = "adamw"
+    # SGD's momentum (train.optimizer=sgd only).
     momentum: float = 0.0
     # Recompute activations in the backward pass (less memory, ~30% more compute).
     gradient_checkpointing: bool = False
@@ -155,7 +183,9 @@ class TrainConfig:
     # annealing): constant | cosine | linear, from lr down to lr_min, after warmup_rounds rounds of
     # linear warmup.
     lr_schedule: str = "constant"
+    # Where cosine and linear schedules end, in the last round.
     lr_min: float = 0.0
+    # Rounds of linear warmup from 0 up to lr before the schedule starts.
     warmup_rounds: int = 0
     # Clip the global gradient norm of each optimizer step (null: no clipping). Not DP: DP-SGD's
     # per-example clip is privacy.clip.
@@ -164,9 +194,11 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
+    # Flower's simulation backend (ray).
     backend: str = "ray"
-    # Ray resources of each client actor; num_gpus may be fractional (0.25 → 4 clients per GPU).
+    # CPUs Ray reserves for each client actor.
     num_cpus: float = 1.0
+    # GPUs Ray reserves for each client actor; fractional shares a GPU (0.25 → 4 clients per GPU).
     num_gpus: float = 0.0
     # null: start a local Ray on 127.0.0.1; "auto" or "host:port": join an existing cluster.
     ray_address: Optional[str] = None
@@ -182,6 +214,7 @@ class EngineConfig:
     # simulation worker receives up to cohort_size sampled clients in one message and trains them
     # together, one batched step over one resident base model (clients/cohort.py).
     kind: str = "per_client"
+    # cohort: the most clients one message (one worker) trains together.
     cohort_size: int = 8
     # fp32 | bf16: the cohort engine runs the frozen base under bf16 autocast (LoRA, heads,
     # gradients and optimizer states stay float32); on a GPU, the base's matmuls on tensor cores.
@@ -192,6 +225,7 @@ class EngineConfig:
 class TrackingConfig:
     # auto (offline unless WANDB_API_KEY is set) | offline | online | disabled
     mode: str = "auto"
+    # The W&B project.
     project: str = "fedpeft"
     # The run's directory (runs/<experiment>/...) and, unless group is set, its W&B group.
     experiment: str = "default"
@@ -214,6 +248,7 @@ class PrivacyConfig:
     which strategy). none | sample (DP-SGD in every client, Opacus) | central (the server clips each
     update and noises the aggregate) | local (every client clips and noises its own update)."""
 
+    # none | sample (DP-SGD in every client) | central (the server noises the aggregate) | local (each client noises its update).
     mode: str = "none"
     # σ: the Gaussian noise has std σ·clip. null: derived from target_epsilon for the whole run.
     noise_multiplier: Optional[float] = None
@@ -222,6 +257,7 @@ class PrivacyConfig:
     # The ε budget at delta. With noise_multiplier null, σ is chosen so that the last round spends
     # it; with both set, the run stops (checkpoint saved) before a round that would exceed it.
     target_epsilon: Optional[float] = None
+    # δ of the (ε, δ) guarantee.
     delta: float = 1e-5
 
 
@@ -230,11 +266,14 @@ class CompressionConfig:
     """Update compression (fedpeft/compression.py), applied after any DP noise (clip → noise →
     compress). uplink: none | fp16 | bf16 | int8 | int4 | topk; downlink: the same but topk."""
 
+    # What clients send: none | fp16 | bf16 | int8 | int4 | topk.
     uplink: str = "none"
+    # What the server sends: none | fp16 | bf16 | int8 | int4.
     downlink: str = "none"
     # top-k: the share of each tensor's entries sent; the rest is kept as the client's residual
     # and added to its next update (error feedback) unless error_feedback is false.
     topk_fraction: float = 0.1
+    # top-k: carry what was not sent into the client's next update.
     error_feedback: bool = True
 
 
@@ -281,11 +320,15 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # How many clients (data partitions) the federation has.
     clients: int = 10
+    # Federated rounds to run (round 0 evaluates the initial model).
     rounds: int = 5
     # Share of clients sampled each round; at least min_clients (and at least 1) are sampled.
     fraction: float = 1.0
+    # The fewest clients a round samples; a round with fewer replies than this fails.
     min_clients: int = 2
+    # Seeds the partitioning, the sampling, the adapters' init and every client's training.
     seed: int = 0
 
 
@@ -357,12 +400,14 @@ def config_error_line(e: BaseException) -> str:
         if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
             key = err.full_key
             first = str(err).strip().splitlines()[0]
+            if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and "not in" in first and key.startswith("peft.kwargs."):
+                return f"{key}: peft's own settings are added with a '+': +{key}=<value>"
             if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and "not in" in first:
                 return f"unknown key '{key}' ({first}){did_you_mean(key)}"
             return f"{key}: {first}"
     text = str(chain[0]).strip()
     lines = [l.strip() for l in text.splitlines() if l.strip()]
-    if lines and lines[0].startswith("In 'config': Could not find"):
+    if lines and re.match(r"In '[^']+': Could not find", lines[0]):
         # An unknown group option, e.g. strategy=nope: name it and list what exists.
         missing = lines[0].split("'")[3]
         group = missing.split("/")[0]
@@ -549,9 +594,15 @@ def validate(cfg: Any) -> None:
     need(cfg.peft.u is None or cfg.peft.u >= 1, "peft.u", f"must be at least 1 (or null: model.rank²), got {cfg.peft.u}")
     defaults = PeftConfig()
     for key, value in OmegaConf.to_container(cfg.peft).items():  # an option the method would silently ignore
+        if key == "kwargs":
+            continue
         readers = [m.name for m in methods.METHODS.values() if key in m.options]
         need(key == "name" or value == getattr(defaults, key) or method.name in readers, f"peft.{key}",
              f"applies to peft={' | '.join(readers)} only, not peft={method.name}")
+    try:
+        methods.peft_config(method, cfg.model, cfg.peft)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     wanted = cls.peft_methods
     need(wanted is None or method.name in wanted, "peft.name", f"strategy={name} trains peft={' | '.join(wanted or ())} only, not peft={method.name}")
     need(not cls.lora_update_only or method.lora_update, "peft.name",

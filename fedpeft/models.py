@@ -214,7 +214,7 @@ def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed:
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
-    peft_config = method.config(model_cfg, peft_cfg, task_type)
+    peft_config = methods.peft_config(method, model_cfg, peft_cfg, task_type)
     try:
         with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")

@@ -437,13 +437,15 @@ class Federation:
             self.record(0, self.evaluate(0, arrays))
         else:
             first = self.state["round"] + 1
+        previous = None  # the last round's training time: the next round's first ETA
         for r in range(first, self.cfg.rounds + 1):
             messages = list(self.strategy.configure_train(r, arrays, ConfigRecord(), grid))
-            progress = RoundProgress(r, self.cfg.rounds, len(messages))
+            progress = RoundProgress(r, self.cfg.rounds, len(messages), previous=previous)
             try:
                 replies = self.engine.exchange(grid, messages, self.adapter.partition_of, progress.update)
             finally:
                 progress.close()
+            previous = progress.elapsed
             new, _ = self.strategy.aggregate_train(r, replies)
             if new is not None:
                 arrays = new

@@ -259,24 +259,27 @@ def duration(seconds: float) -> str:
 class RoundProgress:
     """Progress while a round's clients train: clients finished / sampled, time elapsed and an ETA.
 
-    The ETA assumes the clients still out finish at the round's rate so far (elapsed / finished
-    per client, so parallel workers are counted in); ``ETA —`` before the first reply. On a
-    terminal (``stream.isatty()``) one line redrawn in place (carriage return) at most every
-    :attr:`redraw` seconds or when a client finishes, first drawn after :attr:`delay` seconds;
-    cut to the terminal's width (a wrapped line could not be redrawn), and :meth:`close` blanks it
-    before the round's summary line. Otherwise (a log file, a pipe,
-    ``flwr run --stream``) a ``[fedpeft] training round k/R: 37/100 clients done, 2m10s elapsed, ETA
-    3m41s`` line every :attr:`every` seconds. A round over sooner prints nothing. No line starts
-    ``[fedpeft] round k/R``: that is the summary :func:`progress_line` writes once round k is
-    complete, and launchers and tests wait for it."""
+    The ETA counts down: it is an estimate of the round's whole duration minus the time elapsed. The
+    estimate is made when a reply arrives — the completion rate so far (elapsed at that reply /
+    finished × sampled, so parallel workers are counted in), blended with the previous round's
+    duration (``previous``) by the share still out — and held until the next reply, so between
+    replies the ETA only falls (to ``0s`` at worst); ``ETA —`` while there is nothing to go on.
+    On a terminal (``stream.isatty()``) a tqdm bar redrawn in place at most every :attr:`redraw`
+    seconds or when a client finishes, first drawn after :attr:`delay` seconds, as wide as the
+    terminal, cleared by :meth:`close` before the round's summary line. Otherwise (a log file, a
+    pipe, ``flwr run --stream``) a ``[fedpeft] training round k/R: 37/100 clients done, 2m10s
+    elapsed, ETA 3m41s`` line every :attr:`every` seconds. A round over sooner prints nothing. No
+    line starts ``[fedpeft] round k/R``: that is the summary :func:`progress_line` writes once round
+    k is complete, and launchers and tests wait for it."""
 
     every = 30.0  # seconds between two plain lines
     delay = 1.0  # seconds before the terminal line first shows
     redraw = 1.0  # seconds between two redraws of the terminal line with no new reply
-    width = 20  # characters of the terminal line's bar
 
-    def __init__(self, server_round: int, rounds: int, sampled: int, *, stream=None, clock=time.monotonic) -> None:
+    def __init__(self, server_round: int, rounds: int, sampled: int, *, previous: float | None = None, stream=None,
+                 clock=time.monotonic) -> None:
         self.server_round, self.rounds, self.sampled = server_round, rounds, sampled
+        self.previous = previous if previous and previous > 0 else None
         self.stream = sys.stdout if stream is None else stream
         isatty = getattr(self.stream, "isatty", None)
         self.tty = bool(isatty and isatty())
@@ -284,33 +287,60 @@ class RoundProgress:
         self.t0 = clock()
         self.last: float | None = None  # when a line was last written (drawn)
         self.done = -1  # finished clients at the last line
-        self.shown = 0  # characters of the terminal line on screen (0: none)
+        self.seen = 0  # finished clients when the estimate was last made
+        self.total = self.previous  # the round's estimated duration (None: no estimate yet)
+        self.bar = None  # the terminal's tqdm bar, once drawn
+
+    @property
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+    def eta(self, done: int, elapsed: float) -> str:
+        """The ETA shown with ``done`` finished after ``elapsed`` seconds (re-estimated on a new reply)."""
+        if done > self.seen and self.sampled:
+            by_rate = elapsed / done * self.sampled
+            out = 1 - done / self.sampled
+            self.total = by_rate if self.previous is None else (1 - out) * by_rate + out * self.previous
+            self.seen = done
+        if done >= self.sampled:
+            return "0s"
+        return "—" if self.total is None else duration(max(self.total - elapsed, 0.0))
 
     def text(self, done: int, elapsed: float) -> str:
-        eta = duration(elapsed / done * (self.sampled - done)) if done else "—"
-        return f"{done}/{self.sampled} clients done, {duration(elapsed)} elapsed, ETA {eta}"
+        return f"{done}/{self.sampled} clients done, {duration(elapsed)} elapsed, ETA {self.eta(done, elapsed)}"
 
     def update(self, done: int) -> None:
         """``done`` of the sampled clients have replied; writes a line if one is due."""
         now = self.clock()
         elapsed = now - self.t0
+        eta = self.eta(done, elapsed)  # every poll: a reply's time is when it is first seen
         if self.tty:
             if elapsed < self.delay or (done == self.done and self.last is not None and now - self.last < self.redraw):
                 return
-            filled = self.width * done // self.sampled if self.sampled else self.width
-            line = (f"[fedpeft] training round {self.server_round}/{self.rounds} [{'#' * filled}{'-' * (self.width - filled)}] "
-                    + self.text(done, elapsed))
-            columns = self.columns()
-            if columns:
-                line = line[:columns - 1]
-            self.stream.write("\r" + line + " " * max(0, self.shown - len(line)))
-            self.shown = len(line)
+            self.draw(done, f"{duration(elapsed)} elapsed, ETA {eta}")
         else:
             if now - (self.t0 if self.last is None else self.last) < self.every:
                 return
             self.stream.write(f"[fedpeft] training round {self.server_round}/{self.rounds}: {self.text(done, elapsed)}\n")
-        self.stream.flush()
+            self.stream.flush()
         self.last, self.done = now, done
+
+    def draw(self, done: int, postfix: str) -> None:
+        """The terminal bar (tqdm), made on its first draw, then redrawn with ``done`` and ``postfix``."""
+        if self.bar is None:
+            from tqdm import tqdm
+
+            class Bar(tqdm):
+                monitor_interval = 0  # no monitor thread: this bar is redrawn by the round's polls
+
+            columns = self.columns()
+            self.bar = Bar(total=self.sampled, initial=done, file=self.stream, leave=False, ascii="-#", mininterval=0,
+                           ncols=columns - 1 if columns else None, desc=f"{self.server_round}/{self.rounds}", postfix=postfix,
+                           bar_format="[fedpeft] training round {desc} [{bar}] {n_fmt}/{total_fmt} clients done{postfix}")
+            return
+        self.bar.n = done
+        self.bar.set_postfix_str(postfix, refresh=False)
+        self.bar.refresh()
 
     def columns(self) -> int | None:
         """The terminal's width, or None where the stream has none."""
@@ -320,8 +350,7 @@ class RoundProgress:
             return None
 
     def close(self) -> None:
-        """The wait is over: blank the terminal line (a plain line stays as written)."""
-        if self.tty and self.shown:
-            self.stream.write("\r" + " " * self.shown + "\r")
-            self.stream.flush()
-            self.shown = 0
+        """The wait is over: clear the terminal bar (a plain line stays as written)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -59,6 +59,7 @@ def factor_average_error(modules: list[list[LoraFactors]], p: list[float]) -> fl
 
 @dataclass(frozen=True)
 class FedAvg(Strategy):
+    # Each client's weight in the average: num_examples (n_k / Σ n_j) | uniform (1/K).
     weighting: str = "num_examples"
     name: str = "fedavg"
     heterogeneous_ranks: ClassVar[bool] = False  # A and B are averaged separately: one rank and scaling

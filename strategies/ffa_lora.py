@@ -65,6 +65,7 @@ class FFALoRA(Strategy):
 
     weighting: str = "num_examples"
     seed: int = 0
+    # The shared frozen A's rank, at least every client's (null: the global adapter's rank).
     r_max: int | None = None
     name: str = "ffa_lora"
     heterogeneous_ranks: ClassVar[bool] = True

@@ -66,11 +66,16 @@ class HetLoRA(Strategy):
     """``gamma``, ``lam``, ``r_min``, ``prune``: the clients' self-pruning settings, sent as the
     plan's :class:`fedpeft.plan.SelfPruning` (its loss term and finalisation)."""
 
+    # sparsity (HetLoRA's ‖s_k B_k A_k‖_F weights) | num_examples | uniform.
     weighting: str = "sparsity"
     seed: int = 0
+    # γ: the rank tail starts at ⌊γ r⌋; a pruning client returns rank max(⌊γ r⌋, r_min).
     gamma: float = 0.99
+    # λ: the clients' loss adds λ·‖B[:, ⌊γr⌋:]‖_F ‖A[⌊γr⌋:, :]‖_F (the rank tail's norm).
     lam: float = 1e-3
+    # The smallest rank self-pruning may reach.
     r_min: int = 1
+    # Let clients return a pruned rank (false: the penalty only).
     prune: bool = True
     name: str = "hetlora"
     weightings: ClassVar[tuple[str, ...]] = ("sparsity", *WEIGHTINGS)

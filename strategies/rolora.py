@@ -40,6 +40,7 @@ FACTORS = ("A", "B")
 @dataclass(frozen=True)
 class RoLoRA(Strategy):
     weighting: str = "num_examples"
+    # The factor trained (and sent) in odd rounds, A or B; the other in even rounds.
     first: str = "B"
     name: str = "rolora"
     heterogeneous_ranks: ClassVar[bool] = False

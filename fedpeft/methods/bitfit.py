@@ -7,12 +7,11 @@ at its zero init: it is frozen (``ΔW = 0`` exactly), never sent, and only the b
 
 from __future__ import annotations
 
-from peft import LoraConfig
-
 from fedpeft.methods.base import PeftMethod
 
 
 def _bitfit(model, peft, task_type):
+    from peft import LoraConfig  # here, not at import: listing the methods needs no peft
     return LoraConfig(task_type=task_type, r=1, lora_alpha=1, target_modules=[model.target_modules[0]], bias="all")
 
 

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-from peft import IA3Config
-
 from fedpeft.methods.base import PeftMethod
 
 
 def _ia3(model, peft, task_type):
+    from peft import IA3Config  # here, not at import: listing the methods needs no peft
     targets = list(model.target_modules)
     ff = list(peft.feedforward_modules or [])
     return IA3Config(task_type=task_type, target_modules=targets + [m for m in ff if m not in targets], feedforward_modules=ff)

@@ -4,8 +4,6 @@ All three update through ``s·B·A``; DoRA's magnitude is a vector averaged like
 
 from __future__ import annotations
 
-from peft import LoraConfig
-
 from fedpeft.methods.base import PeftMethod
 
 FACTORS = {"lora_A": r"\.lora_A\.weight$", "lora_B": r"\.lora_B\.weight$"}
@@ -13,6 +11,7 @@ FACTORS = {"lora_A": r"\.lora_A\.weight$", "lora_B": r"\.lora_B\.weight$"}
 
 def _lora(rslora: bool = False, dora: bool = False):
     def config(model, peft, task_type):
+        from peft import LoraConfig  # here, not at import: listing the methods needs no peft
         return LoraConfig(
             task_type=task_type, r=model.rank, lora_alpha=model.alpha, lora_dropout=model.dropout,
             target_modules=list(model.target_modules), use_rslora=rslora, use_dora=dora,

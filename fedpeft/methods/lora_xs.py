@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import warnings
 
-from peft import TinyLoraConfig
-
 from fedpeft.methods.base import PeftMethod
 
 
 def _lora_xs(model, peft, task_type):
+    from peft import TinyLoraConfig  # here, not at import: listing the methods needs no peft
     u = peft.u if peft.u is not None else model.rank**2
     with warnings.catch_warnings():  # the projections are regenerated from projection_seed, by design
         warnings.filterwarnings("ignore", message="Specified to not save projection tensors")

@@ -4,16 +4,16 @@ averages them elementwise (an approximation of the average update, as FedIT's is
 
 from __future__ import annotations
 
-from peft import LoHaConfig, LoKrConfig
-
 from fedpeft.methods.base import PeftMethod
 
 
 def _loha(model, peft, task_type):
+    from peft import LoHaConfig  # here, not at import: listing the methods needs no peft
     return LoHaConfig(task_type=task_type, r=model.rank, alpha=model.alpha, target_modules=list(model.target_modules))
 
 
 def _lokr(model, peft, task_type):
+    from peft import LoKrConfig  # here, not at import: listing the methods needs no peft
     return LoKrConfig(task_type=task_type, r=model.rank, alpha=model.alpha, target_modules=list(model.target_modules))
 
 

@@ -4,18 +4,18 @@ by peft as one embedding of ``num_virtual_tokens × (layers · 2 · hidden)``)."
 
 from __future__ import annotations
 
-from peft import PrefixTuningConfig, PromptTuningConfig
-
 from fedpeft.methods.base import PeftMethod
 
 EMBEDDINGS = {"embeddings": r"^prompt_embeddings$"}
 
 
 def _prompt(model, peft, task_type):
+    from peft import PromptTuningConfig  # here, not at import: listing the methods needs no peft
     return PromptTuningConfig(task_type=task_type, num_virtual_tokens=peft.num_virtual_tokens)
 
 
 def _prefix(model, peft, task_type):
+    from peft import PrefixTuningConfig  # here, not at import: listing the methods needs no peft
     return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=peft.num_virtual_tokens)
 
 

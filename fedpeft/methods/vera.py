@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import warnings
 
-from peft import VeraConfig
-
 from fedpeft.methods.base import PeftMethod
 
 
 def _vera(model, peft, task_type):
+    from peft import VeraConfig  # here, not at import: listing the methods needs no peft
     with warnings.catch_warnings():  # the projections are regenerated from projection_prng_key, by design
         warnings.filterwarnings("ignore", message="Specified to not save vera_A and vera_B")
         return VeraConfig(task_type=task_type, r=peft.vera_rank, target_modules=list(model.target_modules),
