@@ -12,7 +12,6 @@ sweep goes on. The report is `fedpeft compare` over the sweep directory.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import time
@@ -91,9 +90,6 @@ def report(sweep_dir: Path, out_dir: Path, title: str, metric: str = "accuracy")
         raise SystemExit(rc)
 
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, n-1)
-
-
 def final(run_dir: Path, key: str = "accuracy") -> float | None:
     """A finished run's final ``key`` (a metric, or ``majority_rate``); None if it did not finish."""
     s = run_dir / "summary.json"
@@ -104,13 +100,14 @@ def final(run_dir: Path, key: str = "accuracy") -> float | None:
 
 
 def interval_row(text: str, diffs: list[float]) -> str:
-    """``| text | mean | 95% t-interval | n | verdict |`` for paired differences (better − worse)."""
+    """``| text | mean | 95% t-interval | n | verdict |`` for paired differences (better − worse): the
+    interval of ``fedpeft compare --baseline`` (:func:`fedpeft.compare.paired_interval`), any number of seeds."""
+    from fedpeft.compare import paired_interval
+
     n = len(diffs)
     if n < 2:
         return f"| {text} | — | — | {n} | not enough finished seed pairs |"
-    mean = sum(diffs) / n
-    half = T95[n - 1] * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) / math.sqrt(n)
-    lo, hi = mean - half, mean + half
+    mean, lo, hi = paired_interval(diffs)
     verdict = "yes (interval above 0)" if lo > 0 else "no: the reverse holds (interval below 0)" if hi < 0 else "not shown (interval contains 0)"
     return f"| {text} | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {n} | {verdict} |"
 

@@ -30,7 +30,7 @@ commands:
                               the same federation on a real local Flower deployment: a
                               SuperLink and one SuperNode per client, TLS and node
                               authentication (resume=RUN_DIR works here too)
-  compare PATH... [--metric NAME] [--out DIR] [--title T]
+  compare PATH... [--metric NAME] [--baseline GROUP] [--out DIR] [--format png,pdf,svg]
                               compare runs (run dirs, folders, globs, experiment names):
                               grouped by the config keys that differ, mean ± std over
                               seeds; a table, CSVs and plots (see: fedpeft compare --help)
@@ -305,6 +305,7 @@ def deploy(args: list[str]) -> int:
     from fedpeft.composing import compose_run
     from fedpeft.config import ConfigError
     from fedpeft.engines import ENGINES
+    from fedpeft.preflight import check_wandb
 
     setup_env()
     insecure = "--insecure" in args
@@ -321,6 +322,7 @@ def deploy(args: list[str]) -> int:
         refusal = ENGINES[cfg.engine.kind].deploy_refusal
         if refusal:
             raise ConfigError(refusal)
+        check_wandb(cfg, run_dir)  # before any process starts: W&B's key and server (or tracking.fallback=offline)
     except _user_errors() as e:
         print(f"fedpeft: error: {e}", file=sys.stderr)
         return 2

@@ -237,6 +237,9 @@ class TrackingConfig:
     tags: Optional[list[str]] = None
     # Save the global adapter in peft format after every round.
     save_adapters: bool = True
+    # An online run that cannot log in to W&B or reach its server (checked before Ray starts):
+    # none (stop, one line) | offline (go on offline; upload later with `wandb sync`).
+    fallback: str = "none"
 
 
 @dataclass
@@ -529,6 +532,7 @@ def validate(cfg: Any) -> None:
     one_of(cfg.model.task, "model.task", TASKS)
     one_of(cfg.partition.kind, "partition.kind", PARTITIONS)
     one_of(cfg.tracking.mode, "tracking.mode", TRACKING_MODES)
+    one_of(cfg.tracking.fallback, "tracking.fallback", ("none", "offline"))
     one_of(cfg.engine.device, "engine.device", DEVICES)
     one_of(cfg.engine.flower_log_level, "engine.flower_log_level", ("DEBUG", "INFO", "WARNING", "ERROR"))
     need(cfg.engine.backend == "ray", "engine.backend", f"unknown value {cfg.engine.backend!r}; expected ray")

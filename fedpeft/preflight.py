@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -206,3 +207,60 @@ def prepare_data(cfg: DictConfig):
     if cfg.data.eval_samples and len(test) > cfg.data.eval_samples:
         test = test.shuffle(seed=cfg.seed).select(range(cfg.data.eval_samples))
     return ds, partitioner, test, num_labels
+
+
+WANDB_TIMEOUT = 5.0  # seconds to reach the W&B server before a run starts
+FALLBACKS = ("none", "offline")
+
+
+def wandb_problem(timeout: float = WANDB_TIMEOUT) -> str | None:
+    """Why an online W&B run cannot start, or None: no API key (WANDB_API_KEY, ``wandb login``'s
+    netrc, an identity token file), the server (``WANDB_BASE_URL`` or ``wandb login --host``) not
+    answering within ``timeout`` s, or the server refusing the key. Asked of wandb itself, without a
+    prompt, before Ray starts (W&B took 80-170 s to fail inside the run, with a traceback)."""
+    import contextlib
+    import io
+    import urllib.error
+    import urllib.request
+
+    import wandb
+    from wandb.sdk import wandb_setup  # the settings wandb.init reads (env, `wandb login --host`), without starting its service
+
+    base_url = wandb_setup.singleton().settings.base_url
+    try:
+        urllib.request.urlopen(urllib.request.Request(base_url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # the server answered (any status will do: it is reachable)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return f"the W&B server {base_url} is unreachable ({' '.join(str(reason).split())[:120] or type(reason).__name__})"
+    chatter = io.StringIO()  # wandb's "Loaded credentials from WANDB_API_KEY" lines: the run says what matters
+    try:
+        with contextlib.redirect_stderr(chatter), contextlib.redirect_stdout(chatter):
+            logged_in = wandb.login(prompt=False, verify=True)
+    except Exception as e:  # wandb's AuthenticationError (refused key, or the server stopped answering)
+        why = " ".join(re.sub(r"<[^>]*>", " ", str(e)).split())  # an HTML error page, as text
+        return f"the W&B server {base_url} refused the API key ({why[:160]})"
+    if not logged_in:
+        return f"no W&B API key for {base_url} (set WANDB_API_KEY or run `wandb login`)"
+    return None
+
+
+def check_wandb(cfg: DictConfig, run_dir: Path | None = None, timeout: float = WANDB_TIMEOUT) -> None:
+    """An online W&B run (``tracking.mode=online``, or ``auto`` with WANDB_API_KEY) that cannot log
+    in or reach its server stops here in one line (:class:`ConfigError`); with
+    ``tracking.fallback=offline`` the run goes on with ``tracking.mode=offline`` and says how to
+    upload it afterwards (``wandb sync``)."""
+    from fedpeft.tracking import say, wandb_mode
+
+    if wandb_mode(cfg.tracking.mode) != "online":
+        return
+    problem = wandb_problem(timeout)
+    if problem is None:
+        return
+    if cfg.tracking.get("fallback", "none") != "offline":
+        raise ConfigError(f"tracking.mode={cfg.tracking.mode}: {problem}; log offline with tracking.mode=offline, "
+                          "or go on offline when this happens with tracking.fallback=offline")
+    cfg.tracking.mode = "offline"
+    where = Path(run_dir) / "wandb" if run_dir is not None else "RUN_DIR/wandb"
+    say(f"W&B: {problem}; going on offline (tracking.fallback=offline). Upload the run afterwards with: wandb sync {where}/offline-run-*")

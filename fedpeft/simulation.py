@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from fedpeft.config import validate
 from fedpeft.launch import descendants, project_dir, setup_env
-from fedpeft.preflight import check_resources
+from fedpeft.preflight import check_resources, check_wandb
 from fedpeft.runconfig import to_run_config
 
 log = logging.getLogger("fedpeft")
@@ -190,6 +190,7 @@ def run(cfg: DictConfig, run_dir: Path, *, interruptible: bool = False, resume: 
     validate(cfg)
     check_resources(cfg)
     run_dir = Path(run_dir).resolve()
+    check_wandb(cfg, run_dir)  # before Ray starts: an online run without a key or server stops (or goes offline) at once
     run_config = to_run_config(cfg, run_dir, resume=resume, shared_dir=str(run_dir / "state"))
 
     def interrupted() -> None:

@@ -81,6 +81,7 @@ from tests.harness import run_cli
         ("data=rotten_tomatoes data.group_column=movie", "data.group_column: built-in data 'rotten_tomatoes' has the fixed columns text, label, group"),
         # a local Ray cannot place a client that asks for more than the machine has
         ("engine.num_cpus=100", "engine.num_cpus: 100 CPUs per client asked for, but this machine has"),
+        ("tracking.fallback=later", "tracking.fallback: unknown value 'later'"),
     ],
 )
 def test_config_errors_are_one_line_naming_the_key_and_write_nothing(override, expected, tmp_path, monkeypatch, capsys):

@@ -201,11 +201,14 @@ def test_short_labels_keep_the_full_key_where_the_leaf_is_ambiguous(tmp_path):
     for i, (palpha, malpha, levels) in enumerate([(0.5, 16.0, [8, 4]), (1.0, 16.0, [8, 4]), (1.0, 32.0, [64, 32])]):
         make_run(tmp_path / f"r{i}", config(partition__alpha=palpha, model__alpha=malpha, ranks__levels=levels), [0.5, 0.5, 0.5])
     runs, _ = compare.load_runs([tmp_path])
-    assert [g.label for g in compare.group_runs(runs, "accuracy")] == [
-        "model.alpha=16.0, partition.alpha=0.5, levels=[8,4]",
-        "model.alpha=16.0, partition.alpha=1.0, levels=[8,4]",
-        "model.alpha=32.0, partition.alpha=1.0, levels=[64,32]",
+    groups = compare.group_runs(runs, "accuracy")
+    # ranks.levels follows from model.alpha here: the labels leave it out (the group's values keep it)
+    assert [g.label for g in groups] == [
+        "model.alpha=16.0, partition.alpha=0.5",
+        "model.alpha=16.0, partition.alpha=1.0",
+        "model.alpha=32.0, partition.alpha=1.0",
     ]
+    assert [g.values["ranks.levels"] for g in groups] == ["[8,4]", "[8,4]", "[64,32]"]
 
 
 def test_input_forms_run_dir_glob_and_experiment_name(sweep, tmp_path, monkeypatch):
@@ -275,3 +278,148 @@ def test_a_metric_named_with_a_slash_plots_to_files_in_the_output_folder(tmp_pat
     for name in ("gen_accuracy_vs_round.png", "gen_accuracy_vs_mb_up.png"):
         assert (tmp_path / "out" / name).read_bytes().startswith(PNG) and f"]({name})" in md
     assert not (tmp_path / "out" / "gen").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired intervals against a baseline, and figures for a paper
+
+
+def test_paired_interval_is_the_student_t_interval_for_any_number_of_pairs():
+    """By hand: 12 pairs (the old hard-coded t table stopped at 10), t(0.975, 11) = 2.200985160 from a printed table."""
+    diffs = [0.05, 0.02, 0.04, -0.01, 0.03, 0.06, 0.01, 0.02, 0.05, 0.00, 0.04, 0.03]
+    mean = sum(diffs) / 12
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 11)
+    half = 2.200985160 * sd / math.sqrt(12)
+    got = compare.paired_interval(diffs)
+    assert got == (pytest.approx(mean, abs=1e-15), pytest.approx(mean - half, abs=1e-9), pytest.approx(mean + half, abs=1e-9))
+    # n = 2: t(0.975, 1) = 12.706204736
+    lo, hi = compare.paired_interval([0.1, 0.3])[1:]
+    assert (lo, hi) == (pytest.approx(0.2 - 12.706204736 * math.sqrt(0.02) / math.sqrt(2)), pytest.approx(0.2 + 12.706204736 * 0.1))
+    assert compare.paired_interval([0.4])[0] == 0.4 and math.isnan(compare.paired_interval([0.4])[1])
+
+
+def test_baseline_pairs_runs_by_seed_in_the_table_and_the_csv(tmp_path, capsys):
+    """Twelve seeds of two strategies; the baseline lacks seed 11 (only 11 pairs), a third group has
+    one seed (no interval). Differences are run against run at the same seed, not of the means."""
+    root = tmp_path / "runs"
+    base = [0.50 + 0.01 * s for s in range(11)]
+    better = [b + d for b, d in zip(base, [0.05, 0.02, 0.04, -0.01, 0.03, 0.06, 0.01, 0.02, 0.05, 0.00, 0.04])] + [0.9]
+    for s, v in enumerate(base):
+        make_run(root / f"fedavg_s{s}", config(seed=s), [0.0, v / 2, v])
+    for s, v in enumerate(better):
+        make_run(root / f"flora_s{s}", config(strategy__name="flora", seed=s), [0.0, v / 2, v])
+    make_run(root / "ffa_s3", config(strategy__name="ffa_lora", seed=3), [0.0, 0.1, 0.2])
+    out = tmp_path / "out"
+    assert compare.main([str(root), "--out", str(out), "--baseline", "strategy=fedavg"]) == 0
+    diffs = [better[s] - base[s] for s in range(11)]
+    mean = sum(diffs) / 11
+    half = 2.228138852 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / 10) / math.sqrt(11)  # t(0.975, 10)
+    rows = {r["group"]: r for r in read_csv(out / "compare.csv")}
+    flora, ffa, fedavg = rows["strategy=flora"], rows["strategy=ffa_lora"], rows["strategy=fedavg"]
+    assert flora["baseline"] == "strategy=fedavg" and flora["pairs"] == "11" and flora["vs_baseline"] == "better"
+    assert float(flora["accuracy_final_diff_mean"]) == pytest.approx(mean, abs=1e-12)
+    assert float(flora["accuracy_final_diff_ci95_low"]) == pytest.approx(mean - half, abs=1e-8)
+    assert float(flora["accuracy_final_diff_ci95_high"]) == pytest.approx(mean + half, abs=1e-8)
+    assert float(ffa["accuracy_final_diff_mean"]) == pytest.approx(0.2 - 0.53) and ffa["pairs"] == "1"
+    assert ffa["accuracy_final_diff_ci95_low"] == "" and ffa["vs_baseline"] == "—"
+    assert fedavg["vs_baseline"] == "baseline" and fedavg["accuracy_final_diff_mean"] == ""
+    md = (out / "compare.md").read_text()
+    assert f"| {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] | 11 | better |" in md
+    assert "| strategy=fedavg | 11 |" in md and "| baseline |  |  |" in md and "Baseline: `strategy=fedavg`." in md
+    assert f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("baseline, says", [("strategy=nope", "matches no group; the groups: strategy=fedavg, rank=4; "),
+                                            ("strategy=fedavg", "matches several groups; the groups: strategy=fedavg, rank=4; strategy=fedavg, rank=8\n")])
+def test_a_baseline_naming_no_group_or_several_is_one_line(baseline, says, sweep, tmp_path, capsys):
+    assert compare.main([str(sweep), "--out", str(tmp_path / "o"), "--baseline", baseline]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fedpeft compare: --baseline {baseline}: ") and says in err and err.count("\n") == 1
+    assert compare.main([str(sweep), "--out", str(tmp_path / "o"), "--baseline", "strategy=fedavg, rank=4"]) == 0  # a label
+
+
+def test_labels_leave_out_keys_that_follow_from_others_and_show_epsilon_as_its_value(tmp_path):
+    """A privacy sweep: weighting follows from the strategy, the noise multiplier from ε; a null
+    target ε (σ = 0) is the ε spent, ∞ — not `target_epsilon=null`."""
+    for strategy, weighting in (("fedavg", "num_examples"), ("dp_lora", "uniform")):
+        for eps, sigma in ((1.0, None), (None, 0.0)):
+            cfg = config(strategy__name=strategy, strategy__weighting=weighting, privacy__mode="sample")
+            cfg["privacy"].update(target_epsilon=eps, noise_multiplier=sigma)
+            make_run(tmp_path / f"{strategy}_{eps}", cfg, [0.1, 0.2, 0.3], epsilon=0.98 if eps else math.inf)
+    runs, _ = compare.load_runs([tmp_path])
+    groups = compare.group_runs(runs, "accuracy")
+    assert sorted(g.label for g in groups) == ["strategy=dp_lora, ε=1.0", "strategy=dp_lora, ε=∞", "strategy=fedavg, ε=1.0", "strategy=fedavg, ε=∞"]
+    md = compare.write_report(groups, [], tmp_path / "out", "accuracy").read_text()
+    assert "the labels leave out `strategy.weighting`, `privacy.noise_multiplier`: they follow from the others" in md
+    assert compare.find_group(groups, "strategy=fedavg,ε=∞").values["privacy.noise_multiplier"] == 0.0
+
+
+def _groups(tmp_path, n: int, personal: int | None = None, majority: float | None = 0.25):
+    """``n`` groups with long labels (three differing keys), two seeds each; group ``personal``
+    logs a personalised evaluation (FedSA-LoRA)."""
+    for i in range(n):
+        for seed in (0, 1):
+            extra = {"majority_rate": majority} if majority is not None else {}
+            run = make_run(tmp_path / "runs" / f"g{i}_s{seed}", config(strategy__name=f"a_strategy_with_a_long_name_for_a_legend_entry_{i}", model__rank=2 + i,
+                           partition__alpha=0.1 * (i + 1), seed=seed), [0.1, 0.2 + 0.01 * i, 0.3 + 0.01 * i + 0.01 * seed], **extra)
+            if i == personal:
+                rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+                summary = json.loads((run / "summary.json").read_text())
+                summary["history"] = [{**r, "personal/accuracy_mean": r["accuracy"], "personal/clients": 2} for r in rows]
+                (run / "summary.json").write_text(json.dumps(summary))
+    runs, _ = compare.load_runs([tmp_path / "runs"])
+    return compare.group_runs(runs, "accuracy")
+
+
+@pytest.mark.parametrize("n", [3, 8, 15])
+def test_the_legend_sits_beside_the_axes_inside_the_figure(n, tmp_path):
+    """Never over the curves, never cut off at the figure's edge (8 long labels were, at the right edge)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for x in ("round", "mb_up"):
+        fig = compare.figure(_groups(tmp_path / x, n), "accuracy", x, "t", 0.25)
+        FigureCanvasAgg(fig).draw()
+        (ax,) = fig.axes
+        legend, axes, whole = ax.get_legend().get_window_extent(), ax.get_window_extent(), fig.bbox
+        assert legend.x0 >= axes.x1 and whole.x0 <= legend.x0 and legend.x1 <= whole.x1 and whole.y0 <= legend.y0 and legend.y1 <= whole.y1
+        assert axes.width >= 0.4 * whole.width  # room left for the curves
+        assert len(ax.get_legend().get_texts()) == n + 1  # every group, and the majority class
+
+
+def test_bytes_on_a_log_axis_personalised_marked_majority_line_and_title(tmp_path):
+    groups = _groups(tmp_path, 3, personal=1, majority=0.25)
+    by_mb = compare.figure(groups, "accuracy", "mb_up", "t", 0.25)
+    (ax,) = by_mb.axes
+    assert ax.get_xscale() == "log"
+    curves = {line.get_label(): line for line in ax.get_lines()}
+    personal = [label for label in curves if "personalised" in label]
+    assert personal == [f"{groups[1].label} (n=2) — personalised: clients' own models"]
+    assert curves[personal[0]].get_markerfacecolor() == "white"
+    assert curves[f"{groups[0].label} (n=2)"].get_markerfacecolor() != "white"
+    assert min(curves[personal[0]].get_xdata()) > 0  # round 0 (0 MB) is left off the log axis
+    assert list(curves["majority class (0.250)"].get_ydata()) == [0.25, 0.25]
+    assert compare.figure(groups, "accuracy", "round", "t", 0.25).axes[0].get_xscale() == "linear"
+    md = compare.write_report(groups, [], tmp_path / "out", "accuracy").read_text()
+    assert md.startswith("# accuracy: rotten_tomatoes, minilm, 2 clients, iid partition, 2 rounds\n")  # not the folder's name
+    assert f"| {groups[1].label} † |" in md and "† personalised: the metric is the mean over clients" in md
+    assert "Majority class (predicting the test set's largest class): 0.2500." in md
+
+
+def test_no_majority_line_where_a_run_does_not_know_it(tmp_path):
+    groups = _groups(tmp_path, 2, majority=None)
+    assert compare.majority(groups, "accuracy") is None
+    assert compare.majority(_groups(tmp_path / "b", 2), "loss") is None  # not accuracy: no such line
+
+
+def test_plots_in_pdf_and_svg(tmp_path, capsys):
+    _groups(tmp_path, 2)
+    out = tmp_path / "out"
+    assert compare.main([str(tmp_path / "runs"), "--out", str(out), "--format", "pdf,svg"]) == 0
+    for x in ("round", "mb_up"):
+        assert (out / f"accuracy_vs_{x}.pdf").read_bytes().startswith(b"%PDF")
+        assert b"<svg" in (out / f"accuracy_vs_{x}.svg").read_bytes()[:500]
+        assert not (out / f"accuracy_vs_{x}.png").exists()
+    assert "](accuracy_vs_round.pdf)" in (out / "compare.md").read_text()
+    assert str(out / "accuracy_vs_mb_up.svg") in capsys.readouterr().out
+    assert compare.main([str(tmp_path / "runs"), "--out", str(out), "--format", "png,jpg"]) == 2
+    assert capsys.readouterr().err == "fedpeft compare: --format png,jpg: unknown format jpg; choose from png, pdf, svg\n"

@@ -90,3 +90,15 @@ def test_a_report_over_no_runs_exits_before_it_rewrites_the_claims(tmp_path, mon
     assert "no_such_sweep: no such run directory" in capsys.readouterr().err
     assert (tmp_path / "results" / "claims.md").read_text() == "kept\n"
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["claims.md"]
+
+
+def test_claims_work_for_more_than_ten_seeds(tmp_path):
+    """The hard-coded t table stopped at 10 seeds (KeyError beyond): t(0.975, 11) = 2.200985160, by hand."""
+    diffs = [0.05, 0.02, 0.04, -0.01, 0.03, 0.06, 0.01, 0.02, 0.05, 0.00, 0.04, 0.03]
+    for s, d in enumerate(diffs):
+        _run(tmp_path, f"a_seed{s}", 0.5 + d)
+        _run(tmp_path, f"b_seed{s}", 0.5)
+    (row,) = paired_claims(tmp_path, [("a ≥ b", "a", "b")], list(range(12)))[2:]
+    mean = sum(diffs) / 12
+    half = 2.200985160 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / 11) / math.sqrt(12)
+    assert row == f"| a ≥ b | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] | 12 | yes (interval above 0) |"
