@@ -242,9 +242,9 @@ class FlowerAdapter(FlowerStrategy):
         resume under a new SuperLink (none of the saved holders is connected: node ids are the
         SuperLink's), the partitions are claimed afresh."""
         nodes = set(grid.get_node_ids())
-        if self.restored:
+        if self.restored and nodes:  # the first nodes seen since the resume say whose node ids the claims are
             self.restored = False
-            if nodes and not nodes & set(self.partition_of):
+            if not nodes & set(self.partition_of):
                 log.info("none of the nodes that held the partitions (%s) is connected: a new SuperLink; partitions are claimed afresh",
                          ", ".join(f"{p}: node {n}" for n, p in sorted(self.partition_of.items(), key=lambda kv: kv[1])))
                 self.partition_of, self.local_data = {}, set()

@@ -152,6 +152,7 @@ def test_resume_under_a_new_superlink_claims_the_partitions_afresh():
     train_round(fa, 1, FakeGrid({500: 1, 30: 0}))
     again = adapter(num_clients=2)
     again.load_state_dict(fa.state_dict())
+    assert again.identify(FakeGrid({})) == {}  # no node connected yet: nothing is decided
     grid = FakeGrid({61: 0, 62: 1})
     again.check_partitions(grid)
     assert again.identify(grid) == {61: 0, 62: 1}
