@@ -79,10 +79,17 @@ def overrides(run_config: dict[str, Any]) -> list[str]:
 
 
 def load(run_config: dict[str, Any]) -> tuple[DictConfig, RunSpec]:
-    """The validated config and the run spec from a Flower ``run_config``."""
-    cfg = _config(str(run_config.get("config", "")), " ".join(overrides(run_config)))
+    """The validated config and the run spec from a Flower ``run_config``. A bad config (an
+    unknown override key under ``flwr run``) raises :class:`fedpeft.config.ConfigError` with its
+    one line and no chained Hydra / OmegaConf traceback, as ``fedpeft deploy`` reports it. The run
+    dir is absolute: an empty ``run-dir`` is ``runs/flwr/<time>`` under the working directory of
+    the process running the ServerApp (the SuperLink's, under ``flwr run``)."""
+    try:
+        cfg = _config(str(run_config.get("config", "")), " ".join(overrides(run_config)))
+    except C.ConfigError as e:  # bad input, not a crash: the one line, without the Hydra/OmegaConf errors it came from
+        raise C.ConfigError(str(e)) from None
     run_dir = str(run_config.get("run-dir", "")) or str(Path("runs") / "flwr" / time.strftime("%Y-%m-%d_%H-%M-%S"))
-    return cfg, RunSpec(Path(run_dir), bool(run_config.get("resume", False)), str(run_config.get("shared-dir", "")))
+    return cfg, RunSpec(Path(run_dir).resolve(), bool(run_config.get("resume", False)), str(run_config.get("shared-dir", "")))
 
 
 @lru_cache(maxsize=4)
@@ -107,5 +114,9 @@ def settings_digest(run_config: dict[str, Any]) -> str:
 
 
 def settings(run_config: dict[str, Any]) -> C.Config:
-    """The typed config a ClientApp trains with (cached per run config)."""
-    return _settings(str(run_config.get("config", "")), " ".join(overrides(run_config)))
+    """The typed config a ClientApp trains with (cached per run config); a bad one raises
+    :class:`fedpeft.config.ConfigError` with its one line, as :func:`load` does."""
+    try:
+        return _settings(str(run_config.get("config", "")), " ".join(overrides(run_config)))
+    except C.ConfigError as e:
+        raise C.ConfigError(str(e)) from None

@@ -57,6 +57,7 @@ class RoundStats:
     epsilon: float | None = None
     train_metrics: dict[str, float] = field(default_factory=dict)
     applied: bool = False  # whether the round's aggregate became the global model (>= min_clients good replies)
+    missing: tuple[int, ...] = ()  # the run's partitions that had no connected node this round
 
 
 class FederationFailed(RuntimeError):
@@ -179,8 +180,13 @@ class FlowerAdapter(FlowerStrategy):
         self.stats: dict[int, RoundStats] = {}
         self.num_clients = num_clients  # partition ids are 0 .. num_clients - 1 (when known)
         self.identify_timeout = identify_timeout
-        self.partition_of: dict[int, int] = {}  # node id → its partition id (= client id), asked once
+        # node id → its partition id (= client id), asked once. The first node to claim a partition
+        # holds it for the run, online or not (saved with the state: a resume keeps it)
+        self.partition_of: dict[int, int] = {}
+        self.left_out: dict[int, str] = {}  # connected node → why it holds no partition (its last answer)
+        self.restored = False  # partition_of came from a saved state and no node has been asked since
         self.local_data: set[int] = set()  # clients whose node trains on its own data (a device), not its partition
+        self._missing: dict[int, str] = {}  # this round's partitions without a connected node → why (sample)
         self._t0 = 0.0
         # partition id → that client's example count where the server knows it (simulation): a
         # reply must then claim exactly that many; otherwise an int in [1, messages.MAX_EXAMPLES]
@@ -196,7 +202,8 @@ class FlowerAdapter(FlowerStrategy):
         base version each client's node has, the strategy's own state (HetLoRA's pruned ranks,
         ``rank_now``), the privacy ledger."""
         own = {"model": _model_state(self.model), **self.merges.state_dict(), "rng": self.rng.getstate()}
-        rest = {"rounds_applied": self.rounds_applied, "ledger": self.privacy.state_dict() if self.privacy is not None else None}
+        rest = {"rounds_applied": self.rounds_applied, "ledger": self.privacy.state_dict() if self.privacy is not None else None,
+                "partition_of": dict(self.partition_of), "local_data": sorted(self.local_data)}
         strategy_state = self.strategy_state.state_dict()
         taken = sorted(strategy_state.keys() & (own.keys() | rest.keys()))
         if taken:
@@ -209,6 +216,9 @@ class FlowerAdapter(FlowerStrategy):
         self.rng.setstate(state["rng"])
         self.strategy_state.load_state_dict(state)
         self.rounds_applied = int(state["rounds_applied"])
+        self.partition_of = {int(n): int(p) for n, p in state.get("partition_of", {}).items()}  # older states: asked afresh
+        self.local_data = {int(p) for p in state.get("local_data", ())}
+        self.restored = bool(self.partition_of)
         if self.privacy is not None:
             self.privacy.load_state_dict(state["ledger"])
 
@@ -219,23 +229,41 @@ class FlowerAdapter(FlowerStrategy):
         return messages.encode(self.model.adapter, self.model.head, {})[messages.ARRAYS]
 
     def identify(self, grid: Grid) -> dict[int, int]:
-        """Node id → partition id of every connected node. Node ids are random (in simulation too),
-        so the server asks each node it has not seen its ``partition-id`` once, with a query message
-        (:func:`clients.app.query_handler`): ranks, sampling and logs then follow the partition id,
-        and the same seed gives the same run. A node that does not answer, answers out of range, or
-        claims a partition another node holds is left out (with a warning)."""
+        """Node id → partition id of every connected node that holds a partition. Node ids are
+        random (in simulation too), so the server asks each node it has not seen its
+        ``partition-id`` once, with a query message (:func:`clients.app.query_handler`): ranks,
+        sampling and logs then follow the partition id, and the same seed gives the same run.
+
+        The first node to claim a partition holds it for the run, connected or not, and after a
+        resume (the claims are saved with the state): a later claimant is left out with a warning
+        naming both nodes. Claims made in the same exchange go in the order the nodes made their
+        replies (``created_at``), then by node id. A node that does not answer or answers out of
+        range (``0 .. num_clients - 1``) is left out too (:attr:`left_out` says why). After a
+        resume under a new SuperLink (none of the saved holders is connected: node ids are the
+        SuperLink's), the partitions are claimed afresh."""
         nodes = set(grid.get_node_ids())
+        if self.restored and nodes:  # the first nodes seen since the resume say whose node ids the claims are
+            self.restored = False
+            if not nodes & set(self.partition_of):
+                log.info("none of the nodes that held the partitions (%s) is connected: a new SuperLink; partitions are claimed afresh",
+                         ", ".join(f"{p}: node {n}" for n, p in sorted(self.partition_of.items(), key=lambda kv: kv[1])))
+                self.partition_of, self.local_data = {}, set()
+        self.left_out = {n: why for n, why in self.left_out.items() if n in nodes}
         unknown = sorted(n for n in nodes if n not in self.partition_of)
         if unknown:
             ask = [
                 Message(RecordDict({messages.CONFIG: ConfigRecord({"query": "partition-id"})}), dst_node_id=n, message_type=MessageType.QUERY)
                 for n in unknown
             ]
-            held = {p: n for n, p in self.partition_of.items() if n in nodes}
+            held = {p: n for n, p in self.partition_of.items()}  # every claim, its node connected or not
             replies = list(grid.send_and_receive(ask, timeout=self.identify_timeout))
             asked = _ids({m.metadata.dst_node_id: m for m in ask})
-            for reply in sorted(replies, key=lambda m: _sender(m, asked)):
+            answered: set[int] = set()
+            for reply in sorted(replies, key=lambda m: (m.metadata.created_at, _sender(m, asked))):
                 node = _sender(reply, asked)
+                if node not in unknown or node in answered:  # not asked, or a second answer
+                    continue
+                answered.add(node)
                 try:
                     if reply.has_error():
                         raise ValueError(_one_line(reply.error.reason))
@@ -243,21 +271,59 @@ class FlowerAdapter(FlowerStrategy):
                     if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0 or (self.num_clients is not None and pid >= self.num_clients):
                         raise ValueError(f"partition-id {pid!r} is not one of 0..{(self.num_clients or 0) - 1}")
                     if pid in held:
-                        raise ValueError(f"partition-id {pid} is already held by node {held[pid]}")
+                        raise ValueError(f"partition-id {pid} is held by node {held[pid]}, the first node to claim it")
                 except (KeyError, ValueError, TypeError) as e:
+                    self.left_out[node] = str(e)
                     log.warning("node %d left out: it did not identify its partition (%s)", node, e)
                     continue
-                self.partition_of[node] = held[pid] = pid
+                self.left_out.pop(node, None)
+                self.partition_of[node], held[pid] = pid, node
                 if reply.content.config_records[messages.CONFIG].get("local-data") is True:
                     self.local_data.add(pid)
                 else:
                     self.local_data.discard(pid)
+            for node in sorted(set(unknown) - answered):
+                self.left_out[node] = "no answer to the partition-id query"
+                log.warning("node %d left out: it did not answer the partition-id query", node)
         return {n: p for n, p in self.partition_of.items() if n in nodes}
+
+    def missing(self, known: dict[int, int]) -> dict[int, str]:
+        """The run's partitions (``0 .. num_clients - 1``) that no connected node serves (``known``:
+        :meth:`identify`'s answer) → why, in words; empty when the number of partitions is unknown."""
+        if self.num_clients is None:
+            return {}
+        holder = {p: n for n, p in self.partition_of.items()}
+        served = set(known.values())
+        return {p: (f"its node {holder[p]} is not connected" if p in holder else "no node claimed it")
+                for p in range(self.num_clients) if p not in served}
+
+    def missing_line(self, missing: dict[int, str]) -> str:
+        """``missing`` (:meth:`missing`) and the connected nodes left out, in one line."""
+        parts = [f"partition {p}: {why}" for p, why in sorted(missing.items())]
+        parts += [f"node {n} left out: {why}" for n, why in sorted(self.left_out.items())]
+        return "; ".join(parts)
+
+    def check_partitions(self, grid: Grid) -> None:
+        """Before the first round (a resumed run's too): every partition of the run has a connected
+        node, or the run is refused with one line naming the partitions without one and why
+        (:class:`FederationFailed`). A node serving an out-of-range partition, an intruder on a
+        held partition, a device that never connected: each leaves a partition of the
+        configuration untrained, which the run's results would silently hide."""
+        missing = self.missing(self.identify(grid))
+        if missing:
+            raise FederationFailed(f"partition(s) {', '.join(map(str, sorted(missing)))} of 0..{self.num_clients - 1} have no node; "
+                                   f"every partition needs one to start the run ({self.missing_line(missing)})")
 
     def sample(self, grid: Grid) -> dict[int, int]:
         """This round's sampled nodes → their partition ids: ``sample_size`` partitions drawn with
-        the run's seeded RNG from the sorted partition ids of the connected nodes."""
+        the run's seeded RNG from the sorted partition ids of the connected nodes. The partitions
+        without a connected node are this round's :attr:`RoundStats.missing`; fewer connected
+        partitions than ``min_clients`` stop the run (:class:`FederationFailed`), naming them."""
         known = self.identify(grid)
+        self._missing = self.missing(known)
+        if self._missing and len(known) < max(self.min_clients, 1):
+            raise FederationFailed(f"{len(known)} of {self.num_clients} partitions have a connected node, fewer than "
+                                   f"min_clients={self.min_clients} ({self.missing_line(self._missing)})")
         node_of = {p: n for n, p in known.items()}
         pids = sorted(node_of)
         want = sample_size(len(pids), self.fraction, self.min_clients)
@@ -298,7 +364,9 @@ class FlowerAdapter(FlowerStrategy):
         epsilon = self.account(server_round)
         self.merges.publish(self.model)
         sampled = self.sample(grid)
-        stats = self.stats[server_round] = RoundStats(sampled=len(sampled), epsilon=epsilon)
+        stats = self.stats[server_round] = RoundStats(sampled=len(sampled), epsilon=epsilon, missing=tuple(sorted(self._missing)))
+        if self._missing:
+            log.warning("round %d: partition(s) %s have no node (%s)", server_round, ", ".join(map(str, stats.missing)), self.missing_line(self._missing))
         self.sent = {}
         out = []
         for node, pid in sampled.items():
@@ -468,6 +536,7 @@ class FlowerAdapter(FlowerStrategy):
             "clients_replied": stats.replied,
             "clients_failed": stats.failed,
             "clients_rejected": stats.rejected,
+            "clients_missing": len(stats.missing),
             "round_applied": int(stats.applied),
             "bytes_down": stats.bytes_down,
             "bytes_up": stats.bytes_up,

@@ -406,7 +406,7 @@ class Federation:
             row.update(stats.train_metrics)
             row.update(
                 clients_sampled=stats.sampled, clients_replied=stats.replied, clients_failed=stats.failed,
-                clients_rejected=stats.rejected, bytes_down=stats.bytes_down, bytes_up=stats.bytes_up,
+                clients_rejected=stats.rejected, clients_missing=len(stats.missing), bytes_down=stats.bytes_down, bytes_up=stats.bytes_up,
                 round_seconds=round(stats.seconds, 3), round_applied=int(stats.applied),
             )
             if stats.epsilon is not None:
@@ -432,6 +432,7 @@ class Federation:
         clients train, :class:`fedpeft.tracking.RoundProgress` shows how many have finished."""
         arrays = self.adapter.arrays()
         first = 1
+        self.adapter.check_partitions(grid)  # every partition of the run has a node, or the run is refused
         if self.state is None:
             self.personal_evaluation(0, arrays, grid)
             self.record(0, self.evaluate(0, arrays))
@@ -478,7 +479,7 @@ class Federation:
             with self.guard:
                 self.finish(self.status)
         if self.status == "failed":
-            raise RunFailed(self.summary["error"] + (f"; stopped after round {len(self.history) - 1}" if self.failure else ""))
+            raise RunFailed(self.summary["error"] + (f"; stopped after round {len(self.history) - 1}" if self.failure and self.history else ""))
         self.say_done()
         return self.summary
 

@@ -33,10 +33,12 @@ from torch.overrides import TorchFunctionMode
 
 class FakeGrid:
     """A Flower grid for in-process tests of the server adapter: ``nodes`` maps node id → partition
-    id, and query messages are answered the way ``clients.app.query_handler`` answers them."""
+    id, and query messages are answered the way ``clients.app.query_handler`` answers them;
+    ``created_at``: node id → when its reply was made (default 0.0 for all)."""
 
-    def __init__(self, nodes):
+    def __init__(self, nodes, created_at=None):
         self.nodes = dict(nodes)
+        self.created_at = dict(created_at or {})
         self.queries = 0
 
     def get_node_ids(self):
@@ -52,7 +54,7 @@ class FakeGrid:
             self.queries += 1
             node = m.metadata.dst_node_id
             content = RecordDict({"config": ConfigRecord({"partition-id": self.nodes[node]})})
-            metadata = SimpleNamespace(src_node_id=node, reply_to_message_id=m.metadata.message_id)
+            metadata = SimpleNamespace(src_node_id=node, reply_to_message_id=m.metadata.message_id, created_at=self.created_at.get(node, 0.0))
             out.append(SimpleNamespace(metadata=metadata, has_error=lambda: False, content=content))
         return out
 

@@ -243,12 +243,12 @@ def test_the_server_prepares_each_merge_once_and_every_client_reaches_the_same_b
     assert all(stored[v] is fa.merges.forms[v] for v in (1, 2, 3))
 
     # A node that joins now gets all three merges, in one message; a worker short of merges reads the store.
-    grid.nodes = {200: 0, 299: 5, 210: 9}
+    grid.nodes = {200: 0, 205: 5, 210: 9}
     msgs4 = list(fa.configure_train(4, fa.arrays(), ConfigRecord(), grid))
     late_dec = messages.decode(next(m for m in msgs4 if m.metadata.dst_node_id == 210).content)
     assert sorted(late_dec.merges) == [1, 2, 3]
     # client 5 trained on base 1 in round 2, sat out round 3
-    assert sorted(messages.decode(next(m for m in msgs4 if m.metadata.dst_node_id == 299).content).merges) == [2, 3]
+    assert sorted(messages.decode(next(m for m in msgs4 if m.metadata.dst_node_id == 205).content).merges) == [2, 3]
     late, from_store, process = lm0.copy(), lm0.copy(), lm0.copy()
     client_app.sync_base(late, 3, late_dec.merges, None)
     client_app.sync_base(from_store, 3, {}, str(tmp_path))

@@ -246,3 +246,13 @@ def test_the_simulation_launcher_imports_flower_and_hugging_face_only_after_sett
     assert not modules & {"fedpeft.serverapp", "clients.app", "fedpeft.models", "fedpeft.data"}, modules
     read_env = external & {"flwr", "transformers", "datasets", "huggingface_hub", "peft", "ray"}
     assert not read_env, read_env
+
+
+def test_the_client_app_imports_no_privacy_accountant():
+    """A deployed node starts a new ClientApp process for every message (Flower 1.41), and each
+    imports ``clients.app`` again: Opacus's accountant (1.7 s of each cold start on the loaded
+    2-core machine) is the server's and the config checks'; the client path clips and noises with
+    torch alone (DP-SGD's PrivacyEngine is imported where a client trains with it)."""
+    modules, external = reachable_at_import("clients.app")
+    assert "fedpeft.privacy" in modules  # the walker does follow the client path to it
+    assert "opacus" not in external, sorted(external)

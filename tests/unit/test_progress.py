@@ -333,7 +333,7 @@ def test_rounds_wait_through_push_and_pull_and_show_progress(monkeypatch, capsys
     fed.cfg = OmegaConf.create({"rounds": 2, "engine": {"round_timeout": 60.0, "kind": "per_client"}})
     fed.state = None
     fed.engine = get_engine(fed.cfg.engine)
-    fed.adapter = SimpleNamespace(arrays=lambda: "arrays0", partition_of={})
+    fed.adapter = SimpleNamespace(arrays=lambda: "arrays0", partition_of={}, check_partitions=lambda grid: None)
     fed.strategy = SimpleNamespace(
         configure_train=lambda r, arrays, config, g: iter([message(n) for n in (7, 8, 9)]),  # an iterator: counted once
         aggregate_train=lambda r, replies: (aggregated.append((r, sorted(m.metadata.src_node_id for m in replies))), (f"arrays{r}", None))[1],
@@ -367,7 +367,7 @@ def test_rounds_clear_the_terminal_line_when_the_wait_fails(monkeypatch):
     fed.cfg = OmegaConf.create({"rounds": 1, "engine": {"round_timeout": 60.0, "kind": "per_client"}})
     fed.state = {"round": 0}
     fed.engine = get_engine(fed.cfg.engine)
-    fed.adapter = SimpleNamespace(arrays=lambda: None, partition_of={})
+    fed.adapter = SimpleNamespace(arrays=lambda: None, partition_of={}, check_partitions=lambda grid: None)
     fed.strategy = SimpleNamespace(configure_train=lambda *a: [message(7)])
     with pytest.raises(KeyboardInterrupt):
         fed.rounds(grid)

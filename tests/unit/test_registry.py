@@ -285,6 +285,7 @@ def test_start_hands_the_pretrained_weights_only_to_a_strategy_that_declares_the
 
 
 OLD_STATE_KEYS = {"model", "merge_forms", "seen", "merges_published", "rng", "rank_now", "rounds_applied", "ledger"}  # before ServerState
+CLAIM_KEYS = {"partition_of", "local_data"}  # which node holds which partition (issue 24): a state without them resumes
 
 
 def test_the_servers_saved_state_keeps_its_keys_and_a_state_saved_before_resumes():
@@ -299,7 +300,7 @@ def test_the_servers_saved_state_keeps_its_keys_and_a_state_saved_before_resumes
     het = adapter("hetlora", gamma=0.5)
     het.strategy_state.applied([(strategies.ClientSpec(0, 8, 8.0), lora_update(0, 4))])
     state = het.state_dict()
-    assert set(state) == OLD_STATE_KEYS and state["rank_now"] == {0: 4}
+    assert set(state) == OLD_STATE_KEYS | CLAIM_KEYS and state["rank_now"] == {0: 4}
     again = adapter("hetlora", gamma=0.5)
     again.load_state_dict(state)
     assert again.strategy_state.rank_now == {0: 4}
@@ -308,8 +309,11 @@ def test_the_servers_saved_state_keeps_its_keys_and_a_state_saved_before_resumes
     assert again.payload_of(1)[0].rank == 8
     # other strategies keep no rank_now now; a state saved with the old empty one still resumes
     fedavg = adapter("fedavg")
-    assert set(fedavg.state_dict()) == OLD_STATE_KEYS - {"rank_now"}
+    assert set(fedavg.state_dict()) == (OLD_STATE_KEYS | CLAIM_KEYS) - {"rank_now"}
     adapter("fedavg").load_state_dict({**fedavg.state_dict(), "rank_now": {}})
+    old = adapter("fedavg")
+    old.load_state_dict({k: v for k, v in fedavg.state_dict().items() if k not in CLAIM_KEYS})
+    assert old.partition_of == {} and not old.restored
     # a strategy state key that is the server's own is refused in one line, not silently overwritten
     het.strategy_state.state_dict = lambda: {"rng": 0}
     with pytest.raises(ValueError, match=r"^strategy=hetlora: its server state's keys \['rng'\] are the server's own"):
