@@ -389,6 +389,10 @@ class Federation:
             atomic_save({"round": server_round, "config": OmegaConf.to_container(self.cfg, resolve=True),
                          "adapter": self.adapter.state_dict()}, self.run_dir / STATE)
         say(progress_line(server_round, self.cfg.rounds, row, time.perf_counter() - self.t_start))
+        if self.diverged is None:  # said once, at the first round that diverged (fedpeft.metrics.divergence)
+            self.diverged = divergence(self.history)
+            if self.diverged:
+                log.warning(self.diverged)
 
     def rounds(self, grid: Grid) -> None:
         """Flower's round loop (``Strategy.start``: configure_train → the engine's exchange →
@@ -413,10 +417,6 @@ class Federation:
                 arrays = new
             self.personal_evaluation(r, arrays, grid)
             self.record(r, self.evaluate(r, arrays))
-            if self.diverged is None:
-                self.diverged = divergence(self.history)
-                if self.diverged:
-                    log.warning(self.diverged)
 
     def personal_evaluation(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> None:
         """Flower's evaluate step (``configure_evaluate`` → send_and_receive → ``aggregate_evaluate``):
