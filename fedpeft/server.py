@@ -709,7 +709,8 @@ def _one_line(text: str) -> str:
     reports it (``<class ...>:<'...Exception ClientAppException occurred. Message: ...'>``), the
     client's own message."""
     text = str(text)
-    flower = re.fullmatch(r"\s*<class '[\w.]+'>:<'(.*)'>\s*", text, re.S)  # Flower's ``<class ...>:<'...'>`` around any exception
+    # Flower's ``<class ...>:<'...'>`` around any exception (the class may be Ray's ``RayTaskError(ClientAppException)``)
+    flower = re.fullmatch(r"\s*<class '[^']*'>:<'(.*)'>\s*", text, re.S)
     if flower:
         text = flower.group(1)
     wrapped = re.search(r"ClientAppException occurred\. Message: (.*?)\s*$", text, re.S)

@@ -385,7 +385,11 @@ def test_every_client_diverging_ends_the_run_though_the_lines_differ_by_client_i
 
     fa = setup()
     wrapped = "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. Message: client {}: training loss became {}'>"
-    replies = [reply(n, error=wrapped.format(NODES[n], v)) for n, v in ((11, "nan"), (12, "nan"), (13, "inf"), (14, "nan"))]
+    # what Flower's Ray backend hands on: Ray's RayTaskError around the ClientAppException, with the actor's traceback
+    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=4242, ip=127.0.0.1, actor_id=3f0c)\n"
+           "  File \"/flwr/simulation/ray_transport/ray_actor.py\", line 64, in run\n    raise ClientAppException(str(ex)) from ex\n"
+           "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. Message: client {}: training loss became {}'>")
+    replies = [reply(n, error=form.format(NODES[n], v)) for n, v, form in ((11, "nan", wrapped), (12, "nan", ray), (13, "inf", ray), (14, "nan", wrapped))]
     with pytest.raises(FederationFailed) as e:
         fa.aggregate_train(1, replies)
     assert str(e.value) == "client 0: training loss became nan (4 of 4 sampled clients)"
