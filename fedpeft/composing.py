@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
 from fedpeft.config import CONFIG_DIR, ConfigError, config_error_line, register, strategy_defaults, typed, validate
-from fedpeft.preflight import check_assets, check_model, check_resources, check_run_dir, prepare_data
+from fedpeft.preflight import check_assets, check_model, check_privacy, check_resources, check_run_dir, prepare_data
 
 
 def compose(overrides: list[str], config_dir: Path | None = None, config_name: str = "config"):
@@ -30,7 +30,8 @@ def compose_run(overrides: list[str], config_dir: Path | None = None, config_nam
     check_run_dir(run_dir)
     check_assets(cfg)
     check_resources(cfg)
-    *_, num_labels = prepare_data(cfg)  # cached: the run that follows in this process reuses it
+    _, partitioner, _, num_labels = prepare_data(cfg)  # cached: the run that follows in this process reuses it
+    check_privacy(cfg, partitioner)
     check_model(cfg, num_labels)
     return cfg, run_dir
 

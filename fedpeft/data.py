@@ -18,9 +18,12 @@ split and returns the partitioner (``partitioner.load_partition(i)`` is client `
 from __future__ import annotations
 
 import bz2
+import codecs
+import contextlib
 import csv
 import difflib
 import functools
+import logging
 import os
 import re
 import warnings
@@ -32,6 +35,7 @@ from typing import Any
 import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from datasets.exceptions import DatasetGenerationError
 from tqdm import tqdm
 
 from fedpeft import assets
@@ -378,8 +382,54 @@ def _read_local(name: str, path: Path) -> DatasetDict | Dataset:
     data_files: dict[str, list[str]] = defaultdict(list)
     for p in files:
         data_files[_split_of(p) if path.is_dir() else "train"].append(str(p))
+    fmt = fmts.pop()
+    for p in files:
+        _check_text_file(name, path, p, fmt)
     kw = {"delimiter": "\t"} if any(".tsv" in p.suffixes for p in files) else {}
-    return datasets.load_dataset(fmts.pop(), data_files=dict(data_files), **kw)
+    with _quiet_datasets():  # its loaders log a failure and then raise it: the DataError says it once
+        return datasets.load_dataset(fmt, data_files=dict(data_files), **kw)
+
+
+def _check_text_file(name: str, path: Path, p: Path, fmt: str) -> None:
+    """A local text file (csv, tsv, json, jsonl; not compressed) that ``datasets`` would fail on
+    with only "An error occurred while generating the dataset": an empty file, a csv with a header
+    and no rows, bytes that are not UTF-8 (the first bad byte and its offset in the file)."""
+    if fmt not in ("csv", "json") or any(s in _COMPRESSED for s in p.suffixes):
+        return
+    where = "the file" if p == path else f"file {p}"
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    fed, head, content = 0, "", False
+    with open(p, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            base = fed - len(decoder.getstate()[0])  # the file offset of what this decode call sees first
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise DataError(f"dataset {name!r}: {where} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {base + e.start}); "
+                                "save it as UTF-8") from None
+            if not chunk:
+                break
+            fed += len(chunk)
+            content = content or bool(text.strip())
+            if len(head) < 1 << 16:
+                head += text
+    if not content:
+        raise DataError(f"dataset {name!r}: {where} is empty")
+    if fmt == "csv" and len(head) < 1 << 16 and sum(1 for line in head.splitlines() if line.strip()) < 2:
+        raise DataError(f"dataset {name!r}: {where} has a header but no rows")
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """``datasets``'s loggers silenced (a failure is raised after it is logged)."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _hub_offline() -> bool:
@@ -424,7 +474,10 @@ def _raw(name: str) -> dict[str, Dataset]:
     except Exception as e:  # a broken file, an unknown id, the hub out of reach
         builtins = ", ".join(BUILTIN)
         if local:
-            raise DataError(f"dataset {name!r}: cannot read the local path ({type(e).__name__}: {_first_line(e)})") from e
+            cause = e
+            while isinstance(cause, DatasetGenerationError) and cause.__cause__ is not None:
+                cause = cause.__cause__  # its own message says only "An error occurred while generating the dataset"
+            raise DataError(f"dataset {name!r}: cannot read the local path ({type(cause).__name__}: {_first_line(cause)})") from e
         hub = ("the Hugging Face hub is unreachable (HF_HUB_OFFLINE=1)" if _hub_offline()
                else f"the Hugging Face hub could not load it ({type(e).__name__}: {_first_line(e)})")
         close = difflib.get_close_matches(name, BUILTIN, n=1)
@@ -437,6 +490,11 @@ def _raw(name: str) -> dict[str, Dataset]:
     train_key = "train" if "train" in raw else next(iter(raw))
     test_key = next((k for k in ("test", "validation", "valid", "dev") if k in raw and k != train_key), None)
     return {"train": raw[train_key]} | ({"test": raw[test_key]} if test_key else {})
+
+
+def columns(name: str) -> list[str]:
+    """The columns of a local path's or hub dataset's training split, as it is read (before renaming)."""
+    return _raw(name)["train"].column_names
 
 
 def _external(name: str, seed: int, text_column: str, label_column: str, group_column: str | None) -> DatasetDict:

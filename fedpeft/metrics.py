@@ -4,6 +4,7 @@ compare`` read them alike. Standard library only: ``fedpeft compare`` starts at 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "error", "epsilon", "seconds", "bytes")
@@ -26,3 +27,26 @@ def total_mb(rows: list[dict[str, Any]], direction: str) -> float:
 
 def lower_is_better(metric: str) -> bool:
     return any(word in metric.lower() for word in LOWER_IS_BETTER)
+
+
+DIVERGENCE_FACTOR = 10.0  # an evaluation loss this many times round 0's, or not finite: the run diverged
+
+
+def divergence(rows: list[dict[str, Any]]) -> str | None:
+    """The first trained round whose evaluation ``loss`` is not finite or exceeds
+    :data:`DIVERGENCE_FACTOR` × round 0's (the model before training), said in one line; None if no
+    round did (or there is no round 0 loss to compare with). A learning rate far too high (e.g.
+    ``train.lr=1000``) ends so, its accuracy below the majority class, while every round "succeeds"."""
+
+    start = next((r.get("loss") for r in rows if r.get("round") == 0), None)
+    if not isinstance(start, (int, float)) or not math.isfinite(start) or start <= 0:
+        return None
+    for r in rows:
+        loss = r.get("loss")
+        if int(r.get("round", 0)) < 1 or not isinstance(loss, (int, float)) or isinstance(loss, bool):
+            continue
+        if not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * start:
+            return (f"diverged: round {r['round']}'s evaluation loss {loss:.4g} is "
+                    + ("not finite" if not math.isfinite(loss) else f"{loss / start:.0f}x round 0's {start:.4g}")
+                    + f" (the rule: above {DIVERGENCE_FACTOR:g}x round 0's, or not finite); lower train.lr")
+    return None

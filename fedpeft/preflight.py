@@ -197,6 +197,11 @@ def prepare_data(cfg: DictConfig):
                                   f"data.{key} only renames a column of a Hugging Face dataset or a local path (drop the override)")
     task = fdata.task_of(ds)
     if cfg.model.task == "classification" and task != "classification":
+        if cfg.data.name not in fdata.BUILTIN:  # most likely the labels are there under another name
+            cols = [c for c in fdata.columns(cfg.data.name) if c != cfg.data.text_column]
+            raise ConfigError(f"data.label_column: data {cfg.data.name!r} has no label column {cfg.data.label_column!r}: set "
+                              f"data.label_column=<one of {', '.join(cols)}>, or, to train a language model on its text, "
+                              "use a causal_lm model (e.g. model=smollm2)")
         raise ConfigError(
             f"model.task: classification needs labelled data, but data {cfg.data.name!r} has no label column (use a causal_lm model, e.g. model=smollm2)"
         )
@@ -264,3 +269,53 @@ def check_wandb(cfg: DictConfig, run_dir: Path | None = None, timeout: float = W
     cfg.tracking.mode = "offline"
     where = Path(run_dir) / "wandb" if run_dir is not None else "RUN_DIR/wandb"
     say(f"W&B: {problem}; going on offline (tracking.fallback=offline). Upload the run afterwards with: wandb sync {where}/offline-run-*")
+
+
+def train_size(cfg: DictConfig, partitioner, client: int, personalized: bool) -> int:
+    """Client ``client``'s training examples: its partition, less the held-out 20% of a
+    ``personalized`` strategy (:func:`fedpeft.data.held_out`)."""
+    from fedpeft import data as fdata
+
+    part = partitioner.load_partition(client)
+    return len(fdata.held_out(part, cfg.seed)["train"]) if personalized else part.num_rows
+
+
+def privacy_plan(cfg: DictConfig, partitioner, personalized: bool):
+    """The noise multiplier and what each round composes into the privacy ledger.
+
+    sample: every client runs ``train.local_steps`` DP-SGD steps per round at its Poisson rate
+    ``1/ceil(n_k/(batch_size · grad_accum_steps))`` (a step's logical batch); the ledger takes the largest rate (the smallest partition) and counts
+    every round for every client (no amplification by client sampling is claimed).
+    central / local: one Gaussian release per round per client, at the client sampling rate
+    ``K/N`` (a fixed-size uniform sample, accounted as Poisson sampling at that rate, as in
+    McMahan et al. 2018).
+    ``privacy.target_epsilon`` without a noise multiplier: σ such that the last round spends it.
+    ``personalized``: the strategy's (its clients train on 80% of their partitions)."""
+    from clients.train import sample_rate
+    from fedpeft.privacy import PrivacyPlan, noise_multiplier_for
+    from fedpeft.server import sample_size
+
+    pv = cfg.privacy
+    if pv.mode == "none":
+        return None
+    if pv.mode == "sample":
+        smallest = min(train_size(cfg, partitioner, i, personalized) for i in range(cfg.clients))
+        # a step's logical batch (train.grad_accum_steps batches, clipped per example, noised once)
+        q, steps = sample_rate(smallest, cfg.train.batch_size * cfg.train.grad_accum_steps), cfg.train.local_steps
+    else:
+        q, steps = sample_size(cfg.clients, cfg.fraction, cfg.min_clients) / cfg.clients, 1
+    sigma = pv.noise_multiplier
+    if sigma is None:
+        sigma = noise_multiplier_for(pv.target_epsilon, pv.delta, q, steps * cfg.rounds)
+    return PrivacyPlan(pv.mode, float(sigma), pv.clip, q, steps, pv.delta, budget=pv.target_epsilon)
+
+
+def check_privacy(cfg: DictConfig, partitioner) -> None:
+    """The privacy plan (:func:`privacy_plan`) computed now, before anything runs: a target ε that
+    no noise multiplier reaches is one line naming the key."""
+    import strategies
+
+    try:
+        privacy_plan(cfg, partitioner, strategies.REGISTRY[cfg.strategy.name].personalized)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

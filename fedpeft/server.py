@@ -503,9 +503,13 @@ class FlowerAdapter(FlowerStrategy):
             stats.failed += 1
             failures.append((node, "no reply within the round timeout (engine.round_timeout)", ErrorCode.REPLY_MESSAGE_UNAVAILABLE))
         # Nodes that dropped out (Flower's unavailable-node or missing-reply errors) are no client's fault.
-        same = Counter(line for _, line, code in failures if code not in _TRANSPORT_ERRORS).most_common(1)
+        # Compared by cause: lines that differ only in their numbers (a client id, a pid, nan or inf) are one error.
+        # The fault profile's injected failures (clients.app.InjectedFailure) are independent by design.
+        causes = [(cause(line), line) for _, line, code in failures if code not in _TRANSPORT_ERRORS and _INJECTED not in line]
+        same = Counter(c for c, _ in causes).most_common(1)
         if same and 2 * same[0][1] > stats.sampled:
-            raise FederationFailed(f"{same[0][0]} ({same[0][1]} of {stats.sampled} sampled clients)")
+            example = next(line for c, line in causes if c == same[0][0])
+            raise FederationFailed(f"{example} ({same[0][1]} of {stats.sampled} sampled clients)")
         for node, line, _ in failures:
             pid = self.partition_of.get(node)
             note = self.failure_note(line) if self.failure_note is not None else ""
@@ -759,12 +763,26 @@ def _weighted_mean(rows: list[tuple[int, dict[str, float]]]) -> dict[str, float]
 _TRANSPORT_ERRORS = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
 
 
+_INJECTED = "injected failure in round"  # clients.app's fault profile: "client 3: injected failure in round 2 (profile.failure_rate=0.5)"
+_NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+(?:\.\d*)?(?:e[-+]?\d+)?|nan|inf)(?![\w.])", re.I)
+
+
+def cause(line: str) -> str:
+    """What a failure line says with its numbers masked: ``client 3: training loss became nan`` and
+    ``client 1: training loss became inf`` have one cause."""
+    return _NUMBER.sub("#", line)
+
+
 def _one_line(text: str) -> str:
     """The last line of an error text; for a ClientApp's exception as Flower's simulation engine
     reports it (``<class ...>:<'...Exception ClientAppException occurred. Message: ...'>``), the
     client's own message."""
     text = str(text)
-    wrapped = re.search(r"ClientAppException occurred\. Message: (.*?)(?:'>)?\s*$", text, re.S)
+    # Flower's ``<class ...>:<'...'>`` around any exception (the class may be Ray's ``RayTaskError(ClientAppException)``)
+    flower = re.fullmatch(r"\s*<class '[^']*'>:<'(.*)'>\s*", text, re.S)
+    if flower:
+        text = flower.group(1)
+    wrapped = re.search(r"ClientAppException occurred\. Message: (.*?)\s*$", text, re.S)
     if wrapped:
         text = wrapped.group(1)
     lines = [l for l in text.strip().splitlines() if l.strip()]

@@ -41,8 +41,8 @@ from fedpeft.engines import EngineError, send_and_receive
 from fedpeft.engines import get as get_engine
 from fedpeft.launch import setup_env
 from fedpeft.merges import save_merge
-from fedpeft.preflight import check_model, check_run_dir, prepare_data
-from fedpeft.privacy import PrivacyPlan, noise_multiplier_for
+from fedpeft.metrics import divergence
+from fedpeft.preflight import check_model, check_run_dir, prepare_data, privacy_plan, train_size
 from fedpeft.ranks import client_alpha, client_ranks
 from fedpeft.server import Codecs, FederationFailed, FlowerAdapter, load_global, sample_size, wrap_central_dp
 from fedpeft.tracking import RoundProgress, Tracker, hydra_overrides, progress_line, run_tags, say, varied_keys
@@ -68,43 +68,6 @@ def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(strategies.REGISTRY[cfg.strategy.name]) if f.init}
     given = {**OmegaConf.to_container(cfg.strategy, resolve=True), "seed": cfg.seed}
     return {k: v for k, v in given.items() if k in names and k != "name"}
-
-
-def train_size(cfg: DictConfig, partitioner, client: int, personalized: bool) -> int:
-    """Client ``client``'s training examples: its partition, less the held-out 20% of a
-    ``personalized`` strategy (:func:`fedpeft.data.held_out`)."""
-    from fedpeft import data as fdata
-
-    part = partitioner.load_partition(client)
-    return len(fdata.held_out(part, cfg.seed)["train"]) if personalized else part.num_rows
-
-
-def privacy_plan(cfg: DictConfig, partitioner, personalized: bool):
-    """The noise multiplier and what each round composes into the privacy ledger.
-
-    sample: every client runs ``train.local_steps`` DP-SGD steps per round at its Poisson rate
-    ``1/ceil(n_k/(batch_size · grad_accum_steps))`` (a step's logical batch); the ledger takes the largest rate (the smallest partition) and counts
-    every round for every client (no amplification by client sampling is claimed).
-    central / local: one Gaussian release per round per client, at the client sampling rate
-    ``K/N`` (a fixed-size uniform sample, accounted as Poisson sampling at that rate, as in
-    McMahan et al. 2018).
-    ``privacy.target_epsilon`` without a noise multiplier: σ such that the last round spends it.
-    ``personalized``: the strategy's (its clients train on 80% of their partitions)."""
-    from clients.train import sample_rate
-
-    pv = cfg.privacy
-    if pv.mode == "none":
-        return None
-    if pv.mode == "sample":
-        smallest = min(train_size(cfg, partitioner, i, personalized) for i in range(cfg.clients))
-        # a step's logical batch (train.grad_accum_steps batches, clipped per example, noised once)
-        q, steps = sample_rate(smallest, cfg.train.batch_size * cfg.train.grad_accum_steps), cfg.train.local_steps
-    else:
-        q, steps = sample_size(cfg.clients, cfg.fraction, cfg.min_clients) / cfg.clients, 1
-    sigma = pv.noise_multiplier
-    if sigma is None:
-        sigma = noise_multiplier_for(pv.target_epsilon, pv.delta, q, steps * cfg.rounds)
-    return PrivacyPlan(pv.mode, float(sigma), pv.clip, q, steps, pv.delta, budget=pv.target_epsilon)
 
 
 def actor_death_note(plan) -> Any:
@@ -213,6 +176,7 @@ class Federation:
         self.history: list[dict[str, Any]] = []
         self.samples: dict[int, list[dict[str, Any]]] = {}  # a round's generated samples, until record() logs them
         self.failure: str | None = None
+        self.diverged: str | None = None  # fedpeft.metrics.divergence, once a round's evaluation loss says so
         self.status = "failed"
         self.state = self.saved_state() if self.resume else None
         self.engine = get_engine(cfg.engine)  # how the rounds' messages reach the clients (engine.kind)
@@ -425,6 +389,10 @@ class Federation:
             atomic_save({"round": server_round, "config": OmegaConf.to_container(self.cfg, resolve=True),
                          "adapter": self.adapter.state_dict()}, self.run_dir / STATE)
         say(progress_line(server_round, self.cfg.rounds, row, time.perf_counter() - self.t_start))
+        if self.diverged is None:  # said once, at the first round that diverged (fedpeft.metrics.divergence)
+            self.diverged = divergence(self.history)
+            if self.diverged:
+                log.warning(self.diverged)
 
     def rounds(self, grid: Grid) -> None:
         """Flower's round loop (``Strategy.start``: configure_train → the engine's exchange →
@@ -505,6 +473,7 @@ class Federation:
             s["error"] = getattr(self, "error", None) or "the run ended before its rounds were done"
         if self.adapter.stopped:
             s["stopped"] = self.adapter.stopped
+        s["diverged"] = divergence(self.history)
         if self.history:
             s["final"] = {k: v for k, v in self.history[-1].items() if isinstance(v, (int, float))}
         if plan is not None:
@@ -525,17 +494,18 @@ class Federation:
     def say_done(self) -> None:
         final, last = self.history[-1], len(self.history) - 1
         where = f"; adapter in {self.tracker.checkpoint_dir(last)}" if self.cfg.tracking.save_adapters else f"; results in {self.run_dir}"
+        diverged = f"; {self.summary['diverged']}" if self.summary.get("diverged") else ""
         what = "personalised (mean over clients' held-out splits)" if self.adapter.strategy.personalized else "test"
         if "accuracy" in final:
             say(
                 f"done in {self.summary['seconds']:.0f}s: {what} accuracy {final['accuracy']:.4f} "
-                f"(majority-class rate {self.baseline['majority_rate']:.4f}){where}"
+                f"(majority-class rate {self.baseline['majority_rate']:.4f}){diverged}{where}"
             )
         elif "perplexity" in final:
             from fedpeft.generate import summary_line
 
             gen = summary_line(final)
-            say(f"done in {self.summary['seconds']:.0f}s: {what} perplexity {final['perplexity']:.2f}{'; ' + gen if gen else ''}{where}")
+            say(f"done in {self.summary['seconds']:.0f}s: {what} perplexity {final['perplexity']:.2f}{'; ' + gen if gen else ''}{diverged}{where}")
         else:
             say(f"done in {self.summary['seconds']:.0f}s: no evaluation in the last round (see the log){where}")
 

@@ -160,6 +160,7 @@ def simulate(run_config: dict[str, Any], num_supernodes: int, cfg: DictConfig) -
     from flwr.supercore.telemetry import EventType
 
     from clients.app import app as client_app
+    from fedpeft.raypool import healing
     from fedpeft.serverapp import app as server_app
 
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
@@ -168,10 +169,11 @@ def simulate(run_config: dict[str, Any], num_supernodes: int, cfg: DictConfig) -
     run.override_config = dict(run_config)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
-    _run_simulation(
-        num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE, client_app=client_app, server_app=server_app,
-        backend_config=backend_config(cfg), server_app_context=context, app_dir=str(project_dir()), run=run, is_app=True,
-    )
+    with healing():  # a worker process that dies costs its client, not the run (fedpeft.raypool)
+        _run_simulation(
+            num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE, client_app=client_app, server_app=server_app,
+            backend_config=backend_config(cfg), server_app_context=context, app_dir=str(project_dir()), run=run, is_app=True,
+        )
 
 
 def run(cfg: DictConfig, run_dir: Path, *, interruptible: bool = False, resume: bool = False) -> dict[str, Any]:

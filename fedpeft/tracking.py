@@ -230,7 +230,8 @@ def progress_line(server_round: int, rounds: int, m: Mapping[str, Any], elapsed:
         if key in m:
             parts.append(fmt.format(m[key]))
     if "clients_sampled" in m:
-        notes = [f"{int(m[k])} {word}" for k, word in (("clients_failed", "failed"), ("clients_rejected", "rejected"), ("clients_missing", "partition(s) without a node")) if m.get(k)]
+        notes = [f"{int(m[k])} {word}" for k, word in
+                 (("clients_failed", "failed"), ("clients_rejected", "rejected"), ("clients_missing", "partition(s) without a node")) if m.get(k)]
         parts.append(f"clients {int(m['clients_replied'])}/{int(m['clients_sampled'])}" + (f" ({', '.join(notes)})" if notes else ""))
         if "round_applied" in m and not m["round_applied"]:
             parts.append("not applied (too few good updates)")

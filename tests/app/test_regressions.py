@@ -301,7 +301,7 @@ def test_local_dp_in_the_client_app_clips_to_C_and_adds_noise_sigma_C(run_config
     ``@app.train(mods=...)``, or returning the plain reply) → the σ=0 update's norm is the raw one
     (> C) and the σ>0 deviation has std ≪ σC; noise ``σ`` instead of ``σ·C`` in ``noised_update``
     → std 1/C = 10x too large. Both fail."""
-    from fedpeft.serverapp import privacy_plan
+    from fedpeft.preflight import privacy_plan
 
     C = 0.1
     grid = FakeGrid({501: 0})

@@ -167,7 +167,7 @@ def test_dp_sgd_accumulates_the_logical_batch(minilm, tweets, tiny_llama, monkey
 
 
 def test_the_accountant_takes_the_logical_batch():
-    from fedpeft.serverapp import privacy_plan
+    from fedpeft.preflight import privacy_plan
 
     class Parts:
         def load_partition(self, i):

@@ -79,6 +79,8 @@ from tests.harness import run_cli
         ("data.label_column=bogus", "data.label_column: built-in data 'election_tweets' has the fixed columns text, label"),
         ("data.text_column=body", "data.text_column: built-in data 'election_tweets'"),
         ("data=rotten_tomatoes data.group_column=movie", "data.group_column: built-in data 'rotten_tomatoes' has the fixed columns text, label, group"),
+        # the privacy plan (its noise multiplier from the partitions' sampling rates) is computed before anything runs
+        ("strategy=dp_lora privacy=sample privacy.target_epsilon=0.05", "privacy.target_epsilon=0.05 is unreachable at delta="),
         # a local Ray cannot place a client that asks for more than the machine has
         ("engine.num_cpus=100", "engine.num_cpus: 100 CPUs per client asked for, but this machine has"),
         ("tracking.fallback=later", "tracking.fallback: unknown value 'later'"),

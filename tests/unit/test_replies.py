@@ -377,3 +377,30 @@ def test_the_superlinks_unavailable_reply_for_a_dead_node_is_that_nodes_failure(
     lines = [r.getMessage() for r in caplog.records]
     assert any("client 3 on node 14 failed: Node 14 is unavailable" in l for l in lines), lines
     assert not any("rejected" in l for l in lines)
+
+
+def test_every_client_diverging_ends_the_run_though_the_lines_differ_by_client_id():
+    """Compared by cause, not text: the clients' NaN lines differ only by their client id (and nan/inf)."""
+    from fedpeft.server import FederationFailed
+
+    fa = setup()
+    wrapped = "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. Message: client {}: training loss became {}'>"
+    # what Flower's Ray backend hands on: Ray's RayTaskError around the ClientAppException, with the actor's traceback
+    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=4242, ip=127.0.0.1, actor_id=3f0c)\n"
+           "  File \"/flwr/simulation/ray_transport/ray_actor.py\", line 64, in run\n    raise ClientAppException(str(ex)) from ex\n"
+           "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. Message: client {}: training loss became {}'>")
+    replies = [reply(n, error=form.format(NODES[n], v)) for n, v, form in ((11, "nan", wrapped), (12, "nan", ray), (13, "inf", ray), (14, "nan", wrapped))]
+    with pytest.raises(FederationFailed) as e:
+        fa.aggregate_train(1, replies)
+    assert str(e.value) == "client 0: training loss became nan (4 of 4 sampled clients)"
+
+
+def test_a_dead_worker_is_one_line_without_flowers_wrapping(caplog):
+    """Flower wraps any exception of its Ray backend as ``<class '...'>:<'...'>``: the line is the message, no stray ``'>``."""
+    fa = setup()
+    line = "its Ray worker process (pid 4242) died (killed: out of memory, or a signal); a fresh worker replaces it"
+    reason = "<class 'fedpeft.raypool.WorkerDied'>:<'" + line + "'>"  # flwr's vce_api.worker: str(type(ex)) + ":<'" + str(ex) + "'>"
+    _, metrics = fa.aggregate_train(1, [*good_replies(fa), reply(12, error=reason, code=0), reply(14, content_of(n=20))])
+    assert metrics["clients_failed"] == 1 and metrics["round_applied"] == 1
+    failed = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert failed == [f"round 1: client 1 on node 12 failed: {line}"]
