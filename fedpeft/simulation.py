@@ -72,6 +72,11 @@ def start_ray(cfg: DictConfig) -> None:
 
     if ray.is_initialized():
         return
+    from fedpeft.tracking import say
+
+    where = f"joining the Ray cluster at {cfg.engine.ray_address}" if cfg.engine.ray_address else "starting Ray on 127.0.0.1"
+    say(f"{where}: one worker per {cfg.engine.num_cpus:g} CPU(s){f' and {cfg.engine.num_gpus:g} GPU(s)' if cfg.engine.num_gpus else ''}, "
+        "each loading the base model once …")
     pythonpath = os.pathsep.join([*sys.path, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
     os.environ["PYTHONPATH"] = pythonpath
     ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **backend_config(cfg)["init_args"])
