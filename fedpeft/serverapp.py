@@ -45,6 +45,7 @@ from fedpeft.preflight import check_model, check_run_dir, prepare_data
 from fedpeft.privacy import PrivacyPlan, noise_multiplier_for
 from fedpeft.ranks import client_alpha, client_ranks
 from fedpeft.server import Codecs, FederationFailed, FlowerAdapter, load_global, sample_size, wrap_central_dp
+from fedpeft.serveropt import ServerOptimizer
 from fedpeft.tracking import RoundProgress, Tracker, hydra_overrides, progress_line, run_tags, say, varied_keys
 from strategies.base import ClientSpec
 
@@ -281,6 +282,7 @@ class Federation:
             base_weights=base,
             lr_at=lr_schedule(cfg),
             failure_note=actor_death_note(self.memory[0] if self.memory is not None else None),
+            server_optimizer=ServerOptimizer.from_config(cfg.server),
         )
         central = cfg.privacy.mode == "central"
         self.strategy = wrap_central_dp(self.adapter, sample_size(cfg.clients, cfg.fraction, cfg.min_clients)) if central else self.adapter
