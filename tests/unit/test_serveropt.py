@@ -127,7 +127,8 @@ def same(a, b):
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("name", ["fedavg", "ffa_lora", "fedsa_lora", "rolora"])
 def test_fedavgm_at_lr_1_and_momentum_0_is_the_plain_strategy_exactly(name):
-    plain, opt0, opt9 = make_adapter(name), make_adapter(name, ServerOptimizer("fedavgm", 1.0, momentum=0.0)), make_adapter(name, ServerOptimizer("fedavgm", 1.0))
+    plain, opt0 = make_adapter(name), make_adapter(name, ServerOptimizer("fedavgm", 1.0, momentum=0.0))
+    opt9 = make_adapter(name, ServerOptimizer("fedavgm", 1.0))
     for rnd in (1, 2, 3):
         for fa in (plain, opt0, opt9):
             run_round(fa, rnd)
@@ -139,7 +140,8 @@ def test_fedavgm_at_lr_1_and_momentum_0_is_the_plain_strategy_exactly(name):
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("kind", ["fedavgm", "fedadagrad", "fedadam", "fedyogi"])
 def test_ffa_lora_A_stays_the_shared_A_and_B_moves(kind):
-    fa, plain = make_adapter("ffa_lora", ServerOptimizer.from_config(SimpleNamespace(optimizer=kind, lr=None, momentum=0.9, beta1=None, beta2=0.99, tau=1e-3))), make_adapter("ffa_lora")
+    server = SimpleNamespace(optimizer=kind, lr=None, momentum=0.9, beta1=None, beta2=0.99, tau=1e-3)  # the server group's defaults
+    fa, plain = make_adapter("ffa_lora", ServerOptimizer.from_config(server)), make_adapter("ffa_lora")
     A0 = {n: f.A.clone() for n, f in fa.model.adapter.items()}
     for rnd in (1, 2):
         run_round(fa, rnd)
