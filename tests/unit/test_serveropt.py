@@ -83,15 +83,19 @@ def test_fedadam_first_step_by_the_numbers():
 
 
 def start_model(name, g):
+    """Factors and a head; Fed-SB (peft=lora_xs) has no factors: its cores travel as the method's tensors (the head's)."""
     adapter = {m: LoraFactors(torch.randn(RANK, i, generator=g), torch.randn(o, RANK, generator=g), S) for m, (o, i) in SHAPES.items()}
     head = {"w": torch.randn(2, 8, generator=g), "b": torch.randn(2, generator=g)}
+    if name == "fed_sb":
+        adapter, head = {}, {**head, **{f"{m}.R": torch.randn(RANK, RANK, generator=g) for m in SHAPES}}
     return GlobalModel(adapter, head)
 
 
 def make_adapter(name, optimizer=None, seed=0):
     st = strategies.build(name)
     return FlowerAdapter(st, start_model(name, torch.Generator().manual_seed(seed)), fraction=1.0, min_clients=1,
-                         client_spec=lambda i: ClientSpec(i, RANK, ALPHA), shapes=SHAPES, seed=0, server_optimizer=optimizer)
+                         client_spec=lambda i: ClientSpec(i, RANK, ALPHA), shapes={} if name == "fed_sb" else SHAPES, seed=0,
+                         server_optimizer=optimizer)
 
 
 def run_round(fa, rnd):
@@ -125,7 +129,7 @@ def same(a, b):
 
 
 @pytest.mark.usefixtures("task_identity")
-@pytest.mark.parametrize("name", ["fedavg", "ffa_lora", "fedsa_lora", "rolora"])
+@pytest.mark.parametrize("name", ["fedavg", "ffa_lora", "fedsa_lora", "rolora", "fed_sb"])
 def test_fedavgm_at_lr_1_and_momentum_0_is_the_plain_strategy_exactly(name):
     plain, opt0 = make_adapter(name), make_adapter(name, ServerOptimizer("fedavgm", 1.0, momentum=0.0))
     opt9 = make_adapter(name, ServerOptimizer("fedavgm", 1.0))
