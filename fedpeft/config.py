@@ -306,11 +306,11 @@ class ServerConfig:
     """A server optimizer over the strategy's aggregate (fedpeft/serveropt.py): the round's update
     (aggregate − global) steps the global model as a pseudo-gradient's negative would."""
 
-    # none | fedavgm (server momentum) | fedadagrad | fedadam | fedyogi (Reddi et al. 2021), over the strategy's aggregate.
+    # none | fedavgm | fedadagrad | fedadam | fedyogi: steps the global model along each round's aggregate.
     optimizer: str = "none"
-    # The server learning rate η (null: the optimizer's own, as Flower's: fedavgm 1.0, fedadagrad and fedadam 0.1, fedyogi 0.01).
+    # The server learning rate η (null, as Flower's: fedavgm 1, fedadagrad and fedadam 0.1, fedyogi 0.01).
     lr: Optional[float] = None
-    # fedavgm's momentum β (m ← β·m + Δ; with lr 1 and momentum 0 it is the plain strategy; the step grows to lr/(1−β)·Δ).
+    # fedavgm's β: m ← β·m + Δ, step lr·m (lr 1 and momentum 0: the plain strategy).
     momentum: float = 0.9
     # fedadagrad | fedadam | fedyogi: β₁, the first moment's decay (null: 0.9; 0 for fedadagrad, as Flower's).
     beta1: Optional[float] = None
