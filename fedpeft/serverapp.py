@@ -362,6 +362,8 @@ class Federation:
             say(f"privacy: {plan.mode}-level DP, noise multiplier {plan.noise_multiplier:.4f}, clip {plan.clip}, "
                 f"δ={plan.delta}, {plan.steps_per_round} step(s) per round at sampling rate {plan.sample_rate:.4g}"
                 + (f", budget ε={plan.budget}" if plan.budget is not None else "") + self.default_note())
+        if self.adapter.server_opt is not None:
+            say(self.adapter.server_opt.optimizer.describe())
         ranks = self.ranks
         say(f"client ranks ({cfg.ranks.kind}, alpha {cfg.ranks.alpha}): {ranks if len(ranks) <= 20 else ranks[:20] + ['...']}")
         if self.memory is not None:

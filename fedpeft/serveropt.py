@@ -95,6 +95,13 @@ class ServerOptimizer:
         beta1 = DEFAULT_BETA1.get(kind, 0.0) if server.beta1 is None else float(server.beta1)
         return cls(kind, lr, float(server.momentum), beta1, float(server.beta2), float(server.tau))
 
+    def describe(self) -> str:
+        """One line naming the optimizer and the hyperparameters it reads (the run's banner)."""
+        if self.kind == "fedavgm":
+            return f"server optimizer: fedavgm, lr {self.lr}, momentum {self.momentum}"
+        rest = "" if self.kind == "fedadagrad" else f", β₂ {self.beta2}"
+        return f"server optimizer: {self.kind}, lr {self.lr}, β₁ {self.beta1}{rest}, τ {self.tau} (Reddi et al. 2021, no bias correction)"
+
     def step(self, x: Mapping[str, Tensor], aggregate: Mapping[str, Tensor], state: OptState) -> tuple[dict[str, Tensor], OptState]:
         """The next values of the tensors ``x`` (keyed; ``aggregate`` has the same keys and
         shapes), and the new state. A key seen for the first time starts at ``m = 0`` and, for

@@ -11,7 +11,7 @@ SMALL = ["clients=2", "train.local_steps=2", "data.eval_samples=64"]
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_fedadam_runs_saves_its_state_and_resumes(tmp_path):
+def test_fedadam_runs_saves_its_state_and_resumes(tmp_path, capsys):
     from flwr.app import Context, RecordDict
 
     from fedpeft.composing import compose
@@ -20,6 +20,7 @@ def test_fedadam_runs_saves_its_state_and_resumes(tmp_path):
 
     _, summary = federate(tmp_path, "server.optimizer=fedadam", "rounds=1", *SMALL)
     assert summary["rounds_applied"] == 1
+    assert "server optimizer: fedadam, lr 0.1, β₁ 0.9, β₂ 0.99, τ 0.001" in capsys.readouterr().out  # the banner
     run_dir = tmp_path / "run"
     state = torch.load(run_dir / STATE, weights_only=False)["adapter"]
     opt = state["server_optimizer"]

@@ -196,6 +196,13 @@ def test_resume_continues_bit_for_bit(kind):
         make_adapter("fedavg", ServerOptimizer(kind, 0.5)).load_state_dict({**saved, "server_optimizer": {**saved["server_optimizer"], "kind": "fedadam"}})
 
 
+def test_the_banner_line_names_what_each_optimizer_reads():
+    assert ServerOptimizer("fedavgm", 1.0, momentum=0.9).describe() == "server optimizer: fedavgm, lr 1.0, momentum 0.9"
+    assert ServerOptimizer("fedadagrad", 0.1, beta1=0.0).describe() == \
+        "server optimizer: fedadagrad, lr 0.1, β₁ 0.0, τ 0.001 (Reddi et al. 2021, no bias correction)"
+    assert ServerOptimizer("fedyogi", 0.01).describe() == "server optimizer: fedyogi, lr 0.01, β₁ 0.9, β₂ 0.99, τ 0.001 (Reddi et al. 2021, no bias correction)"
+
+
 def test_a_tensor_that_changes_shape_is_refused():
     layer = ServerOptLayer(ServerOptimizer("fedadam", 0.1))
     f = {"m": LoraFactors(torch.zeros(2, 3), torch.zeros(4, 2), 1.0)}
