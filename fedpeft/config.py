@@ -305,6 +305,25 @@ class EvalConfig:
 
 
 @dataclass
+class ServerConfig:
+    """A server optimizer over the strategy's aggregate (fedpeft/serveropt.py): the round's update
+    (aggregate − global) steps the global model as a pseudo-gradient's negative would."""
+
+    # none | fedavgm | fedadagrad | fedadam | fedyogi: steps the global model along each round's aggregate.
+    optimizer: str = "none"
+    # The server learning rate η (null, as Flower's: fedavgm 1, fedadagrad and fedadam 0.1, fedyogi 0.01).
+    lr: Optional[float] = None
+    # fedavgm's β: m ← β·m + Δ, step lr·m (lr 1 and momentum 0: the plain strategy).
+    momentum: float = 0.9
+    # fedadagrad | fedadam | fedyogi: β₁, the first moment's decay (null: 0.9; 0 for fedadagrad, as Flower's).
+    beta1: Optional[float] = None
+    # fedadam | fedyogi: β₂, the second moment's decay.
+    beta2: float = 0.99
+    # fedadagrad | fedadam | fedyogi: τ, the adaptivity (v starts at τ²; the step is lr·m / (√v + τ)).
+    tau: float = 1e-3
+
+
+@dataclass
 class Config:
     # An instance of strategy_schema(): generated from the registered strategies, so not a fixed type here.
     strategy: Any = MISSING
@@ -320,6 +339,7 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     # How many clients (data partitions) the federation has.
     clients: int = 10
     # Federated rounds to run (round 0 evaluates the initial model).
@@ -633,11 +653,41 @@ def validate(cfg: Any) -> None:
     need(cfg.privacy.mode in cls.privacy_modes, "privacy.mode",
          f"strategy={name} does not work with privacy.mode={cfg.privacy.mode}; use privacy={' | '.join(cls.privacy_modes)}")
     validate_privacy(cfg, need, one_of)
+    validate_server(cfg, need, one_of)
     need(cfg.data.eval_samples >= 0, "data.eval_samples", f"must be non-negative, got {cfg.data.eval_samples}")
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", f"must be at least 1, got {cfg.eval.max_new_tokens}")
     need(cfg.eval.generate_samples >= 0, "eval.generate_samples", f"must be non-negative (0: no generation), got {cfg.eval.generate_samples}")
     need(cfg.eval.log_samples >= 0, "eval.log_samples", f"must be non-negative (0: none), got {cfg.eval.log_samples}")
     validate_data(cfg, need, one_of)
+
+
+def validate_server(cfg: Any, need, one_of) -> None:
+    """The ``server`` group: the optimizer, its hyperparameters' ranges, a key set for an optimizer
+    that does not read it, and the strategies and privacy modes it cannot step."""
+    import strategies
+    from fedpeft.serveropt import ADAPTIVE, OPTIMIZERS
+
+    sv, opt = cfg.server, cfg.server.optimizer
+    one_of(opt, "server.optimizer", OPTIMIZERS)
+    need(sv.lr is None or sv.lr > 0, "server.lr", f"must be positive (or null: the optimizer's default), got {sv.lr}")
+    need(0 <= sv.momentum < 1, "server.momentum", f"must be in [0, 1), got {sv.momentum}")
+    need(sv.beta1 is None or 0 <= sv.beta1 < 1, "server.beta1", f"must be in [0, 1) (or null: the optimizer's default), got {sv.beta1}")
+    need(0 <= sv.beta2 < 1, "server.beta2", f"must be in [0, 1), got {sv.beta2}")
+    need(sv.tau > 0, "server.tau", f"must be positive, got {sv.tau}")
+    defaults = ServerConfig()
+    readers = {"lr": OPTIMIZERS[1:], "momentum": ("fedavgm",), "beta1": ADAPTIVE, "beta2": ("fedadam", "fedyogi"), "tau": ADAPTIVE}
+    for key, which in readers.items():
+        need(sv[key] == getattr(defaults, key) or opt in which, f"server.{key}",
+             f"applies to server.optimizer={' | '.join(which)} only, not server.optimizer={opt}")
+    if opt == "none":
+        return
+    name, cls = cfg.strategy.name, strategies.REGISTRY[cfg.strategy.name]
+    fit = [n for n, c in strategies.REGISTRY.items() if c.no_server_optimizer is None]
+    need(cls.no_server_optimizer is None, "server.optimizer",
+         f"{opt} does not work with strategy={name} ({cls.no_server_optimizer}); use strategy={' | '.join(fit)}, or server.optimizer=none")
+    need(cfg.privacy.mode != "central", "server.optimizer",
+         f"{opt} does not work with privacy.mode=central (Flower's DP wrapper noises the aggregate after the server optimizer "
+         f"steps, so its moments would hold un-noised updates); use privacy=local | sample (the clients noise), or server.optimizer=none")
 
 
 def validate_data(cfg: Any, need, one_of) -> None:

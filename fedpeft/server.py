@@ -40,6 +40,7 @@ from fedpeft import merges as merge_forms
 from fedpeft import messages
 from fedpeft.lora import LoraFactors, best_rank
 from fedpeft.privacy import BudgetExhausted, PrivacyPlan
+from fedpeft.serveropt import ServerOptimizer, ServerOptLayer
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Strategy
 
 log = logging.getLogger("fedpeft.server")
@@ -160,8 +161,11 @@ class FlowerAdapter(FlowerStrategy):
         base_weights: dict[str, torch.Tensor] | None = None,
         lr_at: Callable[[int], float] | None = None,
         failure_note: Callable[[str], str] | None = None,
+        server_optimizer: ServerOptimizer | None = None,
     ) -> None:
         self.strategy = strategy
+        # server.optimizer: FedAvgM / FedAdagrad / FedAdam / FedYogi over each round's aggregate, with its state (resumed)
+        self.server_opt = ServerOptLayer(server_optimizer) if server_optimizer is not None else None
         self.lr_at = lr_at  # round → its learning rate (train.lr_schedule), sent to the clients; None: each uses train.lr
         self.failure_note = failure_note  # a client failure's reason → what to add to its warning line (an actor killed: its memory plan)
         self.model = strategy.start(model, base_weights)  # base_weights: the frozen pre-trained weights, for a strategy that starts from them (FeDeRA)
@@ -203,7 +207,8 @@ class FlowerAdapter(FlowerStrategy):
         ``rank_now``), the privacy ledger."""
         own = {"model": _model_state(self.model), **self.merges.state_dict(), "rng": self.rng.getstate()}
         rest = {"rounds_applied": self.rounds_applied, "ledger": self.privacy.state_dict() if self.privacy is not None else None,
-                "partition_of": dict(self.partition_of), "local_data": sorted(self.local_data)}
+                "partition_of": dict(self.partition_of), "local_data": sorted(self.local_data),
+                **({"server_optimizer": self.server_opt.state_dict()} if self.server_opt is not None else {})}
         strategy_state = self.strategy_state.state_dict()
         taken = sorted(strategy_state.keys() & (own.keys() | rest.keys()))
         if taken:
@@ -221,6 +226,8 @@ class FlowerAdapter(FlowerStrategy):
         self.restored = bool(self.partition_of)
         if self.privacy is not None:
             self.privacy.load_state_dict(state["ledger"])
+        if self.server_opt is not None and "server_optimizer" in state:
+            self.server_opt.load_state_dict(state["server_optimizer"])
 
     def summary(self) -> None:
         log.info("fedpeft strategy %s, fraction %s, min clients %s", self.strategy.name, self.fraction, self.min_clients)
@@ -519,7 +526,12 @@ class FlowerAdapter(FlowerStrategy):
         diagnostics: dict[str, float] = {}
         if stats.applied:
             diagnostics = self.strategy.round_metrics(self.model, updates)
-            self.model = self.strategy.aggregate(self.model, updates)
+            previous, self.model = self.model, self.strategy.aggregate(self.model, updates)
+            if self.server_opt is not None:  # step the global model along the round's update (fedpeft.serveropt)
+                trained = [payload.plan.uplink for _, payload, _ in self.sent.values()]  # the factors the round trained
+                adapter, head = self.server_opt.apply(previous.adapter, previous.head, self.model.adapter, self.model.head,
+                                                      train_A=any(a for a, _ in trained), train_B=any(b for _, b in trained))
+                self.model = replace(self.model, adapter=adapter, head=head)
             self.merges.publish(self.model)
             self.strategy_state.applied(accepted)
             self.rounds_applied += 1

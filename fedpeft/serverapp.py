@@ -45,6 +45,7 @@ from fedpeft.metrics import divergence
 from fedpeft.preflight import check_model, check_run_dir, prepare_data, privacy_plan, train_size
 from fedpeft.ranks import client_alpha, client_ranks
 from fedpeft.server import Codecs, FederationFailed, FlowerAdapter, load_global, sample_size, wrap_central_dp
+from fedpeft.serveropt import ServerOptimizer
 from fedpeft.tracking import RoundProgress, Tracker, hydra_overrides, progress_line, run_tags, say, varied_keys
 from strategies.base import ClientSpec
 
@@ -245,6 +246,7 @@ class Federation:
             base_weights=base,
             lr_at=lr_schedule(cfg),
             failure_note=actor_death_note(self.memory[0] if self.memory is not None else None),
+            server_optimizer=ServerOptimizer.from_config(cfg.server),
         )
         central = cfg.privacy.mode == "central"
         self.strategy = wrap_central_dp(self.adapter, sample_size(cfg.clients, cfg.fraction, cfg.min_clients)) if central else self.adapter
@@ -324,6 +326,8 @@ class Federation:
             say(f"privacy: {plan.mode}-level DP, noise multiplier {plan.noise_multiplier:.4f}, clip {plan.clip}, "
                 f"δ={plan.delta}, {plan.steps_per_round} step(s) per round at sampling rate {plan.sample_rate:.4g}"
                 + (f", budget ε={plan.budget}" if plan.budget is not None else "") + self.default_note())
+        if self.adapter.server_opt is not None:
+            say(self.adapter.server_opt.optimizer.describe())
         ranks = self.ranks
         say(f"client ranks ({cfg.ranks.kind}, alpha {cfg.ranks.alpha}): {ranks if len(ranks) <= 20 else ranks[:20] + ['...']}")
         if self.memory is not None:

@@ -59,13 +59,15 @@ def hydra_overrides(run_dir: Path) -> list[str]:
 
 
 def run_tags(cfg: Any, rank_tag: str, varied: Iterable[str] = ()) -> list[str]:
-    """W&B tags of a run: what it is (strategy, data, partition, clients, ranks, privacy and
-    compression when on) and then the ``varied`` keys (the user's overrides and ``tracking.tags``),
+    """W&B tags of a run: what it is (strategy, data, partition, clients, ranks, privacy, the
+    server optimizer and compression when on) and then the ``varied`` keys (the user's overrides and ``tracking.tags``),
     each once, in order, cut to W&B's 64 characters."""
     tags = [f"strategy:{cfg.strategy.name}", f"data:{cfg.data.name}", f"partition:{cfg.partition.kind}",
             f"clients:{cfg.clients}", f"ranks:{rank_tag}"]
     if cfg.privacy.mode != "none":
         tags.append(f"privacy:{cfg.privacy.mode}")
+    if cfg.server.optimizer != "none":
+        tags.append(f"server:{cfg.server.optimizer}")
     if cfg.compression.uplink != "none":
         tags.append(f"uplink:{cfg.compression.uplink}")
     if cfg.compression.downlink != "none":

@@ -132,6 +132,9 @@ class Strategy:
     - ``personalized``: clients keep their own state and the global model alone is not a model
       (FedSA-LoRA), so every client trains on 80% of its partition and evaluates its own model on
       the other 20% (``fedpeft.data.held_out``); the run reports those;
+    - ``no_server_optimizer``: why a server optimizer (``server.optimizer``, :mod:`fedpeft.serveropt`)
+      cannot step its global model, where the change of its factors is not the round's update
+      (FLoRA's merges, FlexLoRA's re-factorisation); None (default): it can;
     - :meth:`reply_ranks`, :meth:`init`, :meth:`round_metrics`, and :meth:`server_state` (what it
       keeps on the server between rounds besides the global model: HetLoRA's pruned ranks).
     """
@@ -148,6 +151,7 @@ class Strategy:
     needs_base_weights: ClassVar[bool] = False
     trained_share: ClassVar[dict[str, float]] = {}
     personalized: ClassVar[bool] = False
+    no_server_optimizer: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

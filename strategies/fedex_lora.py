@@ -59,6 +59,8 @@ class FedExLoRA(FedAvg):
     # Central DP would noise the averaged factors but not the residual merged into the base.
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True
+    no_server_optimizer: ClassVar[str] = ("it folds each round's residual (the mean update minus the product of mean factors) into the base: "
+                                          "the change of its factors is not the update")
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
         return Payload(adapter=model.adapter, head=model.head, base_version=model.version)

@@ -110,6 +110,8 @@ class FlexLoRA(Strategy):
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
+    no_server_optimizer: ClassVar[str] = ("it re-factorises each round's aggregate update by SVD: "
+                                          "the change of its factors is not the update")
 
     def __post_init__(self) -> None:
         super().__post_init__()

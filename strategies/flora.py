@@ -53,6 +53,8 @@ class FLoRA(Strategy):
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
+    no_server_optimizer: ClassVar[str] = ("it merges each round's stacked client updates into the base and restarts the adapter: "
+                                          "the change of its factors is not the update")
 
     def init(self, model: GlobalModel) -> GlobalModel:
         """Drop the server's adapter (every round starts fresh); keep the head and any merges."""

@@ -82,6 +82,8 @@ class HetLoRA(Strategy):
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
+    no_server_optimizer: ClassVar[str] = ("its clients' ranks differ and shrink, and it averages zero-padded factors by their norms: "
+                                          "the change of its factors is not the update")
 
     def __post_init__(self) -> None:
         super().__post_init__()

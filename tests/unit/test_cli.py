@@ -15,7 +15,7 @@ from tests.harness import run_cli
         # a key in the wrong group, or misspelt, names the key the user meant
         ("peft.rank=4", "unknown key 'peft.rank' (Key 'rank' not in 'PeftConfig'); did you mean 'model.rank'?"),
         ("train.lrr=0.1", "did you mean 'train.lr'?"),
-        ("model.lr=0.1", "did you mean 'train.lr'?"),
+        ("model.lr=0.1", "did you mean 'train.lr' or 'server.lr'?"),
         ("rounds=abc", "rounds: Value 'abc' of type 'str' could not be converted to Integer"),
         ("train.lr=fast", "train.lr:"),
         ("strategy=nope", "strategy: no option 'nope'; available: dp_lora, fed_sb, fedavg, federa"),

@@ -16,12 +16,13 @@ def test_the_varied_keys_are_the_overrides_but_bookkeeping():
 
 def test_tags_name_the_run_and_then_what_varied():
     cfg = SimpleNamespace(strategy=SimpleNamespace(name="flora"), data=SimpleNamespace(name="newsgroups"), partition=SimpleNamespace(kind="dirichlet"),
-                          clients=10, privacy=SimpleNamespace(mode="none"), compression=SimpleNamespace(uplink="none", downlink="none"))
+                          clients=10, privacy=SimpleNamespace(mode="none"), compression=SimpleNamespace(uplink="none", downlink="none"),
+                          server=SimpleNamespace(optimizer="none"))
     assert run_tags(cfg, "flora:2-8", ["model.rank=8", "strategy:flora"]) == [
         "strategy:flora", "data:newsgroups", "partition:dirichlet", "clients:10", "ranks:flora:2-8", "model.rank=8"]
-    cfg.privacy.mode, cfg.compression.uplink = "local", "topk"
+    cfg.privacy.mode, cfg.compression.uplink, cfg.server.optimizer = "local", "topk", "fedadam"
     tags = run_tags(cfg, "8", ["x" * 100])
-    assert tags[-3:] == ["privacy:local", "uplink:topk", "x" * 64]
+    assert tags[-4:] == ["privacy:local", "server:fedadam", "uplink:topk", "x" * 64]
 
 
 def test_perplexity_is_best_at_its_minimum():
