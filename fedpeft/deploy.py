@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedpeft.launch import ENV_DEFAULTS, descendants, proc_table, project_dir, send_signal
+from fedpeft.launch import ENV_DEFAULTS, descendants, has_env, proc_table, project_dir, send_signal
 from fedpeft.runconfig import to_run_config
 from fedpeft.tracking import say
 
@@ -165,21 +165,15 @@ def make_pki(directory: Path, num_nodes: int, hosts: tuple[str, ...] = (LOOPBACK
 
 # ---------------------------------------------------------------------------------------------
 # Processes: everything we start carries a marker in its environment, which its children inherit;
-# /proc finds them even after they were re-parented (the SuperLink's superexec runs in its own
+# psutil finds them even after they were re-parented (the SuperLink's superexec runs in its own
 # session, a dead SuperNode's superexec lingers a few seconds).
 
 
-def _environ_has(pid: int, entry: bytes) -> bool:
-    try:
-        return entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-
-
-def processes_with_env(entry: str) -> set[int]:
+def processes_with_env(entry: str, table: dict[int, int] | None = None) -> set[int]:
     """The live processes whose environment holds ``entry`` (``NAME=value``), e.g. every process a
     ``flwr`` CLI started with one ``FLWR_HOME``."""
-    return {pid for pid in proc_table() if _environ_has(pid, entry.encode())}
+    name, _, value = entry.partition("=")
+    return {pid for pid in (proc_table() if table is None else table) if has_env(pid, name, value)}
 
 
 def free_ports(count: int) -> list[int]:
@@ -479,8 +473,7 @@ class Deployment:
 
     def _ours(self) -> set[int]:
         table = proc_table()
-        marker = self.marker.encode()
-        found = {pid for pid in table if _environ_has(pid, marker)}
+        found = processes_with_env(self.marker, table)
         found |= {p.pid for p in self.procs.values() if p.poll() is None}
         return descendants(found, table) - {os.getpid()}
 

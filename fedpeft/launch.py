@@ -1,8 +1,10 @@
 """What every launcher shares (``fedpeft simulate``, ``fedpeft deploy``, ``fedpeft fetch-assets``,
 the ServerApp started by ``flwr run``): the process environment a run starts with, the Flower app's
-directory, and the process table that stopping a run walks (Linux ``/proc``).
+directory, and the process table that stopping a run walks (psutil's, so any platform psutil
+supports).
 
-Standard library only, so that the command line can import it before it knows what will run.
+Standard library and psutil only, so that the command line can import it before it knows what
+will run.
 """
 
 from __future__ import annotations
@@ -49,17 +51,22 @@ def project_dir() -> Path:
 
 def proc_table() -> dict[int, int]:
     """pid -> ppid of every live (non-zombie) process."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] not in ("Z", "X"):
-                table[int(entry)] = int(fields[1])
-    return table
+    import psutil
+
+    dead = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    return {p.info["pid"]: p.info["ppid"] for p in psutil.process_iter(["pid", "ppid", "status"])
+            if p.info["status"] not in dead and p.info["ppid"] is not None}
+
+
+def has_env(pid: int, name: str, value: str) -> bool:
+    """Whether process ``pid``'s environment holds ``name=value`` (False where it cannot be read:
+    gone, or another user's)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).environ().get(name) == value
+    except (psutil.Error, OSError):
+        return False
 
 
 def descendants(roots: set[int], table: dict[int, int] | None = None) -> set[int]:

@@ -344,14 +344,7 @@ def refusal(plan: MemoryPlan, c: Counts, share: Share) -> str | None:
 
 
 def host_available() -> float:
-    """The host's available memory (``MemAvailable``; psutil where /proc is missing)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
+    """The host's available memory (psutil's ``available``: Linux's ``MemAvailable``)."""
     import psutil
 
     return float(psutil.virtual_memory().available)

@@ -124,16 +124,17 @@ class StopOnInterrupt:
 
 def _ray_processes() -> set[int]:
     """This process's Ray descendants: GCS, raylet, its agents and workers (not wandb's service)."""
-    def is_ray(pid: int) -> bool:
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        return args.startswith(b"ray::") or package in args
-
+    import psutil
     import ray  # lazy: as in start_ray
 
-    package = os.path.dirname(ray.__file__).encode()
+    def is_ray(pid: int) -> bool:
+        try:
+            args = " ".join(psutil.Process(pid).cmdline())
+        except psutil.Error:
+            return False
+        return args.startswith("ray::") or package in args
+
+    package = os.path.dirname(ray.__file__)
     return {pid for pid in descendants({os.getpid()}) if pid != os.getpid() and is_ray(pid)}
 
 
