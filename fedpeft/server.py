@@ -162,10 +162,13 @@ class FlowerAdapter(FlowerStrategy):
         lr_at: Callable[[int], float] | None = None,
         failure_note: Callable[[str], str] | None = None,
         server_optimizer: ServerOptimizer | None = None,
+        known_partitions: Callable[[], dict[int, int]] | None = None,
     ) -> None:
         self.strategy = strategy
         # server.optimizer: FedAvgM / FedAdagrad / FedAdam / FedYogi over each round's aggregate, with its state (resumed)
         self.server_opt = ServerOptLayer(server_optimizer) if server_optimizer is not None else None
+        # node id -> partition id where the launcher knows it (fedpeft's simulation: fedpeft.simnodes); others are asked
+        self.known_partitions = known_partitions
         self.lr_at = lr_at  # round → its learning rate (train.lr_schedule), sent to the clients; None: each uses train.lr
         self.failure_note = failure_note  # a client failure's reason → what to add to its warning line (an actor killed: its memory plan)
         self.model = strategy.start(model, base_weights)  # base_weights: the frozen pre-trained weights, for a strategy that starts from them (FeDeRA)
@@ -247,7 +250,8 @@ class FlowerAdapter(FlowerStrategy):
         replies (``created_at``), then by node id. A node that does not answer or answers out of
         range (``0 .. num_clients - 1``) is left out too (:attr:`left_out` says why). After a
         resume under a new SuperLink (none of the saved holders is connected: node ids are the
-        SuperLink's), the partitions are claimed afresh."""
+        SuperLink's), the partitions are claimed afresh. Nodes that ``known_partitions`` lists (the
+        simulation engine's own map, :mod:`fedpeft.simnodes`) are not asked."""
         nodes = set(grid.get_node_ids())
         if self.restored and nodes:  # the first nodes seen since the resume say whose node ids the claims are
             self.restored = False
@@ -257,6 +261,14 @@ class FlowerAdapter(FlowerStrategy):
                 self.partition_of, self.local_data = {}, set()
         self.left_out = {n: why for n, why in self.left_out.items() if n in nodes}
         unknown = sorted(n for n in nodes if n not in self.partition_of)
+        known = self.known_partitions() if self.known_partitions is not None and unknown else {}
+        if known:  # the simulation engine's own map: no query (5000 nodes took ~140 s to answer one each)
+            held = set(self.partition_of.values())
+            for node in [n for n in unknown if n in known and known[n] not in held]:
+                self.partition_of[node] = known[node]
+                held.add(known[node])
+                self.local_data.discard(known[node])
+            unknown = [n for n in unknown if n not in self.partition_of]
         if unknown:
             ask = [
                 Message(RecordDict({messages.CONFIG: ConfigRecord({"query": "partition-id"})}), dst_node_id=n, message_type=MessageType.QUERY)

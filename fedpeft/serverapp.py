@@ -35,7 +35,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from omegaconf import DictConfig, OmegaConf
 
 import strategies
-from fedpeft import runconfig
+from fedpeft import runconfig, simnodes
 from fedpeft.config import ConfigError, schema
 from fedpeft.engines import EngineError, send_and_receive
 from fedpeft.engines import get as get_engine
@@ -247,6 +247,7 @@ class Federation:
             lr_at=lr_schedule(cfg),
             failure_note=actor_death_note(self.memory[0] if self.memory is not None else None),
             server_optimizer=ServerOptimizer.from_config(cfg.server),
+            known_partitions=simnodes.known,
         )
         central = cfg.privacy.mode == "central"
         self.strategy = wrap_central_dp(self.adapter, sample_size(cfg.clients, cfg.fraction, cfg.min_clients)) if central else self.adapter

@@ -166,6 +166,7 @@ def simulate(run_config: dict[str, Any], num_supernodes: int, cfg: DictConfig) -
     from flwr.supercore.telemetry import EventType
 
     from clients.app import app as client_app
+    from fedpeft import simnodes
     from fedpeft.raypool import healing
     from fedpeft.serverapp import app as server_app
 
@@ -175,7 +176,7 @@ def simulate(run_config: dict[str, Any], num_supernodes: int, cfg: DictConfig) -
     run.override_config = dict(run_config)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
-    with healing():  # a worker process that dies costs its client, not the run (fedpeft.raypool)
+    with healing(), simnodes.recording():  # a dead worker costs its client (fedpeft.raypool); nodes' partitions known (fedpeft.simnodes)
         _run_simulation(
             num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE, client_app=client_app, server_app=server_app,
             backend_config=backend_config(cfg), server_app_context=context, app_dir=str(project_dir()), run=run, is_app=True,

@@ -156,3 +156,36 @@ def test_resume_under_a_new_superlink_claims_the_partitions_afresh():
     grid = FakeGrid({61: 0, 62: 1})
     again.check_partitions(grid)
     assert again.identify(grid) == {61: 0, 62: 1}
+
+
+# ------------------------------------------------------------------ the simulation engine's own map
+
+
+def test_nodes_the_simulation_engine_registered_are_not_asked():
+    """``clients=5000`` spent ~140 s asking every node its partition; the engine's map is in this
+    process (fedpeft.simnodes), so the server asks only the nodes the map lacks."""
+    nodes = {1000 + 7 * i: i for i in range(50)}
+    fa = adapter(num_clients=51)
+    fa.known_partitions = lambda: {n: p for n, p in nodes.items() if p < 49}  # partitions 0..48 known; 49 and 50 not
+    grid = FakeGrid({**nodes, 9999: 50})
+    assert fa.identify(grid) == {**nodes, 9999: 50}
+    assert grid.queries == 2  # only the nodes of partitions 49 and 50
+    asked_again = grid.queries
+    fa.identify(grid)
+    assert grid.queries == asked_again  # known now: never asked again
+
+
+def test_the_engine_map_is_recorded_from_flowers_own_registration():
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+
+    from fedpeft import simnodes
+
+    original = vce_api._register_nodes
+    with simnodes.recording():  # the engine's own registration, as start_vce calls it
+        mapping = vce_api._register_nodes(4, LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()))
+        assert simnodes.known() == mapping and sorted(mapping.values()) == [0, 1, 2, 3]
+    assert simnodes.known() == {} and vce_api._register_nodes is original
