@@ -344,11 +344,11 @@ def deploy(args: list[str]) -> int:
     try:
         summary = fdeploy.run(cfg, run_dir, resume=bool(resume), insecure=insecure)
     except KeyboardInterrupt:
-        rows = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-        last = json.loads(rows[-1])["round"] if rows else None
-        if last is not None and not (run_dir / "summary.json").exists():
-            from fedpeft.durable import write_text
+        from fedpeft.durable import metrics_rows, write_text
 
+        rows = metrics_rows(run_dir / "metrics.jsonl")  # a half-written last row left out
+        last = rows[-1]["round"] if rows else None
+        if last is not None and not (run_dir / "summary.json").exists():
             write_text(run_dir / "summary.json", json.dumps({"run_dir": str(run_dir), "status": "interrupted", "last_round": last}, indent=2) + "\n")
         print(f"[fedpeft] interrupted: every deployment process is stopped; the last complete round is round {last}; continue it with: "
               f"fedpeft deploy resume={run_dir}" if last is not None else

@@ -226,10 +226,14 @@ class Federation:
         self.build_adapter()
         if self.state is not None:
             self.adapter.load_state_dict(self.state["adapter"])
-            self.trim_to(self.state["round"])
-        self.open_tracking()
-        if self.state is not None:
-            self.restore_adapters(self.state["round"])
+        try:
+            if self.state is not None:
+                self.trim_to(self.state["round"])
+            self.open_tracking()
+            if self.state is not None:
+                self.restore_adapters(self.state["round"])
+        except OSError as e:  # a full disk or a read-only run dir before round 0: one line, as in record()
+            raise WriteFailed(write_failure(e, self.run_dir, self.saved_round)) from None
 
     # ---------------------------------------------------------------- setup
 
