@@ -27,7 +27,8 @@ def quote_values(overrides: list[str]) -> list[str]:
     out = []
     for word in overrides:
         key, eq, value = word.partition("=")
-        if eq and value and not value.startswith(("'", '"', "[", "{")):  # a list or dict is Hydra's syntax: not a string
+        # a flag (--config-dir=…) is not an override; a list or dict is Hydra's syntax, not a string
+        if eq and value and not key.startswith("-") and not value.startswith(("'", '"', "[", "{")):
             try:
                 parser.parse_override(word)
             except Exception:
