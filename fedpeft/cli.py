@@ -197,10 +197,12 @@ def resume_config(run_dir: Path, overrides: list[str]):
     from omegaconf import OmegaConf
 
     from fedpeft.config import ConfigError, config_error_line, typed, validate
+    from fedpeft.preflight import check_writable
     from fedpeft.serverapp import load_state
 
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"resume: {run_dir} is not a fedpeft run directory (no config.yaml)")
+    check_writable(run_dir, "resume")
     try:
         given = OmegaConf.from_dotlist(overrides)
     except Exception as e:
@@ -232,11 +234,13 @@ def simulate(overrides: list[str]) -> int:
     if resume:
         return simulate_resume(Path(resume[-1].split("=", 1)[1]), [a for a in overrides if not a.startswith("resume=")])
     from fedpeft import assets
-    from fedpeft.composing import compose
+    from fedpeft.composing import compose, quote_values
     from fedpeft.config import ConfigError
     from fedpeft.data import DataError
 
     hydra_mode = any(a.split("=")[0] in HYDRA_FLAGS for a in overrides)
+    if not any(a in ("--multirun", "-m") for a in overrides):  # a sweep's commas are Hydra's to read
+        overrides = quote_values(overrides)
     if not hydra_mode:
         print("[fedpeft] checking the config, the data and the model's shapes …", flush=True)
         try:
@@ -280,11 +284,14 @@ def config_flags(words: list[str]) -> tuple[Path | None, str, list[str]]:
 def simulate_resume(run_dir: Path, overrides: list[str]) -> int:
     """``fedpeft simulate resume=RUN_DIR [rounds=N]``: continue a run from its last complete round."""
     from fedpeft import simulation
-    from fedpeft.serverapp import RunFailed
+    from fedpeft.serverapp import RunFailed, WriteFailed
 
     try:
         cfg = resume_config(run_dir, overrides)
         simulation.run(cfg, run_dir, interruptible=True, resume=True)
+    except WriteFailed as e:  # a full disk, a read-only directory: one line saying how to continue
+        print(f"fedpeft: {e}", file=sys.stderr)
+        return 1
     except RunFailed as e:
         print(f"fedpeft: run failed: {e}", file=sys.stderr)
         return 1
@@ -302,7 +309,7 @@ def deploy(args: list[str]) -> int:
     import signal
 
     from fedpeft import deploy as fdeploy
-    from fedpeft.composing import compose_run
+    from fedpeft.composing import compose_run, quote_values
     from fedpeft.config import ConfigError
     from fedpeft.engines import ENGINES
     from fedpeft.preflight import check_wandb
@@ -317,7 +324,7 @@ def deploy(args: list[str]) -> int:
             run_dir = Path(resume[-1])
             cfg = resume_config(run_dir, rest)
         else:
-            cfg, run_dir = compose_run(rest)
+            cfg, run_dir = compose_run(quote_values(rest))
             run_dir = run_dir or Path("runs") / cfg.tracking.experiment / "deploy"
         refusal = ENGINES[cfg.engine.kind].deploy_refusal
         if refusal:
@@ -337,10 +344,12 @@ def deploy(args: list[str]) -> int:
     try:
         summary = fdeploy.run(cfg, run_dir, resume=bool(resume), insecure=insecure)
     except KeyboardInterrupt:
-        rows = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-        last = json.loads(rows[-1])["round"] if rows else None
+        from fedpeft.durable import metrics_rows, write_text
+
+        rows = metrics_rows(run_dir / "metrics.jsonl")  # a half-written last row left out
+        last = rows[-1]["round"] if rows else None
         if last is not None and not (run_dir / "summary.json").exists():
-            (run_dir / "summary.json").write_text(json.dumps({"run_dir": str(run_dir), "status": "interrupted", "last_round": last}, indent=2) + "\n")
+            write_text(run_dir / "summary.json", json.dumps({"run_dir": str(run_dir), "status": "interrupted", "last_round": last}, indent=2) + "\n")
         print(f"[fedpeft] interrupted: every deployment process is stopped; the last complete round is round {last}; continue it with: "
               f"fedpeft deploy resume={run_dir}" if last is not None else
               "[fedpeft] interrupted: every deployment process is stopped before any round completed; nothing to resume", flush=True)
@@ -376,7 +385,7 @@ def run_hydra(overrides: list[str]) -> int:
 
     from fedpeft import simulation
     from fedpeft.config import CONFIG_DIR, register, strategy_defaults
-    from fedpeft.serverapp import RunFailed
+    from fedpeft.serverapp import RunFailed, WriteFailed
 
     register()
     USER_ERRORS = _user_errors()
@@ -386,6 +395,9 @@ def run_hydra(overrides: list[str]) -> int:
         try:
             strategy_defaults(cfg, list(HydraConfig.get().overrides.task))
             return simulation.run(cfg, Path(HydraConfig.get().runtime.output_dir), interruptible=True)
+        except WriteFailed as e:  # a full disk, a read-only directory: one line saying how to continue
+            print(f"fedpeft: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
         except RunFailed as e:  # the federation failed as a whole: one line, the run dir kept
             print(f"fedpeft: run failed: {e}", file=sys.stderr)
             raise SystemExit(1) from None

@@ -17,6 +17,33 @@ from fedpeft.config import CONFIG_DIR, ConfigError, config_error_line, register,
 from fedpeft.preflight import check_assets, check_model, check_privacy, check_resources, check_run_dir, prepare_data
 
 
+def quote_values(overrides: list[str]) -> list[str]:
+    """The overrides as Hydra's lexer takes them: a ``KEY=VALUE`` whose value it refuses unquoted
+    (a character outside its grammar, such as ``hydra.run.dir=runs/dir ü``) is given quoted, when
+    quoted it means the same string; any other word is left as it is (Hydra names what is wrong)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    out = []
+    for word in overrides:
+        key, eq, value = word.partition("=")
+        # a flag (--config-dir=…) is not an override; a list or dict is Hydra's syntax, not a string
+        if eq and value and not key.startswith("-") and not value.startswith(("'", '"', "[", "{")):
+            try:
+                parser.parse_override(word)
+            except Exception:
+                for quote in ("'", '"'):
+                    quoted = f"{key}={quote}{value}{quote}"
+                    try:
+                        if parser.parse_override(quoted).value() == value:
+                            word = quoted
+                            break
+                    except Exception:
+                        continue
+        out.append(word)
+    return out
+
+
 def compose(overrides: list[str], config_dir: Path | None = None, config_name: str = "config"):
     """Compose and validate the config; raises ConfigError with a one-line message."""
     return compose_run(overrides, config_dir, config_name)[0]

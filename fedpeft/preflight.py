@@ -33,8 +33,12 @@ def is_hydra_file(path: Path) -> bool:
 
 def check_run_dir(run_dir: Path | None) -> None:
     """A run directory that holds another run's files would get its metrics appended and its
-    adapters mixed: refuse it (``resume=DIR`` continues a run instead)."""
-    if run_dir is None or not run_dir.exists():
+    adapters mixed: refuse it (``resume=DIR`` continues a run instead). One that cannot be written
+    (it, or the nearest folder above it that exists, is read-only) is refused before anything loads."""
+    if run_dir is None:
+        return
+    check_writable(run_dir)
+    if not run_dir.exists():
         return
     if not run_dir.is_dir():
         raise ConfigError(f"hydra.run.dir: {run_dir} exists and is not a directory; choose a new run directory")
@@ -43,6 +47,25 @@ def check_run_dir(run_dir: Path | None) -> None:
         more = f" and {len(held) - 3} more" if len(held) > 3 else ""
         raise ConfigError(f"hydra.run.dir: {run_dir} already holds {', '.join(held[:3])}{more} (a previous run?); "
                           f"choose a new run directory, or continue that run with resume={run_dir}")
+
+
+def check_writable(run_dir: Path, key: str = "hydra.run.dir") -> None:
+    """The run directory, or the nearest folder above it that exists (where it will be made), must
+    be writable: a read-only folder or file system fails here, in one line, not after the model loads."""
+    folder = Path(os.path.abspath(run_dir))
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        made = "" if folder == Path(os.path.abspath(run_dir)) else f" (to make {run_dir} in)"
+        raise ConfigError(f"{key}: cannot write {folder}{made}: {'a read-only file system' if read_only_fs(folder) else 'permission denied'}; "
+                          + ("make it writable" if key == "resume" else "choose a run directory you can write"))
+
+
+def read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 class Architecture(NamedTuple):

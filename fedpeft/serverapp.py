@@ -28,14 +28,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from omegaconf import DictConfig, OmegaConf
 
 import strategies
-from fedpeft import runconfig, simnodes
+from fedpeft import durable, runconfig, simnodes
 from fedpeft.config import ConfigError, schema
 from fedpeft.engines import EngineError, send_and_receive
 from fedpeft.engines import get as get_engine
@@ -62,6 +61,20 @@ MERGES = Path("state") / "merges"
 class RunFailed(RuntimeError):
     """The federation ran but failed as a whole (most clients failed alike, or nothing was applied);
     the summary says ``status: failed`` and the completed rounds' checkpoints stay."""
+
+
+class WriteFailed(RunFailed):
+    """A file of the run could not be written (a full disk, a read-only directory): one line naming
+    it, the last complete round and how to continue (:func:`write_failure`)."""
+
+
+def write_failure(e: OSError, run_dir: Path, last: int | None) -> str:
+    """``cannot write <path>: No space left on device; the last complete round is k; free space and
+    continue with resume=<dir>`` (or, before any round is complete, start it again)."""
+    fix = "free space" if durable.no_space(e) else "make it writable"
+    where = (f"the last complete round is {last}; {fix} and continue with resume={run_dir}" if last is not None
+             else f"no round is complete yet; {fix} and start the run again")
+    return f"cannot write {e.filename}: {e.strerror}; {where}"
 
 
 def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -114,15 +127,15 @@ def save_checkpoint(lm, path: Path) -> None:
 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(lm, tmp)
+    try:
+        save_adapter(lm, tmp)
+    except Exception as e:  # safetensors reports a full disk as its own error ("... (os error 28)")
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = durable.os_error(e, path)
+        if err is None:
+            raise
+        raise err from None
     shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -147,13 +160,38 @@ def changed_keys(saved: dict[str, Any], new: dict[str, Any], prefix: str = "", d
     return out
 
 
-def load_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
-    """The server state of the run in ``run_dir`` to continue with ``cfg``; refuses a run with no
-    complete round, a changed config (naming the keys; ``rounds`` may grow) or nothing left to do."""
+STATE_KEYS = ("round", "config", "adapter")
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """``state/server.pt`` of the run in ``run_dir``. A damaged one (truncated, or without its keys)
+    is one line, which offers the previous round's state (``state/server.prev.pt``, kept by
+    :meth:`Federation.record`) when that one is sound."""
     path = Path(run_dir) / STATE
     if not path.is_file():
         raise ConfigError(f"resume: {run_dir} has no complete round to resume from (no {STATE})")
-    state = torch.load(path, weights_only=False)
+    try:
+        return durable.load_torch(path, STATE_KEYS)
+    except ValueError as e:
+        damaged = str(e)
+    prev = durable.previous(path)
+    try:
+        older = durable.load_torch(prev, STATE_KEYS) if prev.is_file() else None
+    except ValueError:
+        older = None
+    if older is None:
+        raise ConfigError(f"resume: {damaged}, and there is no sound previous state ({prev.name}) to fall back on: start the run again")
+    raise ConfigError(f"resume: {damaged}; the state of round {older['round']} before it is sound: to resume from round {older['round']}, "
+                      f"run: mv '{prev}' '{path}', then resume={run_dir} again")
+
+
+def load_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
+    """The server state of the run in ``run_dir`` to continue with ``cfg``; refuses a run with no
+    complete round, a damaged state (:func:`read_state`) or ``metrics.jsonl``
+    (:func:`fedpeft.durable.metrics_rows`: a half-written last row is cut off with a warning), a
+    changed config (naming the keys; ``rounds`` may grow) or nothing left to do."""
+    state = read_state(run_dir)
+    durable.metrics_rows(Path(run_dir) / "metrics.jsonl", repair=True)
     diff = changed_keys(state["config"], OmegaConf.to_container(cfg, resolve=True), defaults=OmegaConf.to_container(OmegaConf.structured(schema())))
     if diff:
         raise ConfigError(f"resume: the config differs from the run's in {', '.join(diff)} (only rounds, which may only grow, and engine.* may change)")
@@ -180,6 +218,8 @@ class Federation:
         self.diverged: str | None = None  # fedpeft.metrics.divergence, once a round's evaluation loss says so
         self.status = "failed"
         self.state = self.saved_state() if self.resume else None
+        self.saved_round = self.state["round"] if self.state is not None else None  # the last round whose state is written
+        self.write_error: WriteFailed | None = None
         self.engine = get_engine(cfg.engine)  # how the rounds' messages reach the clients (engine.kind)
         if not self.resume:
             check_run_dir(self.run_dir)
@@ -187,8 +227,14 @@ class Federation:
         self.build_adapter()
         if self.state is not None:
             self.adapter.load_state_dict(self.state["adapter"])
-            self.trim_to(self.state["round"])
-        self.open_tracking()
+        try:
+            if self.state is not None:
+                self.trim_to(self.state["round"])
+            self.open_tracking()
+            if self.state is not None:
+                self.restore_adapters(self.state["round"])
+        except OSError as e:  # a full disk or a read-only run dir before round 0: one line, as in record()
+            raise WriteFailed(write_failure(e, self.run_dir, self.saved_round)) from None
 
     # ---------------------------------------------------------------- setup
 
@@ -256,11 +302,8 @@ class Federation:
         """Resume: keep what the state's last round wrote and drop anything a killed round left
         after it (a metrics row, an adapter, generated samples); the history is the metrics rows kept."""
         path = self.run_dir / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-        kept = [r for r in rows if r["round"] <= last]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+        kept = [r for r in durable.metrics_rows(path) if r["round"] <= last]
+        durable.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         for d in (self.run_dir / "adapters").glob("round_*"):
             if d.name.endswith(".tmp") or int(d.name.split("_")[1]) > last:  # half-written, or after the state
                 shutil.rmtree(d, ignore_errors=True)
@@ -268,6 +311,22 @@ class Federation:
             if f.suffix != ".jsonl" or int(f.stem.split("_")[1]) > last:
                 f.unlink()
         self.history = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in kept]
+
+    def restore_adapters(self, last: int) -> None:
+        """Resume: the last round's adapter checkpoint, if deleted, is written again from the state
+        (the global model it holds is what that round saved); an earlier round's cannot be, and is named."""
+        if not self.cfg.tracking.save_adapters:
+            return
+        from fedpeft.server import load_global
+
+        if not self.tracker.checkpoint_dir(last).is_dir():
+            load_global(self.lm, self.adapter.model)
+            save_checkpoint(self.lm, self.tracker.checkpoint_dir(last))
+            say(f"resume: {self.tracker.checkpoint_dir(last)} was missing: written again from {self.run_dir / STATE}")
+        gone = [r for r in range(last) if not self.tracker.checkpoint_dir(r).is_dir()]
+        if gone:
+            say(f"resume: the adapters of round(s) {', '.join(map(str, gone))} are missing from {self.run_dir / 'adapters'} "
+                f"and cannot be written again (the state holds the last round's model only)")
 
     def open_tracking(self) -> None:
         """Write the run's config files and open its :class:`fedpeft.tracking.Tracker`: a W&B run in
@@ -278,13 +337,13 @@ class Federation:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.resume:
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            (self.run_dir / "ranks.json").write_text(json.dumps({"ranks": self.ranks, "alphas": self.alphas}) + "\n")
+            durable.write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            durable.write_text(self.run_dir / "ranks.json", json.dumps({"ranks": self.ranks, "alphas": self.alphas}) + "\n")
             if self.plan is not None:
                 p = self.plan
                 privacy = {"mode": p.mode, "noise_multiplier": p.noise_multiplier, "clip": p.clip, "sample_rate": p.sample_rate,
                            "steps_per_round": p.steps_per_round, "delta": p.delta, "budget": p.budget}
-                (self.run_dir / "privacy.json").write_text(json.dumps(privacy) + "\n")
+                durable.write_text(self.run_dir / "privacy.json", json.dumps(privacy) + "\n")
         varied = varied_keys(hydra_overrides(self.run_dir)) + list(cfg.tracking.tags or [])
         self.tracker = Tracker(
             self.run_dir, OmegaConf.to_container(cfg, resolve=True), mode=cfg.tracking.mode, project=cfg.tracking.project,
@@ -385,14 +444,23 @@ class Federation:
     def record(self, server_round: int, row: dict[str, Any]) -> None:
         """End of a round: the adapter checkpoint, the metrics row (with the round's generated
         samples, :attr:`samples`), then the server state, each written whole; the state last, so a
-        run killed before it resumes at this round again."""
+        run killed before it resumes at this round again. The previous round's state stays beside
+        it (``state/server.prev.pt``). A file that cannot be written (a full disk) is
+        :class:`WriteFailed`, one line."""
         with self.guard:
-            if self.cfg.tracking.save_adapters:
-                save_checkpoint(self.lm, self.tracker.checkpoint_dir(server_round))
-            self.tracker.log_round(server_round, row, samples=self.samples.pop(server_round, None))
-            self.history.append({"round": server_round, **row})
-            atomic_save({"round": server_round, "config": OmegaConf.to_container(self.cfg, resolve=True),
-                         "adapter": self.adapter.state_dict()}, self.run_dir / STATE)
+            try:
+                if self.cfg.tracking.save_adapters:
+                    save_checkpoint(self.lm, self.tracker.checkpoint_dir(server_round))
+                self.tracker.log_round(server_round, row, samples=self.samples.pop(server_round, None))
+                self.history.append({"round": server_round, **row})
+                durable.save_torch({"round": server_round, "config": OmegaConf.to_container(self.cfg, resolve=True),
+                                    "adapter": self.adapter.state_dict()}, self.run_dir / STATE, keep_previous=True)
+            except OSError as e:
+                self.history = [h for h in self.history if h["round"] != server_round]
+                self.write_error = WriteFailed(write_failure(e, self.run_dir, self.saved_round))
+                self.error = str(self.write_error)
+                raise self.write_error from None
+            self.saved_round = server_round
         say(progress_line(server_round, self.cfg.rounds, row, time.perf_counter() - self.t_start))
         if self.diverged is None:  # said once, at the first round that diverged (fedpeft.metrics.divergence)
             self.diverged = divergence(self.history)
@@ -484,7 +552,12 @@ class Federation:
         if plan is not None:
             s["privacy"] = {"mode": plan.mode, "noise_multiplier": plan.noise_multiplier, "epsilon": plan.accountant.epsilon(), "delta": plan.delta}
         self.summary = s
-        self.tracker.finish(s, exit_code={"finished": 0, "stopped": 0, "interrupted": 130}.get(status, 1))
+        try:
+            self.tracker.finish(s, exit_code={"finished": 0, "stopped": 0, "interrupted": 130}.get(status, 1))
+        except OSError as e:
+            if self.write_error is None:  # else the write that failed first is the one to name
+                self.write_error = WriteFailed(write_failure(e, self.run_dir, self.saved_round))
+                raise self.write_error from None
 
     def interrupted(self) -> None:
         """Ctrl-C / SIGTERM (called by the launcher with :attr:`guard` held): record the run as interrupted."""

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping
 
 from omegaconf import OmegaConf
 
+from fedpeft import durable
 from fedpeft.metrics import best_row, total_mb
 
 log = logging.getLogger("fedpeft.tracking")
@@ -163,7 +164,7 @@ class Tracker:
             # Plots against the round, not W&B's internal step (a resumed run's rounds continue).
             self.wandb.define_metric("round")
             self.wandb.define_metric("*", step_metric="round")
-            id_file.write_text(self.wandb.id + "\n")
+            durable.write_text(id_file, self.wandb.id + "\n")
             if run_id is not None:
                 # A killed run's last rounds may be in metrics.jsonl but not in W&B (wandb-core, killed
                 # with it, had not written them out): log the rounds kept again, but those W&B says it
@@ -174,16 +175,12 @@ class Tracker:
 
     def log_round(self, server_round: int, metrics: Mapping[str, Any], samples: list[Mapping[str, Any]] | None = None) -> None:
         """One round: its metrics row appended to ``metrics.jsonl`` and, where generated ``samples``
-        are given, ``samples/round_NNN.jsonl`` (written whole, before the row); both to W&B."""
+        are given, ``samples/round_NNN.jsonl`` (written whole, before the row); both to W&B. A row
+        that cannot be written whole (a full disk) is cut off the file again (:mod:`fedpeft.durable`)."""
         if samples:
-            path = self.samples_path(server_round)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps({"round": server_round, **s}) + "\n" for s in samples))
-            os.replace(tmp, path)
+            durable.write_text(self.samples_path(server_round), "".join(json.dumps({"round": server_round, **s}) + "\n" for s in samples))
         row = {"round": server_round, "elapsed_s": round(time.perf_counter() - self.t0, 3), **metrics}
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        durable.append_line(self.metrics_path, json.dumps(row))
         if self.wandb is not None:
             self._log_wandb(row)
 
@@ -212,17 +209,19 @@ class Tracker:
         return self.run_dir / "adapters" / f"round_{server_round:03d}"
 
     def rows(self) -> list[dict[str, Any]]:
-        """The run's metrics rows (a resumed run's too), as logged."""
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        """The run's metrics rows (a resumed run's too), as logged (a half-written last row left out)."""
+        return durable.metrics_rows(self.metrics_path)
 
     def finish(self, summary: Mapping[str, Any], exit_code: int = 0) -> None:
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if self.wandb is not None:
-            self.wandb.summary.update(run_summary(summary, self.rows()))
-            self.wandb.finish(exit_code=exit_code)
-            self.wandb = None
+        """``summary.json``, written whole (:mod:`fedpeft.durable`), and the W&B run closed, even
+        when that write fails."""
+        try:
+            durable.write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        finally:
+            if self.wandb is not None:
+                self.wandb.summary.update(run_summary(summary, self.rows()))
+                self.wandb.finish(exit_code=exit_code)
+                self.wandb = None
 
 
 def progress_line(server_round: int, rounds: int, m: Mapping[str, Any], elapsed: float) -> str:

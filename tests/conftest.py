@@ -70,3 +70,16 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(tier)
         if tier == "e2e":
             item.add_marker("slow")
+
+
+@pytest.fixture(scope="session")
+def can_mount():
+    """Skips a test where this process may not mount a tmpfs in a private mount namespace (not root)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {probe.stderr.decode().strip()}")

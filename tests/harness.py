@@ -354,3 +354,37 @@ def pruning_plan(gamma: float, lam: float, r_min: int, **plan):
 
     prune = SelfPruning(gamma=gamma, lam=lam, r_min=r_min)
     return ClientPlan(loss_term=prune, finalise=prune, **plan)
+
+
+# ------------------------------------------------------------------ a small file system of its own
+
+
+def in_tmpfs(tmp_path: Path, script: str, *, options: str = "size=256k", timeout: float = 120) -> dict:
+    """Run ``script`` (Python; ``MNT`` is the mount point, ``fill()`` fills it to the last byte) in a
+    private mount namespace with a tmpfs mounted at ``tmp_path/mnt`` (``options``: mount(8)'s, e.g. its
+    size), from the repository root; what it prints last, as JSON. Needs the ``can_mount`` fixture."""
+    import subprocess
+    import sys
+    import textwrap
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    prelude = textwrap.dedent("""
+        import json, os, sys
+        from pathlib import Path
+        MNT = Path(sys.argv[1])
+
+        def fill():
+            with open(MNT / "filler", "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(b"\\0" * 4096)
+                except OSError:
+                    pass
+    """)
+    code = prelude + textwrap.dedent(script)
+    shell = f'mount -t tmpfs -o {options} tmpfs "$1" && exec "$2" -c "$3" "$1"'
+    r = subprocess.run(["unshare", "--mount", "sh", "-c", shell, "sh", str(mnt), sys.executable, code], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
