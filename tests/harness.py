@@ -102,27 +102,30 @@ class AppGrid:
 
 
 class Machines(AppGrid):
-    """:class:`AppGrid` as a Ray cluster of ``len(dirs)`` machines that share no disk: each message
-    goes to a machine drawn at random (seeded: a node changes machines between rounds), whose
-    worker has its own cached base model (``clients.app._MODELS``) and sees the run's shared dir
-    as ``dirs[k]`` (the driver's machine: the run's own; another: an empty directory, as a tmpfs
-    over the run's path). The node's Flower state travels with the message, as Flower's simulation
-    carries it. ``served`` counts the messages each machine handled."""
+    """:class:`AppGrid` as a Ray cluster of ``len(dirs)`` machines that share no disk: the messages
+    of each push (a round's train messages, its evaluate messages) go to the next machine in turn,
+    so a node changes machines every round and a machine's worker lags behind the nodes it serves;
+    each machine's worker has its own cached base model (``clients.app._MODELS``) and sees the
+    run's shared dir as ``dirs[k]`` (the driver's machine: the run's own; another: an empty
+    directory, as a tmpfs over the run's path). The node's Flower state travels with the message,
+    as Flower's simulation carries it. ``served`` counts the messages each machine handled."""
 
-    def __init__(self, contexts, dirs, seed=0):
-        import random
-
+    def __init__(self, contexts, dirs):
         super().__init__(contexts)
-        self.dirs, self.rng = list(dirs), random.Random(seed)
+        self.dirs, self.pushes = list(dirs), 0
         self.caches = [{} for _ in self.dirs]
         self.served = [0] * len(self.dirs)
+
+    def push_messages(self, msgs):
+        self.pushes += 1
+        return super().push_messages(msgs)
 
     def deliver(self, msg, context):
         from flwr.app import Context
 
         from clients import app as client_app
 
-        k = self.rng.randrange(len(self.dirs))
+        k = self.pushes % len(self.dirs)
         self.served[k] += 1
         view = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config, state=context.state,
                        run_config={**context.run_config, "shared-dir": str(self.dirs[k])})

@@ -1,5 +1,5 @@
 """A Ray cluster whose machines share no disk, in-process: :class:`tests.harness.Machines` sends each
-message to a machine drawn at random, whose worker has its own cached base model and sees an empty
+message to the next machine in turn, whose worker has its own cached base model and sees an empty
 directory where the driver keeps the run (as a tmpfs over the run's path on another machine); the
 node's Flower state travels with the message, as Flower's simulation carries it. Whatever a client
 needs across rounds (FLoRA's merges, FedSA-LoRA's own B, a cohort member's top-k residual) must
@@ -69,7 +69,7 @@ def _tensors(state, path=""):
 
 CASES = {
     # a worker behind its node gets the merges it lacks from the node's state, not from state/merges
-    "flora_fraction_half_with_failures": (["strategy=flora", "fraction=0.5", "min_clients=1", "profile.failure_rate=0.3"], 1),
+    "flora_fraction_half_with_failures": (["strategy=flora", "fraction=0.5", "min_clients=1", "profile.failure_rate=0.3", "rounds=4"], 1),
     # each client's own B follows its node state; a missing file is no longer B = 0
     "fedsa_lora": (["strategy=fedsa_lora", "fraction=0.5", "min_clients=1"], 2),
     # each cohort member's state (top-k residual, FLoRA's merges) travels with its cohort
