@@ -115,22 +115,20 @@ def should_fail(seed: int, server_round: int, partition_id: int, rate: float) ->
     return rate > 0 and random.Random(f"{seed}/{server_round}/{partition_id}").random() < rate
 
 
-def sync_base(lm: LoadedModel, target: int, merges: dict, store: str | None) -> None:
+def sync_base(lm: LoadedModel, target: int, merges: dict) -> None:
     """Bring this worker's cached base to version ``target`` exactly: apply the missing FLoRA
-    merges in order, from the message (all a device ever needs: the server sends each node the
-    merges it has not seen) or, in simulation, where one worker process serves several nodes and so
-    may lack merges its node has, from the server's merge store (``shared-dir``). Message, store
-    and node state hold each merge in the one form the server chose for it (:mod:`fedpeft.merges`),
-    so every worker's base is the same bit for bit, whichever way its merges came."""
+    merges in order, from ``merges``: the message's (the server sends each node the merges it has
+    not seen) with the ones its node kept from earlier messages (:func:`kept_merges`). A worker may
+    lag behind the node it serves (in simulation one worker process serves several nodes, on any
+    machine of a Ray cluster; a device starts a new process for each message): the node's merges
+    bring it up. Message and node state hold each merge in the one form the server chose for it
+    (:mod:`fedpeft.merges`), so every worker's base is the same bit for bit."""
     if lm.base_version > target:
         raise RuntimeError(f"worker base is at version {lm.base_version}, ahead of the requested {target}")
     for v in range(lm.base_version + 1, target + 1):
-        merge = merges.get(v)
-        if merge is None:
-            if not store:
-                raise RuntimeError(f"base merge {v} is not in the message (this node's base is at version {lm.base_version})")
-            merge = merge_forms.load_merge(Path(store), v)
-        apply_merge(lm, merge)
+        if v not in merges:
+            raise RuntimeError(f"base merge {v} is neither in the message nor in this node's state (this worker's base is at version {lm.base_version})")
+        apply_merge(lm, merges[v])
 
 
 app = ClientApp()
@@ -273,12 +271,11 @@ def prepare(step: Step, context: Context) -> tuple[LoadedModel, Any]:
     torch.set_num_threads(max(1, int(s.engine.num_cpus)))
     part, _ = local_data(s, context.node_config, step.plan)
     lm = node_model(step, context)
-    shared = runconfig.load(context.run_config)[1].shared_dir
-    merges = dict(step.decoded.merges)
-    if not shared:  # a device: Flower 1.41 runs every message in a new ClientApp process; the node state keeps its merges
-        merges = {**kept_merges(context), **merges}
-        keep_merges(context, step.decoded.merges)
-    sync_base(lm, step.base_version, merges, str(Path(shared) / "merges") if shared else None)
+    # The node state keeps every merge its node was sent (Flower carries it with each message, to
+    # whichever worker and machine serves the node): a worker behind its node catches up from it.
+    merges = {**kept_merges(context), **step.decoded.merges}
+    keep_merges(context, step.decoded.merges)
+    sync_base(lm, step.base_version, merges)
     return lm, part
 
 
@@ -365,20 +362,21 @@ def cohort_handler(msg: Message, context: Context) -> Message:
     one batched step over this worker's base model) and reply with each one's update.
 
     Each member is handled as the per-client engine handles its own message, with its own
-    partition id: the fault profile first (a failing member is left out of the cohort and replies
-    its error), then training, then its reply through :data:`MODS`, the per-client handler's mods
-    (local DP, the uplink codec; a top-k residual lives in ``<shared-dir>/client_<id>``). A simulation engine only: the members'
-    data are partitions of the run's dataset and their state lives in the shared dir. If training
+    partition id and its own node state, which travels with the cohort (:mod:`fedpeft.cohorts`):
+    the fault profile first (a failing member is left out of the cohort and replies its error),
+    then training, then its reply through :data:`MODS`, the per-client handler's mods (local DP,
+    the uplink codec and its top-k residual). A simulation engine only: the members' data are
+    partitions of the run's dataset. If training
     the cohort fails (one client's loss became NaN, the cohort ran out of memory, ...), each member
     is trained alone instead, so that a failing client fails alone (out of memory: one line naming
     its plan and what to change, :class:`clients.train.ClientOutOfMemory`)."""
     if not runconfig.load(context.run_config)[1].shared_dir:
         raise CohortError("engine.kind=cohort runs on simulation workers only (this node has no shared dir): use engine.kind=per_client on devices")
     members = []
-    for pid, content in cohorts.unpack(msg.content):
+    for pid, content, state in cohorts.unpack(msg.content):
         sub = Message(content=content, metadata=copy(msg.metadata))
         node_config = {**context.node_config, "partition-id": pid}
-        ctx = Context(run_id=context.run_id, node_id=context.node_id, node_config=node_config, state=RecordDict(), run_config=context.run_config)
+        ctx = Context(run_id=context.run_id, node_id=context.node_id, node_config=node_config, state=state, run_config=context.run_config)
         members.append((sub, ctx))
     replies: list[RecordDict | Error | None] = [None] * len(members)
     steps: dict[int, Step] = {}
@@ -394,7 +392,10 @@ def cohort_handler(msg: Message, context: Context) -> Message:
             raise CohortError(f"the cohort's clients are on base versions {sorted(versions)}: one cohort trains on one base")
         first = min(steps)
         s = steps[first].settings
-        lm, _ = prepare(steps[first], members[first][1])  # merges its message lacks come from the shared dir's store
+        for j, st in steps.items():  # each member keeps the merges it was sent (the first one's prepare keeps its own)
+            if j != first:
+                keep_merges(members[j][1], st.decoded.merges)
+        lm, _ = prepare(steps[first], members[first][1])  # merges its message lacks come from its node state
         jobs = [
             CohortJob(payload_of(st, members[j][1]), local_data(s, members[j][1].node_config, st.plan)[0], st.seed(0), st.partition_id, st.rank, st.alpha,
                       DPSettings(st.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None)
@@ -429,7 +430,7 @@ def cohort_handler(msg: Message, context: Context) -> Message:
                 replies[j] = reply.error if reply.has_error() else reply.content
             except Exception as e:
                 replies[j] = _error(e)
-    return Message(content=cohorts.pack_replies(replies), reply_to=msg)
+    return Message(content=cohorts.pack_replies(replies, [ctx.state for _, ctx in members]), reply_to=msg)
 
 
 RESERVED = ("server-round", "rank", "alpha", "base-version", "noise-multiplier", "config-digest", "lr")
@@ -514,26 +515,29 @@ def save_residual(step: Step, context: Context, residual: dict[str, torch.Tensor
 
 
 PERSONAL_B = "personal-B"
+PERSONAL_B_ROUND = "personal-B-round"
 
 
 def load_personal_B(step: Step, context: Context, *, through: int) -> dict[str, torch.Tensor]:
     """FedSA-LoRA: this client's own B per module as it left its last training round ``≤ through``
-    ({} before its first). Where there is a state dir (``<shared-dir>/client_<id>`` in simulation,
-    so any worker serving this client and a resumed run find it), ``personal_B_<round>.safetensors``;
-    else (a device without ``state-dir``) the Flower node state."""
-    where = state_dir(step, context)
-    if where is not None:
-        return load_round_tensors(where, "personal_B", through + 1)
-    return context.state[PERSONAL_B].to_torch_state_dict() if PERSONAL_B in context.state.array_records else {}
+    ({} before its first): from its Flower node state (which Flower carries with every message to
+    whichever worker and machine serves the node), or, where the node state has none from a round
+    that early (a resumed run, a restarted node), from the checkpoint in its state dir
+    (``personal_B_<round>.safetensors`` under ``<shared-dir>/client_<id>`` in simulation, or the
+    device's ``state-dir``)."""
+    if PERSONAL_B in context.state.array_records and int(context.state[PERSONAL_B_ROUND]["round"]) <= through:
+        return context.state[PERSONAL_B].to_torch_state_dict()
+    return load_round_tensors(state_dir(step, context), "personal_B", through + 1)
 
 
 def save_personal_B(step: Step, context: Context, adapter: dict[str, LoraFactors]) -> None:
-    """Keep this client's trained B (never sent) for its next round: see :func:`load_personal_B`."""
-    tensors = {m: f.B for m, f in adapter.items()}
+    """Keep this client's trained B (never sent) for its next round in its node state and, where
+    there is a state dir, as a checkpoint there: see :func:`load_personal_B`."""
+    tensors = {m: f.B.detach().cpu().contiguous() for m, f in adapter.items()}
+    context.state[PERSONAL_B] = ArrayRecord(torch_state_dict=tensors)
+    context.state[PERSONAL_B_ROUND] = ConfigRecord({"round": step.server_round})
     where = state_dir(step, context)
-    if where is None:
-        context.state[PERSONAL_B] = ArrayRecord(torch_state_dict={m: t.detach().cpu().contiguous() for m, t in tensors.items()})
-    else:
+    if where is not None:
         save_round_tensors(where, "personal_B", step.server_round, tensors)
 
 

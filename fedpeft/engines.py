@@ -132,8 +132,12 @@ class Cohort(Engine):
         except CohortError as e:
             raise EngineError(f"engine.kind=cohort: {e}") from None
 
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.states: dict = {}  # client id → its node state (a flwr RecordDict), carried with its cohort (fedpeft.cohorts)
+
     def exchange(self, grid, messages, partition_of, on_poll=None):
-        batch = Cohorts(messages, partition_of, self.settings.cohort_size)
+        batch = Cohorts(messages, partition_of, self.settings.cohort_size, self.states)
         return batch.split(send_and_receive(grid, batch.messages, self.settings.round_timeout, on_poll, weights=batch.weights))
 
 

@@ -22,11 +22,12 @@ Exactness: ``factors`` is the stack itself, bit for bit; ``svd`` and ``dense`` e
 float rounding (float64, then rounded once to the factors' dtype) — not bit for bit what a client
 applying the stack would get. What keeps every party on the same base bit for bit is that the form
 is chosen once per merge by the server (:class:`fedpeft.server.FlowerAdapter`) and that same form
-is what every message, the run's merge store and a device's node state carry, and what
+is what every message, the run's merge store and a node's state carry, and what
 :func:`fedpeft.models.apply_merge` applies.
 
-The merge store (the server's ``state/merges``, which simulated nodes read through the shared dir)
-keeps one safetensors file per merge version in that form: :func:`save_merge`, :func:`load_merge`.
+The merge store (the server's ``state/merges``, a checkpoint beside ``server.pt``; no client reads
+it: a node keeps the merges it was sent in its Flower node state) keeps one safetensors file per
+merge version in that form: :func:`save_merge`, :func:`load_merge`.
 """
 
 from __future__ import annotations

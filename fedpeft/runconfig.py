@@ -14,12 +14,12 @@ pyproject.toml, overridden by the launcher (``fedpeft simulate``/``deploy``, ``f
   user sets replaces the app's word for that key (:func:`overrides`);
 - ``run-dir``: where the server writes (empty: ``runs/flwr/<time>``); ``resume``: continue the run
   in ``run-dir`` from its last complete round;
-- ``shared-dir``: simulation only: a directory every simulated node can read, because all of them
-  run in this machine's worker processes. Several nodes share one worker process, so a worker may
-  lack a FLoRA base merge its node already has: it reads it from the server's state here; and
-  clients keep their own state (top-k residuals) under it, so that a resumed run has it. Empty in
-  a deployment: merges travel only in messages, and a node keeps its state in
-  ``node_config["state-dir"]`` (if given).
+- ``shared-dir``: simulation only: where clients checkpoint their own state (top-k residuals,
+  FedSA-LoRA's personal B) under ``client_<id>``, so that a resumed run (whose node states start
+  empty) has it. Nothing is read from it while a run goes on: FLoRA's merges and each client's
+  state travel with Flower's node state, so a worker on a machine that cannot see this directory
+  (a Ray cluster without a shared disk) trains the same. Empty in a deployment: a node keeps its
+  checkpoint in ``node_config["state-dir"]`` (if given).
 
 Both apps get the typed :class:`fedpeft.config.Config` (dataclasses), never a dict read by key.
 """

@@ -126,7 +126,7 @@ class BaseMerges:
 
     def state_dict(self) -> dict[str, Any]:
         return {"merge_forms": {v: {m: merge_forms.parts(f) for m, f in forms.items()} for v, forms in self.forms.items()},
-                "seen": dict(self.seen), "merges_published": self.published}
+                "merges_published": self.published}
 
     def load_state_dict(self, state: dict[str, Any], model: GlobalModel) -> None:
         if "merge_forms" in state:
@@ -134,7 +134,9 @@ class BaseMerges:
         else:  # a state written before merges had forms: its nodes were sent the stacked factors
             self.forms = {v + 1: dict(merge) for v, merge in enumerate(model.merges)}
         self.encoded = {}
-        self.seen = {int(k): int(v) for k, v in state["seen"].items()}
+        # A resumed run is a new Flower run: every node's state (the merges it kept) starts empty,
+        # on whichever machine it runs, so each node is sent every merge again, from version 1.
+        self.seen = {}
         self.published = int(state.get("merges_published", model.version))  # older states: every merge came from a round
 
 

@@ -207,8 +207,12 @@ def run(cfg: DictConfig, run_dir: Path, *, interruptible: bool = False, resume: 
             fed.interrupted()
 
     guard = _Guards()
-    if interruptible:
+    if interruptible or cfg.engine.ray_address:
         start_ray(cfg)
+    if cfg.engine.ray_address:
+        from fedpeft.cluster import check  # lazy: asks the cluster's nodes (Ray)
+
+        check(cfg, run_dir, resume)
     with StopOnInterrupt(guard, interrupted) if interruptible else contextlib.nullcontext():
         simulate(run_config, cfg.clients, cfg)
     return json.loads((run_dir / "summary.json").read_text())

@@ -78,24 +78,67 @@ class AppGrid:
         from flwr.app import Error, Message
         from flwr.common.constant import ErrorCode
 
-        from clients import app as client_app
-
         ids = []
         for m in msgs:
             m.metadata.__dict__["_message_id"] = mid = str(uuid4())
             self.types.append(m.metadata.message_type)
             try:
-                self.waiting[mid] = client_app.app(m, self.contexts[m.metadata.dst_node_id])
+                self.waiting[mid] = self.deliver(m, self.contexts[m.metadata.dst_node_id])
             except Exception as ex:  # as flwr's vce_api reports a ClientApp's exception
                 self.waiting[mid] = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(type(ex)) + ":<'" + str(ex) + "'>"), reply_to=m)
             ids.append(mid)
         return ids
+
+    def deliver(self, msg, context):
+        from clients import app as client_app
+
+        return client_app.app(msg, context)
 
     def pull_messages(self, ids):
         return [self.waiting.pop(i) for i in list(ids) if i in self.waiting]
 
     def send_and_receive(self, msgs, *, timeout=None):
         return self.pull_messages(self.push_messages(msgs))
+
+
+class Machines(AppGrid):
+    """:class:`AppGrid` as a Ray cluster of ``len(dirs)`` machines that share no disk: the messages
+    of each push (a round's train messages, its evaluate messages) go to the next machine in turn,
+    so a node changes machines every round and a machine's worker lags behind the nodes it serves;
+    each machine's worker has its own cached base model (``clients.app._MODELS``) and sees the
+    run's shared dir as ``dirs[k]`` (the driver's machine: the run's own; another: an empty
+    directory, as a tmpfs over the run's path). The node's Flower state travels with the message,
+    as Flower's simulation carries it. ``served`` counts the messages each machine handled."""
+
+    def __init__(self, contexts, dirs):
+        super().__init__(contexts)
+        self.dirs, self.pushes = list(dirs), 0
+        self.caches = [{} for _ in self.dirs]
+        self.served = [0] * len(self.dirs)
+
+    def push_messages(self, msgs):
+        self.pushes += 1
+        return super().push_messages(msgs)
+
+    def deliver(self, msg, context):
+        from flwr.app import Context
+
+        from clients import app as client_app
+
+        k = self.pushes % len(self.dirs)
+        self.served[k] += 1
+        view = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config, state=context.state,
+                       run_config={**context.run_config, "shared-dir": str(self.dirs[k])})
+        saved = dict(client_app._MODELS)
+        client_app._MODELS.clear()
+        client_app._MODELS.update(self.caches[k])
+        try:
+            return client_app.app(msg, view)
+        finally:
+            self.caches[k] = dict(client_app._MODELS)
+            client_app._MODELS.clear()
+            client_app._MODELS.update(saved)
+
 
 
 def reply_to(msg, adapter, head, n=10):
@@ -210,11 +253,13 @@ def simulate(tmp_path, *overrides):
 _RUN_IDS = itertools.count(1000)
 
 
-def federate(tmp_path, *overrides, run_id: int | None = None):
+def federate(tmp_path, *overrides, run_id: int | None = None, machines: int = 1, resume: bool = False):
     """The same small MiniLM run as :func:`simulate`, in-process: the real server
     (:class:`fedpeft.serverapp.Federation`) over :class:`AppGrid` (the real ClientApp, each node with
     its own Context), in ``tmp_path / "run"``, W&B off: (config, the run's summary). Each call is a
-    new run id (a worker's cached base model is per run, as FLoRA's merges change it). What it
+    new run id (a worker's cached base model is per run, as FLoRA's merges change it). With
+    ``machines`` > 1, over :class:`Machines`: the other machines see an empty shared dir. ``resume``:
+    continue the run in ``tmp_path / "run"`` (new node states, as a new Flower run has). What it
     cannot show (Ray workers, processes) the e2e tier shows. Needs the ``task_identity`` fixture."""
     from flwr.app import Context, RecordDict
 
@@ -226,13 +271,15 @@ def federate(tmp_path, *overrides, run_id: int | None = None):
                    "engine.device=cpu", "engine.num_cpus=1", *overrides])
     run_dir = tmp_path / "run"
     run_id = next(_RUN_IDS) if run_id is None else run_id
-    rc = to_run_config(cfg, run_dir, shared_dir=str(run_dir / "state"))
+    rc = to_run_config(cfg, run_dir, shared_dir=str(run_dir / "state"), resume=resume)
     contexts = {
         100 + i: Context(run_id=run_id, node_id=100 + i, node_config={"partition-id": i, "num-partitions": cfg.clients}, state=RecordDict(),
                          run_config=rc)
         for i in range(cfg.clients)
     }
-    return cfg, Federation(cfg, RunSpec(run_dir, shared_dir=str(run_dir / "state"))).run(AppGrid(contexts))
+    others = [tmp_path / f"machine_{k}" / "state" for k in range(1, machines)]
+    grid = Machines(contexts, [run_dir / "state", *others]) if machines > 1 else AppGrid(contexts)
+    return cfg, Federation(cfg, RunSpec(run_dir, resume=resume, shared_dir=str(run_dir / "state"))).run(grid)
 
 
 # ------------------------------------------------------------------ W&B's offline run files

@@ -44,16 +44,17 @@ def test_workers_with_different_histories_reach_the_same_base_bit_for_bit(tmp_pa
     merges = {v: random_merge(w1, 3 + v, v) for v in (1, 2, 3)}
     for v, m in merges.items():
         save_merge(tmp_path, v, m)
-    sync_base(w1, 1, {1: merges[1]}, str(tmp_path))
-    sync_base(w1, 2, {2: merges[2]}, str(tmp_path))
-    sync_base(w1, 3, {3: merges[3]}, str(tmp_path))
-    # w2 was idle for two rounds; its node's message only carries merge 3: merges 1-2 come from the store.
-    sync_base(w2, 3, {3: merges[3]}, str(tmp_path))
+    sync_base(w1, 1, {1: merges[1]})
+    sync_base(w1, 2, {2: merges[2]})
+    sync_base(w1, 3, {3: merges[3]})
+    # w2 was idle for two rounds; its node's message only carries merge 3: merges 1-2 come from the
+    # node's state (here as the store, the checkpoint beside server.pt, has them).
+    sync_base(w2, 3, {1: load_merge(tmp_path, 1), 2: load_merge(tmp_path, 2), 3: merges[3]})
     assert w1.base_version == w2.base_version == 3
     for m in w1.modules:
         assert torch.equal(layer(w1, m).base_layer.weight, layer(w2, m).base_layer.weight)
-    with pytest.raises(RuntimeError, match=r"base merge 1 is not in the message \(this node's base is at version 0\)"):
-        sync_base(new_model(), 1, {}, None)
+    with pytest.raises(RuntimeError, match=r"base merge 1 is neither in the message nor in this node's state \(this worker's base is at version 0\)"):
+        sync_base(new_model(), 1, {})
     back = load_merge(tmp_path, 2)
     assert all(torch.equal(back[m].A, merges[2][m].A) for m in back)
 
@@ -71,9 +72,9 @@ def test_a_device_rebuilds_its_base_in_a_new_process_from_the_merges_its_node_ke
     ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     keep_merges(ctx, {1: merges[1]})  # round 2's message
     fresh = new_model()  # round 3: a new process, base at version 0; the message carries merge 2 only
-    sync_base(fresh, 2, {**kept_merges(ctx), 2: merges[2]}, None)
+    sync_base(fresh, 2, {**kept_merges(ctx), 2: merges[2]})
     for v in (1, 2):
-        sync_base(ref, v, {v: merges[v]}, None)
+        sync_base(ref, v, {v: merges[v]})
     for m in ref.modules:
         assert torch.equal(layer(fresh, m).base_layer.weight, layer(ref, m).base_layer.weight)
     keep_merges(ctx, {2: merges[2]})
@@ -85,7 +86,7 @@ def test_flora_checkpoint_adapter_rebuilds_the_merged_model(tmp_path, tweets):
     base, merged = new_model(), new_model()
     merges = tuple(random_merge(base, r, 10 + r) for r in (5, 7))
     for v, m in enumerate(merges, start=1):
-        sync_base(merged, v, {v: m}, None)
+        sync_base(merged, v, {v: m})
     g0 = read_adapter(base)
     model = GlobalModel(adapter={}, head=g0.head, merges=merges)
     cumulative = global_adapter(model)

@@ -225,7 +225,7 @@ def test_flora_merges_past_a_modules_dimension_apply_to_the_clients_base(smol):
     gen = torch.Generator().manual_seed(5)
     merge = {n: random_factors(smol.shapes[n], 224, 1.0, gen) for n in names}
     try:
-        sync_base(lm, 1, {1: merge}, None)
+        sync_base(lm, 1, {1: merge})
         assert lm.base_version == 1
         for n in names:
             torch.testing.assert_close(layer(lm, n).base_layer.weight - w0[n], delta(merge[n]), rtol=1e-4, atol=1e-6)  # ΔW ~ 2e-3; W + ΔW rounds at W's ulp

@@ -194,6 +194,7 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float, what: str) -> Non
 @pytest.mark.parametrize("strategy", ["flora", "fedex_lora"])
 def test_merges_on_a_4bit_base_stay_float32_beside_it_and_every_node_holds_the_servers_weights(strategy, tiny_llama, tmp_path):
     from clients.app import sync_base
+    from fedpeft.merges import load_merge
     from fedpeft.server import global_adapter
 
     fed, _ = federate(tmp_path, fed_overrides(tiny_llama, f"strategy={strategy}"), run_id=31 if strategy == "flora" else 32)
@@ -204,15 +205,15 @@ def test_merges_on_a_4bit_base_stay_float32_beside_it_and_every_node_holds_the_s
     forms = {v: server.merges.form(server.model, v) for v in range(1, V + 1)}
     node = next(iter(client_app._MODELS.values()))  # the simulated nodes' cached model (one per worker)
     assert 0 < node.base_version <= V
-    sync_base(node, V, {}, str(store))  # the merges of rounds it did not train after, from the store
+    sync_base(node, V, forms)  # the merges of rounds it did not train after, as its node's state keeps them
 
-    # A node that joins now (a new worker, a resumed run) replays every merge from the store.
+    # A node that joins now (a new worker, a resumed run) is sent every merge; the store (a checkpoint) holds the same forms.
     cfg = fed.cfg
     fresh = build(cfg.model, num_labels=None, device="cpu", seed=cfg.seed, peft_cfg=cfg.peft)
-    sync_base(fresh, V, {}, str(store))
+    sync_base(fresh, V, {v: load_merge(store, v) for v in range(1, V + 1)})
     fp32 = build(OmegaConf.merge(cfg.model, {"quantization": "none"}), num_labels=None, device="cpu", seed=cfg.seed, peft_cfg=cfg.peft)
     w0 = {m: base_weight(fp32, m).clone() for m in fp32.modules}
-    sync_base(fp32, V, {}, str(store))  # the same merges on a float32 base: added in place
+    sync_base(fp32, V, forms)  # the same merges on a float32 base: added in place
 
     kinds = set()
     for m in node.modules:

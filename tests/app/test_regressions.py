@@ -117,7 +117,7 @@ def _merge_data_bytes(merge) -> int:
 
 def test_flora_merges_travel_in_the_messages_are_counted_and_rebuild_the_servers_base(settings, lm):
     """Mutation checks (fedpeft/server.py configure_train): ``merges={}`` instead of the merges the
-    node lacks → ``sync_base(..., store=None)`` raises; ``bytes_down`` counted on the message without
+    node lacks → ``sync_base`` raises; ``bytes_down`` counted on the message without
     its merge arrays → the byte assertion fails; a merge sent twice or skipped → the per-round key
     sets differ."""
     ranks = {0: 4, 1: 2, 2: 3}
@@ -162,10 +162,10 @@ def test_flora_merges_travel_in_the_messages_are_counted_and_rebuild_the_servers
     m2 = next(m for m in msgs2 if m.metadata.dst_node_id == 201)
     for msg in (m2, by_node[201]):
         dec = messages.decode(msg.content)
-        client_app.sync_base(worker, int(dec.config["base-version"]), dec.merges, None)
+        client_app.sync_base(worker, int(dec.config["base-version"]), dec.merges)
     late = copy.deepcopy(lm)
     dec = messages.decode(by_node[203].content)
-    client_app.sync_base(late, int(dec.config["base-version"]), dec.merges, None)
+    client_app.sync_base(late, int(dec.config["base-version"]), dec.merges)
     assert worker.base_version == late.base_version == 2
     # ... and reach the base the server's merges define: bit for bit what applying them in the form
     # the server chose gives (here, stacks of rank 6 on 384 × 384 modules: the stacks), and W0 + Σ B_i A_i.

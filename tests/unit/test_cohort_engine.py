@@ -43,8 +43,8 @@ def test_a_cohort_carries_each_members_records_unchanged_and_replies_split_back(
     assert [m.metadata.dst_node_id for m in batch.messages] == [70, 72] and batch.weights == [2, 1]
     assert [m.metadata.message_type for m in batch.messages] == ["train.cohort"] * 2
     members = cohorts.unpack(batch.messages[0].content)
-    assert [p for p, _ in members] == [0, 1]
-    assert [c.config_records["config"]["x"] for _, c in members] == [0, 1]
+    assert [p for p, _, _ in members] == [0, 1]
+    assert [c.config_records["config"]["x"] for _, c, _ in members] == [0, 1]
     assert torch.equal(members[1][1].array_records["arrays"].to_torch_state_dict()["t"], torch.full((3,), 1.0))
     # Member 0 answers, member 1 fails alone; the second cohort fails as a whole; no reply is lost or invented.
     for m in batch.messages:
@@ -62,6 +62,41 @@ def test_a_cohort_carries_each_members_records_unchanged_and_replies_split_back(
     assert all(m.metadata.reply_to_message_id == sent[node] for node, m in by_node.items())
     # No reply for a cohort (the round timed out): its members get none, and the server counts them failed.
     assert batch.split([r0]) and {m.metadata.src_node_id for m in batch.split([r0])} == {70, 71}
+
+
+def test_each_members_node_state_travels_with_its_cohort_and_comes_back_outside_its_bytes():
+    """A member's node state (FLoRA's kept merges, a top-k residual, FedSA-LoRA's B) is the engine's
+    to carry, per client, whichever node its cohort goes to: round 2's cohorts differ from round
+    1's, and each member gets back the state its round-1 reply left; what the member's reply counts
+    (``aggregate_train``'s bytes up) is its content alone."""
+    from flwr.app import ArrayRecord
+
+    from fedpeft import messages
+
+    states: dict = {}
+    nodes = {70: 0, 71: 1, 72: 2}
+
+    def worker(batch, rnd):  # each member appends this round to its state, as a ClientApp's node state changes
+        replies = []
+        for m in batch.messages:
+            members = cohorts.unpack(m.content)
+            for pid, _, state in members:
+                old = state.array_records["kept"].to_torch_state_dict()["t"] if "kept" in state.array_records else torch.zeros(0)
+                state["kept"] = ArrayRecord(torch_state_dict={"t": torch.cat([old, torch.tensor([float(10 * pid + rnd)])])})
+            m.metadata.__dict__["_message_id"] = str(uuid4())
+            replies.append(Message(content=cohorts.pack_replies([content(pid) for pid, _, _ in members], [st for _, _, st in members]), reply_to=m))
+        return batch.split(replies)
+
+    one = cohorts.Cohorts([train_msg(n, p) for n, p in nodes.items()], nodes, size=2, states=states)
+    assert [m.metadata.dst_node_id for m in one.messages] == [70, 72]  # {0, 1} and {2}
+    out = worker(one, 1)
+    assert all(messages.num_bytes(m.content) == messages.num_bytes(content(nodes[m.metadata.src_node_id])) for m in out)
+    assert all(not any(k.startswith("state") for k in m.content) for m in out)
+    two = cohorts.Cohorts([train_msg(n, p) for n, p in nodes.items() if p != 0], nodes, size=1, states=states)  # 1 and 2 alone
+    assert [m.metadata.dst_node_id for m in two.messages] == [71, 72]
+    worker(two, 2)
+    got = {p: states[p].array_records["kept"].to_torch_state_dict()["t"].tolist() for p in nodes.values()}
+    assert got == {0: [1.0], 1: [11.0, 12.0], 2: [21.0, 22.0]}
 
 
 def test_a_malformed_cohort_is_refused_naming_the_record():

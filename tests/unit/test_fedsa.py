@@ -130,11 +130,11 @@ def test_each_client_keeps_its_own_B_on_disk_by_round(tmp_path, monkeypatch):
     from clients import app as client_app
 
     monkeypatch.setattr(client_app.runconfig, "load", lambda rc: (None, SimpleNamespace(shared_dir=rc["shared-dir"])))
-    ctx = store_context(tmp_path)
+    ctx = {pid: store_context(tmp_path) for pid in (0, 1)}  # each client's node state
     g = torch.Generator().manual_seed(0)
     Bs = {(pid, r): {n: torch.randn(o, RANK, generator=g) for n, (o, _) in SHAPES.items()} for pid in (0, 1) for r in (1, 2, 3)}
     A = {n: LoraFactors(torch.randn(RANK, i, generator=g), torch.zeros(o, RANK), S) for n, (o, i) in SHAPES.items()}
-    assert client_app.load_personal_B(store_step(0, 1), ctx, through=0) == {}  # round 1: peft's B = 0
+    assert client_app.load_personal_B(store_step(0, 1), ctx[0], through=0) == {}  # round 1: peft's B = 0
     assert client_app.with_personal_B(A, {}, 0) == A
     for r in (1, 2):
         for pid in (0, 1):
@@ -146,16 +146,38 @@ def test_each_client_keeps_its_own_B_on_disk_by_round(tmp_path, monkeypatch):
         got = client_app.load_personal_B(store_step(pid, 2), store_context(tmp_path), through=2)
         assert all(torch.equal(got[n], Bs[pid, 2][n]) for n in SHAPES)
     # A client not sampled in round 3 keeps its round-2 B; the one that trains writes round 3 and the two latest stay.
-    client_app.save_personal_B(store_step(0, 3), ctx, {n: LoraFactors(A[n].A, B, S) for n, B in Bs[0, 3].items()})
+    client_app.save_personal_B(store_step(0, 3), ctx[0], {n: LoraFactors(A[n].A, B, S) for n, B in Bs[0, 3].items()})
     assert sorted(p.name for p in (tmp_path / "client_0").iterdir()) == ["personal_B_00002.safetensors", "personal_B_00003.safetensors"]
-    assert all(torch.equal(client_app.load_personal_B(store_step(1, 4), ctx, through=3)[n], Bs[1, 2][n]) for n in SHAPES)
+    assert all(torch.equal(client_app.load_personal_B(store_step(1, 4), ctx[1], through=3)[n], Bs[1, 2][n]) for n in SHAPES)
     # A run killed after client 0 wrote round 3 resumes round 3 from its round-2 B (a new process: a new context).
     assert all(torch.equal(client_app.load_personal_B(store_step(0, 3), store_context(tmp_path), through=2)[n], Bs[0, 2][n]) for n in SHAPES)
-    mixed = client_app.with_personal_B(A, client_app.load_personal_B(store_step(1, 3), ctx, through=2), 1)
+    mixed = client_app.with_personal_B(A, client_app.load_personal_B(store_step(1, 3), ctx[1], through=2), 1)
     assert all(torch.equal(mixed[n].A, A[n].A) and torch.equal(mixed[n].B, Bs[1, 2][n]) for n in SHAPES)
     with pytest.raises(ValueError, match=r"^client 1: its stored B of module 'l0\.q' is \(6, 3\), expected \(6, 4\)"):
         client_app.with_personal_B(A, {n: torch.zeros(6, 3) for n in SHAPES}, 1)
     assert not list(tmp_path.rglob("*.tmp"))  # written atomically
+
+
+def test_a_clients_own_B_follows_its_node_state_to_a_machine_that_cannot_see_its_files(tmp_path, monkeypatch):
+    """On a Ray cluster whose nodes share no disk, the worker that serves a client next may be on a
+    machine where its state dir is empty: its B comes from its Flower node state (which Flower
+    carries with every message), not B = 0; the files are a checkpoint for a resumed run (a new,
+    empty node state), read only where the node state has nothing from a round that early."""
+    from clients import app as client_app
+
+    monkeypatch.setattr(client_app.runconfig, "load", lambda rc: (None, SimpleNamespace(shared_dir=rc["shared-dir"])))
+    g = torch.Generator().manual_seed(1)
+    Bs = {r: {n: torch.randn(o, RANK, generator=g) for n, (o, _) in SHAPES.items()} for r in (1, 2)}
+    A = {n: LoraFactors(torch.randn(RANK, i, generator=g), torch.zeros(o, RANK), S) for n, (o, i) in SHAPES.items()}
+    here = store_context(tmp_path / "machine_1")
+    for r in (1, 2):
+        client_app.save_personal_B(store_step(0, r), here, {n: LoraFactors(A[n].A, B, S) for n, B in Bs[r].items()})
+    there = Context(run_id=1, node_id=1, node_config={}, state=here.state, run_config={"shared-dir": str(tmp_path / "machine_2")})
+    got = client_app.load_personal_B(store_step(0, 3), there, through=2)
+    assert set(got) == set(SHAPES) and all(torch.equal(got[n], Bs[2][n]) for n in SHAPES)
+    # the node state holds round 2's B; round 2 re-asked through round 1 (a re-run round) reads the checkpoint before it
+    assert all(torch.equal(client_app.load_personal_B(store_step(0, 2), here, through=1)[n], Bs[1][n]) for n in SHAPES)
+    assert not (tmp_path / "machine_2").exists()
 
 
 # ------------------------------------------------------------------ personalised metrics

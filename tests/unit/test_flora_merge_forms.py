@@ -214,9 +214,9 @@ def test_the_server_prepares_each_merge_once_and_every_client_reaches_the_same_b
         assert fa.stats[rnd].bytes_down == sum(messages.num_bytes(m.content) for m in msgs)
         first = next(m for m in msgs if m.metadata.dst_node_id == 200)
         dec = messages.decode(first.content)
-        client_app.sync_base(by_rounds, int(dec.config["base-version"]), dec.merges, None)
+        client_app.sync_base(by_rounds, int(dec.config["base-version"]), dec.merges)
         process = lm0.copy()  # a device: a new process every round, its merges in the node state
-        client_app.sync_base(process, int(dec.config["base-version"]), {**client_app.kept_merges(ctx), **dec.merges}, None)
+        client_app.sync_base(process, int(dec.config["base-version"]), {**client_app.kept_merges(ctx), **dec.merges})
         client_app.keep_merges(ctx, dec.merges)
         fa.aggregate_train(rnd, replies(fa, msgs, grid, basis, seed=rnd))
         assert fa.stats[rnd].replied == len(msgs)
@@ -242,7 +242,7 @@ def test_the_server_prepares_each_merge_once_and_every_client_reaches_the_same_b
     # The store holds the very forms the messages carry.
     assert all(stored[v] is fa.merges.forms[v] for v in (1, 2, 3))
 
-    # A node that joins now gets all three merges, in one message; a worker short of merges reads the store.
+    # A node that joins now gets all three merges, in one message; the store (a checkpoint) replays to the same base.
     grid.nodes = {200: 0, 205: 5, 210: 9}
     msgs4 = list(fa.configure_train(4, fa.arrays(), ConfigRecord(), grid))
     late_dec = messages.decode(next(m for m in msgs4 if m.metadata.dst_node_id == 210).content)
@@ -250,12 +250,12 @@ def test_the_server_prepares_each_merge_once_and_every_client_reaches_the_same_b
     # client 5 trained on base 1 in round 2, sat out round 3
     assert sorted(messages.decode(next(m for m in msgs4 if m.metadata.dst_node_id == 205).content).merges) == [2, 3]
     late, from_store, process = lm0.copy(), lm0.copy(), lm0.copy()
-    client_app.sync_base(late, 3, late_dec.merges, None)
-    client_app.sync_base(from_store, 3, {}, str(tmp_path))
+    client_app.sync_base(late, 3, late_dec.merges)
+    client_app.sync_base(from_store, 3, {v: merges.load_merge(tmp_path, v) for v in (1, 2, 3)})  # the checkpoint beside server.pt
     own = messages.decode(next(m for m in msgs4 if m.metadata.dst_node_id == 200).content).merges
     assert sorted(own) == [3] and sorted(client_app.kept_merges(ctx)) == [1, 2]
-    client_app.sync_base(by_rounds, 3, own, None)
-    client_app.sync_base(process, 3, {**client_app.kept_merges(ctx), **own}, None)
+    client_app.sync_base(by_rounds, 3, own)
+    client_app.sync_base(process, 3, {**client_app.kept_merges(ctx), **own})
     assert by_rounds.base_version == process.base_version == 3
 
     exact = {m: w0[m].double() + sum(stack64(merge[m]) for merge in fa.model.merges) for m in SHAPES}
