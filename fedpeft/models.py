@@ -209,6 +209,7 @@ def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed:
         # checkpointing is train.gradient_checkpointing's business (clients/train.py), not turned on here
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         own_storage(base)
+        canonical_4bit(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(base.config, "pad_token_id", None) is None:
@@ -240,6 +241,19 @@ def build(model_cfg: Any, *, num_labels: int | None, device: str = "auto", seed:
     if quant is not None or dtype is not torch.float32:
         release_heap()  # converting or quantizing a float32 checkpoint leaves its freed copy in the heap
     return LoadedModel(model, tokenizer, model_cfg.task, dev, model_cfg.max_length, modules, head, lora, method=method, groups=groups)
+
+
+def canonical_4bit(model: torch.nn.Module) -> None:
+    """Keep every 4-bit weight in bitsandbytes' canonical layout. On a CPU with AVX512-BF16,
+    bitsandbytes 0.50 repacks a ``Linear4bit``'s weight in place the first time it runs in eval
+    mode without gradients, and rounds its quantization scales (absmax) to bfloat16 on the way: the
+    server's evaluation and a client's generation would then run on a different base than training
+    (measured: the dequantized weight of such a layer is off by more than its own norm), and
+    dequantizing it (:func:`base_weight`, FeDeRA's start) reads the repacked bytes as if they were
+    not. Every node and the server must hold the same base, so the repacking is turned off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def own_storage(model: torch.nn.Module) -> None:

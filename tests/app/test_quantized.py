@@ -66,6 +66,30 @@ def test_smollm2_loads_in_4bit_nf4_with_a_float32_adapter_that_trains():
 
 
 @pytest.mark.usefixtures("one_torch_thread")
+def test_a_4bit_base_keeps_its_layout_through_evaluation_so_train_and_eval_see_one_base():
+    """bitsandbytes 0.50 repacks a Linear4bit in place on its first eval-mode forward without
+    gradients on a CPU with AVX512-BF16, rounding its scales to bfloat16: the server's evaluation
+    then ran on another base than the clients' training, and dequantizing it read garbage (this
+    machine has AVX512-BF16; on a CPU without it the repacking never happens and this test cannot
+    fail)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    lm = build(ModelConfig(**SMOL, quantization="4bit", compute_dtype="float32"), num_labels=None, device="cpu")
+    m = lm.modules[0]
+    q = layer(lm, m).base_layer
+    before = base_weight(lm, m).clone()
+    x = torch.randn(1, 4, 576)
+    q.train()
+    y_train = q(x.requires_grad_(True)).detach()
+    lm.model.eval()
+    with torch.no_grad():
+        y_eval = q(x.detach())
+    assert not getattr(q.weight.quant_state, "packing_format_for_cpu", False), f"repacked (AVX512-BF16: {has_avx512bf16()})"
+    assert torch.equal(base_weight(lm, m), before)
+    assert torch.equal(y_eval, y_train)  # one base for training and for evaluation
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_smollm2_loads_in_bf16_and_a_merge_stays_float32_beside_the_weight():
     lm = build(ModelConfig(**SMOL, dtype="bfloat16"), num_labels=None, device="cpu")
     m = lm.modules[0]
