@@ -213,7 +213,10 @@ def test_float32_cohort_is_as_accurate_as_the_per_client_engine(tweets):
         x, y, z = change(u), change(ref32), change(exact)
         assert rel(x, z) <= 2 * rel(y, z) + 1e-7, (job.client_id, rel(x, z), rel(y, z))
         differ += not torch.equal(x, y)
-    assert differ > 0  # the case is one where the float32 engines do differ
+    # Whether the two float32 engines differ at all depends on the CPU's kernels: they did on the CPU this
+    # test was written on, and agree bit for bit on an AVX512-BF16 one. A wrong cohort update fails the
+    # bound above either way.
+    print(f"float32 engines differ for {differ} of {len(jobs)} clients")
 
 
 def test_fresh_seeded_inits_at_heterogeneous_ranks(minilm, full):

@@ -172,4 +172,7 @@ def test_engines_agree_with_the_base_models_dropout_on(tmp_path):
         for key in ("accuracy", "loss", "train_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (a["round"], key)
-    assert_close(many.adapter.state_dict()["model"], one.adapter.state_dict()["model"], 1e-3)
+    # Adam turns float32 rounding that differs between the engines' matmuls (one batched forward vs one per
+    # client) into relative differences of the same order in the factors: measured 1.1e-3 on an AVX512-BF16 CPU
+    # (its oneDNN kernels), below 1e-3 on the CPU this test was written on; the losses above agree to 1e-5.
+    assert_close(many.adapter.state_dict()["model"], one.adapter.state_dict()["model"], 3e-3)
