@@ -73,11 +73,24 @@ def test_a_malformed_prox_mu_on_the_wire_is_one_line_naming_it(cfg, key):
 
 def test_resume_needs_no_proximal_state():
     """The anchor is the round's payload and μ the config: a strategy's server state is the same
-    object, saving the same keys, with and without the term."""
+    object, saving the same keys, with and without the term. A run saved before ``prox_mu`` existed
+    resumes (μ = 0 is its default); resuming with another μ is refused like any changed key."""
+    from omegaconf import OmegaConf
+
+    from fedpeft.composing import compose
+    from fedpeft.config import schema
+    from fedpeft.serverapp import changed_keys
+
     for name in TAKERS:
         with_mu, without = strategies.build(name, prox_mu=0.5), strategies.build(name)
         assert type(with_mu.server_state()) is type(without.server_state())
         assert with_mu.server_state().state_dict() == without.server_state().state_dict()
+    defaults = OmegaConf.to_container(OmegaConf.structured(schema()))
+    new = OmegaConf.to_container(compose([]), resolve=True)
+    old = OmegaConf.to_container(compose([]), resolve=True)
+    del old["strategy"]["prox_mu"]  # saved by a fedpeft without FedProx
+    assert changed_keys(old, new, defaults=defaults) == []
+    assert changed_keys(new, OmegaConf.to_container(compose(["strategy.prox_mu=0.1"]), resolve=True), defaults=defaults) == ["strategy.prox_mu"]
 
 
 @pytest.mark.parametrize("override, expected", [
