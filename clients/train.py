@@ -21,7 +21,7 @@ import torch
 
 from fedpeft.lora import LoraFactors, truncate
 from fedpeft.models import LoadedModel, active, fresh_init, layer, read_adapter, write_adapter
-from fedpeft.plan import ClientUpdate, Finaliser, LossTerm, Payload
+from fedpeft.plan import ClientUpdate, Finaliser, LossTerm, Payload, Proximal
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,9 @@ def train(
     ``train_A=False`` trains B only (FFA-LoRA, RoLoRA's B rounds), ``train_B=False`` A only (RoLoRA's
     A rounds); ``loss_term`` is added to every step's loss (HetLoRA's rank self-pruning term
     ``λ Σ_modules ‖B[:, ⌊γr⌋:]‖_F ‖A[⌊γr⌋:, :]‖_F``) and ``finalise`` picks the rank the update keeps
-    (HetLoRA's ``max(⌊γr⌋, r_min)`` when that term decreased).
+    (HetLoRA's ``max(⌊γr⌋, r_min)`` when that term decreased); ``proximal`` (FedProx) adds
+    ``μ/2 Σ ‖θ − θ_g‖²`` over the tensors it trains and sends back, θ_g those tensors as written from
+    the payload before the first step (:class:`fedpeft.plan.Proximal`).
 
     ``dp``: train with DP-SGD through Opacus on exactly the trainable tensors (with ``train_A=False``,
     B and the head; with ``train_B=False``, A and the head); the cached model is wrapped for this call
@@ -306,7 +308,9 @@ def train(
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, settings)
-    extra = _Extra(lm, plan.loss_term, plan.finalise)
+    personal = {id(layer(lm, m).lora_B[name].weight) for m in lm.modules} if plan.personal_B else set()
+    anchored = [p for p in params if id(p) not in personal]  # FedProx's θ: what the client trains and sends back
+    extra = _Extra(lm, plan.loss_term, plan.finalise, plan.proximal, anchored)
     model.train()
     devices = [lm.device] if lm.device.type == "cuda" else []
     # Dropout draws from torch's RNG: fork it and seed it per (seed, round, client).
@@ -348,11 +352,16 @@ def train(
 
 
 class _Extra:
-    """The plan's loss term and finalisation (:class:`fedpeft.plan.LossTerm`,
-    :class:`fedpeft.plan.Finaliser`) on the live adapter tensors; either may be absent."""
+    """The plan's loss terms and finalisation (:class:`fedpeft.plan.LossTerm`,
+    :class:`fedpeft.plan.Finaliser`, :class:`fedpeft.plan.Proximal`) on the live adapter tensors;
+    any may be absent. ``anchored``: the tensors the proximal term reads, whose values now (as
+    received) are its anchors θ_g."""
 
-    def __init__(self, lm: LoadedModel, term: LossTerm | None, finaliser: Finaliser | None):
+    def __init__(self, lm: LoadedModel, term: LossTerm | None, finaliser: Finaliser | None,
+                 proximal: Proximal | None = None, anchored: Sequence[torch.Tensor] = ()):
         self.lm, self.name, self.term, self.finaliser = lm, active(lm), term, finaliser
+        self.proximal, self.anchored = proximal, list(anchored) if proximal is not None else []
+        self.anchors = [p.detach().clone() for p in self.anchored]
         if finaliser is not None:
             self.rank = layer(lm, lm.modules[0]).lora_A[self.name].weight.shape[0]
             self.before = finaliser.measure(self.factors())
@@ -366,8 +375,11 @@ class _Extra:
         return out
 
     def penalty(self) -> torch.Tensor | None:
-        """The loss term's value now, or None: nothing to add."""
-        return self.term.penalty(self.factors()) if self.term is not None else None
+        """The loss terms' value now (the plan's term plus the proximal term), or None: nothing to add."""
+        terms = [self.term.penalty(self.factors()) if self.term is not None else None,
+                 self.proximal.penalty(self.anchored, self.anchors) if self.proximal is not None else None]
+        terms = [t for t in terms if t is not None]
+        return None if not terms else terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
     def rank_after(self) -> int | None:
         """The rank the trained update keeps, or None: not finalised."""
@@ -417,8 +429,12 @@ def _steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: Tra
 def _dp_steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: TrainSettings, dp: DPSettings, client_id: int, extra: _Extra) -> list[float]:
     """``local_steps`` DP-SGD steps via Opacus's ``PrivacyEngine`` (hooks grad-sample mode,
     Poisson-sampled batches). The wrapper is closed afterwards, so the worker's cached model can be
-    wrapped again for the next client. The plan's loss term (HetLoRA's pruning term) depends on no
-    example: its gradient is added after Opacus has clipped and noised the data gradient.
+    wrapped again for the next client. The plan's loss terms (HetLoRA's pruning term, FedProx's
+    ``μ/2 ‖θ − θ_g‖²``) depend on no example: their gradient (FedProx's: ``μ(θ − θ_g)``) is added
+    after Opacus has clipped each example's data gradient, noised their sum and divided it by the
+    expected batch size — never clipped, and not scaled by the batch size. This is post-processing of
+    the noised gradient and of θ (itself a function of earlier noised steps): the ε is the one of the
+    data gradients alone, the same with or without the term.
 
     ``grad_accum_steps > 1``: the loader samples logical batches (rate ``1 / ceil(n /
     logical_batch)``), each run in chunks of at most ``batch_size`` rows; every chunk's

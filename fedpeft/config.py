@@ -603,6 +603,9 @@ def validate(cfg: Any) -> None:
     need(0 <= cfg.profile.failure_rate < 1, "profile.failure_rate", f"must be in [0, 1), got {cfg.profile.failure_rate}")
     name, cls = cfg.strategy.name, strategies.REGISTRY[cfg.strategy.name]
     check_strategy(cfg)
+    takers = [n for n, c in strategies.REGISTRY.items() if c.takes_proximal()]
+    need(not cfg.strategy.get("prox_mu") or cls.takes_proximal(), "strategy.prox_mu",
+         f"FedProx's proximal term does not work with strategy={name} ({cls.no_proximal}); use strategy={' | '.join(takers)}, or strategy.prox_mu=0")
     validate_ranks(cfg.ranks, need)
     # What the strategy accepts, as its class declares it (strategies/base.py: Strategy).
     from fedpeft import methods

@@ -124,6 +124,13 @@ class Cohort(Engine):
 
         return METHODS
 
+    @classmethod
+    def check(cls, cfg: Any, need: Callable[[bool, str, str], None]) -> None:
+        super().check(cfg, need)
+        need(not cfg.strategy.get("prox_mu"), "strategy.prox_mu",
+             f"FedProx's proximal term (prox_mu={cfg.strategy.get('prox_mu')}) is not batched by engine.kind=cohort: "
+             "use engine.kind=per_client, or strategy.prox_mu=0")
+
     def check_model(self, lm):
         from clients.cohort import CohortError, check_model  # lazy: only a cohort run needs the cohort trainer
 

@@ -23,6 +23,7 @@ The wire keys (plain scalars; a key is present only where it says something):
 ``prune_lambda``,
 ``prune_r_min``
 ``init_seed``       the seed of the fresh LoRA a client with an empty payload adapter starts
+``prox_mu``         FedProx's proximal term (:class:`Proximal`): its μ (> 0; absent: no term)
 ==================  ====================================================================
 """
 
@@ -44,8 +45,8 @@ KEPT_STATE = ("B",)  # the per-client state a plan may keep: FedSA-LoRA's B
 
 
 class LossTerm:
-    """An extra term of a client's local loss (HetLoRA's :class:`SelfPruning`; FedProx's proximal
-    term is the next). ``penalty(factors)`` — the live LoRA factors, one per module in the model's
+    """An extra term of a client's local loss (HetLoRA's :class:`SelfPruning`; FedProx's
+    :class:`Proximal` is a term of its own, over the trained tensors rather than the factors). ``penalty(factors)`` — the live LoRA factors, one per module in the model's
     order — is added to every training step's loss; ``None`` adds nothing."""
 
     def penalty(self, factors: Sequence[LoraFactors]) -> Tensor | None:
@@ -139,10 +140,49 @@ class SelfPruning(LossTerm, Finaliser):
         return target if (target < rank and after < before) else rank  # type: ignore[operator]
 
 
+@dataclass(frozen=True)
+class Proximal:
+    """FedProx's proximal term (Li, Sahu, Zaheer, Sanjabi, Talwalkar & Smith, "Federated
+    Optimization in Heterogeneous Networks", MLSys 2020): the client minimises
+
+        F_k(θ) + μ/2 · ‖θ − θ_g‖²
+
+    where θ are the tensors it trains and sends back and θ_g the same tensors as it received them
+    this round (the server's adapter and head, at the client's rank and scaling: HetLoRA's truncated
+    factors, FlexLoRA's re-factorised ones). A frozen factor (FFA-LoRA's A, RoLoRA's other factor)
+    has θ = θ_g; a personal one (FedSA-LoRA's B) is the client's, not the server's: neither is in θ.
+    Its gradient μ(θ − θ_g) depends on no training example. ``mu`` travels as ``prox_mu``; a plan
+    without the term has no key (so μ = 0 sends, and computes, exactly what plain training does)."""
+
+    mu: float
+    KEYS: ClassVar[tuple[str, ...]] = ("prox_mu",)
+
+    def __post_init__(self) -> None:
+        _number("prox_mu", self.mu)
+        if not (0.0 < self.mu < float("inf")):
+            raise ValueError(f"client plan: prox_mu is {self.mu!r}, expected a finite number > 0 (0: send no term)")
+
+    def to_config(self) -> dict[str, Scalar]:
+        return {"prox_mu": self.mu}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Proximal:
+        return cls(mu=cfg["prox_mu"])
+
+    def penalty(self, params: Sequence[Tensor], anchors: Sequence[Tensor]) -> Tensor:
+        """``μ/2 · Σ_i ‖params[i] − anchors[i]‖²_F`` (0-dim, differentiable in ``params``)."""
+        if len(params) != len(anchors):
+            raise ValueError(f"proximal term: {len(params)} trained tensors but {len(anchors)} anchors")
+        total: Any = 0.0
+        for p, a in zip(params, anchors):
+            total = total + (p - a).pow(2).sum()
+        return 0.5 * float(self.mu) * total
+
+
 # The loss terms and finalisations the wire knows, each with its own keys (``KEYS``, ``to_config``,
-# ``from_config``); a new one (FedProx's proximal term, SCAFFOLD's control variates) is added here.
+# ``from_config``); a new one (SCAFFOLD's control variates) is added here.
 TERMS: tuple[type, ...] = (SelfPruning,)
-KEYS = frozenset({FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED, *(k for t in TERMS for k in t.KEYS)})  # type: ignore[attr-defined]
+KEYS = frozenset({FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED, *Proximal.KEYS, *(k for t in TERMS for k in t.KEYS)})  # type: ignore[attr-defined]
 """Every wire key a plan may use; the rest of a message's config is the server's header."""
 
 
@@ -156,7 +196,8 @@ class ClientPlan:
     payload adapter means "start a fresh LoRA of your rank" (peft's init: random A, zero B) seeded by
     it. ``keep``: the per-client state the client keeps between rounds and never sends (``"B"``:
     FedSA-LoRA's personal B). ``loss_term``: added to every step's loss; ``finalise``: how the
-    trained update is finalised (HetLoRA's :class:`SelfPruning` is both).
+    trained update is finalised (HetLoRA's :class:`SelfPruning` is both). ``proximal``: FedProx's
+    :class:`Proximal` term, added to every step's loss beside ``loss_term``.
     """
 
     train_A: bool = True
@@ -166,6 +207,7 @@ class ClientPlan:
     keep: frozenset[str] = field(default_factory=frozenset)
     loss_term: LossTerm | None = None
     finalise: Finaliser | None = None
+    proximal: Proximal | None = None
 
     def __post_init__(self) -> None:
         _flag(FREEZE_A, self.train_A)
@@ -182,6 +224,8 @@ class ClientPlan:
         for part in (self.loss_term, self.finalise):
             if part is not None and not isinstance(part, TERMS):
                 raise ValueError(f"client plan: {type(part).__name__} has no wire encoding (known: {', '.join(t.__name__ for t in TERMS)})")
+        if self.proximal is not None and not isinstance(self.proximal, Proximal):
+            raise ValueError(f"client plan: proximal is {self.proximal!r}, expected a Proximal")
         both = isinstance(self.loss_term, Finaliser) or isinstance(self.finalise, LossTerm)  # one object, both roles
         if both and self.loss_term != self.finalise:
             raise ValueError(f"client plan: loss_term {self.loss_term!r} and finalise {self.finalise!r} travel as one setting and must be equal")
@@ -227,6 +271,8 @@ class ClientPlan:
             cfg[A_SEED] = self.A_seed
         for part in dict.fromkeys(p for p in (self.loss_term, self.finalise) if p is not None):
             cfg.update(part.to_config())  # type: ignore[attr-defined]
+        if self.proximal is not None:
+            cfg.update(self.proximal.to_config())
         if self.init_seed is not None:
             cfg[INIT_SEED] = self.init_seed
         return cfg
@@ -251,6 +297,7 @@ class ClientPlan:
             keep=frozenset({"B"}) if cfg.get(PERSONAL_B, False) else frozenset(),
             loss_term=term if isinstance(term, LossTerm) else None,
             finalise=term if isinstance(term, Finaliser) else None,
+            proximal=Proximal.from_config(cfg) if "prox_mu" in cfg else None,
         )
 
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping
 from torch import Tensor
 
 from fedpeft.lora import Adapter
-from fedpeft.plan import ClientPlan, ClientUpdate, Payload  # noqa: F401  (re-exported: the neutral types)
+from fedpeft.plan import ClientPlan, ClientUpdate, Payload, Proximal  # noqa: F401  (re-exported: the neutral types)
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,10 @@ class Strategy:
     - ``no_server_optimizer``: why a server optimizer (``server.optimizer``, :mod:`fedpeft.serveropt`)
       cannot step its global model, where the change of its factors is not the round's update
       (FLoRA's merges, FlexLoRA's re-factorisation); None (default): it can;
+    - ``prox_mu`` (a config field, FedProx): a strategy whose clients start each round from the
+      global adapter declares the field ``prox_mu: float = 0.0`` and puts :meth:`proximal` into its
+      plans; ``no_proximal``: why a strategy without the field cannot take it (config validation
+      refuses ``strategy.prox_mu`` with it in one line);
     - :meth:`reply_ranks`, :meth:`init`, :meth:`round_metrics`, and :meth:`server_state` (what it
       keeps on the server between rounds besides the global model: HetLoRA's pruned ranks).
     """
@@ -152,6 +156,7 @@ class Strategy:
     trained_share: ClassVar[dict[str, float]] = {}
     personalized: ClassVar[bool] = False
     no_server_optimizer: ClassVar[str | None] = None
+    no_proximal: ClassVar[str] = "its clients do not start from the global adapter"
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -173,6 +178,20 @@ class Strategy:
         if weighting is not None and weighting not in self.weightings:
             raise ValueError(f"strategy.weighting: strategy={self.name} does not take {weighting!r}; "
                              f"expected one of {', '.join(self.weightings)}")
+        mu = getattr(self, "prox_mu", 0.0)  # a strategy without the field takes no proximal term
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < float("inf"):
+            raise ValueError(f"strategy.prox_mu: must be a finite number >= 0 (0: no proximal term), got {mu!r}")
+
+    @classmethod
+    def takes_proximal(cls) -> bool:
+        """Whether its clients take FedProx's proximal term: it declares the ``prox_mu`` field."""
+        return "prox_mu" in cls.config_fields()
+
+    def proximal(self) -> Proximal | None:
+        """The plan's FedProx term for ``strategy.prox_mu`` (:class:`fedpeft.plan.Proximal`); None at
+        μ = 0, so a plan with μ = 0 is exactly the plain one."""
+        mu = float(getattr(self, "prox_mu", 0.0))
+        return Proximal(mu) if mu > 0 else None
 
     @classmethod
     def config_fields(cls) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from fedpeft.lora import LoraFactors, average_factors, average_tensors, normalized_weights
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
+from strategies.base import ClientPlan, ClientSpec, ClientUpdate, GlobalModel, Payload, Strategy
 
 
 def client_weights(updates: list[ClientUpdate], weighting: str) -> list[float]:
@@ -61,12 +61,14 @@ def factor_average_error(modules: list[list[LoraFactors]], p: list[float]) -> fl
 class FedAvg(Strategy):
     # Each client's weight in the average: num_examples (n_k / Σ n_j) | uniform (1/K).
     weighting: str = "num_examples"
+    # FedProx's μ: clients add μ/2·‖θ − θ_global‖² over the tensors they train (0: plain local training).
+    prox_mu: float = 0.0
     name: str = "fedavg"
     heterogeneous_ranks: ClassVar[bool] = False  # A and B are averaged separately: one rank and scaling
     lora_update_only: ClassVar[bool] = False  # averages any PEFT method's tensors elementwise
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
-        return Payload(adapter=model.adapter, head=model.head)
+        return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(proximal=self.proximal()))
 
     def round_metrics(self, model: GlobalModel, updates: list[ClientUpdate]) -> dict[str, float]:
         """``factor_avg_error``: :func:`factor_average_error` of this round's updates."""

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fedpeft.lora import LoraFactors
-from strategies.base import ClientSpec, GlobalModel, Payload
+from strategies.base import ClientPlan, ClientSpec, GlobalModel, Payload
 from strategies.fedavg import FedAvg
 
 
@@ -70,7 +70,7 @@ class FeDeRA(FedAvg):
         return GlobalModel(adapter=adapter, head=model.head, merges=model.merges + (merge,))
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
-        return Payload(adapter=model.adapter, head=model.head, base_version=model.version)
+        return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(proximal=self.proximal()), base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates) -> GlobalModel:
         out = super().aggregate(model, updates)

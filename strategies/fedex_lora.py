@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 
 from fedpeft.lora import LoraFactors, average_factors
-from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Payload
+from strategies.base import ClientPlan, ClientSpec, ClientUpdate, GlobalModel, Payload
 from strategies.fedavg import FedAvg, client_weights
 from strategies.ffa_lora import HETERO_PRIVACY_MODES, average_head, module_factors
 
@@ -63,7 +63,7 @@ class FedExLoRA(FedAvg):
                                           "the change of its factors is not the update")
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
-        return Payload(adapter=model.adapter, head=model.head, base_version=model.version)
+        return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(proximal=self.proximal()), base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
         if not updates:

@@ -67,6 +67,8 @@ class FFALoRA(Strategy):
     seed: int = 0
     # The shared frozen A's rank, at least every client's (null: the global adapter's rank).
     r_max: int | None = None
+    # FedProx's μ: clients add μ/2·‖θ − θ_global‖² over B and the head (A is frozen; 0: off).
+    prox_mu: float = 0.0
     name: str = "ffa_lora"
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
@@ -99,7 +101,7 @@ class FFALoRA(Strategy):
             adapter[name] = at_scaling(truncate(f, client.rank), s)
         # nothing to start from: a fresh LoRA whose A is the seeded one anyway
         init_seed = None if adapter else self.seed * 1_000_003 + client.client_id
-        plan = ClientPlan(train_A=False, A_seed=self.seed, init_seed=init_seed)
+        plan = ClientPlan(train_A=False, A_seed=self.seed, init_seed=init_seed, proximal=self.proximal())
         return Payload(adapter=adapter, head=model.head, plan=plan, base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:

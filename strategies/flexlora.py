@@ -106,6 +106,8 @@ class FlexLoRA(Strategy):
     r_max: int | None = None
     # each payload's ‖ΔW − s_k B_k A_k‖_F within svd_tol · ‖ΔW‖_F of the optimum (randomised path)
     svd_tol: float = 1e-5
+    # FedProx's μ: clients add μ/2·‖θ − θ_global‖² over their factors (at their rank) and head (0: off).
+    prox_mu: float = 0.0
     name: str = "flexlora"
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
@@ -132,7 +134,7 @@ class FlexLoRA(Strategy):
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
         seed = self.init_seed(client.client_id)
         if not model.adapter:
-            return Payload(adapter={}, head=model.head, plan=ClientPlan(init_seed=seed), base_version=model.version)
+            return Payload(adapter={}, head=model.head, plan=ClientPlan(init_seed=seed, proximal=self.proximal()), base_version=model.version)
         s = client.scaling
         adapter = {}
         for name, g in model.adapter.items():
@@ -142,7 +144,7 @@ class FlexLoRA(Strategy):
                 fresh = seeded_lora_A(name, client.rank, f.A.shape[1], seed)[k:].to(dtype=f.A.dtype, device=f.A.device)
                 f = LoraFactors(torch.cat([f.A[:k], fresh], dim=0), f.B, s)
             adapter[name] = LoraFactors(f.A, f.B, s)  # clients get plain factors; SvdFactors is server state
-        return Payload(adapter=adapter, head=model.head, base_version=model.version)
+        return Payload(adapter=adapter, head=model.head, plan=ClientPlan(proximal=self.proximal()), base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
         if not updates:

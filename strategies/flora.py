@@ -50,6 +50,8 @@ class FLoRA(Strategy):
     weighting: str = "num_examples"
     seed: int = 0
     name: str = "flora"
+    no_proximal: ClassVar[str] = ("its clients start every round from a fresh adapter (random A, zero B), not from a global one: "
+                                  "the proximal point would be that init, so μ would only shrink the update towards it")
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora

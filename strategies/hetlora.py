@@ -77,6 +77,8 @@ class HetLoRA(Strategy):
     r_min: int = 1
     # Let clients return a pruned rank (false: the penalty only).
     prune: bool = True
+    # FedProx's μ: clients add μ/2·‖θ − θ_global‖² over their factors, at their truncated rank, and head (0: off).
+    prox_mu: float = 0.0
     name: str = "hetlora"
     weightings: ClassVar[tuple[str, ...]] = ("sparsity", *WEIGHTINGS)
     heterogeneous_ranks: ClassVar[bool] = True
@@ -120,7 +122,7 @@ class HetLoRA(Strategy):
             adapter[name] = at_scaling(truncate(g, client.rank), s)
         pruning = SelfPruning(gamma=self.gamma, lam=self.lam, r_min=self.r_min, on=self.prune)
         init_seed = None if adapter else self.seed * 1_000_003 + client.client_id
-        plan = ClientPlan(init_seed=init_seed, loss_term=pruning, finalise=pruning)
+        plan = ClientPlan(init_seed=init_seed, loss_term=pruning, finalise=pruning, proximal=self.proximal())
         return Payload(adapter=adapter, head=model.head, plan=plan, base_version=model.version)
 
     def module_weights(self, factors: list[LoraFactors], updates: list[ClientUpdate]) -> list[float]:

@@ -42,6 +42,8 @@ class RoLoRA(Strategy):
     weighting: str = "num_examples"
     # The factor trained (and sent) in odd rounds, A or B; the other in even rounds.
     first: str = "B"
+    # FedProx's μ: clients add μ/2·‖θ − θ_global‖² over the factor and head they train (0: off).
+    prox_mu: float = 0.0
     name: str = "rolora"
     heterogeneous_ranks: ClassVar[bool] = False
     # Central DP (Flower's wrapper) clips and noises whole replies, which here lack the frozen factor.
@@ -65,7 +67,7 @@ class RoLoRA(Strategy):
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
         trained = self.trained(model)
-        plan = ClientPlan(train_A=trained == "A", train_B=trained == "B")
+        plan = ClientPlan(train_A=trained == "A", train_B=trained == "B", proximal=self.proximal())
         return Payload(adapter=model.adapter, head=model.head, plan=plan, base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
