@@ -210,7 +210,8 @@ def _check_jobs(lm: LoadedModel, jobs: list[CohortJob]) -> None:
         if len(j.data) == 0:
             raise ValueError(f"client {j.client_id}: its partition is empty")
         if j.payload.plan.proximal is not None:
-            raise CohortError("strategy.prox_mu (FedProx's proximal term): the cohort engine does not batch it; use engine.kind=per_client, or strategy.prox_mu=0")
+            raise CohortError("strategy.prox_mu (FedProx's proximal term): the cohort engine does not batch it; "
+                              "use engine.kind=per_client, or strategy.prox_mu=0")
         if not j.payload.plan.train_B:
             raise CohortError("freeze_B (strategy=rolora): the cohort engine does not batch a frozen B; use engine.kind=per_client")
         if j.payload.base_version != lm.base_version:

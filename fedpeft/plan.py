@@ -46,8 +46,9 @@ KEPT_STATE = ("B",)  # the per-client state a plan may keep: FedSA-LoRA's B
 
 class LossTerm:
     """An extra term of a client's local loss (HetLoRA's :class:`SelfPruning`; FedProx's
-    :class:`Proximal` is a term of its own, over the trained tensors rather than the factors). ``penalty(factors)`` — the live LoRA factors, one per module in the model's
-    order — is added to every training step's loss; ``None`` adds nothing."""
+    :class:`Proximal` is a term of its own, over the trained tensors rather than the factors).
+    ``penalty(factors)`` — the live LoRA factors, one per module in the model's order — is added to
+    every training step's loss; ``None`` adds nothing."""
 
     def penalty(self, factors: Sequence[LoraFactors]) -> Tensor | None:
         raise NotImplementedError

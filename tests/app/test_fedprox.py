@@ -35,7 +35,8 @@ def tensors(u) -> dict[str, torch.Tensor]:
     return out | {k: v for k, v in u.head.items()}
 
 
-def run(lm, start, part, settings, plan=ClientPlan(), dp=None):
+def run(lm, start, part, settings, plan=None, dp=None):
+    plan = ClientPlan() if plan is None else plan
     u, _ = train(lm, Payload(adapter=start.adapter, head=start.head, plan=plan), part, settings, seed=1, client_id=0, dp=dp)
     return tensors(u)
 
