@@ -192,6 +192,14 @@ def run_cli(args, tmp_path, monkeypatch, capsys):
     return code, out, err
 
 
+def config_error(args, tmp_path, monkeypatch, capsys) -> str:
+    """``fedpeft <args>`` must stop with exit 2 and exactly one line on stderr: that line."""
+    code, out, err = run_cli(args, tmp_path, monkeypatch, capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1, (code, err)
+    return lines[0]
+
+
 PNG = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
 
 

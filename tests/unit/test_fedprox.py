@@ -10,7 +10,7 @@ import torch
 import strategies
 from fedpeft.plan import KEYS, ClientPlan, Proximal, SelfPruning
 from strategies.base import ClientSpec, GlobalModel
-from tests.harness import run_cli
+from tests.harness import config_error
 from tests.unit.test_plan import payloads
 
 TAKERS = ["dp_lora", "fed_sb", "fedavg", "federa", "fedex_lora", "fedsa_lora", "ffa_lora", "flexlora", "hetlora", "rolora"]
@@ -105,11 +105,8 @@ def test_resume_needs_no_proximal_state():
     ("strategy=flora strategy.prox_mu=-0.5", "strategy.prox_mu: must be a finite number >= 0 (0: no proximal term), got -0.5"),
 ])
 def test_refusals_are_one_line_naming_both_sides(override, expected, tmp_path, monkeypatch, capsys):
-    code, out, err = run_cli(["simulate", *override.split()], tmp_path, monkeypatch, capsys)
-    assert code == 2
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert len(lines) == 1, err
-    assert expected in lines[0], lines[0]
+    line = config_error(["simulate", *override.split()], tmp_path, monkeypatch, capsys)
+    assert expected in line, line
 
 
 def test_the_cohort_trainer_refuses_a_plan_with_the_term_in_one_line():
