@@ -29,6 +29,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from safetensors.torch import load_file, save_file
 
+from clients import partition_cache
 from clients.cohort import CohortError, CohortJob, train_cohort
 from clients.train import DPSettings, TrainSettings, evaluate, release, train
 from fedpeft import cohorts, instruct, messages, privacy, runconfig
@@ -83,23 +84,33 @@ def _local_data(path: str, data_json: str, seed: int, model: str = ""):
 
 
 def node_data(s: Config, node_config: dict):
-    """This node's data and the dataset it comes from: on a device, the file at
-    ``node_config["data-path"]`` (any format ``data.name`` takes, with the same columns), all of
-    its train split; in simulation (and a local deployment), partition ``partition-id`` of
-    ``num-partitions`` of ``data.name``, split as the server splits it."""
+    """This node's data: on a device, the file at ``node_config["data-path"]`` (any format
+    ``data.name`` takes, with the same columns), all of its train split; in simulation (and a local
+    deployment), partition ``partition-id`` of ``num-partitions`` of ``data.name``, split as the
+    server splits it. A partition of a built-in or local dataset comes from the node-local disk
+    cache (:mod:`clients.partition_cache`): a cold process (a deployment starts one per message)
+    memory-maps it instead of loading and cutting the whole dataset."""
     if "data-path" in node_config:
-        ds = _local_data(str(node_config["data-path"]), json.dumps(asdict(s.data), sort_keys=True), s.seed, s.model.name)
-        return ds["train"], ds
-    partitioner, ds = get_partitioner(s.data, s.partition, int(node_config["num-partitions"]), s.seed, s.model.name)
-    return partitioner.load_partition(int(node_config["partition-id"])), ds
+        return _local_data(str(node_config["data-path"]), json.dumps(asdict(s.data), sort_keys=True), s.seed, s.model.name)["train"]
+    num_partitions, pid = int(node_config["num-partitions"]), int(node_config["partition-id"])
+
+    def build():
+        return get_partitioner(s.data, s.partition, num_partitions, s.seed, s.model.name)[0].load_partition(pid)
+
+    source = partition_cache.path_signature(s.data.name)
+    if s.data.name not in fdata.BUILTIN and source is None:  # a hub id: its content is not pinned here, so not cached
+        return build()
+    key = {"data": asdict(s.data), "partition": asdict(s.partition), "num-partitions": num_partitions, "seed": s.seed,
+           "model": s.model.name, "partition-id": pid, "code": partition_cache.code_digest(), "versions": partition_cache.versions(),
+           "data-files": source, "model-files": partition_cache.path_signature(s.model.name)}
+    return partition_cache.cached(key, build)
 
 
 def local_data(s: Config, node_config: dict, plan: ClientPlan):
     """This node's training data (:func:`node_data`; with a ``personalised`` plan, whose client
-    keeps part of its model, the 80% of it that :func:`fedpeft.data.held_out` leaves for training)
-    and the dataset it comes from."""
-    part, ds = node_data(s, node_config)
-    return (fdata.held_out(part, s.seed)["train"] if plan.personalised else part), ds
+    keeps part of its model, the 80% of it that :func:`fedpeft.data.held_out` leaves for training)."""
+    part = node_data(s, node_config)
+    return fdata.held_out(part, s.seed)["train"] if plan.personalised else part
 
 
 def held_out_data(s: Config, node_config: dict, plan: ClientPlan):
@@ -107,7 +118,7 @@ def held_out_data(s: Config, node_config: dict, plan: ClientPlan):
     ``personalised`` plan evaluates its own model."""
     if not plan.personalised:
         raise ValueError(f"strategy={s.strategy.name} evaluates the global model on the server, not on clients")
-    return fdata.held_out(node_data(s, node_config)[0], s.seed)["test"]
+    return fdata.held_out(node_data(s, node_config), s.seed)["test"]
 
 
 def should_fail(seed: int, server_round: int, partition_id: int, rate: float) -> bool:
@@ -200,8 +211,8 @@ def read_step(msg: Message, context: Context) -> Step:
 
 def node_model(step: Step, context: Context) -> LoadedModel:
     s = step.settings
-    _, ds = node_data(s, context.node_config)
-    return get_model(s, len(fdata.label_names(ds)) if s.model.task == "classification" else None, context.run_id)
+    part = node_data(s, context.node_config)  # its features carry the dataset's class labels
+    return get_model(s, len(fdata.label_names(part)) if s.model.task == "classification" else None, context.run_id)
 
 
 def start_of(step: Step, context: Context) -> dict[str, torch.Tensor]:
@@ -269,7 +280,7 @@ def prepare(step: Step, context: Context) -> tuple[LoadedModel, Any]:
     its training data."""
     s = step.settings
     torch.set_num_threads(max(1, int(s.engine.num_cpus)))
-    part, _ = local_data(s, context.node_config, step.plan)
+    part = local_data(s, context.node_config, step.plan)
     lm = node_model(step, context)
     # The node state keeps every merge its node was sent (Flower carries it with each message, to
     # whichever worker and machine serves the node): a worker behind its node catches up from it.
@@ -397,7 +408,7 @@ def cohort_handler(msg: Message, context: Context) -> Message:
                 keep_merges(members[j][1], st.decoded.merges)
         lm, _ = prepare(steps[first], members[first][1])  # merges its message lacks come from its node state
         jobs = [
-            CohortJob(payload_of(st, members[j][1]), local_data(s, members[j][1].node_config, st.plan)[0], st.seed(0), st.partition_id, st.rank, st.alpha,
+            CohortJob(payload_of(st, members[j][1]), local_data(s, members[j][1].node_config, st.plan), st.seed(0), st.partition_id, st.rank, st.alpha,
                       DPSettings(st.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None)
             for j, st in steps.items()
         ]

@@ -66,7 +66,7 @@ def test_the_client_app_trains_from_its_own_B_and_a_rerun_round_gives_the_same(t
         reply = client_app.app(m0, ctx(101))
         B2 = stored(0, 2)
         # exactly what training from (global A, own round-1 B) gives
-        want, _ = train(lm, start, client_app.local_data(s, ctx(101).node_config, step.plan)[0], TrainSettings.of(s.train),
+        want, _ = train(lm, start, client_app.local_data(s, ctx(101).node_config, step.plan), TrainSettings.of(s.train),
                         seed=step.seed(0), client_id=0)
         assert all(torch.equal(want.adapter[n].B, B2[n]) for n in B2)
         again = client_app.app(m0, ctx(101))  # round 2 re-run by a new process (resume): the same start, the same reply
@@ -77,7 +77,7 @@ def test_the_client_app_trains_from_its_own_B_and_a_rerun_round_gives_the_same(t
         evals = list(fa.configure_evaluate(2, fa.arrays(), ConfigRecord(), grid))
         fa.aggregate_evaluate(2, [client_app.app(m, ctx(m.metadata.dst_node_id)) for m in evals])
         metrics = fa.personal[2]
-        held = len(fdata.held_out(client_app.node_data(s, ctx(101).node_config)[0], 0)["test"])
+        held = len(fdata.held_out(client_app.node_data(s, ctx(101).node_config), 0)["test"])
         assert metrics["personal/clients"] == 2 and metrics["personal/failed"] == 0 and held > 0
         accs = [metrics[f"personal_accuracy/client_{p}"] for p in (0, 1)]
         assert metrics["personal/accuracy_mean"] == pytest.approx(sum(accs) / 2)
