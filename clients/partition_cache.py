@@ -18,7 +18,8 @@ the partition id, the source of the modules that load and cut data, the versions
 flwr-datasets, and the size and modification time of every file of a local dataset or model
 path). A changed input is a different digest, so a stale entry is never read. An entry whose
 files do not match their recorded SHA-256 (a damaged or half-written file) or that fails to load
-is rebuilt, never trusted. Entries are written to a temporary folder and renamed into place under
+is rebuilt, never trusted; a cache folder that cannot be written (read-only, full) is done
+without. Entries are written to a temporary folder and renamed into place under
 a file lock, so concurrent processes of one node (or several nodes of one machine) build each
 partition once and never see a partial one.
 """
@@ -125,23 +126,33 @@ def cached(key: dict[str, Any], build: Callable[[], Dataset]) -> Dataset:
     return _READ[where]
 
 
+def _write(where: Path, key: dict[str, Any], ds: Dataset) -> None:
+    """Store ``ds`` as the entry ``where``: into a temporary folder, with its SHA-256s, then renamed."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{where.name}.", dir=where.parent))
+    try:
+        ds.save_to_disk(str(tmp / DATA))
+        files = {str(f.relative_to(tmp)): _sha256(f) for f in sorted((tmp / DATA).rglob("*")) if f.is_file()}
+        (tmp / META).write_text(json.dumps({"key": key, "files": files}, sort_keys=True))
+        if where.exists():  # a damaged entry: replaced, not trusted
+            shutil.rmtree(where)
+        os.replace(tmp, where)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _read_or_build(where: Path, key: dict[str, Any], build: Callable[[], Dataset]) -> Dataset:
     if (ds := _read(where, key)) is not None:
         return ds
-    where.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(where) + ".lock"):
-        if (ds := _read(where, key)) is not None:  # another process built it while we waited
-            return ds
-        tmp = Path(tempfile.mkdtemp(prefix=f".{where.name}.", dir=where.parent))
-        try:
-            build().save_to_disk(str(tmp / DATA))
-            files = {str(f.relative_to(tmp)): _sha256(f) for f in sorted((tmp / DATA).rglob("*")) if f.is_file()}
-            (tmp / META).write_text(json.dumps({"key": key, "files": files}, sort_keys=True))
-            if where.exists():  # a damaged entry: replaced, not trusted
-                shutil.rmtree(where)
-            os.replace(tmp, where)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    built = None
+    try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(where) + ".lock"):
+            if (ds := _read(where, key)) is not None:  # another process built it while we waited
+                return ds
+            built = build()
+            _write(where, key, built)
+    except OSError:  # a read-only or full cache folder: this process goes without the cache
+        return built if built is not None else build()
     ds = _read(where, key)
     if ds is None:
         raise RuntimeError(f"the partition cache entry {where} could not be read back after writing it")

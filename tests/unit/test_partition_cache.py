@@ -3,7 +3,8 @@ process reads its partition from disk instead of loading and cutting the whole d
 
 - a hit gives exactly the rows and features a miss built, without building again;
 - a changed input (seed, model, partition, the data files of a local dataset) is another entry;
-- a damaged file or an entry whose recorded key differs is rebuilt, never trusted;
+- a damaged file or an entry whose recorded key differs is rebuilt, never trusted; a cache folder
+  that cannot be written is done without;
 - through ``clients.app.node_data``, a built-in dataset's cached partition equals the one the
   partitioner cuts, and a warm cache never calls the partitioner.
 """
@@ -103,6 +104,14 @@ def test_a_broken_entry_is_rebuilt(damage):
         (where / pc.DATA / "stray.arrow").write_bytes(b"x")
     fresh_process()
     assert pc.cached(KEY, b).to_dict() == rows().to_dict() and b.calls == 2
+
+
+def test_an_unwritable_cache_is_gone_without(tmp_path, monkeypatch):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setattr(pc, "cache_dir", lambda: blocker / "partitions")  # cannot be created
+    b = Builder(rows())
+    assert pc.cached(KEY, b).to_dict() == rows().to_dict() and b.calls == 1
 
 
 def test_local_files_sign_the_key(tmp_path):
