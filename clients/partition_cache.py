@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -110,8 +111,10 @@ def _read(where: Path, key: dict[str, Any]) -> Dataset | None:
         return None
 
 
-# What this process has read, by cache folder: a worker that serves many messages checks each entry once.
-_READ: dict[Path, Dataset] = {}
+# What this process has read, by cache folder, least recently used first: a worker that serves many
+# messages checks each entry once (a re-read after eviction costs ~2 ms of CPU for 1,700 rows).
+_READ: OrderedDict[Path, Dataset] = OrderedDict()
+_KEEP = 64
 
 
 def cached(key: dict[str, Any], build: Callable[[], Dataset]) -> Dataset:
@@ -120,9 +123,10 @@ def cached(key: dict[str, Any], build: Callable[[], Dataset]) -> Dataset:
     cache, so a hit and a miss give the same memory-mapped dataset. Kept in this process too."""
     where = entry_dir(key)
     if where not in _READ:
-        if len(_READ) >= 8:
-            _READ.clear()
         _READ[where] = _read_or_build(where, key, build)
+        if len(_READ) > _KEEP:
+            _READ.popitem(last=False)
+    _READ.move_to_end(where)
     return _READ[where]
 
 
