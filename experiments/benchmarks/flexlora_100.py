@@ -50,11 +50,17 @@ RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 F64 = torch.float64
 
 
-def decaying_updates(n, ranks, noise, decay, gen):
+def spectrum(kind, r_max, decay):
+    """The shared signal's singular values: ``exp(-decay · i)`` (``"exp"``, i = 0, 1, …) or ``1/√i``
+    (``"sqrt"``, i = 1, 2, …: a slow decay, so that the clients' noise is a floor under it)."""
+    i = torch.arange(r_max, dtype=torch.float32)
+    return torch.exp(-decay * i) if kind == "exp" else 1 / (i + 1).sqrt()
+
+
+def decaying_updates(n, ranks, noise, sig, gen):
     r_max = max(ranks)
     U = torch.linalg.qr(torch.randn(n, r_max, generator=gen)).Q
     V = torch.linalg.qr(torch.randn(n, r_max, generator=gen)).Q
-    sig = torch.exp(-decay * torch.arange(r_max, dtype=torch.float32))
     out = []
     for r in ranks:
         s = scaling_for(r, ALPHA)
@@ -140,6 +146,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense SVD")
     ap.add_argument("--dense-seconds", type=float, default=0.0, help="a dense figure to compare against when skipping it")
+    ap.add_argument("--floor", type=float, nargs="*", default=[0.05],
+                    help="noise-floor cases: σ_i ∝ 1/√i with this per-client noise (one case each; none: skip)")
     ap.add_argument("--no-flat", dest="flat", action="store_false", help="skip the flat-spectrum case")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -158,8 +166,12 @@ def main() -> None:
     with torch.inference_mode():
         dense_seconds = (args.dense_seconds, float("nan")) if args.dense_seconds else None
         for i, noise in enumerate(args.noise):
-            factors = decaying_updates(n, ranks, noise, args.decay, gen)
+            factors = decaying_updates(n, ranks, noise, spectrum("exp", max(ranks), args.decay), gen)
             dense_seconds = run_case(f"decaying spectrum, noise {noise}, decay {args.decay}", factors, specs, nums, args.repeat,
+                                     args.dense and i == 0, dense_seconds, args.seed)
+        for i, noise in enumerate(args.floor):  # dense again: its time depends on the spectrum
+            factors = decaying_updates(n, ranks, noise, spectrum("sqrt", max(ranks), args.decay), gen)
+            dense_seconds = run_case(f"noise floor: σ_i ∝ 1/√i, noise {noise}", factors, specs, nums, args.repeat,
                                      args.dense and i == 0, dense_seconds, args.seed)
         if args.flat:
             run_case("flat spectrum (random factors): expect the exact fallback", flat_updates(n, ranks, gen), specs, nums, args.repeat,
