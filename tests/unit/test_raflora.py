@@ -105,3 +105,16 @@ def test_raflora_is_registered_with_flexloras_keys_and_checks():
     assert RaFLoRA.heterogeneous_ranks and RaFLoRA.lora_update_only
     with pytest.raises(ValueError, match="strategy.svd: unknown value"):
         RaFLoRA(svd="fast")
+
+
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        ("strategy=raflora ranks=flora strategy.svd=fast", "strategy.svd: unknown value 'fast'"),
+        ("strategy=raflora ranks=flora server.optimizer=fedadam", "server.optimizer: fedadam does not work with strategy=raflora (it re-factorises"),
+    ],
+)
+def test_bad_raflora_configs_stop_before_training_with_one_line(args, line, tmp_path, monkeypatch, capsys):
+    from tests.harness import config_error
+
+    assert line in config_error(["simulate", *args.split()], tmp_path, monkeypatch, capsys)
