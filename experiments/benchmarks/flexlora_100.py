@@ -140,7 +140,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096, help="out = in features of the module")
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--ranks", type=int, nargs="+", default=RANKS, help="client ranks, cycled over the clients")
-    ap.add_argument("--noise", type=float, nargs="+", default=[0.1], help="per-client noise, relative (one case each)")
+    ap.add_argument("--noise", type=float, nargs="*", default=[0.1], help="per-client noise, relative (one case each; none: skip)")
     ap.add_argument("--decay", type=float, default=0.05, help="signal spectrum σ_i = exp(-decay · i)")
     ap.add_argument("--repeat", type=int, default=1, help="best of this many runs (exact and new)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
