@@ -7,7 +7,10 @@ rank 1,600 at 100 clients, r_max = 64), alpha 16, float32, example counts drawn 
 
 Updates share a decaying spectrum, as trained updates do: a common signal ``S = U diag(σ) Vᵀ`` with
 ``σ_i = exp(-decay · i)`` (rank r_max); client k's ``s_k B_k A_k`` is the signal's top ``r_k``
-components with its own noise on both factors (``‖noise‖_F ≈ --noise × ‖S_{r_k}‖_F``). The flat case
+components with its own noise on both factors (``‖noise‖_F ≈ --noise × ‖S_{r_k}‖_F``). The
+noise-floor case (``--floor``, default 0.05; ``--floor`` with no value skips it) is the same with a
+slowly decaying signal ``σ_i ∝ 1/√i`` (i = 1 … r_max) and 5% noise: a trained update is a signal plus
+a noise floor. The dense SVD is measured again on it (its time depends on the spectrum). The flat case
 (on unless ``--no-flat``) uses random factors instead (``A ~ N(0, 1/in)``, ``B ~ N(0, 0.01²)``, as
 ``aggregation.py``), where the randomised path must fall back to the exact SVD.
 
@@ -19,7 +22,7 @@ excess ``max_k (‖ΔW − s_k B_k A_k‖_F − opt_{r_k}) / ‖ΔW‖_F`` with 
 measured once (``--no-dense`` skips it, ``--dense-seconds`` supplies a figure).
 
     .venv/bin/python experiments/benchmarks/flexlora_100.py [--size 4096] [--clients 100] [--ranks 64 32 16 16 8 8 4 4 4 4]
-        [--noise 0.1] [--decay 0.05] [--repeat 1] [--threads N] [--no-dense] [--no-flat]
+        [--noise 0.1] [--floor 0.05] [--decay 0.05] [--repeat 1] [--threads N] [--no-dense] [--no-flat]
 """
 
 from __future__ import annotations
