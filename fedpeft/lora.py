@@ -358,6 +358,18 @@ def _mm(X: Tensor, Y: Tensor) -> Tensor:
     return X @ Y
 
 
+def _mm_thin(X: Tensor, Y: Tensor) -> Tensor:
+    """``X @ Y`` for a large ``X`` and a thin ``Y`` (a few dozen columns), computed as ``(Yᵀ Xᵀ)ᵀ``
+    with ``Yᵀ`` contiguous: the thin operand on the left. On the CPU, NumPy's OpenBLAS runs these
+    float64 products 1.4–2.3× faster in that order (18–21 ms against 27–42 ms for the four
+    products of :func:`leading_svd`'s certificate, 4096 × 1600 stacks and 82 columns, one thread,
+    an AVX-512 Xeon); the result is a transposed view. Elsewhere the plain product."""
+    if X.device.type == "cpu" and Y.device.type == "cpu" and X.dtype == Y.dtype and X.dtype in (torch.float32, torch.float64):
+        Yt = _np.ascontiguousarray(Y.detach().numpy().T)
+        return torch.from_numpy(_np.matmul(Yt, X.detach().numpy().T).T)
+    return X @ Y
+
+
 def _as64(X: Tensor) -> Tensor:
     """``X`` in float64 (a new tensor unless it already is). On the CPU through NumPy, whose large
     allocations are huge-page backed: 2–3× faster than ``Tensor.double()`` for the stacked factors."""
@@ -486,7 +498,7 @@ def leading_svd(
     # The subspace, in the input dtype (ΔW's scaling s does not change a span).
     Q = _orth(_mm(B, _mm(A, omega)), passes=1)
     for q in range(power + 1):
-        T = _mm(A.mT, _mm(B.mT, Q)).to(torch.float64)  # ΔWᵀ Q / s
+        T = _mm_thin(A.mT, _mm(B.mT, Q)).to(torch.float64)  # ΔWᵀ Q / s
         G = _mm(T.mT, T)  # its eigenvalues are the squared Ritz values of ΔW on span Q (over s²)
         ev = torch.linalg.eigvalsh(G).flip(0).clamp_min(0)
         rho = float((ev[l - 1] / ev[k - 1]).sqrt()) if ev[k - 1] > 0 else 1.0  # ≈ σ_l / σ_k
@@ -502,14 +514,14 @@ def leading_svd(
     chi = _chi2_factor(probes, alpha)
     bound, gap = float("nan"), False
     for attempt in range(refine + 1):
-        Y = s * _mm(B64, _mm(A64, torch.cat([V0, probe], dim=1)))  # ΔW [V₀ | ω]
+        Y = s * _mm_thin(B64, _mm_thin(A64, torch.cat([V0, probe], dim=1)))  # ΔW [V₀ | ω]
         Yl = Y[:, :l]
         theta, W = torch.linalg.eigh(_mm(Yl.mT, Yl))
         theta, W = theta.flip(0).clamp_min(0), W.flip(1).contiguous()  # descending
         V = _mm(V0, W)
         DV = _mm(Yl, W)  # ΔW V = U Σ
         Ew = Y[:, l:] - DV @ (V.mT @ probe)  # E ω = ΔW(I − VVᵀ) ω
-        T = s * _mm(A64.mT, _mm(B64.mT, torch.cat([DV, Ew], dim=1)))  # ΔWᵀ [ΔW V | Eω]
+        T = s * _mm_thin(A64.mT, _mm_thin(B64.mT, torch.cat([DV, Ew], dim=1)))  # ΔWᵀ [ΔW V | Eω]
         GV = T[:, :l]
         R = GV - V * theta  # G V − V Θ
         K = _mm(R.mT, R)
@@ -518,7 +530,7 @@ def leading_svd(
         f2 = float(Ew.square().sum(0).mean()) / chi  # ≤ ‖E‖_F²
         bound, gap, _ = _certify(theta, K, e2, k, tol, f2)
         if bound > tol and e2 > 0 and _certify(theta, K, 0.0, k, tol, f2)[0] <= tol:  # e matters: sharpen it
-            x = s * _mm(B64, _mm(A64, EtEw))
+            x = s * _mm_thin(B64, _mm_thin(A64, EtEw))
             E3w = x - DV @ (V.mT @ EtEw)  # E Eᵀ E ω
             e2 = min(e2, (c * float(E3w.norm(dim=0).max())) ** (2 / 3))  # ≥ ‖EEᵀE‖₂^{2/3} = ‖E‖₂²
             bound, gap, _ = _certify(theta, K, e2, k, tol, f2)

@@ -155,11 +155,16 @@ class FlexLoRA(Strategy):
         adapter = {name: self.global_factors(name, module_factors(updates, name), p, clients) for name in names}
         return GlobalModel(adapter=adapter, head=average_head(model, updates, p), merges=model.merges)
 
+    def stack_update(self, factors: list[LoraFactors], p: list[float]) -> LoraFactors:
+        """The round's aggregate ``Σ_k p_k s_k B_k A_k`` as stacked factors (:func:`fedpeft.lora.stack`);
+        raFLoRA weights each rank partition instead."""
+        return stack(factors, p)
+
     def global_factors(self, name: str, factors: list[LoraFactors], p: list[float], clients: tuple[int, ...] = ()) -> LoraFactors:
         """One module's global adapter: the exact ``Σ_k p_k s_k B_k A_k`` with its leading ``k``
         components (:class:`~fedpeft.lora.FactorsWithLeading`), or its exact SVD form (see the module
         docstring)."""
-        stacked = stack(factors, p)
+        stacked = self.stack_update(factors, p)
         if self.svd == "exact" or stacked.rank > min(stacked.shape):
             return svd_form(stacked)
         k = max(self.r_max or 1, *(f.rank for f in factors))

@@ -7,7 +7,10 @@ rank 1,600 at 100 clients, r_max = 64), alpha 16, float32, example counts drawn 
 
 Updates share a decaying spectrum, as trained updates do: a common signal ``S = U diag(σ) Vᵀ`` with
 ``σ_i = exp(-decay · i)`` (rank r_max); client k's ``s_k B_k A_k`` is the signal's top ``r_k``
-components with its own noise on both factors (``‖noise‖_F ≈ --noise × ‖S_{r_k}‖_F``). The flat case
+components with its own noise on both factors (``‖noise‖_F ≈ --noise × ‖S_{r_k}‖_F``). The
+noise-floor case (``--floor``, default 0.05; ``--floor`` with no value skips it) is the same with a
+slowly decaying signal ``σ_i ∝ 1/√i`` (i = 1 … r_max) and 5% noise: a trained update is a signal plus
+a noise floor. The dense SVD is measured again on it (its time depends on the spectrum). The flat case
 (on unless ``--no-flat``) uses random factors instead (``A ~ N(0, 1/in)``, ``B ~ N(0, 0.01²)``, as
 ``aggregation.py``), where the randomised path must fall back to the exact SVD.
 
@@ -19,7 +22,7 @@ excess ``max_k (‖ΔW − s_k B_k A_k‖_F − opt_{r_k}) / ‖ΔW‖_F`` with 
 measured once (``--no-dense`` skips it, ``--dense-seconds`` supplies a figure).
 
     .venv/bin/python experiments/benchmarks/flexlora_100.py [--size 4096] [--clients 100] [--ranks 64 32 16 16 8 8 4 4 4 4]
-        [--noise 0.1] [--decay 0.05] [--repeat 1] [--threads N] [--no-dense] [--no-flat]
+        [--noise 0.1] [--floor 0.05] [--decay 0.05] [--repeat 1] [--threads N] [--no-dense] [--no-flat]
 """
 
 from __future__ import annotations
@@ -50,11 +53,17 @@ RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 F64 = torch.float64
 
 
-def decaying_updates(n, ranks, noise, decay, gen):
+def spectrum(kind, r_max, decay):
+    """The shared signal's singular values: ``exp(-decay · i)`` (``"exp"``, i = 0, 1, …) or ``1/√i``
+    (``"sqrt"``, i = 1, 2, …: a slow decay, so that the clients' noise is a floor under it)."""
+    i = torch.arange(r_max, dtype=torch.float32)
+    return torch.exp(-decay * i) if kind == "exp" else 1 / (i + 1).sqrt()
+
+
+def decaying_updates(n, ranks, noise, sig, gen):
     r_max = max(ranks)
     U = torch.linalg.qr(torch.randn(n, r_max, generator=gen)).Q
     V = torch.linalg.qr(torch.randn(n, r_max, generator=gen)).Q
-    sig = torch.exp(-decay * torch.arange(r_max, dtype=torch.float32))
     out = []
     for r in ranks:
         s = scaling_for(r, ALPHA)
@@ -134,12 +143,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096, help="out = in features of the module")
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--ranks", type=int, nargs="+", default=RANKS, help="client ranks, cycled over the clients")
-    ap.add_argument("--noise", type=float, nargs="+", default=[0.1], help="per-client noise, relative (one case each)")
+    ap.add_argument("--noise", type=float, nargs="*", default=[0.1], help="per-client noise, relative (one case each; none: skip)")
     ap.add_argument("--decay", type=float, default=0.05, help="signal spectrum σ_i = exp(-decay · i)")
     ap.add_argument("--repeat", type=int, default=1, help="best of this many runs (exact and new)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense SVD")
     ap.add_argument("--dense-seconds", type=float, default=0.0, help="a dense figure to compare against when skipping it")
+    ap.add_argument("--floor", type=float, nargs="*", default=[0.05],
+                    help="noise-floor cases: σ_i ∝ 1/√i with this per-client noise (one case each; none: skip)")
     ap.add_argument("--no-flat", dest="flat", action="store_false", help="skip the flat-spectrum case")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -158,8 +169,12 @@ def main() -> None:
     with torch.inference_mode():
         dense_seconds = (args.dense_seconds, float("nan")) if args.dense_seconds else None
         for i, noise in enumerate(args.noise):
-            factors = decaying_updates(n, ranks, noise, args.decay, gen)
+            factors = decaying_updates(n, ranks, noise, spectrum("exp", max(ranks), args.decay), gen)
             dense_seconds = run_case(f"decaying spectrum, noise {noise}, decay {args.decay}", factors, specs, nums, args.repeat,
+                                     args.dense and i == 0, dense_seconds, args.seed)
+        for i, noise in enumerate(args.floor):  # dense again: its time depends on the spectrum
+            factors = decaying_updates(n, ranks, noise, spectrum("sqrt", max(ranks), args.decay), gen)
+            dense_seconds = run_case(f"noise floor: σ_i ∝ 1/√i, noise {noise}", factors, specs, nums, args.repeat,
                                      args.dense and i == 0, dense_seconds, args.seed)
         if args.flat:
             run_case("flat spectrum (random factors): expect the exact fallback", flat_updates(n, ranks, gen), specs, nums, args.repeat,

@@ -1,5 +1,5 @@
 """Heterogeneous ranks on 20 Newsgroups: FedAvg with everyone at the smallest rank (r=4) and at the
-largest (r=64), HetLoRA, FLoRA, FlexLoRA and FFA-LoRA; Dirichlet(0.5) over 10 clients with ranks
+largest (r=64), HetLoRA, FLoRA, FlexLoRA, raFLoRA and FFA-LoRA; Dirichlet(0.5) over 10 clients with ranks
 [64,32,16,16,8,8,4,4,4,4]; every method with each seed.
 
 One command runs the sweep (one `fedpeft simulate` per method and seed; re-running with the same
@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from sweep import report, run_sweep, select, with_seeds, write_claims  # noqa: E402
 
-METHODS = ["fedavg_r4", "hetlora", "flora", "flexlora", "ffa_lora", "fedavg_r64"]
+METHODS = ["fedavg_r4", "hetlora", "flora", "flexlora", "raflora", "ffa_lora", "fedavg_r64"]
 # (claim, better, worse): each paper's claim, as "better ≥ worse" in final test accuracy.
 CLAIMS = [
     ("FLoRA ≥ zero-padding (HetLoRA) under heterogeneous ranks (FLoRA, Wang et al. 2024)", "flora", "hetlora"),
@@ -30,6 +30,7 @@ CLAIMS = [
     ("heterogeneous ranks (FLoRA) ≥ everyone at the smallest rank", "flora", "fedavg_r4"),
     ("heterogeneous ranks (FlexLoRA) ≥ everyone at the smallest rank", "flexlora", "fedavg_r4"),
     ("FlexLoRA ≥ HetLoRA (Bai et al. 2024)", "flexlora", "hetlora"),
+    ("raFLoRA ≥ FlexLoRA: rank-partitioned aggregation against rank collapse (Wu et al. 2026)", "raflora", "flexlora"),
 ]
 # How the horizon was chosen: the seed-0 pilot at 10 rounds was still rising (HetLoRA 0.35, 0.41,
 # 0.38, 0.35, 0.48 over rounds 6-10); at 20 rounds FedAvg r=4 (seed 0) reads 0.518, 0.506, 0.546,

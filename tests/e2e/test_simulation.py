@@ -99,7 +99,7 @@ def test_failing_clients_are_counted_and_the_rounds_go_on(tmp_path, caplog):
     assert [r.getMessage()[:200] for r in flower_errors] == []  # no traceback from Flower's engine for a client's error
 
 
-@pytest.mark.parametrize("strategy", ["ffa_lora", "hetlora", "flora", "flexlora"])
+@pytest.mark.parametrize("strategy", ["ffa_lora", "hetlora", "flora", "flexlora", "raflora"])
 def test_heterogeneous_rank_strategies_run_with_partial_participation(strategy, tmp_path):
     """ranks [64, 32, 16, 16], half the clients each round; the saved global adapter has the
     shape each method's math says it must."""
@@ -136,7 +136,7 @@ def test_heterogeneous_rank_strategies_run_with_partial_participation(strategy, 
         assert rank == sum(next(iter(m.values())).rank for m in merges)
         r1 = summary["history"][1]
         assert r1["bytes_down"] < 0.05 * r1["bytes_up"]  # round 1: fresh inits travel as a seed, not tensors
-    else:  # flexlora: the last round's stacked updates of the two clients that replied
+    else:  # flexlora, raflora: the last round's stacked updates of the two clients that replied
         assert 8 <= rank <= 128
 
 
