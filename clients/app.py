@@ -38,7 +38,7 @@ from fedpeft import merges as merge_forms
 from fedpeft.config import Config, DataConfig, PartitionConfig
 from fedpeft.lora import LoraFactors
 from fedpeft.models import LoadedModel, apply_merge, build, module_shapes, use_adapter, write_adapter
-from fedpeft.plan import ClientPlan, Payload
+from fedpeft.plan import UPLOAD_DENSITY, ClientPlan, Payload
 
 _MODELS: dict[str, LoadedModel] = {}
 
@@ -237,19 +237,25 @@ def fault_profile(msg: Message, context: Context, call_next) -> Message:
 def compress_update(msg: Message, context: Context, call_next) -> Message:
     """``compression.uplink``: the reply's update, coded as its difference from the start with the
     codec; for top-k with error feedback the dropped part is kept as this node's residual
-    (Flower's node state, and ``<state dir>/residual_<round>.safetensors`` for a resumed run)."""
+    (Flower's node state, and ``<state dir>/residual_<round>.safetensors`` for a resumed run).
+    A plan's ``upload_density`` (FLASC) instead: the top-k of the whole difference (all its
+    tensors together) at that density, nothing kept."""
     reply = call_next(msg, context)
     codec = runconfig.settings(context.run_config).compression
-    if codec.uplink == "none" or reply.has_error():
+    config = msg.content.config_records.get(messages.CONFIG, {})
+    if (codec.uplink == "none" and UPLOAD_DENSITY not in config) or reply.has_error():
         return reply
     step = read_step(msg, context)
+    density = step.plan.upload_density
+    kind, fraction = ("topk", density) if density is not None else (codec.uplink, codec.topk_fraction)
     rec = messages.decode(reply.content, kept=step.decoded.adapter)
     residual = None
-    if codec.uplink == "topk" and codec.error_feedback:
+    if density is None and codec.uplink == "topk" and codec.error_feedback:
         residual = load_residual(step, context)
     content = messages.encode(
-        rec.adapter, rec.head, rec.config, send_A=step.send_A, send_B=step.send_B, codec=codec.uplink, fraction=codec.topk_fraction,
+        rec.adapter, rec.head, rec.config, send_A=step.send_A, send_B=step.send_B, codec=kind, fraction=fraction,
         reference=start_of(step, context), generator=torch.Generator().manual_seed(step.seed(3)), residual=residual,
+        joint=density is not None,
     )
     if residual is not None:
         save_residual(step, context, residual)

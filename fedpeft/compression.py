@@ -23,7 +23,8 @@ out):
 ``topk``  the k = max(1, ⌈f·n⌉) entries of largest magnitude (int32 flat index + float32 value)
           with error feedback: e = x + r, send top-k(e), r ← e − densify(sent). What is not sent
           is carried, not lost: Σ_t sent_t + r_T = Σ_t x_t exactly (up to float addition).
-          8k bytes.
+          8k bytes. ``joint=True`` chooses the k entries among all the tensors of a message together
+          (k = max(1, ⌈f·N⌉) of their N entries: FLASC's sparsity, ``strategies/flasc.py``).
 
 The quantizers are unbiased and the casts deterministic, so only ``topk`` returns a residual.
 """
@@ -144,10 +145,26 @@ def dequantize(codes: Tensor, scales: Tensor, bits: int, shape: tuple[int, ...])
 def topk_sparsify(x: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
     """The k = max(1, ⌈fraction·n⌉) entries of largest |x|: (int32 flat indices, ascending;
     float32 values)."""
-    flat = x.detach().to("cpu", torch.float32).reshape(-1)
-    k = _topk_k(flat.numel(), fraction)
-    idx = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
-    return idx.to(torch.int32).contiguous(), flat[idx].contiguous()
+    return topk_sparsify_joint({"x": x}, fraction)["x"]
+
+
+def topk_sparsify_joint(tensors: Mapping[str, Tensor], fraction: float) -> dict[str, tuple[Tensor, Tensor]]:
+    """One top-k over several tensors together: the k = max(1, ⌈fraction·N⌉) entries of largest
+    magnitude among all N entries of ``tensors`` (FLASC's mask over a whole adapter), returned per
+    tensor as (int32 flat indices, ascending; float32 values); a tensor may keep any number of its
+    entries, none included. One tensor alone: :func:`topk_sparsify`."""
+    flats = {name: t.detach().to("cpu", torch.float32).reshape(-1) for name, t in tensors.items()}
+    every = torch.cat(list(flats.values())) if flats else torch.zeros(0)
+    k = _topk_k(every.numel(), fraction)
+    chosen = torch.topk(every.abs(), k, sorted=False).indices.sort().values if every.numel() else every.long()
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    start = 0
+    for name, flat in flats.items():
+        lo, hi = torch.searchsorted(chosen, torch.tensor([start, start + flat.numel()])).tolist()
+        idx = chosen[lo:hi] - start
+        out[name] = (idx.to(torch.int32).contiguous(), flat[idx].contiguous())
+        start += flat.numel()
+    return out
 
 
 def densify(indices: Tensor, values: Tensor, shape: Sequence[int]) -> Tensor:
@@ -172,14 +189,16 @@ def encode(
     fraction: float = 0.1,
     generator: torch.Generator | None = None,
     residual: Mapping[str, Tensor] | None = None,
+    joint: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Tensor]]:
     """Compress named tensors with codec ``kind``; returns (wire arrays, config, new residual).
 
     Wire keys are ``"<name>#<part>"`` (``"<name>"`` itself, float32, for ``none``); config holds
     ``"codec": kind`` and ``"shape/<name>": list[int]`` per tensor. int8/int4 need ``generator``.
     ``topk`` sends top-k(e) of e = x + residual[name] and returns residual[name] = e − sent;
-    residual entries for names not in ``tensors`` are carried over unchanged. Other codecs
-    return an empty residual.
+    residual entries for names not in ``tensors`` are carried over unchanged. ``joint``: top-k's
+    k entries are chosen among all the tensors together (:func:`topk_sparsify_joint`), not k per
+    tensor. Other codecs return an empty residual.
     """
     _check_kind(kind)
     if kind == "topk":
@@ -190,6 +209,7 @@ def encode(
     arrays: dict[str, Tensor] = {}
     config: dict[str, Any] = {"codec": kind}
     new_residual: dict[str, Tensor] = {}
+    errors: dict[str, Tensor] = {}  # topk: each tensor plus its residual, before sparsification
     for name, t in tensors.items():
         if SEP in name:
             raise ValueError(f"compression: tensor name {name!r} must not contain {SEP!r}")
@@ -211,17 +231,20 @@ def encode(
             assert generator is not None
             q, s = stochastic_quantize(x.T.contiguous() if _tall(shape) else x, 8 if kind == "int8" else 4, generator)
             arrays[key + "q"], arrays[key + "scale"] = q, s
-        else:  # topk
+        else:  # topk: e = x + residual, sparsified below (per tensor, or all together)
             e = x
             if name in residual:
                 r = residual[name].detach().to("cpu", torch.float32)
                 if tuple(r.shape) != shape:
                     raise ValueError(f"compression: residual for {name!r} has shape {tuple(r.shape)}, tensor has {shape}")
                 e = x + r
-            idx, val = topk_sparsify(e, fraction)
-            arrays[key + "idx"], arrays[key + "val"] = idx, val
-            new_residual[name] = (e - densify(idx, val, shape)).contiguous()
+            errors[name] = e
     if kind == "topk":
+        kept = topk_sparsify_joint(errors, fraction) if joint else {name: topk_sparsify(e, fraction) for name, e in errors.items()}
+        for name, e in errors.items():
+            idx, val = kept[name]
+            arrays[f"{name}{SEP}idx"], arrays[f"{name}{SEP}val"] = idx, val
+            new_residual[name] = (e - densify(idx, val, tuple(e.shape))).contiguous()
         for name, r in residual.items():
             if name not in tensors:
                 new_residual[name] = r.detach().to("cpu", torch.float32).clone()

@@ -656,6 +656,9 @@ def validate(cfg: Any) -> None:
     need(cfg.privacy.mode in cls.privacy_modes, "privacy.mode",
          f"strategy={name} does not work with privacy.mode={cfg.privacy.mode}; use privacy={' | '.join(cls.privacy_modes)}")
     validate_privacy(cfg, need, one_of)
+    for key in ("uplink", "downlink"):  # FLASC sparsifies both ways itself: no codec on top
+        need(cls.sparse_messages is None or cfg.compression[key] == "none", f"compression.{key}",
+             f"{cfg.compression[key]} does not work with strategy={name} ({cls.sparse_messages}); use compression=none")
     validate_server(cfg, need, one_of)
     need(cfg.data.eval_samples >= 0, "data.eval_samples", f"must be non-negative, got {cfg.data.eval_samples}")
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", f"must be at least 1, got {cfg.eval.max_new_tokens}")

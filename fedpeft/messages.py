@@ -110,6 +110,7 @@ def encode(
     generator: torch.Generator | None = None,
     reference: Mapping[str, torch.Tensor] | None = None,
     residual: dict[str, torch.Tensor] | None = None,
+    joint: bool = False,
 ) -> RecordDict:
     """``send_A=False`` leaves out every ``A`` (FFA-LoRA: A is frozen and regenerated from
     ``config["A_seed"]`` by :func:`fedpeft.lora.seeded_lora_A`; RoLoRA's reply: the receiver has the
@@ -122,7 +123,8 @@ def encode(
 
     ``codec`` compresses the arrays with :func:`fedpeft.compression.encode`: their values, or with
     ``reference`` (arrays of the same keys; a shrunk rank uses its leading slice) their difference
-    from it. ``residual`` is the sender's top-k error-feedback memory, updated in place."""
+    from it. ``residual`` is the sender's top-k error-feedback memory, updated in place. ``joint``:
+    top-k keeps k entries among all the arrays together (FLASC), not k of each."""
     cfg: dict[str, Any] = dict(config)
     if not send_A and not send_B:
         raise ValueError("send_A=False and send_B=False: an adapter travels with at least one factor")
@@ -138,7 +140,7 @@ def encode(
         cfg["delta"] = True
     if codec != "none" or reference is not None:
         past = {k: v for k, v in (residual or {}).items() if k in tensors and v.shape == tensors[k].shape}
-        tensors, codec_cfg, new_residual = compression.encode(tensors, codec, fraction=fraction, generator=generator, residual=past)
+        tensors, codec_cfg, new_residual = compression.encode(tensors, codec, fraction=fraction, generator=generator, residual=past, joint=joint)
         cfg.update(codec_cfg)
         if residual is not None:
             residual.clear()

@@ -24,6 +24,8 @@ The wire keys (plain scalars; a key is present only where it says something):
 ``prune_r_min``
 ``init_seed``       the seed of the fresh LoRA a client with an empty payload adapter starts
 ``prox_mu``         FedProx's proximal term (:class:`Proximal`): its μ (> 0; absent: no term)
+``upload_density``  FLASC's sparse upload: the client sends the top-k of its whole update (all
+                    its tensors together, no error feedback) at this density in (0, 1]
 ==================  ====================================================================
 """
 
@@ -41,6 +43,7 @@ from fedpeft.lora import Adapter, LoraFactors, pruned_rank, tail_norm
 Scalar = int | float | str | bool
 
 FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED = "freeze_A", "freeze_B", "personal_B", "A_seed", "init_seed"
+UPLOAD_DENSITY = "upload_density"
 KEPT_STATE = ("B",)  # the per-client state a plan may keep: FedSA-LoRA's B
 
 
@@ -183,7 +186,7 @@ class Proximal:
 # The loss terms and finalisations the wire knows, each with its own keys (``KEYS``, ``to_config``,
 # ``from_config``); a new one (SCAFFOLD's control variates) is added here.
 TERMS: tuple[type, ...] = (SelfPruning,)
-KEYS = frozenset({FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED, *Proximal.KEYS, *(k for t in TERMS for k in t.KEYS)})  # type: ignore[attr-defined]
+KEYS = frozenset({FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED, UPLOAD_DENSITY, *Proximal.KEYS, *(k for t in TERMS for k in t.KEYS)})  # type: ignore[attr-defined]
 """Every wire key a plan may use; the rest of a message's config is the server's header."""
 
 
@@ -198,7 +201,10 @@ class ClientPlan:
     it. ``keep``: the per-client state the client keeps between rounds and never sends (``"B"``:
     FedSA-LoRA's personal B). ``loss_term``: added to every step's loss; ``finalise``: how the
     trained update is finalised (HetLoRA's :class:`SelfPruning` is both). ``proximal``: FedProx's
-    :class:`Proximal` term, added to every step's loss beside ``loss_term``.
+    :class:`Proximal` term, added to every step's loss beside ``loss_term``. ``upload_density``:
+    the client's reply is the top-k of its update ``Δ = θ − θ_start`` (every tensor it sends back,
+    together: :func:`fedpeft.compression.topk_sparsify_joint`) at this density, without error
+    feedback (FLASC); None: the run's ``compression.uplink``.
     """
 
     train_A: bool = True
@@ -209,6 +215,7 @@ class ClientPlan:
     loss_term: LossTerm | None = None
     finalise: Finaliser | None = None
     proximal: Proximal | None = None
+    upload_density: float | None = None
 
     def __post_init__(self) -> None:
         _flag(FREEZE_A, self.train_A)
@@ -225,6 +232,10 @@ class ClientPlan:
         for part in (self.loss_term, self.finalise):
             if part is not None and not isinstance(part, TERMS):
                 raise ValueError(f"client plan: {type(part).__name__} has no wire encoding (known: {', '.join(t.__name__ for t in TERMS)})")
+        if self.upload_density is not None:
+            _number(UPLOAD_DENSITY, self.upload_density)
+            if not 0.0 < self.upload_density <= 1.0:
+                raise ValueError(f"client plan: {UPLOAD_DENSITY} is {self.upload_density!r}, expected a number in (0, 1]")
         if self.proximal is not None and not isinstance(self.proximal, Proximal):
             raise ValueError(f"client plan: proximal is {self.proximal!r}, expected a Proximal")
         both = isinstance(self.loss_term, Finaliser) or isinstance(self.finalise, LossTerm)  # one object, both roles
@@ -276,6 +287,8 @@ class ClientPlan:
             cfg.update(self.proximal.to_config())
         if self.init_seed is not None:
             cfg[INIT_SEED] = self.init_seed
+        if self.upload_density is not None:
+            cfg[UPLOAD_DENSITY] = self.upload_density
         return cfg
 
     @classmethod
@@ -299,6 +312,7 @@ class ClientPlan:
             loss_term=term if isinstance(term, LossTerm) else None,
             finalise=term if isinstance(term, Finaliser) else None,
             proximal=Proximal.from_config(cfg) if "prox_mu" in cfg else None,
+            upload_density=cfg.get(UPLOAD_DENSITY),
         )
 
 

@@ -68,9 +68,25 @@ class FederationFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Codecs:
+    """The run's codecs (``compression.*``). ``topk_fraction`` is the share a top-k downlink keeps
+    (an uplink's is the clients' to choose); ``joint``: top-k keeps its share among all of a
+    message's arrays together, not of each (FLASC's sparsity, :meth:`for_strategy`)."""
+
     uplink: str = "none"
     downlink: str = "none"
     topk_fraction: float = 0.1
+    joint: bool = False
+
+    def for_strategy(self, strategy: Strategy) -> "Codecs":
+        """These codecs, or for a strategy that sparsifies its own messages (``sparse_messages``,
+        FLASC) joint top-k both ways at its download density (its clients' upload density travels
+        in their plans); such a strategy with codecs of the run's own is refused in one line."""
+        links = strategy.sparse_links()
+        if links is None:
+            return self
+        if self != Codecs():
+            raise ValueError(f"strategy={strategy.name} takes no compression codecs: {strategy.sparse_messages}")
+        return Codecs("topk", "topk", links[0], joint=True)
 
 
 def sample_size(num_nodes: int, fraction: float, min_clients: int) -> int:
@@ -182,7 +198,7 @@ class FlowerAdapter(FlowerStrategy):
         self.rng = random.Random(seed)
         self.merges = BaseMerges(on_merge)  # the base merges as every party applies them, and who has which
         self.privacy = privacy
-        self.codecs = codecs
+        self.codecs = codecs.for_strategy(strategy)  # FLASC: its own sparsity both ways
         self.seed = seed
         self.sent: dict[int, tuple[ClientSpec, Any, Any]] = {}  # node id → (spec, payload, uplink reference)
         self.out: dict[int, Message] = {}  # node id → the train message sent to it this round
@@ -405,6 +421,8 @@ class FlowerAdapter(FlowerStrategy):
                 send_B=down_B,
                 merges=self.merges.missing(self.model, pid, payload.base_version),
                 codec=self.codecs.downlink,
+                fraction=self.codecs.topk_fraction,
+                joint=self.codecs.joint,
                 generator=torch.Generator().manual_seed(hash((self.seed, server_round, spec.client_id, 1)) % 2**31),
             )
             stats.bytes_down += messages.num_bytes(content)

@@ -36,7 +36,8 @@ is returned as it is, and its moments are kept as they are for the round it trai
 
 Defined for the strategies whose global model's change in factor space *is* the round's update
 (FedAvg, FFA-LoRA, FedSA-LoRA's shared A, RoLoRA, Fed-SB's cores, DP-LoRA: post-processing of the
-clients' DP updates, FeDeRA after its init); a strategy that merges or re-factorises (FLoRA,
+clients' DP updates, FeDeRA after its init, FLASC: Σ_k p_k Δ_k of the sparse updates, the paper's own
+use of a server optimizer); a strategy that merges or re-factorises (FLoRA,
 FlexLoRA, HetLoRA, FedEx-LoRA) declares why not (``Strategy.no_server_optimizer``) and the config is
 refused. Pure: tensors in, tensors out; the state is tensors (:class:`OptState`), saved with the
 server's state and resumed bit for bit.

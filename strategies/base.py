@@ -139,6 +139,9 @@ class Strategy:
       global adapter declares the field ``prox_mu: float = 0.0`` and puts :meth:`proximal` into its
       plans; ``no_proximal``: why a strategy without the field cannot take it (config validation
       refuses ``strategy.prox_mu`` with it in one line);
+    - ``sparse_messages``: why the run's codecs (``compression.*``) cannot be combined with it,
+      where it sparsifies its own messages both ways (FLASC); its :meth:`sparse_links` then gives
+      the densities. None (default): it sends what it computes and the codecs apply;
     - :meth:`reply_ranks`, :meth:`init`, :meth:`round_metrics`, and :meth:`server_state` (what it
       keeps on the server between rounds besides the global model: HetLoRA's pruned ranks).
     """
@@ -157,6 +160,7 @@ class Strategy:
     personalized: ClassVar[bool] = False
     no_server_optimizer: ClassVar[str | None] = None
     no_proximal: ClassVar[str] = "its clients do not start from the global adapter"
+    sparse_messages: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -209,6 +213,12 @@ class Strategy:
             else:
                 raise TypeError(f"strategy={cls.name}: field {f.name!r} of {cls.__qualname__} needs a default (it is strategy.{f.name}'s default)")
         return out
+
+    def sparse_links(self) -> tuple[float, float] | None:
+        """``(download density, upload density)`` of a strategy that declares ``sparse_messages``:
+        its payloads travel as the top-k (all tensors together) they are at the first, its
+        clients' updates as their top-k at the second (the plan's ``upload_density``); None: not one."""
+        return None
 
     def reply_ranks(self, rank: int) -> tuple[int, ...]:
         """The ranks a client given ``rank`` may answer with (HetLoRA's clients may prune)."""

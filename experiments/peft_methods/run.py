@@ -1,6 +1,6 @@
 """PEFT methods and the federated methods after FLoRA on 20 Newsgroups: every PEFT method with
-FedAvg, and FedEx-LoRA, FedSA-LoRA, RoLoRA, FeDeRA and Fed-SB (LoRA at r=8 where they take it;
-Fed-SB trains LoRA-XS's 8×8 cores); Dirichlet(0.5) over 10 clients, half of them a round, the same
+FedAvg, and FedEx-LoRA, FedSA-LoRA, RoLoRA, FeDeRA, Fed-SB and FLASC (LoRA at r=8 where they take
+it; Fed-SB trains LoRA-XS's 8×8 cores; FLASC sends a quarter of the entries each way); Dirichlet(0.5) over 10 clients, half of them a round, the same
 rounds and local steps for all, each with every seed.
 
 One command runs the sweep (one `fedpeft simulate` per setting and seed; re-running with the same
@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 from sweep import report, run_sweep, select, with_seeds, write_claims  # noqa: E402
 
 METHODS = ["lora", "rslora", "dora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "prefix_tuning", "bitfit"]
-STRATEGIES = ["fedex_lora", "fedsa_lora", "rolora", "federa", "fed_sb"]
+STRATEGIES = ["fedex_lora", "fedsa_lora", "rolora", "federa", "fed_sb", "flasc"]  # FLASC: its default densities, ¼ down and ¼ up
 # (claim, better, worse): each paper's claim as "better ≥ worse" in final test accuracy, against
 # FedAvg of plain LoRA at the same rank, rounds and local steps. FedSA-LoRA is in none: its accuracy
 # is the mean over the clients' own held-out splits, not the server's test set.
@@ -40,6 +40,7 @@ CLAIMS = [
     ("RoLoRA ≥ FedAvg-LoRA (Chen et al., NeurIPS 2025)", "rolora", "fedavg_lora"),
     ("FeDeRA ≥ FedAvg-LoRA under non-IID data (Yan et al. 2024)", "federa", "fedavg_lora"),
     ("Fed-SB ≥ FedAvg-LoRA at a fraction of the bytes (Singhal et al. 2025)", "fed_sb", "fedavg_lora"),
+    ("FLASC ≥ FedAvg-LoRA sending ¼ of the entries each way (Kuo et al. 2024: it matches dense LoRA)", "flasc", "fedavg_lora"),
     *((f"{m} learns: above the majority class", f"fedavg_{m}", f"majority:fedavg_{m}") for m in METHODS),
 ]
 

@@ -91,6 +91,7 @@ CASES = {
     "flora_merges_the_base": ["strategy=flora", "ranks=flora", "ranks.levels=[4,2,2,1]", "fraction=0.75"],
     "flexlora_int8": ["strategy=flexlora", "ranks=flora", "ranks.levels=[4,2,2,1]", "compression=int8"],
     "topk_error_feedback": ["compression=topk", "compression.topk_fraction=0.2"],
+    "flasc": ["strategy=flasc", "strategy.density_down=0.5", "strategy.density_up=0.2"],
     "local_dp": ["privacy=local", "privacy.noise_multiplier=0.5"],
     "dp_sgd_ffa_lora": ["strategy=ffa_lora", "privacy=sample", "privacy.noise_multiplier=0.7", "privacy.clip=0.1"],
     "injected_failures": ["profile.failure_rate=0.3", "min_clients=1"],

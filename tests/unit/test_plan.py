@@ -74,6 +74,7 @@ WIRE = {
     "flexlora": [{"init_seed": 0}, {"init_seed": 3}],
     "rolora": [{"freeze_A": True}, {"freeze_A": True}, {"freeze_B": True}],
     "fedsa_lora": [{"personal_B": True}, {"personal_B": True}],
+    "flasc": [{"upload_density": 0.25}, {"upload_density": 0.25}],
 }
 
 
