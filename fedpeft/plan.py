@@ -24,6 +24,9 @@ The wire keys (plain scalars; a key is present only where it says something):
 ``prune_r_min``
 ``init_seed``       the seed of the fresh LoRA a client with an empty payload adapter starts
 ``prox_mu``         FedProx's proximal term (:class:`Proximal`): its μ (> 0; absent: no term)
+``scaffold``        ``True``: SCAFFOLD (:mod:`fedpeft.scaffold`): the message carries the server's
+                    control variate ``c`` of the tensors the client trains; it corrects each
+                    step's gradient by ``c − c_i``, keeps ``c_i`` and sends back ``Δc_i``
 ==================  ====================================================================
 """
 
@@ -40,7 +43,7 @@ from fedpeft.lora import Adapter, LoraFactors, pruned_rank, tail_norm
 
 Scalar = int | float | str | bool
 
-FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED = "freeze_A", "freeze_B", "personal_B", "A_seed", "init_seed"
+FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED, SCAFFOLD = "freeze_A", "freeze_B", "personal_B", "A_seed", "init_seed", "scaffold"
 KEPT_STATE = ("B",)  # the per-client state a plan may keep: FedSA-LoRA's B
 
 
@@ -181,9 +184,9 @@ class Proximal:
 
 
 # The loss terms and finalisations the wire knows, each with its own keys (``KEYS``, ``to_config``,
-# ``from_config``); a new one (SCAFFOLD's control variates) is added here.
+# ``from_config``); a new one is added here.
 TERMS: tuple[type, ...] = (SelfPruning,)
-KEYS = frozenset({FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED, *Proximal.KEYS, *(k for t in TERMS for k in t.KEYS)})  # type: ignore[attr-defined]
+KEYS = frozenset({FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED, SCAFFOLD, *Proximal.KEYS, *(k for t in TERMS for k in t.KEYS)})  # type: ignore[attr-defined]
 """Every wire key a plan may use; the rest of a message's config is the server's header."""
 
 
@@ -198,7 +201,8 @@ class ClientPlan:
     it. ``keep``: the per-client state the client keeps between rounds and never sends (``"B"``:
     FedSA-LoRA's personal B). ``loss_term``: added to every step's loss; ``finalise``: how the
     trained update is finalised (HetLoRA's :class:`SelfPruning` is both). ``proximal``: FedProx's
-    :class:`Proximal` term, added to every step's loss beside ``loss_term``.
+    :class:`Proximal` term, added to every step's loss beside ``loss_term``. ``scaffold``: SCAFFOLD's
+    control variates on the tensors it trains and sends back (:mod:`fedpeft.scaffold`).
     """
 
     train_A: bool = True
@@ -209,9 +213,11 @@ class ClientPlan:
     loss_term: LossTerm | None = None
     finalise: Finaliser | None = None
     proximal: Proximal | None = None
+    scaffold: bool = False
 
     def __post_init__(self) -> None:
         _flag(FREEZE_A, self.train_A)
+        _flag(SCAFFOLD, self.scaffold)
         _flag(FREEZE_B, self.train_B)
         if not (self.train_A or self.train_B):
             raise ValueError(f"client plan: {FREEZE_A} and {FREEZE_B} together leave no LoRA factor to train")
@@ -276,6 +282,8 @@ class ClientPlan:
             cfg.update(self.proximal.to_config())
         if self.init_seed is not None:
             cfg[INIT_SEED] = self.init_seed
+        if self.scaffold:
+            cfg[SCAFFOLD] = True
         return cfg
 
     @classmethod
@@ -285,7 +293,7 @@ class ClientPlan:
         for k in cfg:
             if k not in KEYS:
                 raise ValueError(f"client plan: unknown key {k!r}")
-        for k in (FREEZE_A, FREEZE_B, PERSONAL_B):
+        for k in (FREEZE_A, FREEZE_B, PERSONAL_B, SCAFFOLD):
             if k in cfg:
                 _flag(k, cfg[k])
         terms = [t.from_config(cfg) for t in TERMS if any(k in cfg for k in t.KEYS)]  # type: ignore[attr-defined]
@@ -299,6 +307,7 @@ class ClientPlan:
             loss_term=term if isinstance(term, LossTerm) else None,
             finalise=term if isinstance(term, Finaliser) else None,
             proximal=Proximal.from_config(cfg) if "prox_mu" in cfg else None,
+            scaffold=cfg.get(SCAFFOLD, False),
         )
 
 
