@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clients.train import TrainSettings, train
+from clients.train import DPSettings, TrainSettings, train
 from fedpeft import data as fdata
 from fedpeft import messages
 from fedpeft.models import build, read_adapter
@@ -31,24 +31,26 @@ def setup():
     return lm, ds["train"].shuffle(seed=2).select(range(8)), read_adapter(lm)
 
 
-def run(lm, adapter, head, part, settings, correction=None):
+def run(lm, adapter, head, part, settings, correction=None, dp=None):
     u, _ = train(lm, Payload(adapter=adapter, head=head, plan=ClientPlan(scaffold=correction is not None)), part, settings, seed=1,
-                 client_id=0, correction=correction)
+                 client_id=0, correction=correction, dp=dp)
     return u
 
 
-def test_a_corrected_sgd_step_is_the_plain_step_minus_lr_times_c_minus_c_i(setup):
+@pytest.mark.parametrize("dp", [None, DPSettings(noise_multiplier=1.0, max_grad_norm=0.5)], ids=["plain", "dp_sgd"])
+def test_a_corrected_sgd_step_is_the_plain_step_minus_lr_times_c_minus_c_i(setup, dp):
     """SGD at rate η: one corrected step is the plain step minus η·d (d = c − c_i), on every tensor
-    the client trains (A, B, head); the data gradient is the same (same batch, same dropout)."""
+    the client trains (A, B, head); the data gradient is the same (same batch, same dropout). Under
+    DP-SGD the same, with the data gradient Opacus's clipped, noised mean: d is added after it."""
     lm, part, start = setup
     lr = 0.2
     one = TrainSettings(local_steps=1, batch_size=8, lr=lr, optimizer="sgd")
     x = messages.tensors_of(start.adapter, start.head)
     g = torch.Generator().manual_seed(0)
     d = {k: 0.05 * torch.randn(t.shape, generator=g) for k, t in x.items()}
-    u = run(lm, start.adapter, start.head, part, one)
+    u = run(lm, start.adapter, start.head, part, one, dp=dp)
     plain = messages.tensors_of(u.adapter, u.head)
-    u = run(lm, start.adapter, start.head, part, one, d)
+    u = run(lm, start.adapter, start.head, part, one, d, dp=dp)
     corrected = messages.tensors_of(u.adapter, u.head)
     for k in x:
         assert float((corrected[k] - plain[k]).abs().max()) > 1e-3, k  # the correction moved every tensor
@@ -155,3 +157,12 @@ def test_c_i_travels_with_the_node_state_on_machines_that_share_no_disk(tmp_path
     assert_same_run(one, many, grid)
     a, b = one.adapter.state_dict()["scaffold"]["c"], many.adapter.state_dict()["scaffold"]["c"]
     assert a and sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.usefixtures("task_identity", "one_torch_thread")
+def test_delta_c_i_passes_the_uplink_codec_at_full_precision(tmp_path):
+    """The top-k uplink codec re-encodes the reply: Δc_i must come through it, or the server rejects
+    every reply (its record missing)."""
+    fed, _ = federate(tmp_path / "topk", [*SCAFFOLD, "rounds=2", "compression=topk", "compression.topk_fraction=0.2"], run_id=66)
+    assert [(r["clients_replied"], r["clients_rejected"], r["round_applied"]) for r in rows(fed)[-2:]] == [(2, 0, 1), (2, 0, 1)]
+    assert all(float(t.abs().max()) > 0 for t in fed.adapter.state_dict()["scaffold"]["c"].values())
