@@ -153,3 +153,21 @@ def test_the_cohort_trainer_refuses_a_plan_with_control_variates_in_one_line():
         _check_jobs(LM(), [job])
     assert str(e.value) == ("strategy.scaffold (SCAFFOLD's control variates): the cohort engine does not batch them; "
                             "use engine.kind=per_client, or strategy.scaffold=false")
+
+
+def test_a_run_saved_before_scaffold_resumes_and_turning_it_on_is_a_changed_key():
+    """A run saved before ``strategy.scaffold`` existed resumes (false is its default); resuming with
+    scaffold turned on (no control variates in the state) or off is refused like any changed key."""
+    from omegaconf import OmegaConf
+
+    from fedpeft.composing import compose
+    from fedpeft.config import schema
+    from fedpeft.serverapp import changed_keys
+
+    defaults = OmegaConf.to_container(OmegaConf.structured(schema()))
+    new = OmegaConf.to_container(compose([]), resolve=True)
+    old = OmegaConf.to_container(compose([]), resolve=True)
+    del old["strategy"]["scaffold"]  # saved by a fedpeft without SCAFFOLD
+    assert changed_keys(old, new, defaults=defaults) == []
+    on = OmegaConf.to_container(compose(["strategy.scaffold=true"]), resolve=True)
+    assert changed_keys(new, on, defaults=defaults) == ["strategy.scaffold"] == changed_keys(on, new, defaults=defaults)
