@@ -2,7 +2,8 @@
 one minus ``η (c − c_i)`` per step; round 1 (``c = c_i = 0``) is plain FedAvg bit for bit, with ``c``
 and ``Δc_i`` counted in the bytes; the clients' ``c_i`` persist across rounds (the server's ``c`` stays
 the mean of every client's ``c_i``, which a client that lost its state would break), across machines
-that share no disk (node state), and across a resume, which continues bit for bit."""
+that share no disk (node state), and across a resume, which continues bit for bit; Δc_i passes the
+uplink codec; each strategy keeps variates of exactly the tensors its clients train."""
 
 from __future__ import annotations
 
@@ -166,3 +167,20 @@ def test_delta_c_i_passes_the_uplink_codec_at_full_precision(tmp_path):
     fed, _ = federate(tmp_path / "topk", [*SCAFFOLD, "rounds=2", "compression=topk", "compression.topk_fraction=0.2"], run_id=66)
     assert [(r["clients_replied"], r["clients_rejected"], r["round_applied"]) for r in rows(fed)[-2:]] == [(2, 0, 1), (2, 0, 1)]
     assert all(float(t.abs().max()) > 0 for t in fed.adapter.state_dict()["scaffold"]["c"].values())
+
+
+@pytest.mark.usefixtures("task_identity", "one_torch_thread")
+@pytest.mark.parametrize("overrides, trained, run_id", [
+    (["strategy=ffa_lora"], {"B", "head"}, 70),  # A frozen: no variate
+    (["strategy=fedsa_lora"], {"A", "head"}, 71),  # B is each client's own: no variate
+    (["strategy=rolora"], {"A", "B", "head"}, 72),  # B in round 1, A in round 2: each keeps its own
+    (["peft=ia3"], {"head"}, 73),  # a method without LoRA factors: its tensors travel as head/<name>
+], ids=["ffa_lora", "fedsa_lora", "rolora", "fedavg_ia3"])
+def test_each_strategy_keeps_variates_of_exactly_the_tensors_its_clients_train(tmp_path, overrides, trained, run_id):
+    fed, _ = federate(tmp_path / "run", [*SCAFFOLD, "fraction=1", "rounds=2", *overrides], run_id=run_id)
+    assert [(r["clients_replied"], r["clients_rejected"]) for r in rows(fed)[-2:]] == [(4, 0), (4, 0)]
+    c = fed.adapter.state_dict()["scaffold"]["c"]
+    assert {k.split("/")[0] for k in c} == trained and all(float(t.abs().max()) > 0 for t in c.values())
+    kept = c_i_files(tmp_path / "run", 4)
+    for k in c:  # every client trained both rounds: c is the mean of the four c_i
+        torch.testing.assert_close(c[k], sum(t[k] for t in kept.values()) / 4, rtol=0, atol=1e-6, msg=k)
