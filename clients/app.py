@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from clients import partition_cache
 from clients.cohort import CohortError, CohortJob, train_cohort
 from clients.train import DPSettings, TrainSettings, evaluate, release, train
-from fedpeft import cohorts, instruct, messages, privacy, runconfig
+from fedpeft import cohorts, instruct, messages, privacy, runconfig, scaffold
 from fedpeft import data as fdata
 from fedpeft import merges as merge_forms
 from fedpeft.config import Config, DataConfig, PartitionConfig
@@ -260,6 +260,8 @@ def compress_update(msg: Message, context: Context, call_next) -> Message:
     if residual is not None:
         save_residual(step, context, residual)
     content[messages.METRICS] = reply.content.metric_records[messages.METRICS]
+    if scaffold.RECORD in reply.content.array_records:  # SCAFFOLD's Δc_i travels as it is (full precision)
+        content[scaffold.RECORD] = reply.content.array_records[scaffold.RECORD]
     return Message(content=content, reply_to=msg)
 
 
@@ -343,10 +345,24 @@ def train_handler(msg: Message, context: Context) -> Message:
     lm, part = prepare(step, context)
     use_adapter(lm, step.rank, step.alpha)
     dp = DPSettings(step.noise_multiplier, s.privacy.clip) if s.privacy.mode == "sample" else None
-    update, metrics = train(lm, payload_of(step, context), part, step.train_settings(), seed=step.seed(0), client_id=step.partition_id, dp=dp)
+    settings = step.train_settings()
+    c = c_i = correction = None
+    if step.plan.scaffold:  # SCAFFOLD: the server's c (in the message) and this client's own c_i
+        x = start_of(step, context)
+        c = messages.decode_control(msg.content, {k: tuple(t.shape) for k, t in x.items()})
+        c_i = load_control(step, context)
+        correction = scaffold.correction(c, c_i)
+    update, metrics = train(lm, payload_of(step, context), part, settings, seed=step.seed(0), client_id=step.partition_id, dp=dp,
+                            correction=correction)
     if step.plan.personal_B:
         save_personal_B(step, context, update.adapter)
-    return plain_reply(msg, step, update, metrics)
+    reply = plain_reply(msg, step, update, metrics)
+    if c is not None:  # option II: keep c_i⁺ = c_i − c + (x − y_i)/(K η_l), send Δc_i = c_i⁺ − c_i
+        y = messages.tensors_of(update.adapter, update.head, send_A=step.send_A, send_B=step.send_B)
+        new, delta = scaffold.client_update(c_i, c, x, y, settings.local_steps, settings.lr)
+        save_control(step, context, new)
+        reply.content[scaffold.RECORD] = messages.encode_control(delta)
+    return reply
 
 
 @app.evaluate()
@@ -556,6 +572,31 @@ def save_personal_B(step: Step, context: Context, adapter: dict[str, LoraFactors
     where = state_dir(step, context)
     if where is not None:
         save_round_tensors(where, "personal_B", step.server_round, tensors)
+
+
+CONTROL = "scaffold-c"
+CONTROL_ROUND = "scaffold-c-round"
+
+
+def load_control(step: Step, context: Context) -> dict[str, torch.Tensor]:
+    """SCAFFOLD: this client's control variate ``c_i`` as its last training round before this one
+    left it ({} before its first: 0): from its Flower node state, or, where that has none from an
+    earlier round (a resumed run, a restarted node), from its state dir
+    (``scaffold_c_<round>.safetensors``), as :func:`load_personal_B` reads a personal B."""
+    if CONTROL in context.state.array_records and int(context.state[CONTROL_ROUND]["round"]) < step.server_round:
+        return context.state[CONTROL].to_torch_state_dict()
+    return load_round_tensors(state_dir(step, context), "scaffold_c", step.server_round)
+
+
+def save_control(step: Step, context: Context, c_i: dict[str, torch.Tensor]) -> None:
+    """Keep ``c_i`` for this client's next round in its node state and, where there is a state dir,
+    as ``scaffold_c_<round>.safetensors`` there (:func:`save_round_tensors`)."""
+    tensors = {k: t.detach().cpu().contiguous() for k, t in c_i.items()}
+    context.state[CONTROL] = ArrayRecord(torch_state_dict=tensors)
+    context.state[CONTROL_ROUND] = ConfigRecord({"round": step.server_round})
+    where = state_dir(step, context)
+    if where is not None:
+        save_round_tensors(where, "scaffold_c", step.server_round, tensors)
 
 
 def noised_update(adapter: dict, head: dict, start: dict, clip: float, noise_multiplier: float, generator: torch.Generator, *,

@@ -212,6 +212,9 @@ def _check_jobs(lm: LoadedModel, jobs: list[CohortJob]) -> None:
         if j.payload.plan.proximal is not None:
             raise CohortError("strategy.prox_mu (FedProx's proximal term): the cohort engine does not batch it; "
                               "use engine.kind=per_client, or strategy.prox_mu=0")
+        if j.payload.plan.scaffold:
+            raise CohortError("strategy.scaffold (SCAFFOLD's control variates): the cohort engine does not batch them; "
+                              "use engine.kind=per_client, or strategy.scaffold=false")
         if not j.payload.plan.train_B:
             raise CohortError("freeze_B (strategy=rolora): the cohort engine does not batch a frozen B; use engine.kind=per_client")
         if j.payload.base_version != lm.base_version:

@@ -15,12 +15,12 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 from fedpeft.lora import LoraFactors, truncate
-from fedpeft.models import LoadedModel, active, fresh_init, layer, read_adapter, write_adapter
+from fedpeft.models import LoadedModel, active, fresh_init, full_name, layer, read_adapter, write_adapter
 from fedpeft.plan import ClientUpdate, Finaliser, LossTerm, Payload, Proximal
 
 
@@ -262,6 +262,7 @@ def train(
     seed: int,
     client_id: int,
     dp: DPSettings | None = None,
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[ClientUpdate, dict[str, float]]:
     """Train the active adapter from ``payload`` on ``data`` (a ``datasets.Dataset``).
 
@@ -273,6 +274,11 @@ def train(
     (HetLoRA's ``max(⌊γr⌋, r_min)`` when that term decreased); ``proximal`` (FedProx) adds
     ``μ/2 Σ ‖θ − θ_g‖²`` over the tensors it trains and sends back, θ_g those tensors as written from
     the payload before the first step (:class:`fedpeft.plan.Proximal`).
+
+    ``correction`` (SCAFFOLD, :mod:`fedpeft.scaffold`): ``c − c_i`` per trained tensor, keyed as on the
+    wire (``A/<module>``, ``B/<module>``, ``head/<name>``); it is added to that tensor's gradient before
+    every optimizer step (after ``max_grad_norm`` clips the data gradient; under DP-SGD after Opacus's
+    clipping and noise), so the step follows ``g − c_i + c``.
 
     ``dp``: train with DP-SGD through Opacus on exactly the trainable tensors (with ``train_A=False``,
     B and the head; with ``train_B=False``, A and the head); the cached model is wrapped for this call
@@ -310,7 +316,7 @@ def train(
     opt = make_optimizer(params, settings)
     personal = {id(layer(lm, m).lora_B[name].weight) for m in lm.modules} if plan.personal_B else set()
     anchored = [p for p in params if id(p) not in personal]  # FedProx's θ: what the client trains and sends back
-    extra = _Extra(lm, plan.loss_term, plan.finalise, plan.proximal, anchored)
+    extra = _Extra(lm, plan.loss_term, plan.finalise, plan.proximal, anchored, corrected(lm, params, correction))
     model.train()
     devices = [lm.device] if lm.device.type == "cuda" else []
     # Dropout draws from torch's RNG: fork it and seed it per (seed, round, client).
@@ -358,8 +364,10 @@ class _Extra:
     received) are its anchors θ_g."""
 
     def __init__(self, lm: LoadedModel, term: LossTerm | None, finaliser: Finaliser | None,
-                 proximal: Proximal | None = None, anchored: Sequence[torch.Tensor] = ()):
+                 proximal: Proximal | None = None, anchored: Sequence[torch.Tensor] = (),
+                 corrections: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()):
         self.lm, self.name, self.term, self.finaliser = lm, active(lm), term, finaliser
+        self.corrections = list(corrections)
         self.proximal, self.anchored = proximal, list(anchored) if proximal is not None else []
         self.anchors = [p.detach().clone() for p in self.anchored]
         if finaliser is not None:
@@ -381,11 +389,49 @@ class _Extra:
         terms = [t for t in terms if t is not None]
         return None if not terms else terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
+    @torch.no_grad()
+    def correct(self) -> None:
+        """SCAFFOLD: add ``c − c_i`` to each trained tensor's gradient (:func:`corrected`)."""
+        for p, t in self.corrections:
+            if p.grad is None:
+                p.grad = t.clone()
+            else:
+                p.grad.add_(t)
+
     def rank_after(self) -> int | None:
         """The rank the trained update keeps, or None: not finalised."""
         if self.finaliser is None:
             return None
         return self.finaliser.rank_after(self.rank, self.before, self.finaliser.measure(self.factors()))
+
+
+def corrected(lm: LoadedModel, params: Sequence[torch.Tensor], correction: Mapping[str, torch.Tensor] | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """SCAFFOLD's ``c − c_i`` (keyed as on the wire) as ``(parameter, tensor)`` pairs over the live
+    trainable tensors, on each one's device and dtype; a key that names no trainable tensor, or a
+    shape that differs, is a ``ValueError`` naming it."""
+    if not correction:
+        return []
+    from peft import get_peft_model_state_dict
+
+    name = active(lm)
+    held = get_peft_model_state_dict(lm.model, adapter_name=name)
+    trainable = {p.data_ptr(): p for p in params}
+    out = []
+    for key, t in correction.items():
+        kind, _, rest = key.partition("/")
+        if kind in ("A", "B") and rest in lm.modules:
+            lay = layer(lm, rest)
+            p = (lay.lora_A if kind == "A" else lay.lora_B)[name].weight
+        elif kind == "head" and full_name(rest) in held:
+            p = trainable.get(held[full_name(rest)].data_ptr())
+        else:
+            p = None
+        if p is None or p.data_ptr() not in trainable:
+            raise ValueError(f"scaffold: the control variate {key!r} names no tensor this client trains")
+        if tuple(p.shape) != tuple(t.shape):
+            raise ValueError(f"scaffold: the control variate {key!r} is {tuple(t.shape)}, the tensor {tuple(p.shape)}")
+        out.append((p, t.to(device=p.device, dtype=p.dtype)))
+    return out
 
 
 def clip_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> None:
@@ -418,6 +464,7 @@ def _steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: Tra
                 total.backward()
                 step_losses.append(loss.item())
             clip_norm(params, settings.max_grad_norm)
+            extra.correct()
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(step_losses[0] if accum == 1 else sum(step_losses) / accum)
@@ -490,6 +537,7 @@ def _dp_steps(lm: LoadedModel, opt: torch.optim.Optimizer, data: Any, settings: 
                     for p, g in zip(params, grads):
                         if g is not None:
                             p.grad.add_(g)
+                extra.correct()
                 dp_opt.original_optimizer.step()
             dp_opt.zero_grad(set_to_none=True)
             losses.append(loss_value)

@@ -607,6 +607,7 @@ def validate(cfg: Any) -> None:
     need(not cfg.strategy.get("prox_mu") or cls.takes_proximal(), "strategy.prox_mu",
          f"FedProx's proximal term does not work with strategy={name} ({cls.no_proximal}); use strategy={' | '.join(takers)}, or strategy.prox_mu=0")
     validate_ranks(cfg.ranks, need)
+    validate_scaffold(cfg, need)
     # What the strategy accepts, as its class declares it (strategies/base.py: Strategy).
     from fedpeft import methods
 
@@ -665,6 +666,30 @@ def validate(cfg: Any) -> None:
     need(cfg.eval.generate_samples >= 0, "eval.generate_samples", f"must be non-negative (0: no generation), got {cfg.eval.generate_samples}")
     need(cfg.eval.log_samples >= 0, "eval.log_samples", f"must be non-negative (0: none), got {cfg.eval.log_samples}")
     validate_data(cfg, need, one_of)
+
+
+def validate_scaffold(cfg: Any, need) -> None:
+    """``strategy.scaffold`` (fedpeft/scaffold.py): a strategy that takes it, one rank for all clients
+    (the control variates are tensors of one shape per key), and a privacy mode it composes with. The
+    cohort engine refuses it in its own check (fedpeft/engines.py)."""
+    import strategies
+
+    if not cfg.strategy.get("scaffold"):
+        return
+    name, cls = cfg.strategy.name, strategies.REGISTRY[cfg.strategy.name]
+    takers = [n for n, c in strategies.REGISTRY.items() if c.takes_scaffold()]
+    why = cls.no_server_optimizer or (cls.sparse_messages and f"{cls.sparse_messages}, so the server's step is not x − y_i") \
+        or "its clients' plans carry no control variates"
+    need(cls.takes_scaffold(), "strategy.scaffold",
+         f"SCAFFOLD's control variates do not work with strategy={name} ({why}); use strategy={' | '.join(takers)}, or strategy.scaffold=false")
+    ranks = sorted(set(client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)))
+    need(len(ranks) == 1, "strategy.scaffold",
+         f"SCAFFOLD keeps one control variate per tensor, of one shape, but ranks.kind={cfg.ranks.kind} gives ranks {ranks}; use ranks=fixed, or strategy.scaffold=false")
+    mode = cfg.privacy.mode
+    need(mode not in ("local", "central"), "strategy.scaffold",
+         f"SCAFFOLD does not compose with privacy.mode={mode}: Δc_i = −c + (x − y_i)/(K·η) travels un-noised and reveals the update "
+         f"{'that local DP noises' if mode == 'local' else 'whose mean central DP noises (c goes back to every client)'}; "
+         "use privacy=sample (DP-SGD: c_i is post-processing of its output), or strategy.scaffold=false")
 
 
 def validate_server(cfg: Any, need, one_of) -> None:

@@ -130,6 +130,9 @@ class Cohort(Engine):
         need(not cfg.strategy.get("prox_mu"), "strategy.prox_mu",
              f"FedProx's proximal term (prox_mu={cfg.strategy.get('prox_mu')}) is not batched by engine.kind=cohort: "
              "use engine.kind=per_client, or strategy.prox_mu=0")
+        need(not cfg.strategy.get("scaffold"), "strategy.scaffold",
+             "SCAFFOLD's control variates (each client's c_i, its own state) are not batched by engine.kind=cohort: "
+             "use engine.kind=per_client, or strategy.scaffold=false")
 
     def check_model(self, lm):
         from clients.cohort import CohortError, check_model  # lazy: only a cohort run needs the cohort trainer

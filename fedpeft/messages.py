@@ -31,6 +31,7 @@ from fedpeft import compression
 from fedpeft import merges as merge_forms
 from fedpeft.lora import Adapter, LoraFactors, fresh_adapter, scaling_for, seeded_lora_A
 from fedpeft.plan import A_SEED, INIT_SEED
+from fedpeft.scaffold import RECORD
 
 ARRAYS, CONFIG, METRICS = "adapter", "config", "metrics"
 
@@ -309,6 +310,34 @@ def _npy_header(key: str, arr: Any) -> tuple[tuple[int, ...], np.dtype]:
     if have != need:
         raise UpdateError(f"array {key!r}: {have} data bytes, its {dtype} {tuple(shape)} needs {need}")
     return tuple(shape), dtype
+
+
+def encode_control(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """SCAFFOLD's ``c`` (down) or ``Δc_i`` (up) as the message's own ``ArrayRecord``
+    (:data:`fedpeft.scaffold.RECORD`), keyed as the adapter's arrays, float32, never compressed."""
+    return ArrayRecord(torch_state_dict={k: t.detach().cpu().float().contiguous() for k, t in tensors.items()})
+
+
+def decode_control(content: RecordDict, like: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+    """The SCAFFOLD record of ``content``, checked before it is deserialised: exactly the keys of
+    ``like`` with its shapes, float32; then every value finite. Raises :class:`UpdateError` naming
+    the key."""
+    if RECORD not in content.array_records:
+        raise UpdateError(f"the '{RECORD}' array record (SCAFFOLD's control variates) is missing")
+    record = content.array_records[RECORD]
+    if set(record) != set(like):
+        raise UpdateError(f"'{RECORD}' holds {sorted(set(record) - set(like))[:3]} more and {sorted(set(like) - set(record))[:3]} fewer "
+                          "arrays than the tensors trained")
+    out = {}
+    for k, a in record.items():
+        shape, dtype = _npy_header(f"{RECORD}/{k}", a)
+        if shape != tuple(like[k]) or str(dtype) != "float32":
+            raise UpdateError(f"'{RECORD}' array {k!r} is {dtype} {shape}, expected float32 {tuple(like[k])}")
+        t = torch.from_numpy(a.numpy())
+        if not torch.isfinite(t).all():
+            raise UpdateError(f"'{RECORD}' array {k!r} has non-finite values")
+        out[k] = t
+    return out
 
 
 def check_reply_layout(

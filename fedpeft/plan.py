@@ -26,6 +26,9 @@ The wire keys (plain scalars; a key is present only where it says something):
 ``prox_mu``         FedProx's proximal term (:class:`Proximal`): its μ (> 0; absent: no term)
 ``upload_density``  FLASC's sparse upload: the client sends the top-k of its whole update (all
                     its tensors together, no error feedback) at this density in (0, 1]
+``scaffold``        ``True``: SCAFFOLD (:mod:`fedpeft.scaffold`): the message carries the server's
+                    control variate ``c`` of the tensors the client trains; it corrects each
+                    step's gradient by ``c − c_i``, keeps ``c_i`` and sends back ``Δc_i``
 ==================  ====================================================================
 """
 
@@ -42,7 +45,7 @@ from fedpeft.lora import Adapter, LoraFactors, pruned_rank, tail_norm
 
 Scalar = int | float | str | bool
 
-FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED = "freeze_A", "freeze_B", "personal_B", "A_seed", "init_seed"
+FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED, SCAFFOLD = "freeze_A", "freeze_B", "personal_B", "A_seed", "init_seed", "scaffold"
 UPLOAD_DENSITY = "upload_density"
 KEPT_STATE = ("B",)  # the per-client state a plan may keep: FedSA-LoRA's B
 
@@ -184,9 +187,9 @@ class Proximal:
 
 
 # The loss terms and finalisations the wire knows, each with its own keys (``KEYS``, ``to_config``,
-# ``from_config``); a new one (SCAFFOLD's control variates) is added here.
+# ``from_config``); a new one is added here.
 TERMS: tuple[type, ...] = (SelfPruning,)
-KEYS = frozenset({FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED, UPLOAD_DENSITY, *Proximal.KEYS, *(k for t in TERMS for k in t.KEYS)})  # type: ignore[attr-defined]
+KEYS = frozenset({FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED, UPLOAD_DENSITY, SCAFFOLD, *Proximal.KEYS, *(k for t in TERMS for k in t.KEYS)})  # type: ignore[attr-defined]
 """Every wire key a plan may use; the rest of a message's config is the server's header."""
 
 
@@ -204,7 +207,8 @@ class ClientPlan:
     :class:`Proximal` term, added to every step's loss beside ``loss_term``. ``upload_density``:
     the client's reply is the top-k of its update ``Δ = θ − θ_start`` (every tensor it sends back,
     together: :func:`fedpeft.compression.topk_sparsify_joint`) at this density, without error
-    feedback (FLASC); None: the run's ``compression.uplink``.
+    feedback (FLASC); None: the run's ``compression.uplink``. ``scaffold``: SCAFFOLD's
+    control variates on the tensors it trains and sends back (:mod:`fedpeft.scaffold`).
     """
 
     train_A: bool = True
@@ -216,9 +220,11 @@ class ClientPlan:
     finalise: Finaliser | None = None
     proximal: Proximal | None = None
     upload_density: float | None = None
+    scaffold: bool = False
 
     def __post_init__(self) -> None:
         _flag(FREEZE_A, self.train_A)
+        _flag(SCAFFOLD, self.scaffold)
         _flag(FREEZE_B, self.train_B)
         if not (self.train_A or self.train_B):
             raise ValueError(f"client plan: {FREEZE_A} and {FREEZE_B} together leave no LoRA factor to train")
@@ -289,6 +295,8 @@ class ClientPlan:
             cfg[INIT_SEED] = self.init_seed
         if self.upload_density is not None:
             cfg[UPLOAD_DENSITY] = self.upload_density
+        if self.scaffold:
+            cfg[SCAFFOLD] = True
         return cfg
 
     @classmethod
@@ -298,7 +306,7 @@ class ClientPlan:
         for k in cfg:
             if k not in KEYS:
                 raise ValueError(f"client plan: unknown key {k!r}")
-        for k in (FREEZE_A, FREEZE_B, PERSONAL_B):
+        for k in (FREEZE_A, FREEZE_B, PERSONAL_B, SCAFFOLD):
             if k in cfg:
                 _flag(k, cfg[k])
         terms = [t.from_config(cfg) for t in TERMS if any(k in cfg for k in t.KEYS)]  # type: ignore[attr-defined]
@@ -313,6 +321,7 @@ class ClientPlan:
             finalise=term if isinstance(term, Finaliser) else None,
             proximal=Proximal.from_config(cfg) if "prox_mu" in cfg else None,
             upload_density=cfg.get(UPLOAD_DENSITY),
+            scaffold=cfg.get(SCAFFOLD, False),
         )
 
 

@@ -40,6 +40,8 @@ from fedpeft import merges as merge_forms
 from fedpeft import messages
 from fedpeft.lora import LoraFactors, best_rank
 from fedpeft.privacy import BudgetExhausted, PrivacyPlan
+from fedpeft.scaffold import RECORD as CONTROL_RECORD
+from fedpeft.scaffold import ControlVariates
 from fedpeft.serveropt import ServerOptimizer, ServerOptLayer
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Strategy
 
@@ -185,6 +187,9 @@ class FlowerAdapter(FlowerStrategy):
         self.strategy = strategy
         # server.optimizer: FedAvgM / FedAdagrad / FedAdam / FedYogi over each round's aggregate, with its state (resumed)
         self.server_opt = ServerOptLayer(server_optimizer) if server_optimizer is not None else None
+        # strategy.scaffold: SCAFFOLD's server control variate c over the N clients (fedpeft.scaffold), saved with the state
+        self.control = ControlVariates(num_clients or 0) if getattr(strategy, "scaffold", False) else None
+        self.controls: dict[int, dict[str, torch.Tensor] | None] = {}  # node id → its reply's Δc_i this round (SCAFFOLD)
         # node id -> partition id where the launcher knows it (fedpeft's simulation: fedpeft.simnodes); others are asked
         self.known_partitions = known_partitions
         self.lr_at = lr_at  # round → its learning rate (train.lr_schedule), sent to the clients; None: each uses train.lr
@@ -229,7 +234,8 @@ class FlowerAdapter(FlowerStrategy):
         own = {"model": _model_state(self.model), **self.merges.state_dict(), "rng": self.rng.getstate()}
         rest = {"rounds_applied": self.rounds_applied, "ledger": self.privacy.state_dict() if self.privacy is not None else None,
                 "partition_of": dict(self.partition_of), "local_data": sorted(self.local_data),
-                **({"server_optimizer": self.server_opt.state_dict()} if self.server_opt is not None else {})}
+                **({"server_optimizer": self.server_opt.state_dict()} if self.server_opt is not None else {}),
+                **({"scaffold": self.control.state_dict()} if self.control is not None else {})}
         strategy_state = self.strategy_state.state_dict()
         taken = sorted(strategy_state.keys() & (own.keys() | rest.keys()))
         if taken:
@@ -249,6 +255,8 @@ class FlowerAdapter(FlowerStrategy):
             self.privacy.load_state_dict(state["ledger"])
         if self.server_opt is not None and "server_optimizer" in state:
             self.server_opt.load_state_dict(state["server_optimizer"])
+        if self.control is not None:  # a state saved without SCAFFOLD is refused before: strategy.scaffold changed
+            self.control.load_state_dict(state["scaffold"])
 
     def summary(self) -> None:
         log.info("fedpeft strategy %s, fraction %s, min clients %s", self.strategy.name, self.fraction, self.min_clients)
@@ -405,6 +413,7 @@ class FlowerAdapter(FlowerStrategy):
         if self._missing:
             log.warning("round %d: partition(s) %s have no node (%s)", server_round, ", ".join(map(str, stats.missing)), self.missing_line(self._missing))
         self.sent = {}
+        self.controls = {}
         out = []
         for node, pid in sampled.items():
             spec, payload = self.payload_of(pid)
@@ -425,6 +434,8 @@ class FlowerAdapter(FlowerStrategy):
                 joint=self.codecs.joint,
                 generator=torch.Generator().manual_seed(hash((self.seed, server_round, spec.client_id, 1)) % 2**31),
             )
+            if payload.plan.scaffold:  # the server's c on the tensors the client trains travels down (counted)
+                content[CONTROL_RECORD] = messages.encode_control(self.control.for_client(self.trained_shapes(spec, payload)))
             stats.bytes_down += messages.num_bytes(content)
             reference = None
             if self.codecs.uplink != "none":  # the start the client's delta-coded update is measured from
@@ -439,6 +450,21 @@ class FlowerAdapter(FlowerStrategy):
         the strategy's payload for it."""
         spec = self.strategy_state.spec(self.client_spec(pid))
         return spec, self.strategy.payload(self.model, spec)
+
+    def trained_shapes(self, spec: ClientSpec, payload) -> dict[str, tuple[int, ...]]:
+        """The shapes of the tensors client ``spec`` trains and sends back, keyed as on the wire (an
+        empty payload adapter: a fresh LoRA at the client's rank)."""
+        up_A, up_B = payload.plan.uplink
+        out: dict[str, tuple[int, ...]] = {}
+        for m, (o, i) in sorted(self.shapes.items()):
+            f = payload.adapter.get(m)
+            if up_A:
+                out[f"A/{m}"] = tuple(f.A.shape) if f is not None else (spec.rank, i)
+            if up_B:
+                out[f"B/{m}"] = tuple(f.B.shape) if f is not None else (o, spec.rank)
+        for h, t in payload.head.items():
+            out[f"head/{h}"] = tuple(t.shape)
+        return out
 
     def header(self, server_round: int, spec: ClientSpec, payload) -> dict[str, Any]:
         """A train or evaluate message's config: the strategy's plan (:meth:`fedpeft.plan.ClientPlan.to_config`) and the reserved keys."""
@@ -460,6 +486,10 @@ class FlowerAdapter(FlowerStrategy):
         Raises :class:`messages.UpdateError` naming the culprit key."""
         spec, payload, reference = self.sent[node]
         content = msg.content
+        control = None
+        if payload.plan.scaffold:  # SCAFFOLD's Δc_i, checked on its own; the rest is the plain reply
+            control = messages.decode_control(content, self.trained_shapes(spec, payload))
+            content = RecordDict({k: v for k, v in content.items() if k != CONTROL_RECORD})
         ranks = tuple(self.strategy.reply_ranks(spec.rank))
         up_A, up_B = payload.plan.uplink
         messages.check_reply_layout(
@@ -484,6 +514,7 @@ class FlowerAdapter(FlowerStrategy):
         messages.check_update(dec.adapter, dec.head, self.shapes, max(ranks), payload.head)
         metrics = dict(content.metric_records[messages.METRICS]) if messages.METRICS in content.metric_records else {}
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        self.controls[node] = control
         return ClientUpdate(client_id=spec.client_id, adapter=dec.adapter, head=dec.head, num_examples=n), metrics
 
     def _who(self, node: int) -> str:
@@ -503,6 +534,7 @@ class FlowerAdapter(FlowerStrategy):
         failures: list[tuple[int, str]] = []
         answered: set[int] = set()
         accepted: list[tuple[ClientSpec, ClientUpdate]] = []  # the good updates with their specs, for the strategy's state
+        deltas: list[dict[str, torch.Tensor]] = []  # SCAFFOLD's Δc_i of the good updates, in partition order
 
         def reject(node: int, reason: object) -> None:
             stats.rejected += 1
@@ -534,6 +566,8 @@ class FlowerAdapter(FlowerStrategy):
             self.merges.seen[spec.client_id] = payload.base_version
             accepted.append((spec, update))
             updates.append(update)
+            if self.controls.get(node) is not None:
+                deltas.append(self.controls[node])
             if metrics:
                 metric_rows.append((update.num_examples, metrics))
         # A sampled node that sent nothing within the round timeout (it died, or lost its connection)
@@ -564,6 +598,8 @@ class FlowerAdapter(FlowerStrategy):
                 adapter, head = self.server_opt.apply(previous.adapter, previous.head, self.model.adapter, self.model.head,
                                                       train_A=any(a for a, _ in trained), train_B=any(b for _, b in trained))
                 self.model = replace(self.model, adapter=adapter, head=head)
+            if self.control is not None:  # c ← c + |S|/N · mean Δc_i (fedpeft.scaffold)
+                self.control.apply(deltas)
             self.merges.publish(self.model)
             self.strategy_state.applied(accepted)
             self.rounds_applied += 1

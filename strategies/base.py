@@ -142,6 +142,10 @@ class Strategy:
     - ``sparse_messages``: why the run's codecs (``compression.*``) cannot be combined with it,
       where it sparsifies its own messages both ways (FLASC); its :meth:`sparse_links` then gives
       the densities. None (default): it sends what it computes and the codecs apply;
+    - ``scaffold`` (a config field, SCAFFOLD, :mod:`fedpeft.scaffold`): a strategy whose clients train
+      same-shaped global tensors and whose aggregate's change in factor space is the round's update
+      declares the field ``scaffold: bool = False`` and puts it into its plans; one that declares
+      ``no_server_optimizer`` cannot take it, for that reason (its factors' change is not the update);
     - :meth:`reply_ranks`, :meth:`init`, :meth:`round_metrics`, and :meth:`server_state` (what it
       keeps on the server between rounds besides the global model: HetLoRA's pruned ranks).
     """
@@ -185,11 +189,20 @@ class Strategy:
         mu = getattr(self, "prox_mu", 0.0)  # a strategy without the field takes no proximal term
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < float("inf"):
             raise ValueError(f"strategy.prox_mu: must be a finite number >= 0 (0: no proximal term), got {mu!r}")
+        if not isinstance(getattr(self, "scaffold", False), bool):
+            raise ValueError(f"strategy.scaffold: must be true or false, got {getattr(self, 'scaffold')!r}")
 
     @classmethod
     def takes_proximal(cls) -> bool:
         """Whether its clients take FedProx's proximal term: it declares the ``prox_mu`` field."""
         return "prox_mu" in cls.config_fields()
+
+    @classmethod
+    def takes_scaffold(cls) -> bool:
+        """Whether its clients take SCAFFOLD's control variates: it declares the ``scaffold`` field and
+        its aggregate's change is the round's update (no ``no_server_optimizer``), sent whole (no
+        ``sparse_messages``: FLASC's update is a top-k of the client's change, not x − y_i)."""
+        return "scaffold" in cls.config_fields() and cls.no_server_optimizer is None and cls.sparse_messages is None
 
     def proximal(self) -> Proximal | None:
         """The plan's FedProx term for ``strategy.prox_mu`` (:class:`fedpeft.plan.Proximal`); None at

@@ -63,12 +63,14 @@ class FedAvg(Strategy):
     weighting: str = "num_examples"
     # FedProx's μ: clients add μ/2·‖θ − θ_global‖² over the tensors they train (0: plain local training).
     prox_mu: float = 0.0
+    # SCAFFOLD: control variates c, c_i correct each client's gradient by c − c_i (option II; false: off).
+    scaffold: bool = False
     name: str = "fedavg"
     heterogeneous_ranks: ClassVar[bool] = False  # A and B are averaged separately: one rank and scaling
     lora_update_only: ClassVar[bool] = False  # averages any PEFT method's tensors elementwise
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
-        return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(proximal=self.proximal()))
+        return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(proximal=self.proximal(), scaffold=self.scaffold))
 
     def round_metrics(self, model: GlobalModel, updates: list[ClientUpdate]) -> dict[str, float]:
         """``factor_avg_error``: :func:`factor_average_error` of this round's updates."""

@@ -70,7 +70,7 @@ class FeDeRA(FedAvg):
         return GlobalModel(adapter=adapter, head=model.head, merges=model.merges + (merge,))
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
-        return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(proximal=self.proximal()), base_version=model.version)
+        return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(proximal=self.proximal(), scaffold=self.scaffold), base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates) -> GlobalModel:
         out = super().aggregate(model, updates)

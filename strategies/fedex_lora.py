@@ -63,7 +63,7 @@ class FedExLoRA(FedAvg):
                                           "the change of its factors is not the update")
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
-        return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(proximal=self.proximal()), base_version=model.version)
+        return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(proximal=self.proximal(), scaffold=self.scaffold), base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
         if not updates:

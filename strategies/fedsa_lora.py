@@ -39,6 +39,8 @@ class FedSALoRA(Strategy):
     weighting: str = "num_examples"
     # FedProx's μ: clients add μ/2·‖θ − θ_global‖² over the shared A and head (B is their own; 0: off).
     prox_mu: float = 0.0
+    # SCAFFOLD's control variates on the shared A and head (B is each client's own; false: off).
+    scaffold: bool = False
     name: str = "fedsa_lora"
     heterogeneous_ranks: ClassVar[bool] = False  # Ā is a plain average of the A_k
     # central DP clips and noises the whole reply against one global model; B_k is no part of either
@@ -52,7 +54,7 @@ class FedSALoRA(Strategy):
         return GlobalModel(adapter=adapter, head=model.head, merges=model.merges)
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
-        return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(keep=frozenset({"B"}), proximal=self.proximal()), base_version=model.version)
+        return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(keep=frozenset({"B"}), proximal=self.proximal(), scaffold=self.scaffold), base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
         if not updates:

@@ -69,6 +69,8 @@ class FFALoRA(Strategy):
     r_max: int | None = None
     # FedProx's μ: clients add μ/2·‖θ − θ_global‖² over B and the head (A is frozen; 0: off).
     prox_mu: float = 0.0
+    # SCAFFOLD's control variates on B and the head (A is frozen; one rank for all clients; false: off).
+    scaffold: bool = False
     name: str = "ffa_lora"
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
@@ -101,7 +103,7 @@ class FFALoRA(Strategy):
             adapter[name] = at_scaling(truncate(f, client.rank), s)
         # nothing to start from: a fresh LoRA whose A is the seeded one anyway
         init_seed = None if adapter else self.seed * 1_000_003 + client.client_id
-        plan = ClientPlan(train_A=False, A_seed=self.seed, init_seed=init_seed, proximal=self.proximal())
+        plan = ClientPlan(train_A=False, A_seed=self.seed, init_seed=init_seed, proximal=self.proximal(), scaffold=self.scaffold)
         return Payload(adapter=adapter, head=model.head, plan=plan, base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:

@@ -44,6 +44,8 @@ class RoLoRA(Strategy):
     first: str = "B"
     # FedProx's μ: clients add μ/2·‖θ − θ_global‖² over the factor and head they train (0: off).
     prox_mu: float = 0.0
+    # SCAFFOLD's control variates on the factor trained this round and the head (false: off).
+    scaffold: bool = False
     name: str = "rolora"
     heterogeneous_ranks: ClassVar[bool] = False
     # Central DP (Flower's wrapper) clips and noises whole replies, which here lack the frozen factor.
@@ -67,7 +69,7 @@ class RoLoRA(Strategy):
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
         trained = self.trained(model)
-        plan = ClientPlan(train_A=trained == "A", train_B=trained == "B", proximal=self.proximal())
+        plan = ClientPlan(train_A=trained == "A", train_B=trained == "B", proximal=self.proximal(), scaffold=self.scaffold)
         return Payload(adapter=model.adapter, head=model.head, plan=plan, base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
