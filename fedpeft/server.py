@@ -621,7 +621,9 @@ def robust_aggregate(rule: RobustRule, strategy: Strategy, model: GlobalModel, u
     are taken over the tensors the strategy aggregates (every factor and head tensor, flattened)
     where it averages same-shaped factors, and over the clients' effective updates ``s_k B_k A_k``
     (plus the head) where it declares ``effective_updates`` (FLoRA, FlexLoRA, HetLoRA, FedEx-LoRA)
-    or the clients' ranks or scalings differ (FFA-LoRA with ``ranks=…``); the strategy then aggregates the kept clients' updates as it would all of them
+    or the clients' ranks or scalings differ (FFA-LoRA with ``ranks=…``) — the adapter each client
+    sent, which is its update for FLoRA (every client starts from B = 0) and its update plus the
+    truncation it started from for HetLoRA and FlexLoRA (clients at one rank share that start); the strategy then aggregates the kept clients' updates as it would all of them
     (its own weighting; Blanchard et al.'s Multi-Krum averages them uniformly, as
     ``strategy.weighting=uniform`` does), so a re-factorising strategy re-factorises their
     aggregate its own way (FlexLoRA: SVD of the stacked factors to each client's rank)."""
