@@ -5,7 +5,8 @@ SuperNode import it. It reads the run's typed config from ``context.run_config``
 (:func:`fedpeft.runconfig.settings`) and who it is from ``context.node_config``
 (``partition-id``; ``num-partitions`` or a device's own ``data-path``; optional ``state-dir``).
 ``train_handler`` trains and replies with the plain update; Flower mods around it add what wraps
-any strategy: the fault profile, local DP (clip and noise the update) and the uplink codec.
+any strategy: the fault profile, Byzantine attackers (:func:`byzantine`), local DP (clip and noise
+the update) and the uplink codec.
 Module-level caches keep the base model and the data for the life of the worker process, so a
 worker loads the model once and serves many clients and rounds; only adapter tensors (and the
 head) arrive with each message.
@@ -32,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from clients import partition_cache
 from clients.cohort import CohortError, CohortJob, train_cohort
 from clients.train import DPSettings, TrainSettings, evaluate, release, train
-from fedpeft import cohorts, instruct, messages, privacy, runconfig, scaffold
+from fedpeft import attacks, cohorts, instruct, messages, privacy, runconfig, scaffold
 from fedpeft import data as fdata
 from fedpeft import merges as merge_forms
 from fedpeft.config import Config, DataConfig, PartitionConfig
@@ -185,7 +186,7 @@ class Step:
         return self.plan.uplink[1]
 
     def seed(self, stream: int) -> int:
-        """A seed for one random stream of this client in this round (0: training, 2: local DP noise, 3: codec)."""
+        """A seed for one random stream of this client in this round (0: training, 2: local DP noise, 3: codec, 4: an attacker's noise)."""
         key = (self.settings.seed, self.server_round, self.partition_id, stream) if stream else (self.settings.seed, self.server_round, self.partition_id)
         return hash(key) % (2**31)
 
@@ -265,6 +266,32 @@ def compress_update(msg: Message, context: Context, call_next) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def byzantine(msg: Message, context: Context, call_next) -> Message:
+    """``profile.byzantine``: an attacking client (one of the run's fixed attackers,
+    :func:`fedpeft.attacks.attackers`) trains honestly, then replaces every tensor it sends by the
+    ``profile.attack`` of it relative to the start it received (:func:`fedpeft.attacks.attack`):
+    after any local DP noise (an attacker need not honour it), before the uplink codec (the wire
+    format the server decodes)."""
+    reply = call_next(msg, context)
+    pf = runconfig.settings(context.run_config).profile
+    if pf.byzantine == 0 or reply.has_error():
+        return reply
+    step = read_step(msg, context)
+    if step.partition_id not in attacks.attackers(step.settings.seed, step.settings.clients, pf.byzantine):
+        return reply
+    rec = messages.decode(reply.content, kept=step.decoded.adapter)
+    sent = messages.tensors_of(rec.adapter, rec.head, send_A=step.send_A, send_B=step.send_B)
+    start = start_of(step, context)
+    out = attacks.attack(pf.attack, sent, {k: messages.slice_like(start, k, t) for k, t in sent.items()}, scale=pf.attack_scale,
+                         std=pf.attack_std, value=pf.attack_value, generator=torch.Generator().manual_seed(step.seed(4)))
+    adapter = {m: LoraFactors(out[f"A/{m}"] if step.send_A else f.A, out[f"B/{m}"] if step.send_B else f.B, f.scaling) for m, f in rec.adapter.items()}
+    content = messages.encode(adapter, {h: out[f"head/{h}"] for h in rec.head}, rec.config, send_A=step.send_A, send_B=step.send_B)
+    content[messages.METRICS] = reply.content.metric_records[messages.METRICS]
+    if scaffold.RECORD in reply.content.array_records:  # SCAFFOLD's Δc_i travels as the honest client computed it
+        content[scaffold.RECORD] = reply.content.array_records[scaffold.RECORD]
+    return Message(content=content, reply_to=msg)
+
+
 def local_dp(msg: Message, context: Context, call_next) -> Message:
     """``privacy.mode=local``: the update ``Δ`` (what is sent, minus the start) is clipped to
     ``‖Δ‖₂ ≤ clip`` and ``N(0, (σ·clip)²)`` is added to every entry, before any compression."""
@@ -333,7 +360,7 @@ def plain_reply(msg: Message, step: Step, update, metrics: dict) -> Message:
 
 # The mods every client's train reply passes through, outermost first: in the per-client handler
 # (Flower applies them) and for each member of a cohort (cohort_handler applies the same list).
-MODS = [fault_profile, compress_update, local_dp]
+MODS = [fault_profile, compress_update, byzantine, local_dp]
 
 
 @app.train(mods=MODS)

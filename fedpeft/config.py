@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -283,6 +284,16 @@ class ProfileConfig:
 
     # Probability that a sampled client raises during a round (fault injection; seeded).
     failure_rate: float = 0.0
+    # Share of the clients that attack (Byzantine): round(byzantine·clients) partition ids drawn once from the seed (fedpeft/attacks.py).
+    byzantine: float = 0.0
+    # What an attacker replies after honest training: sign_flip (θ_g − Δ) | scale (θ_g + attack_scale·Δ) | gaussian (θ_g + N(0, attack_std²)) | fixed (every entry attack_value).
+    attack: str = "sign_flip"
+    # attack=scale: λ, the factor an attacker's update Δ is multiplied by.
+    attack_scale: float = 10.0
+    # attack=gaussian: σ, the std of the noise an attacker sends as its update.
+    attack_std: float = 1.0
+    # attack=fixed: v, the value of every entry of the tensors an attacker sends.
+    attack_value: float = 0.0
 
 
 @dataclass
@@ -307,7 +318,8 @@ class EvalConfig:
 @dataclass
 class ServerConfig:
     """A server optimizer over the strategy's aggregate (fedpeft/serveropt.py): the round's update
-    (aggregate − global) steps the global model as a pseudo-gradient's negative would."""
+    (aggregate − global) steps the global model as a pseudo-gradient's negative would; and a
+    Byzantine-robust rule over the round's updates (fedpeft/robust.py) before the strategy's own."""
 
     # none | fedavgm | fedadagrad | fedadam | fedyogi: steps the global model along each round's aggregate.
     optimizer: str = "none"
@@ -321,6 +333,14 @@ class ServerConfig:
     beta2: float = 0.99
     # fedadagrad | fedadam | fedyogi: τ, the adaptivity (v starts at τ²; the step is lr·m / (√v + τ)).
     tau: float = 1e-3
+    # none | median | trimmed_mean | krum | multi_krum: a Byzantine-robust rule over the round's updates (fedpeft/robust.py), before any optimizer.
+    robust: str = "none"
+    # trimmed_mean: β, the share of each coordinate's largest and smallest client values dropped (⌊β·n⌋ each side; 0: the mean).
+    trim_beta: float = 0.1
+    # krum | multi_krum: f, the number of Byzantine clients assumed among a round's replies (Krum needs n > 2f + 2).
+    krum_f: int = 1
+    # multi_krum: m, how many clients of lowest Krum score are kept and aggregated (null: n − f).
+    multi_krum_m: Optional[int] = None
 
 
 @dataclass
@@ -601,6 +621,7 @@ def validate(cfg: Any) -> None:
     one_of(cfg.engine.precision, "engine.precision", ("fp32", "bf16"))
     need(cfg.engine.round_timeout > 0, "engine.round_timeout", f"must be positive (seconds), got {cfg.engine.round_timeout}")
     need(0 <= cfg.profile.failure_rate < 1, "profile.failure_rate", f"must be in [0, 1), got {cfg.profile.failure_rate}")
+    validate_byzantine(cfg, need, one_of)
     name, cls = cfg.strategy.name, strategies.REGISTRY[cfg.strategy.name]
     check_strategy(cfg)
     takers = [n for n, c in strategies.REGISTRY.items() if c.takes_proximal()]
@@ -661,6 +682,7 @@ def validate(cfg: Any) -> None:
         need(cls.sparse_messages is None or cfg.compression[key] == "none", f"compression.{key}",
              f"{cfg.compression[key]} does not work with strategy={name} ({cls.sparse_messages}); use compression=none")
     validate_server(cfg, need, one_of)
+    validate_robust(cfg, need, one_of)
     need(cfg.data.eval_samples >= 0, "data.eval_samples", f"must be non-negative, got {cfg.data.eval_samples}")
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", f"must be at least 1, got {cfg.eval.max_new_tokens}")
     need(cfg.eval.generate_samples >= 0, "eval.generate_samples", f"must be non-negative (0: no generation), got {cfg.eval.generate_samples}")
@@ -719,6 +741,66 @@ def validate_server(cfg: Any, need, one_of) -> None:
     need(cfg.privacy.mode != "central", "server.optimizer",
          f"{opt} does not work with privacy.mode=central (Flower's DP wrapper noises the aggregate after the server optimizer "
          f"steps, so its moments would hold un-noised updates); use privacy=local | sample (the clients noise), or server.optimizer=none")
+
+
+def validate_byzantine(cfg: Any, need, one_of) -> None:
+    """The ``profile`` group's attackers (fedpeft/attacks.py): their share, the attack, and an
+    attack key set for an attack that does not read it."""
+    from fedpeft.attacks import ATTACKS, attacker_count
+
+    pf, defaults = cfg.profile, ProfileConfig()
+    need(0 <= pf.byzantine < 1, "profile.byzantine", f"must be in [0, 1), got {pf.byzantine}")
+    one_of(pf.attack, "profile.attack", ATTACKS)
+    need(pf.byzantine == 0 or attacker_count(pf.byzantine, cfg.clients) >= 1, "profile.byzantine",
+         f"{pf.byzantine} of clients={cfg.clients} rounds to no attacker; use at least {0.5 / cfg.clients:.3g}, or 0")
+    need(pf.attack == defaults.attack or pf.byzantine > 0, "profile.attack", "applies with profile.byzantine > 0 only (the share of clients that attack)")
+    for key, which in {"attack_scale": "scale", "attack_std": "gaussian", "attack_value": "fixed"}.items():
+        need(pf[key] == getattr(defaults, key) or (pf.attack == which and pf.byzantine > 0), f"profile.{key}",
+             f"applies to profile.attack={which} with profile.byzantine > 0 only, not profile.attack={pf.attack}")
+    need(math.isfinite(pf.attack_scale), "profile.attack_scale", f"must be finite, got {pf.attack_scale}")
+    need(pf.attack_std > 0 and math.isfinite(pf.attack_std), "profile.attack_std", f"must be positive, got {pf.attack_std}")
+    need(math.isfinite(pf.attack_value), "profile.attack_value", f"must be finite, got {pf.attack_value}")
+
+
+def validate_robust(cfg: Any, need, one_of) -> None:
+    """``server.robust`` (fedpeft/robust.py): its parameters' ranges, a key set for a rule that does
+    not read it, and the strategies, ranks, privacy modes and round sizes it cannot take."""
+    import strategies
+    from fedpeft.robust import COORDINATE_WISE, RULES, SELECTING
+    from fedpeft.server import sample_size
+
+    sv, rule = cfg.server, cfg.server.robust
+    one_of(rule, "server.robust", RULES)
+    need(0 <= sv.trim_beta < 0.5, "server.trim_beta", f"must be in [0, 0.5), got {sv.trim_beta}")
+    need(sv.krum_f >= 0, "server.krum_f", f"must be non-negative, got {sv.krum_f}")
+    need(sv.multi_krum_m is None or sv.multi_krum_m >= 1, "server.multi_krum_m", f"must be at least 1 (or null: n − f), got {sv.multi_krum_m}")
+    defaults = ServerConfig()
+    for key, which in {"trim_beta": ("trimmed_mean",), "krum_f": SELECTING, "multi_krum_m": ("multi_krum",)}.items():
+        need(sv[key] == getattr(defaults, key) or rule in which, f"server.{key}",
+             f"applies to server.robust={' | '.join(which)} only, not server.robust={rule}")
+    if rule == "none":
+        return
+    name, cls = cfg.strategy.name, strategies.REGISTRY[cfg.strategy.name]
+    need(cfg.privacy.mode != "central", "server.robust",
+         f"{rule} does not work with privacy.mode=central (the server's noise is calibrated to a mean of clipped updates, sensitivity clip/n; "
+         f"one client moves a median, a trimmed mean or Krum's choice by up to clip, so the guarantee would not hold); "
+         f"use privacy=local | sample (the clients noise: a robust rule over DP updates is post-processing), or server.robust=none")
+    if rule in COORDINATE_WISE:
+        fit = [n for n, c in strategies.REGISTRY.items() if c.effective_updates is None]
+        need(cls.effective_updates is None, "server.robust",
+             f"{rule} does not work with strategy={name} ({cls.effective_updates}); use strategy={' | '.join(fit)}, "
+             f"or server.robust=krum | multi_krum (they select clients, whose updates the strategy then aggregates)")
+        ranks = sorted(set(client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)))
+        need(len(ranks) == 1, "server.robust",
+             f"{rule} takes each coordinate over same-shaped client factors, but ranks.kind={cfg.ranks.kind} gives ranks {ranks}; "
+             f"use ranks=fixed, or server.robust=krum | multi_krum")
+        return
+    n, f = sample_size(cfg.clients, cfg.fraction, cfg.min_clients), sv.krum_f
+    need(n > 2 * f + 2, "server.krum_f",
+         f"{rule} needs n > 2f + 2 clients per round (Blanchard et al. 2017), but a round samples n={n} with server.krum_f={f}; "
+         f"lower server.krum_f or sample more clients (clients, fraction, min_clients)")
+    need(sv.multi_krum_m is None or sv.multi_krum_m <= n - f, "server.multi_krum_m",
+         f"must be at most n − f = {n - f} (n={n} clients per round, server.krum_f={f}), got {sv.multi_krum_m}")
 
 
 def validate_data(cfg: Any, need, one_of) -> None:

@@ -42,6 +42,7 @@ from fedpeft.lora import LoraFactors, best_rank
 from fedpeft.privacy import BudgetExhausted, PrivacyPlan
 from fedpeft.scaffold import RECORD as CONTROL_RECORD
 from fedpeft.scaffold import ControlVariates
+from fedpeft.robust import COORDINATE_WISE, RobustRule, effective_sq_distances, sq_distances
 from fedpeft.serveropt import ServerOptimizer, ServerOptLayer
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Strategy
 
@@ -182,6 +183,7 @@ class FlowerAdapter(FlowerStrategy):
         lr_at: Callable[[int], float] | None = None,
         failure_note: Callable[[str], str] | None = None,
         server_optimizer: ServerOptimizer | None = None,
+        robust: RobustRule | None = None,
         known_partitions: Callable[[], dict[int, int]] | None = None,
     ) -> None:
         self.strategy = strategy
@@ -190,6 +192,7 @@ class FlowerAdapter(FlowerStrategy):
         # strategy.scaffold: SCAFFOLD's server control variate c over the N clients (fedpeft.scaffold), saved with the state
         self.control = ControlVariates(num_clients or 0) if getattr(strategy, "scaffold", False) else None
         self.controls: dict[int, dict[str, torch.Tensor] | None] = {}  # node id → its reply's Δc_i this round (SCAFFOLD)
+        self.robust = robust  # server.robust: median / trimmed mean / Krum / Multi-Krum over the round's updates (stateless)
         # node id -> partition id where the launcher knows it (fedpeft's simulation: fedpeft.simnodes); others are asked
         self.known_partitions = known_partitions
         self.lr_at = lr_at  # round → its learning rate (train.lr_schedule), sent to the clients; None: each uses train.lr
@@ -588,11 +591,19 @@ class FlowerAdapter(FlowerStrategy):
             note = self.failure_note(line) if self.failure_note is not None else ""
             log.warning("round %d: client %son node %d failed: %s%s", server_round, "" if pid is None else f"{pid} ", node, line, note)
         stats.replied = len(updates)
-        stats.applied = len(updates) >= max(self.min_clients, 1)
+        fewest = max(self.min_clients, 1, self.robust.min_updates() if self.robust is not None else 1)
+        stats.applied = len(updates) >= fewest
         diagnostics: dict[str, float] = {}
         if stats.applied:
             diagnostics = self.strategy.round_metrics(self.model, updates)
-            previous, self.model = self.model, self.strategy.aggregate(self.model, updates)
+            previous = self.model
+            if self.robust is not None:
+                self.model, kept = robust_aggregate(self.robust, self.strategy, self.model, updates)
+                if kept is not None:
+                    diagnostics["robust_kept"] = len(kept)
+                    log.info("round %d: %s keeps clients %s", server_round, self.robust.kind, [updates[i].client_id for i in kept])
+            else:
+                self.model = self.strategy.aggregate(self.model, updates)
             if self.server_opt is not None:  # step the global model along the round's update (fedpeft.serveropt)
                 trained = [payload.plan.uplink for _, payload, _ in self.sent.values()]  # the factors the round trained
                 adapter, head = self.server_opt.apply(previous.adapter, previous.head, self.model.adapter, self.model.head,
@@ -605,8 +616,9 @@ class FlowerAdapter(FlowerStrategy):
             self.rounds_applied += 1
         else:
             log.warning(
-                "round %d not applied: %d good update(s) of %d sampled, fewer than min_clients=%d; the global model is unchanged",
-                server_round, len(updates), stats.sampled, self.min_clients,
+                "round %d not applied: %d good update(s) of %d sampled, fewer than %s; the global model is unchanged",
+                server_round, len(updates), stats.sampled,
+                f"min_clients={self.min_clients}" if fewest == max(self.min_clients, 1) else f"the {fewest} updates {self.robust.kind} needs (server.krum_f + 3)",
             )
         stats.train_metrics = {**_weighted_mean(metric_rows), **diagnostics}
         if self.lr_at is not None:  # the round's scheduled learning rate, in its metrics row
@@ -643,6 +655,47 @@ class FlowerAdapter(FlowerStrategy):
     def personal(self) -> dict[int, dict[str, float]]:
         """Round → the personalised evaluation's metrics (empty without one)."""
         return self.evaluation.metrics if self.evaluation is not None else {}
+
+
+def robust_aggregate(rule: RobustRule, strategy: Strategy, model: GlobalModel, updates: list[ClientUpdate]) -> tuple[GlobalModel, list[int] | None]:
+    """The next global model from ``updates`` under a robust rule (:mod:`fedpeft.robust`), and the
+    indices of the updates Krum / Multi-Krum kept (None for a coordinate-wise rule).
+
+    Median and trimmed mean, for a strategy that averages same-shaped factors tensor by tensor
+    (``effective_updates`` None: FedAvg, FFA-LoRA, FedSA-LoRA's A, RoLoRA, Fed-SB's cores, DP-LoRA,
+    FeDeRA): the rule takes every coordinate of every tensor the clients sent (each module's A and
+    B, the head) over the clients, and the strategy aggregates that one robust update as its only
+    client's. So it applies where the strategy's mean would: per factor, in factor space, where
+    the robust rule's guarantee (Yin et al.) is about the parameters the model is made of; the
+    median of the B's times the median of the A's is not the median of the products ``B_k A_k``,
+    as FedAvg's mean of each factor is not the mean of the products. A factor every client sent
+    unchanged (frozen: FFA-LoRA's A, RoLoRA's other factor) stays bit for bit.
+
+    Krum and Multi-Krum select clients, for any strategy: the squared distances between clients
+    are taken over the tensors the strategy aggregates (every factor and head tensor, flattened)
+    where it averages same-shaped factors, and over the clients' effective updates ``s_k B_k A_k``
+    (plus the head) where it declares ``effective_updates`` (FLoRA, FlexLoRA, HetLoRA, FedEx-LoRA)
+    or the clients' ranks or scalings differ (FFA-LoRA with ``ranks=…``) — the adapter each client
+    sent, which is its update for FLoRA (every client starts from B = 0) and its update plus the
+    truncation it started from for HetLoRA and FlexLoRA (clients at one rank share that start); the strategy then aggregates the kept clients' updates as it would all of them
+    (its own weighting; Blanchard et al.'s Multi-Krum averages them uniformly, as
+    ``strategy.weighting=uniform`` does), so a re-factorising strategy re-factorises their
+    aggregate its own way (FlexLoRA: SVD of the stacked factors to each client's rank)."""
+    if rule.kind in COORDINATE_WISE:
+        first = updates[0]
+        adapter = {name: LoraFactors(rule.combine([u.adapter[name].A for u in updates]), rule.combine([u.adapter[name].B for u in updates]), f.scaling)
+                   for name, f in first.adapter.items()}
+        head = {h: rule.combine([u.head[h] for u in updates]) for h in first.head}
+        robust = ClientUpdate(client_id=first.client_id, adapter=adapter, head=head, num_examples=sum(u.num_examples for u in updates))
+        return strategy.aggregate(model, [robust]), None
+    modules, heads = sorted(updates[0].adapter), sorted(updates[0].head)
+    shapes = {tuple((tuple(u.adapter[m].A.shape), tuple(u.adapter[m].B.shape), u.adapter[m].scaling) for m in modules) for u in updates}
+    if strategy.effective_updates is None and len(shapes) == 1:
+        d2 = sq_distances([[t for m in modules for t in (u.adapter[m].A, u.adapter[m].B)] + [u.head[h] for h in heads] for u in updates])
+    else:
+        d2 = effective_sq_distances([[u.adapter[m] for u in updates] for m in modules], [[u.head[h] for h in heads] for u in updates])
+    kept = rule.select(d2)
+    return strategy.aggregate(model, [updates[i] for i in kept]), kept
 
 
 class PersonalEvaluation:

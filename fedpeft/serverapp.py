@@ -34,7 +34,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from omegaconf import DictConfig, OmegaConf
 
 import strategies
-from fedpeft import durable, runconfig, simnodes
+from fedpeft import attacks, durable, runconfig, simnodes
 from fedpeft.config import ConfigError, schema
 from fedpeft.engines import EngineError, send_and_receive
 from fedpeft.engines import get as get_engine
@@ -43,6 +43,7 @@ from fedpeft.merges import save_merge
 from fedpeft.metrics import divergence
 from fedpeft.preflight import check_model, check_run_dir, prepare_data, privacy_plan, train_size
 from fedpeft.ranks import client_alpha, client_ranks
+from fedpeft.robust import RobustRule
 from fedpeft.server import Codecs, FederationFailed, FlowerAdapter, load_global, sample_size, wrap_central_dp
 from fedpeft.serveropt import ServerOptimizer
 from fedpeft.tracking import RoundProgress, Tracker, hydra_overrides, progress_line, run_tags, say, varied_keys
@@ -98,6 +99,15 @@ def actor_death_note(plan) -> Any:
                 "or run fewer actors at once)")
 
     return note
+
+
+def byzantine_line(cfg: DictConfig) -> str:
+    """The banner's line naming the attacking clients (``profile.byzantine``) and their attack."""
+    pf = cfg.profile
+    what = {"sign_flip": "θ_g − Δ", "scale": f"θ_g + {pf.attack_scale}·Δ", "gaussian": f"θ_g + N(0, {pf.attack_std}²)",
+            "fixed": f"every entry {pf.attack_value}"}[pf.attack]
+    return (f"byzantine: clients {sorted(attacks.attackers(cfg.seed, cfg.clients, pf.byzantine))} of {cfg.clients} "
+            f"(profile.byzantine={pf.byzantine}) reply {pf.attack} ({what}) after honest training")
 
 
 def lr_schedule(cfg: DictConfig):
@@ -293,6 +303,7 @@ class Federation:
             lr_at=lr_schedule(cfg),
             failure_note=actor_death_note(self.memory[0] if self.memory is not None else None),
             server_optimizer=ServerOptimizer.from_config(cfg.server),
+            robust=RobustRule.from_config(cfg.server),
             known_partitions=simnodes.known,
         )
         central = cfg.privacy.mode == "central"
@@ -388,6 +399,10 @@ class Federation:
                 + (f", budget ε={plan.budget}" if plan.budget is not None else "") + self.default_note())
         if self.adapter.server_opt is not None:
             say(self.adapter.server_opt.optimizer.describe())
+        if self.adapter.robust is not None:
+            say(self.adapter.robust.describe())
+        if cfg.profile.byzantine > 0:
+            say(byzantine_line(cfg))
         ranks = self.ranks
         say(f"client ranks ({cfg.ranks.kind}, alpha {cfg.ranks.alpha}): {ranks if len(ranks) <= 20 else ranks[:20] + ['...']}")
         if self.memory is not None:

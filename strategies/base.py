@@ -135,6 +135,11 @@ class Strategy:
     - ``no_server_optimizer``: why a server optimizer (``server.optimizer``, :mod:`fedpeft.serveropt`)
       cannot step its global model, where the change of its factors is not the round's update
       (FLoRA's merges, FlexLoRA's re-factorisation); None (default): it can;
+    - ``effective_updates``: why its aggregate is not a per-tensor average of the clients'
+      same-shaped factors (it aggregates effective updates ``s_k B_k A_k``: FLoRA, FlexLoRA, HetLoRA,
+      FedEx-LoRA): the coordinate-wise robust rules (``server.robust=median | trimmed_mean``,
+      :mod:`fedpeft.robust`) are refused with it, and Krum measures its clients' distances on
+      effective updates; None (default): in factor space, tensor by tensor;
     - ``prox_mu`` (a config field, FedProx): a strategy whose clients start each round from the
       global adapter declares the field ``prox_mu: float = 0.0`` and puts :meth:`proximal` into its
       plans; ``no_proximal``: why a strategy without the field cannot take it (config validation
@@ -163,6 +168,7 @@ class Strategy:
     trained_share: ClassVar[dict[str, float]] = {}
     personalized: ClassVar[bool] = False
     no_server_optimizer: ClassVar[str | None] = None
+    effective_updates: ClassVar[str | None] = None
     no_proximal: ClassVar[str] = "its clients do not start from the global adapter"
     sparse_messages: ClassVar[str | None] = None
 

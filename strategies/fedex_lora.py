@@ -61,6 +61,7 @@ class FedExLoRA(FedAvg):
     lora_update_only: ClassVar[bool] = True
     no_server_optimizer: ClassVar[str] = ("it folds each round's residual (the mean update minus the product of mean factors) into the base: "
                                           "the change of its factors is not the update")
+    effective_updates: ClassVar[str] = "it folds the residual of the exact mean of s_k·B_k·A_k into the base: a factor-wise median has no such mean"
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
         return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(proximal=self.proximal(), scaffold=self.scaffold), base_version=model.version)

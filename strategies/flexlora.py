@@ -114,6 +114,7 @@ class FlexLoRA(Strategy):
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
     no_server_optimizer: ClassVar[str] = ("it re-factorises each round's aggregate update by SVD: "
                                           "the change of its factors is not the update")
+    effective_updates: ClassVar[str] = "it re-factorises the average of the effective updates s_k·B_k·A_k of clients at different ranks"
 
     def __post_init__(self) -> None:
         super().__post_init__()

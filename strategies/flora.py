@@ -57,6 +57,7 @@ class FLoRA(Strategy):
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
     no_server_optimizer: ClassVar[str] = ("it merges each round's stacked client updates into the base and restarts the adapter: "
                                           "the change of its factors is not the update")
+    effective_updates: ClassVar[str] = "it merges the stacked products s_k·B_k·A_k into the base: a median of each factor is not one of products"
 
     def init(self, model: GlobalModel) -> GlobalModel:
         """Drop the server's adapter (every round starts fresh); keep the head and any merges."""

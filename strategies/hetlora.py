@@ -86,6 +86,7 @@ class HetLoRA(Strategy):
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
     no_server_optimizer: ClassVar[str] = ("its clients' ranks differ and shrink, and it averages zero-padded factors by their norms: "
                                           "the change of its factors is not the update")
+    effective_updates: ClassVar[str] = "its clients' ranks differ and shrink: their factors are not same-shaped"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -65,12 +65,12 @@ def test_only_selects_settings_in_its_order_and_names_an_unknown_one(capsys):
     assert "--only: unknown settings ['zz']; expected some of a, b, c" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("experiment", ["peft_methods", "heterogeneous_ranks"])
+@pytest.mark.parametrize("experiment", ["peft_methods", "heterogeneous_ranks", "byzantine"])
 def test_every_claim_names_settings_of_its_experiment(experiment):
     """A misspelt setting would read as 'not enough finished seed pairs' forever: every claim's two
     sides are settings the experiment runs."""
     mod = _experiment(experiment)
-    settings = set(mod.runs()) if hasattr(mod, "runs") else set(mod.METHODS)
+    settings = set(mod.runs()) if hasattr(mod, "runs") else set(getattr(mod, "METHODS", None) or mod.SETTINGS)
     assert len(mod.CLAIMS) >= 5
     for text, better, worse in mod.CLAIMS:
         assert better in settings and worse.removeprefix("majority:") in settings, text
