@@ -237,8 +237,20 @@ def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = N
 def num_bytes(content: RecordDict) -> int:
     """Bytes of the arrays and config actually carried by a message."""
     total = sum(r.count_bytes() for r in content.array_records.values())
-    total += sum(r.count_bytes() for r in content.config_records.values())
+    total += sum(_config_bytes(r) for r in content.config_records.values())
     return total
+
+
+def _config_bytes(record: ConfigRecord) -> int:
+    """Flower's ``ConfigRecord.count_bytes`` (each key's length; a bool 1 byte, an int or float 8, a str
+    or bytes its length; a list the sum of its elements), written out because Flower 1.41's raises
+    on an empty list or an empty string (SecAgg+'s ``dead_nids=[]``, a legacy ``FitRes`` status's
+    empty message)."""
+
+    def size(v: Any) -> int:
+        return len(v) if isinstance(v, (str, bytes)) else 1 if isinstance(v, bool) else 8
+
+    return sum(len(k) + (sum(size(x) for x in v) if isinstance(v, list) else size(v)) for k, v in record.items())
 
 
 def check_update(

@@ -139,6 +139,9 @@ class Strategy:
       global adapter declares the field ``prox_mu: float = 0.0`` and puts :meth:`proximal` into its
       plans; ``no_proximal``: why a strategy without the field cannot take it (config validation
       refuses ``strategy.prox_mu`` with it in one line);
+    - ``no_secure_aggregation``: why Flower's SecAgg+ (``secagg.enabled``, :mod:`fedpeft.secagg`),
+      which reveals only the weighted mean of the clients' tensors, cannot feed its aggregate; None:
+      its :meth:`aggregate` of that mean as one update equals its aggregate of the updates;
     - :meth:`reply_ranks`, :meth:`init`, :meth:`round_metrics`, and :meth:`server_state` (what it
       keeps on the server between rounds besides the global model: HetLoRA's pruned ranks).
     """
@@ -157,6 +160,7 @@ class Strategy:
     personalized: ClassVar[bool] = False
     no_server_optimizer: ClassVar[str | None] = None
     no_proximal: ClassVar[str] = "its clients do not start from the global adapter"
+    no_secure_aggregation: ClassVar[str | None] = "its aggregate is not a weighted mean of its clients' same-shaped tensors"
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
