@@ -94,7 +94,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message
             raise ValueError("secagg.enabled: this train message is not part of Flower's SecAgg+ protocol; "
                              "the node does not send its update in the clear (is the server running this run's config?)")
         return call_next(msg, context)
-    weighting = runconfig.settings(context.run_config).strategy.get("weighting", "num_examples")
+    weighting = getattr(runconfig.settings(context.run_config).strategy, "weighting", "num_examples")
     return secaggplus_mod(msg, context, lambda m, c: as_fit_result(call_next(m, c), c, weighting))
 
 
@@ -185,6 +185,9 @@ class _Counting:
             self.bytes_down += messages.num_bytes(RecordDict({RECORD_KEY_CONFIGS: m.content.config_records[RECORD_KEY_CONFIGS]}))
         collect = self.stage == Stage.COLLECT_MASKED_VECTORS
         replies = send_and_receive(self.grid, msgs, timeout, self.on_poll if collect else None)
+        for r in replies if not collect else ():  # (aggregate_train reports the collect stage's failures)
+            if r.has_error():
+                log.warning("SecAgg+ %s stage: node %d failed: %s", self.stage, r.metadata.src_node_id, r.error.reason)
         if collect:
             self.collected = replies
         else:

@@ -626,6 +626,8 @@ class FlowerAdapter(FlowerStrategy):
                 "round %d not applied: %d good update(s) of %d sampled, fewer than min_clients=%d; the global model is unchanged",
                 server_round, stats.replied, stats.sampled, self.min_clients,
             )
+        if self.secure is not None:  # the protocol's own bytes (keys, shares), also in bytes_down / bytes_up
+            diagnostics.update(secagg_bytes_down=self.secure.last.bytes_down, secagg_bytes_up=self.secure.last.bytes_up)
         stats.train_metrics = {**_weighted_mean(metric_rows), **diagnostics}
         if self.lr_at is not None:  # the round's scheduled learning rate, in its metrics row
             stats.train_metrics["lr"] = float(self.lr_at(server_round))
@@ -643,7 +645,6 @@ class FlowerAdapter(FlowerStrategy):
             "bytes_down": stats.bytes_down,
             "bytes_up": stats.bytes_up,
             **({"epsilon": stats.epsilon} if stats.epsilon is not None else {}),
-            **({"secagg_bytes_down": self.secure.last.bytes_down, "secagg_bytes_up": self.secure.last.bytes_up} if self.secure is not None else {}),
         }
         # Not applied: no new arrays (Flower keeps the previous ones; a DP wrapper adds no noise).
         return (self.arrays() if stats.applied else None), MetricRecord({k: float(v) for k, v in metrics.items()})

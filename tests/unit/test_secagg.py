@@ -19,7 +19,7 @@ from fedpeft.lora import LoraFactors, scaling_for
 from fedpeft.secagg import SecAggPlus, as_fit_result
 from fedpeft.server import FlowerAdapter
 from strategies.base import ClientSpec, GlobalModel
-from tests.harness import AppGrid, config_error
+from tests.harness import AppGrid, config_error, transported
 
 SHAPES = {"l0.q": (6, 8), "l0.v": (5, 8)}
 RANK, ALPHA = 4, 8.0
@@ -84,19 +84,11 @@ class Clients(AppGrid):
             self.sent_by[m.metadata.dst_node_id] = {k: a.numpy() for k, a in content.array_records[messages.ARRAYS].items()}
             return Message(content=content, reply_to=m)
 
-        msg = transported(msg)
+        msg = transported(msg)  # Flower's workflow sends one content object to all; each node edits its copy
         stage = msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
         reply = secaggplus_mod(msg, context, lambda m, c: as_fit_result(client(m, c), c, "num_examples"))
         self.seen.append((stage, reply))
         return reply
-
-
-def transported(msg):
-    """``msg`` as a node receives it: through Flower's wire format (the workflow sends one content
-    object to every node; Flower's mod edits its copy)."""
-    from flwr.common.serde import message_from_proto, message_to_proto
-
-    return message_from_proto(message_to_proto(msg))
 
 
 def plain_round(name, rnd=1):
