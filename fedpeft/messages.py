@@ -33,6 +33,9 @@ from fedpeft.lora import Adapter, LoraFactors, fresh_adapter, scaling_for, seede
 from fedpeft.plan import A_SEED, INIT_SEED
 
 ARRAYS, CONFIG, METRICS = "adapter", "config", "metrics"
+# secagg (fedpeft/secagg.py): a reply's ConfigRecord naming its summed arrays in the order they were
+# masked, with their dtypes (Flower's mod clears the ArrayRecords; the server puts the unmasked mean back under these keys).
+SECAGG_LAYOUT = "secagg-layout"
 
 
 class UpdateError(ValueError):
@@ -425,3 +428,13 @@ def check_reply_layout(
 
 def metric_record(metrics: Mapping[str, float]) -> MetricRecord:
     return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+
+def unmasked_content(mean: list[np.ndarray], layout: ConfigRecord, config: ConfigRecord) -> RecordDict:
+    """The unmasked mean as a reply's records: ``mean`` under the layout's keys at their dtypes, with
+    ``config`` (a surviving reply's ConfigRecord: scalings and plan keys, the same for every client)."""
+    keys, dtypes = list(layout["keys"]), list(layout["dtypes"])
+    if len(keys) != len(mean) or len(dtypes) != len(mean):
+        raise UpdateError(f"the unmasked sum has {len(mean)} arrays, the layout names {len(keys)}")
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(a.astype(d))) for k, a, d in zip(keys, mean, dtypes)})
+    return RecordDict({ARRAYS: arrays, CONFIG: config})

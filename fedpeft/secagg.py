@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
@@ -66,11 +66,6 @@ from fedpeft import messages
 from fedpeft.engines import send_and_receive
 
 log = logging.getLogger("fedpeft.secagg")
-
-# The reply's ConfigRecord naming the summed arrays in the order they were masked, with their dtypes
-# (Flower's mod clears the ArrayRecords; the server puts the unmasked sum back under these keys).
-LAYOUT = "secagg-layout"
-
 
 def share(value: float) -> int | float:
     """``secagg.num_shares`` / ``secagg.reconstruction_threshold`` as Flower takes them: at most 1, a
@@ -101,7 +96,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message
 def as_fit_result(reply: Message, context: Context, weighting: str) -> Message:
     """Our train reply as Flower's mod reads it (a legacy ``FitRes`` in ``fitres.*`` records): the
     reply's arrays in their order, weight ``num-examples`` (1 for ``weighting=uniform``); their
-    keys and dtypes go in :data:`LAYOUT`. Refused (the client fails, one line) where the protocol
+    keys and dtypes go in :data:`fedpeft.messages.SECAGG_LAYOUT`. Refused (the client fails, one line) where the protocol
     would silently distort the update: a weight above ``max_weight`` or an entry whose
     ``|x|·w`` exceeds the clipping range."""
     if reply.has_error():
@@ -124,7 +119,7 @@ def as_fit_result(reply: Message, context: Context, weighting: str) -> Message:
     fit = compat.fitres_to_recorddict(FitRes(Status(Code.OK, ""), ndarrays_to_parameters(tensors), weight, {}), keep_input=True)
     for name, record in fit.items():
         content[name] = record
-    content[LAYOUT] = ConfigRecord({"keys": keys, "dtypes": [str(t.dtype) for t in tensors]})
+    content[messages.SECAGG_LAYOUT] = ConfigRecord({"keys": keys, "dtypes": [str(t.dtype) for t in tensors]})
     return reply
 
 
@@ -236,13 +231,3 @@ class SecAggPlus:
                 break
         self.last = SecureRound(nodes.mean if halted is None else None, halted, counting.bytes_down, counting.bytes_up)
         return counting.collected
-
-
-def unmasked_content(mean: list[np.ndarray], layout: ConfigRecord, config: ConfigRecord) -> RecordDict:
-    """The unmasked mean as a reply's records: ``mean`` under the layout's keys at their dtypes, with
-    ``config`` (a surviving reply's ConfigRecord: scalings and plan keys, the same for every client)."""
-    keys, dtypes = list(layout["keys"]), list(layout["dtypes"])
-    if len(keys) != len(mean) or len(dtypes) != len(mean):
-        raise messages.UpdateError(f"the unmasked sum has {len(mean)} arrays, the layout names {len(keys)}")
-    arrays = ArrayRecord({k: Array(np.ascontiguousarray(a.astype(d))) for k, a, d in zip(keys, mean, dtypes)})
-    return RecordDict({messages.ARRAYS: arrays, messages.CONFIG: config})

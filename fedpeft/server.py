@@ -479,22 +479,18 @@ class FlowerAdapter(FlowerStrategy):
 
     def check_masked(self, node: int, msg: Message) -> tuple[int, dict[str, float], ConfigRecord]:
         """A SecAgg+ reply (its arrays cleared by Flower's mod, its masked vector in Flower's record):
-        its counts (:meth:`check_counts`) and layout (:data:`fedpeft.secagg.LAYOUT`)."""
-        from fedpeft.secagg import LAYOUT  # lazy: Flower's SecAgg+ modules only for a run that uses them
-
+        its counts (:meth:`check_counts`) and layout (:data:`messages.SECAGG_LAYOUT`)."""
         content = msg.content
-        if LAYOUT not in content.config_records or any(len(r) for r in content.array_records.values()):
+        if messages.SECAGG_LAYOUT not in content.config_records or any(len(r) for r in content.array_records.values()):
             raise messages.UpdateError("not a SecAgg+ reply (no masked vector, or arrays in the clear)")
         n, metrics = self.check_counts(node, content)
-        return n, metrics, content.config_records[LAYOUT]
+        return n, metrics, content.config_records[messages.SECAGG_LAYOUT]
 
     def unmasked_update(self, node: int, layout: ConfigRecord, config: ConfigRecord, total: int) -> ClientUpdate:
         """The round's unmasked weighted mean as one update of weight ``total`` (Σ n_k), checked like
         a reply of ``node`` (one of the clients summed: every client's layout is the same)."""
-        from fedpeft.secagg import unmasked_content
-
         spec, payload, _ = self.sent[node]
-        content = unmasked_content(self.secure.last.mean, layout, config)
+        content = messages.unmasked_content(self.secure.last.mean, layout, config)
         ranks = tuple(self.strategy.reply_ranks(spec.rank))
         up_A, up_B = payload.plan.uplink
         messages.check_reply_layout(content, self.shapes, {h: tuple(t.shape) for h, t in payload.head.items()}, ranks,
