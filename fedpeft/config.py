@@ -738,7 +738,8 @@ def validate_secagg(cfg: Any, need) -> None:
     need(cfg.compression.uplink == "none", "secagg.enabled",
          f"secure aggregation sums the clients' float tensors, not compression.uplink={cfg.compression.uplink}'s codes; use compression.uplink=none")
     need(cfg.engine.kind == "per_client", "secagg.enabled",
-         f"secure aggregation runs Flower's SecAgg+ with each client's own node and keys, not engine.kind={cfg.engine.kind}'s batches; use engine.kind=per_client")
+         f"secure aggregation runs Flower's SecAgg+ with each client's own node and keys, "
+         f"not engine.kind={cfg.engine.kind}'s batches; use engine.kind=per_client")
     ranks = sorted(set(client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)))
     need(len(ranks) == 1, "ranks.kind", f"secure aggregation sums same-shaped tensors: one rank for all clients (ranks=fixed), "
                                         f"but ranks.kind={cfg.ranks.kind} gives ranks {ranks}")
