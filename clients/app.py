@@ -40,6 +40,7 @@ from fedpeft.config import Config, DataConfig, PartitionConfig
 from fedpeft.lora import LoraFactors
 from fedpeft.models import LoadedModel, apply_merge, build, module_shapes, use_adapter, write_adapter
 from fedpeft.plan import UPLOAD_DENSITY, ClientPlan, Payload
+from fedpeft.secagg import secure_aggregation_mod
 
 _MODELS: dict[str, LoadedModel] = {}
 
@@ -360,7 +361,8 @@ def plain_reply(msg: Message, step: Step, update, metrics: dict) -> Message:
 
 # The mods every client's train reply passes through, outermost first: in the per-client handler
 # (Flower applies them) and for each member of a cohort (cohort_handler applies the same list).
-MODS = [fault_profile, compress_update, byzantine, local_dp]
+# Outermost, secagg.enabled: Flower's SecAgg+ (fedpeft.secagg) masks what the others produce.
+MODS = [secure_aggregation_mod, fault_profile, compress_update, byzantine, local_dp]
 
 
 @app.train(mods=MODS)

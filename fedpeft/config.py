@@ -344,6 +344,26 @@ class ServerConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation with Flower's SecAgg+ (fedpeft/secagg.py; docs/privacy.md): the server
+    sees only the weighted mean of the sampled clients' tensors. The other keys are Flower's
+    ``SecAggPlusWorkflow`` parameters of the same names."""
+
+    # true: every train round runs Flower's SecAgg+ (secaggplus_mod on the clients, its workflow's stages on the server).
+    enabled: bool = False
+    # Shares of each client's secrets (its neighbours + itself): at most 1, a share of the round's sampled clients; above 1, a count.
+    num_shares: float = 1.0
+    # Shares needed to reconstruct a secret (dropouts tolerated per client: num_shares − threshold): at most 1, a share of num_shares; above 1, a count.
+    reconstruction_threshold: float = 0.5
+    # c: each weighted entry w_k·x_k is clipped to [−c, c] before quantization (a client whose entries exceed it fails, one line).
+    clipping_range: float = 8.0
+    # R: quantization levels over [−c, c]; the mean is exact to K·2c/(R·Σw_k) per entry; sampled clients × R must stay below 2**32.
+    quantization_range: int = 4194304
+    # The largest client weight (num-examples); null: the largest training partition (1 with strategy.weighting=uniform).
+    max_weight: Optional[float] = None
+
+
+@dataclass
 class Config:
     # An instance of strategy_schema(): generated from the registered strategies, so not a fixed type here.
     strategy: Any = MISSING
@@ -360,6 +380,7 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     # How many clients (data partitions) the federation has.
     clients: int = 10
     # Federated rounds to run (round 0 evaluates the initial model).
@@ -683,6 +704,7 @@ def validate(cfg: Any) -> None:
              f"{cfg.compression[key]} does not work with strategy={name} ({cls.sparse_messages}); use compression=none")
     validate_server(cfg, need, one_of)
     validate_robust(cfg, need, one_of)
+    validate_secagg(cfg, need)
     need(cfg.data.eval_samples >= 0, "data.eval_samples", f"must be non-negative, got {cfg.data.eval_samples}")
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", f"must be at least 1, got {cfg.eval.max_new_tokens}")
     need(cfg.eval.generate_samples >= 0, "eval.generate_samples", f"must be non-negative (0: no generation), got {cfg.eval.generate_samples}")
@@ -801,6 +823,53 @@ def validate_robust(cfg: Any, need, one_of) -> None:
          f"lower server.krum_f or sample more clients (clients, fraction, min_clients)")
     need(sv.multi_krum_m is None or sv.multi_krum_m <= n - f, "server.multi_krum_m",
          f"must be at most n − f = {n - f} (n={n} clients per round, server.krum_f={f}), got {sv.multi_krum_m}")
+
+
+def validate_secagg(cfg: Any, need) -> None:
+    """The ``secagg`` group: Flower's SecAgg+ parameters' ranges, and what secure aggregation cannot
+    run with: a strategy that needs each client's update, central DP (it clips each update on the
+    server), an uplink codec (a sum of codes is no code), the cohort engine."""
+    import strategies
+    from fedpeft.server import sample_size
+
+    sa = cfg.secagg
+    if not sa.enabled:
+        defaults = SecAggConfig()
+        for key in ("num_shares", "reconstruction_threshold", "clipping_range", "quantization_range", "max_weight"):
+            need(sa[key] == getattr(defaults, key), f"secagg.{key}", "applies with secagg.enabled=true only")
+        return
+    name, cls = cfg.strategy.name, strategies.REGISTRY[cfg.strategy.name]
+    fit = [n for n, c in strategies.REGISTRY.items() if c.no_secure_aggregation is None]
+    need(cls.no_secure_aggregation is None, "secagg.enabled",
+         f"secure aggregation does not work with strategy={name} ({cls.no_secure_aggregation}); use strategy={' | '.join(fit)}, or secagg.enabled=false")
+    need(cfg.privacy.mode != "central", "secagg.enabled",
+         "secure aggregation does not work with privacy.mode=central (Flower's DP wrapper clips each client's update on the server, "
+         "which SecAgg+ hides); use privacy=local | sample (the clients noise), or secagg.enabled=false")
+    need(cfg.server.robust == "none", "secagg.enabled",
+         f"secure aggregation reveals only the clients' weighted mean, but server.robust={cfg.server.robust} needs each client's update; "
+         "use server.robust=none, or secagg.enabled=false")
+    need(not cfg.strategy.get("scaffold"), "secagg.enabled",
+         "secure aggregation masks the clients' updates, but strategy.scaffold sends each client's Δc_i in the clear beside them; "
+         "use strategy.scaffold=false, or secagg.enabled=false")
+    need(cfg.compression.uplink == "none", "secagg.enabled",
+         f"secure aggregation sums the clients' float tensors, not compression.uplink={cfg.compression.uplink}'s codes; use compression.uplink=none")
+    need(cfg.engine.kind == "per_client", "secagg.enabled",
+         f"secure aggregation runs Flower's SecAgg+ with each client's own node and keys, "
+         f"not engine.kind={cfg.engine.kind}'s batches; use engine.kind=per_client")
+    ranks = sorted(set(client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)))
+    need(len(ranks) == 1, "ranks.kind", f"secure aggregation sums same-shaped tensors: one rank for all clients (ranks=fixed), "
+                                        f"but ranks.kind={cfg.ranks.kind} gives ranks {ranks}")
+    k = sample_size(cfg.clients, cfg.fraction, cfg.min_clients)
+    need(k >= 3, "secagg.enabled", f"Flower's SecAgg+ needs at least 3 sampled clients per round, got {k} (clients × fraction)")
+    need(0 < sa.num_shares <= 1 or (sa.num_shares == int(sa.num_shares) and sa.num_shares >= 3), "secagg.num_shares",
+         f"must be a share in (0, 1] or a count of at least 3, got {sa.num_shares}")
+    need(0 < sa.reconstruction_threshold <= 1 or (sa.reconstruction_threshold == int(sa.reconstruction_threshold)
+         and (sa.num_shares <= 1 or sa.reconstruction_threshold < sa.num_shares)), "secagg.reconstruction_threshold",
+         f"must be a share in (0, 1] or a count below secagg.num_shares, got {sa.reconstruction_threshold}")
+    need(sa.clipping_range > 0, "secagg.clipping_range", f"must be positive, got {sa.clipping_range}")
+    need(2 <= sa.quantization_range and k * sa.quantization_range < 2**32, "secagg.quantization_range",
+         f"must be at least 2 with sampled clients ({k}) × it below 2**32 (Flower's modulus), got {sa.quantization_range}")
+    need(sa.max_weight is None or sa.max_weight >= 1, "secagg.max_weight", f"must be at least 1 (or null), got {sa.max_weight}")
 
 
 def validate_data(cfg: Any, need, one_of) -> None:

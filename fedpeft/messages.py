@@ -34,6 +34,9 @@ from fedpeft.plan import A_SEED, INIT_SEED
 from fedpeft.scaffold import RECORD
 
 ARRAYS, CONFIG, METRICS = "adapter", "config", "metrics"
+# secagg (fedpeft/secagg.py): a reply's ConfigRecord naming its summed arrays in the order they were
+# masked, with their dtypes (Flower's mod clears the ArrayRecords; the server puts the unmasked mean back under these keys).
+SECAGG_LAYOUT = "secagg-layout"
 
 
 class UpdateError(ValueError):
@@ -240,8 +243,20 @@ def decode(content: RecordDict, reference: Mapping[str, torch.Tensor] | None = N
 def num_bytes(content: RecordDict) -> int:
     """Bytes of the arrays and config actually carried by a message."""
     total = sum(r.count_bytes() for r in content.array_records.values())
-    total += sum(r.count_bytes() for r in content.config_records.values())
+    total += sum(_config_bytes(r) for r in content.config_records.values())
     return total
+
+
+def _config_bytes(record: ConfigRecord) -> int:
+    """Flower's ``ConfigRecord.count_bytes`` (each key's length; a bool 1 byte, an int or float 8, a str
+    or bytes its length; a list the sum of its elements), written out because Flower 1.41's raises
+    on an empty list or an empty string (SecAgg+'s ``dead_nids=[]``, a legacy ``FitRes`` status's
+    empty message)."""
+
+    def size(v: Any) -> int:
+        return len(v) if isinstance(v, (str, bytes)) else 1 if isinstance(v, bool) else 8
+
+    return sum(len(k) + (sum(size(x) for x in v) if isinstance(v, list) else size(v)) for k, v in record.items())
 
 
 def check_update(
@@ -444,3 +459,13 @@ def check_reply_layout(
 
 def metric_record(metrics: Mapping[str, float]) -> MetricRecord:
     return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+
+def unmasked_content(mean: list[np.ndarray], layout: ConfigRecord, config: ConfigRecord) -> RecordDict:
+    """The unmasked mean as a reply's records: ``mean`` under the layout's keys at their dtypes, with
+    ``config`` (a surviving reply's ConfigRecord: scalings and plan keys, the same for every client)."""
+    keys, dtypes = list(layout["keys"]), list(layout["dtypes"])
+    if len(keys) != len(mean) or len(dtypes) != len(mean):
+        raise UpdateError(f"the unmasked sum has {len(mean)} arrays, the layout names {len(keys)}")
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(a.astype(d))) for k, a, d in zip(keys, mean, dtypes)})
+    return RecordDict({ARRAYS: arrays, CONFIG: config})

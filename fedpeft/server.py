@@ -185,8 +185,11 @@ class FlowerAdapter(FlowerStrategy):
         server_optimizer: ServerOptimizer | None = None,
         robust: RobustRule | None = None,
         known_partitions: Callable[[], dict[int, int]] | None = None,
+        secure: Any = None,
     ) -> None:
         self.strategy = strategy
+        # secagg.enabled: the round's exchange (fedpeft.secagg.SecAggPlus) whose ``last`` round holds the unmasked mean
+        self.secure = secure
         # server.optimizer: FedAvgM / FedAdagrad / FedAdam / FedYogi over each round's aggregate, with its state (resumed)
         self.server_opt = ServerOptLayer(server_optimizer) if server_optimizer is not None else None
         # strategy.scaffold: SCAFFOLD's server control variate c over the N clients (fedpeft.scaffold), saved with the state
@@ -506,19 +509,74 @@ class FlowerAdapter(FlowerStrategy):
             A_seed=payload.plan.A_seed,
             codec=self.codecs.uplink,
         )
+        n, metrics = self.check_counts(node, content)
+        # a factor the client kept frozen is not in its reply: the one it was sent (RoLoRA)
+        dec = messages.decode(content, reference, kept=None if up_A and up_B else payload.adapter)
+        messages.check_update(dec.adapter, dec.head, self.shapes, max(ranks), payload.head)
+        self.controls[node] = control
+        return ClientUpdate(client_id=spec.client_id, adapter=dec.adapter, head=dec.head, num_examples=n), metrics
+
+    def check_counts(self, node: int, content: RecordDict) -> tuple[int, dict[str, float]]:
+        """A reply's ``num-examples`` (:func:`messages.check_num_examples`), ``partition-id`` and finite metrics."""
+        spec = self.sent[node][0]
         cfg = content.config_records[messages.CONFIG]
         known = self.expected_examples is not None and spec.client_id not in self.local_data
         expected = self.expected_examples(spec.client_id) if known else None
         n = messages.check_num_examples(cfg.get("num-examples"), expected)
         if "partition-id" in cfg and cfg["partition-id"] != spec.client_id:
             raise messages.UpdateError(f"partition-id is {cfg['partition-id']!r}, expected {spec.client_id}")
-        # a factor the client kept frozen is not in its reply: the one it was sent (RoLoRA)
-        dec = messages.decode(content, reference, kept=None if up_A and up_B else payload.adapter)
-        messages.check_update(dec.adapter, dec.head, self.shapes, max(ranks), payload.head)
         metrics = dict(content.metric_records[messages.METRICS]) if messages.METRICS in content.metric_records else {}
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        self.controls[node] = control
-        return ClientUpdate(client_id=spec.client_id, adapter=dec.adapter, head=dec.head, num_examples=n), metrics
+        return n, metrics
+
+    def check_masked(self, node: int, msg: Message) -> tuple[int, dict[str, float], ConfigRecord]:
+        """A SecAgg+ reply (its arrays cleared by Flower's mod, its masked vector in Flower's record):
+        its counts (:meth:`check_counts`) and layout (:data:`messages.SECAGG_LAYOUT`)."""
+        content = msg.content
+        if messages.SECAGG_LAYOUT not in content.config_records or any(len(r) for r in content.array_records.values()):
+            raise messages.UpdateError("not a SecAgg+ reply (no masked vector, or arrays in the clear)")
+        n, metrics = self.check_counts(node, content)
+        return n, metrics, content.config_records[messages.SECAGG_LAYOUT]
+
+    def unmasked_update(self, node: int, layout: ConfigRecord, config: ConfigRecord, total: int) -> ClientUpdate:
+        """The round's unmasked weighted mean as one update of weight ``total`` (Σ n_k), checked like
+        a reply of ``node`` (one of the clients summed: every client's layout is the same)."""
+        spec, payload, _ = self.sent[node]
+        content = messages.unmasked_content(self.secure.last.mean, layout, config)
+        ranks = tuple(self.strategy.reply_ranks(spec.rank))
+        up_A, up_B = payload.plan.uplink
+        messages.check_reply_layout(content, self.shapes, {h: tuple(t.shape) for h, t in payload.head.items()}, ranks,
+                                    scaling=spec.scaling, send_A=up_A, send_B=up_B, A_seed=payload.plan.A_seed, codec="none")
+        dec = messages.decode(content, kept=None if up_A and up_B else payload.adapter)
+        messages.check_update(dec.adapter, dec.head, self.shapes, max(ranks), payload.head)
+        return ClientUpdate(client_id=spec.client_id, adapter=dec.adapter, head=dec.head, num_examples=total)
+
+    def secure_updates(self, server_round: int, masked: list[tuple[int, int, ConfigRecord, ConfigRecord]],
+                       stats: RoundStats) -> tuple[list[ClientUpdate], list[tuple[ClientSpec, ClientUpdate]]]:
+        """secagg: the round's one update, the unmasked weighted mean of the masked replies
+        (:mod:`fedpeft.secagg`), or none where the protocol halted, a reply was rejected (its masked
+        vector is in the sum and cannot be taken out) or the layouts differ. Adds the protocol's
+        own bytes (keys, shares) to the round's counts."""
+        last = self.secure.last
+        stats.bytes_down += last.bytes_down
+        stats.bytes_up += last.bytes_up
+        why = None
+        if last.halted is not None:
+            why = f"Flower's SecAgg+ halted at its {last.halted} stage (too few clients left for reconstruction_threshold)"
+        elif stats.rejected:
+            why = f"{stats.rejected} rejected repl{'y is' if stats.rejected == 1 else 'ies are'} in the masked sum"
+        elif not masked or any(dict(layout) != dict(masked[0][2]) for _, _, layout, _ in masked):
+            why = "the clients' masked layouts differ" if masked else "no masked reply"
+        if why is not None:
+            log.warning("round %d not applied: no secure aggregate: %s; the global model is unchanged", server_round, why)
+            return [], []
+        node, _, layout, config = masked[0]
+        try:
+            update = self.unmasked_update(node, layout, config, sum(n for _, n, _, _ in masked))
+        except (messages.UpdateError, KeyError, ValueError, TypeError) as e:
+            log.warning("round %d: the unmasked aggregate is rejected: %s", server_round, _one_line(str(e)))
+            return [], []
+        return [update], [(self.sent[node][0], update)]
 
     def _who(self, node: int) -> str:
         pid = self.partition_of.get(node)
@@ -538,6 +596,7 @@ class FlowerAdapter(FlowerStrategy):
         answered: set[int] = set()
         accepted: list[tuple[ClientSpec, ClientUpdate]] = []  # the good updates with their specs, for the strategy's state
         deltas: list[dict[str, torch.Tensor]] = []  # SCAFFOLD's Δc_i of the good updates, in partition order
+        masked: list[tuple[int, int, ConfigRecord, ConfigRecord]] = []  # secagg: (node, n_k, layout, config) of each good masked reply
 
         def reject(node: int, reason: object) -> None:
             stats.rejected += 1
@@ -561,18 +620,26 @@ class FlowerAdapter(FlowerStrategy):
                 continue
             spec, payload, _ = self.sent[node]
             try:
-                update, metrics = self.check_reply(node, msg)
+                if self.secure is not None:
+                    n, metrics, layout = self.check_masked(node, msg)
+                    masked.append((node, n, layout, msg.content.config_records[messages.CONFIG]))
+                else:
+                    update, metrics = self.check_reply(node, msg)
+                    n = update.num_examples
             except (messages.UpdateError, KeyError, ValueError, TypeError, OverflowError) as e:
                 reject(node, e)
                 continue
             stats.bytes_up += messages.num_bytes(msg.content)
             self.merges.seen[spec.client_id] = payload.base_version
-            accepted.append((spec, update))
-            updates.append(update)
-            if self.controls.get(node) is not None:
-                deltas.append(self.controls[node])
+            if self.secure is None:
+                accepted.append((spec, update))
+                updates.append(update)
+                if self.controls.get(node) is not None:
+                    deltas.append(self.controls[node])
             if metrics:
-                metric_rows.append((update.num_examples, metrics))
+                metric_rows.append((n, metrics))
+        if self.secure is not None:
+            updates, accepted = self.secure_updates(server_round, masked, stats)
         # A sampled node that sent nothing within the round timeout (it died, or lost its connection)
         # is a failed client too; Flower returns no message for it.
         for node in sorted(set(self.sent) - answered, key=lambda n: self.partition_of.get(n, -1)):
@@ -590,12 +657,13 @@ class FlowerAdapter(FlowerStrategy):
             pid = self.partition_of.get(node)
             note = self.failure_note(line) if self.failure_note is not None else ""
             log.warning("round %d: client %son node %d failed: %s%s", server_round, "" if pid is None else f"{pid} ", node, line, note)
-        stats.replied = len(updates)
+        stats.replied = len(masked) if self.secure is not None else len(updates)
         fewest = max(self.min_clients, 1, self.robust.min_updates() if self.robust is not None else 1)
-        stats.applied = len(updates) >= fewest
+        stats.applied = bool(updates) and stats.replied >= fewest
         diagnostics: dict[str, float] = {}
         if stats.applied:
-            diagnostics = self.strategy.round_metrics(self.model, updates)
+            # secagg: one update, the mean; a strategy's diagnostics need each client's update
+            diagnostics = self.strategy.round_metrics(self.model, updates) if self.secure is None else {}
             previous = self.model
             if self.robust is not None:
                 self.model, kept = robust_aggregate(self.robust, self.strategy, self.model, updates)
@@ -614,12 +682,14 @@ class FlowerAdapter(FlowerStrategy):
             self.merges.publish(self.model)
             self.strategy_state.applied(accepted)
             self.rounds_applied += 1
-        else:
+        elif stats.replied < fewest:  # (secagg with enough replies: secure_updates said why)
             log.warning(
                 "round %d not applied: %d good update(s) of %d sampled, fewer than %s; the global model is unchanged",
-                server_round, len(updates), stats.sampled,
+                server_round, stats.replied, stats.sampled,
                 f"min_clients={self.min_clients}" if fewest == max(self.min_clients, 1) else f"the {fewest} updates {self.robust.kind} needs (server.krum_f + 3)",
             )
+        if self.secure is not None:  # the protocol's own bytes (keys, shares), also in bytes_down / bytes_up
+            diagnostics.update(secagg_bytes_down=self.secure.last.bytes_down, secagg_bytes_up=self.secure.last.bytes_up)
         stats.train_metrics = {**_weighted_mean(metric_rows), **diagnostics}
         if self.lr_at is not None:  # the round's scheduled learning rate, in its metrics row
             stats.train_metrics["lr"] = float(self.lr_at(server_round))

@@ -283,6 +283,14 @@ class Federation:
         # FeDeRA initialises from the pre-trained weights: the server model's base weights are W_0 (merges never touch them;
         # a quantized or bf16 base: dequantized / upcast to float32)
         base = {m: base_weight(self.lm, m) for m in self.lm.modules} if strategy.needs_base_weights else None
+        expected = lru_cache(maxsize=None)(lambda i: train_size(cfg, partitioner, i, strategy.personalized))
+        self.secure = None  # secagg.enabled: each round's exchange runs Flower's SecAgg+ (fedpeft.secagg)
+        if cfg.secagg.enabled:
+            from fedpeft.secagg import SecAggPlus
+
+            uniform = cfg.strategy.get("weighting") == "uniform"  # each client's weight: 1, else its num-examples (at most its partition's)
+            max_weight = 1 if uniform else cfg.secagg.max_weight or max(expected(i) for i in range(cfg.clients))
+            self.secure = SecAggPlus(cfg.secagg, max_weight=max_weight, timeout=cfg.engine.round_timeout)
         self.adapter = FlowerAdapter(
             strategy,
             read_adapter(self.lm),
@@ -297,7 +305,7 @@ class Federation:
             num_clients=cfg.clients,
             identify_timeout=cfg.engine.round_timeout,
             # a reply from a node serving a partition must claim that partition's size
-            expected_examples=lru_cache(maxsize=None)(lambda i: train_size(cfg, partitioner, i, strategy.personalized)),
+            expected_examples=expected,
             config_digest=runconfig.digest(cfg),
             base_weights=base,
             lr_at=lr_schedule(cfg),
@@ -305,6 +313,7 @@ class Federation:
             server_optimizer=ServerOptimizer.from_config(cfg.server),
             robust=RobustRule.from_config(cfg.server),
             known_partitions=simnodes.known,
+            secure=self.secure,
         )
         central = cfg.privacy.mode == "central"
         self.strategy = wrap_central_dp(self.adapter, sample_size(cfg.clients, cfg.fraction, cfg.min_clients)) if central else self.adapter
@@ -498,8 +507,9 @@ class Federation:
         for r in range(first, self.cfg.rounds + 1):
             messages = list(self.strategy.configure_train(r, arrays, ConfigRecord(), grid))
             progress = RoundProgress(r, self.cfg.rounds, len(messages), previous=previous)
+            exchange = self.secure.exchange if self.secure is not None else self.engine.exchange
             try:
-                replies = self.engine.exchange(grid, messages, self.adapter.partition_of, progress.update)
+                replies = exchange(grid, messages, self.adapter.partition_of, progress.update)
             finally:
                 progress.close()
             previous = progress.elapsed

@@ -68,6 +68,7 @@ class FedAvg(Strategy):
     name: str = "fedavg"
     heterogeneous_ranks: ClassVar[bool] = False  # A and B are averaged separately: one rank and scaling
     lora_update_only: ClassVar[bool] = False  # averages any PEFT method's tensors elementwise
+    no_secure_aggregation: ClassVar[str | None] = None  # a weighted mean of each tensor: SecAgg+ reveals just that
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
         return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(proximal=self.proximal(), scaffold=self.scaffold))

@@ -59,6 +59,7 @@ class FedExLoRA(FedAvg):
     # Central DP would noise the averaged factors but not the residual merged into the base.
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True
+    no_secure_aggregation: ClassVar[str | None] = "its residual Σ p_k s B_k A_k needs each client's product of factors"
     no_server_optimizer: ClassVar[str] = ("it folds each round's residual (the mean update minus the product of mean factors) into the base: "
                                           "the change of its factors is not the update")
     effective_updates: ClassVar[str] = "it folds the residual of the exact mean of s_k·B_k·A_k into the base: a factor-wise median has no such mean"

@@ -47,6 +47,7 @@ class FedSALoRA(Strategy):
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # needs a PEFT method whose update is s·B·A
     personalized: ClassVar[bool] = True  # clients keep state; evaluate each client's own model
+    no_secure_aggregation: ClassVar[str | None] = None  # A ← Σ p_k A_k: a weighted mean; B never leaves the client
 
     def init(self, model: GlobalModel) -> GlobalModel:
         """A ← the server's peft init (every client starts from it), B ← 0 (a placeholder: never sent)."""

@@ -76,6 +76,7 @@ class FFALoRA(Strategy):
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
     trained_share: ClassVar[dict[str, float]] = {"lora_A": 0.0}  # A stays at its shared init
+    no_secure_aggregation: ClassVar[str | None] = None  # B ← Σ p_k s_k B_k: a weighted mean (at one rank)
 
     def __post_init__(self) -> None:
         super().__post_init__()

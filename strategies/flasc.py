@@ -60,6 +60,7 @@ class FLASC(FedAvg):
     # the server's central-DP wrapper clips a reply's change from the dense global model, which a sparse download is not
     privacy_modes: ClassVar[tuple[str, ...]] = ("none", "sample", "local")
     sparse_messages: ClassVar[str] = "it sparsifies its messages both ways itself, at strategy.density_down and strategy.density_up"
+    no_secure_aggregation: ClassVar[str] = "each client sends its own top-k entries (indices and values), and SecAgg+ sums same-shaped dense vectors"
 
     def __post_init__(self) -> None:
         super().__post_init__()

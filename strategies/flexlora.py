@@ -112,6 +112,7 @@ class FlexLoRA(Strategy):
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
+    no_secure_aggregation: ClassVar[str | None] = "it sums each client's product s_k B_k A_k (from stacked factors), not a mean of factors"
     no_server_optimizer: ClassVar[str] = ("it re-factorises each round's aggregate update by SVD: "
                                           "the change of its factors is not the update")
     effective_updates: ClassVar[str] = "it re-factorises the average of the effective updates s_k·B_k·A_k of clients at different ranks"

@@ -55,6 +55,7 @@ class FLoRA(Strategy):
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora
+    no_secure_aggregation: ClassVar[str | None] = "it stacks each client's factors, which a masked sum does not reveal"
     no_server_optimizer: ClassVar[str] = ("it merges each round's stacked client updates into the base and restarts the adapter: "
                                           "the change of its factors is not the update")
     effective_updates: ClassVar[str] = "it merges the stacked products s_k·B_k·A_k into the base: a median of each factor is not one of products"

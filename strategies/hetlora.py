@@ -81,6 +81,7 @@ class HetLoRA(Strategy):
     prox_mu: float = 0.0
     name: str = "hetlora"
     weightings: ClassVar[tuple[str, ...]] = ("sparsity", *WEIGHTINGS)
+    no_secure_aggregation: ClassVar[str | None] = "it weights each client by its own ‖s_k B_k A_k‖_F and zero-pads factors of different ranks"
     heterogeneous_ranks: ClassVar[bool] = True
     privacy_modes: ClassVar[tuple[str, ...]] = HETERO_PRIVACY_MODES
     lora_update_only: ClassVar[bool] = True  # aggregates ΔW = s·B·A: peft=lora, rslora or dora

@@ -53,6 +53,7 @@ class RoLoRA(Strategy):
     engines: ClassVar[tuple[str, ...]] = ("per_client",)  # the cohort engine does not batch freeze_B
     lora_update_only: ClassVar[bool] = True
     trained_share: ClassVar[dict[str, float]] = {"lora_A": 0.5, "lora_B": 0.5}  # one factor a round
+    no_secure_aggregation: ClassVar[str | None] = None  # the round's factor ← Σ p_k (factor)_k: a weighted mean
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -101,6 +101,22 @@ class AppGrid:
         return self.pull_messages(self.push_messages(msgs))
 
 
+class Wire(AppGrid):
+    """:class:`AppGrid` whose messages reach the nodes through Flower's wire format (protobuf), as
+    a deployment's and the simulation's Ray workers do: each node edits its own copy (Flower's
+    SecAgg+ workflow sends one content object to every node and its mod pops keys from it)."""
+
+    def deliver(self, msg, context):
+        return super().deliver(transported(msg), context)
+
+
+def transported(msg):
+    """``msg`` as a node receives it: through Flower's wire format."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+
+    return message_from_proto(message_to_proto(msg))
+
+
 class Machines(AppGrid):
     """:class:`AppGrid` as a Ray cluster of ``len(dirs)`` machines that share no disk: the messages
     of each push (a round's train messages, its evaluate messages) go to the next machine in turn,
@@ -261,13 +277,14 @@ def simulate(tmp_path, *overrides):
 _RUN_IDS = itertools.count(1000)
 
 
-def federate(tmp_path, *overrides, run_id: int | None = None, machines: int = 1, resume: bool = False):
+def federate(tmp_path, *overrides, run_id: int | None = None, machines: int = 1, resume: bool = False, wire: bool = False):
     """The same small MiniLM run as :func:`simulate`, in-process: the real server
     (:class:`fedpeft.serverapp.Federation`) over :class:`AppGrid` (the real ClientApp, each node with
     its own Context), in ``tmp_path / "run"``, W&B off: (config, the run's summary). Each call is a
     new run id (a worker's cached base model is per run, as FLoRA's merges change it). With
     ``machines`` > 1, over :class:`Machines`: the other machines see an empty shared dir. ``resume``:
-    continue the run in ``tmp_path / "run"`` (new node states, as a new Flower run has). What it
+    continue the run in ``tmp_path / "run"`` (new node states, as a new Flower run has). ``wire``:
+    over :class:`Wire` (messages through Flower's wire format). What it
     cannot show (Ray workers, processes) the e2e tier shows. Needs the ``task_identity`` fixture."""
     from flwr.app import Context, RecordDict
 
@@ -286,7 +303,7 @@ def federate(tmp_path, *overrides, run_id: int | None = None, machines: int = 1,
         for i in range(cfg.clients)
     }
     others = [tmp_path / f"machine_{k}" / "state" for k in range(1, machines)]
-    grid = Machines(contexts, [run_dir / "state", *others]) if machines > 1 else AppGrid(contexts)
+    grid = Machines(contexts, [run_dir / "state", *others]) if machines > 1 else (Wire if wire else AppGrid)(contexts)
     return cfg, Federation(cfg, RunSpec(run_dir, resume=resume, shared_dir=str(run_dir / "state"))).run(grid)
 
 
