@@ -286,7 +286,8 @@ class ProfileConfig:
     failure_rate: float = 0.0
     # Share of the clients that attack (Byzantine): round(byzantine·clients) partition ids drawn once from the seed (fedpeft/attacks.py).
     byzantine: float = 0.0
-    # What an attacker replies after honest training: sign_flip (θ_g − Δ) | scale (θ_g + attack_scale·Δ) | gaussian (θ_g + N(0, attack_std²)) | fixed (every entry attack_value).
+    # What an attacker replies after honest training: sign_flip (θ_g − Δ) | scale (θ_g + attack_scale·Δ) |
+    # gaussian (θ_g + N(0, attack_std²)) | fixed (every entry attack_value).
     attack: str = "sign_flip"
     # attack=scale: λ, the factor an attacker's update Δ is multiplied by.
     attack_scale: float = 10.0
@@ -728,7 +729,8 @@ def validate_scaffold(cfg: Any, need) -> None:
          f"SCAFFOLD's control variates do not work with strategy={name} ({why}); use strategy={' | '.join(takers)}, or strategy.scaffold=false")
     ranks = sorted(set(client_ranks(cfg.ranks, cfg.clients, cfg.model.rank, cfg.seed)))
     need(len(ranks) == 1, "strategy.scaffold",
-         f"SCAFFOLD keeps one control variate per tensor, of one shape, but ranks.kind={cfg.ranks.kind} gives ranks {ranks}; use ranks=fixed, or strategy.scaffold=false")
+         f"SCAFFOLD keeps one control variate per tensor, of one shape, but ranks.kind={cfg.ranks.kind} gives ranks {ranks}; "
+         "use ranks=fixed, or strategy.scaffold=false")
     mode = cfg.privacy.mode
     need(mode not in ("local", "central"), "strategy.scaffold",
          f"SCAFFOLD does not compose with privacy.mode={mode}: Δc_i = −c + (x − y_i)/(K·η) travels un-noised and reveals the update "

@@ -40,9 +40,9 @@ from fedpeft import merges as merge_forms
 from fedpeft import messages
 from fedpeft.lora import LoraFactors, best_rank
 from fedpeft.privacy import BudgetExhausted, PrivacyPlan
+from fedpeft.robust import COORDINATE_WISE, RobustRule, effective_sq_distances, sq_distances
 from fedpeft.scaffold import RECORD as CONTROL_RECORD
 from fedpeft.scaffold import ControlVariates
-from fedpeft.robust import COORDINATE_WISE, RobustRule, effective_sq_distances, sq_distances
 from fedpeft.serveropt import ServerOptimizer, ServerOptLayer
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel, Strategy
 
@@ -686,7 +686,8 @@ class FlowerAdapter(FlowerStrategy):
             log.warning(
                 "round %d not applied: %d good update(s) of %d sampled, fewer than %s; the global model is unchanged",
                 server_round, stats.replied, stats.sampled,
-                f"min_clients={self.min_clients}" if fewest == max(self.min_clients, 1) else f"the {fewest} updates {self.robust.kind} needs (server.krum_f + 3)",
+                f"min_clients={self.min_clients}" if fewest == max(self.min_clients, 1)
+                else f"the {fewest} updates {self.robust.kind} needs (server.krum_f + 3)",
             )
         if self.secure is not None:  # the protocol's own bytes (keys, shares), also in bytes_down / bytes_up
             diagnostics.update(secagg_bytes_down=self.secure.last.bytes_down, secagg_bytes_up=self.secure.last.bytes_up)
@@ -747,7 +748,8 @@ def robust_aggregate(rule: RobustRule, strategy: Strategy, model: GlobalModel, u
     (plus the head) where it declares ``effective_updates`` (FLoRA, FlexLoRA, HetLoRA, FedEx-LoRA)
     or the clients' ranks or scalings differ (FFA-LoRA with ``ranks=…``) — the adapter each client
     sent, which is its update for FLoRA (every client starts from B = 0) and its update plus the
-    truncation it started from for HetLoRA and FlexLoRA (clients at one rank share that start); the strategy then aggregates the kept clients' updates as it would all of them
+    truncation it started from for HetLoRA and FlexLoRA (clients at one rank share that start); the strategy then aggregates the kept clients' updates as it
+    would all of them
     (its own weighting; Blanchard et al.'s Multi-Krum averages them uniformly, as
     ``strategy.weighting=uniform`` does), so a re-factorising strategy re-factorises their
     aggregate its own way (FlexLoRA: SVD of the stacked factors to each client's rank)."""

@@ -200,7 +200,7 @@ class Strategy:
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < float("inf"):
             raise ValueError(f"strategy.prox_mu: must be a finite number >= 0 (0: no proximal term), got {mu!r}")
         if not isinstance(getattr(self, "scaffold", False), bool):
-            raise ValueError(f"strategy.scaffold: must be true or false, got {getattr(self, 'scaffold')!r}")
+            raise ValueError(f"strategy.scaffold: must be true or false, got {self.scaffold!r}")
 
     @classmethod
     def takes_proximal(cls) -> bool:

@@ -55,7 +55,8 @@ class FedSALoRA(Strategy):
         return GlobalModel(adapter=adapter, head=model.head, merges=model.merges)
 
     def payload(self, model: GlobalModel, client: ClientSpec) -> Payload:
-        return Payload(adapter=model.adapter, head=model.head, plan=ClientPlan(keep=frozenset({"B"}), proximal=self.proximal(), scaffold=self.scaffold), base_version=model.version)
+        plan = ClientPlan(keep=frozenset({"B"}), proximal=self.proximal(), scaffold=self.scaffold)
+        return Payload(adapter=model.adapter, head=model.head, plan=plan, base_version=model.version)
 
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
         if not updates:

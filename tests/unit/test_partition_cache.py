@@ -124,10 +124,11 @@ def test_local_files_sign_the_key(tmp_path):
 
 
 def test_node_data_reads_the_partition_from_the_cache(monkeypatch):
-    from clients import app as client_app
-    from fedpeft.config import Config
-    from fedpeft.composing import compose
     from omegaconf import OmegaConf
+
+    from clients import app as client_app
+    from fedpeft.composing import compose
+    from fedpeft.config import Config
 
     s: Config = OmegaConf.to_object(compose(["clients=3", "data=election_tweets"]))
     node = {"partition-id": 2, "num-partitions": 3}

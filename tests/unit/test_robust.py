@@ -225,7 +225,8 @@ def test_krum_on_effective_updates_for_heterogeneous_ranks():
     ups = []
     for k, r in enumerate(ranks):
         scale = 30.0 if k == 1 else 0.1
-        adapter = {m: LoraFactors(rand(r, i, seed=k * 7 + 1).float(), scale * rand(o, r, seed=k * 7 + 2).float(), scaling_for(r, ALPHA)) for m, (o, i) in SHAPES.items()}
+        adapter = {m: LoraFactors(rand(r, i, seed=k * 7 + 1).float(), scale * rand(o, r, seed=k * 7 + 2).float(), scaling_for(r, ALPHA))
+                   for m, (o, i) in SHAPES.items()}
         ups.append(ClientUpdate(client_id=k, adapter=adapter, head={}, num_examples=10))
     hetlora = strategies.build("hetlora")
     model = GlobalModel({m: LoraFactors(torch.zeros(4, i), torch.zeros(o, 4), scaling_for(4, ALPHA)) for m, (o, i) in SHAPES.items()}, {})
@@ -298,17 +299,20 @@ def test_each_attack_by_its_formula():
         ("strategy=flexlora server.robust=trimmed_mean", "server.robust: trimmed_mean does not work with strategy=flexlora ("),
         ("strategy=hetlora server.robust=median", "server.robust: median does not work with strategy=hetlora ("),
         ("strategy=fedex_lora server.robust=median", "server.robust: median does not work with strategy=fedex_lora ("),
-        ("strategy=ffa_lora ranks=hetlora server.robust=median", "server.robust: median takes each coordinate over same-shaped client factors, but ranks.kind=uniform gives ranks [7, 21, "),
+        ("strategy=ffa_lora ranks=hetlora server.robust=median", "server.robust: median takes each coordinate over same-shaped client factors, "
+                                                                   "but ranks.kind=uniform gives ranks [7, 21, "),
         ("privacy=central privacy.noise_multiplier=1 strategy.weighting=uniform server.robust=krum server.krum_f=2",
          "server.robust: krum does not work with privacy.mode=central"),
-        ("server.robust=krum server.krum_f=4", "server.krum_f: krum needs n > 2f + 2 clients per round (Blanchard et al. 2017), but a round samples n=10 with server.krum_f=4"),
+        ("server.robust=krum server.krum_f=4", "server.krum_f: krum needs n > 2f + 2 clients per round (Blanchard et al. 2017), "
+                                                 "but a round samples n=10 with server.krum_f=4"),
         ("server.robust=multi_krum server.krum_f=2 server.multi_krum_m=9", "server.multi_krum_m: must be at most n − f = 8"),
         ("server.robust=median server.trim_beta=0.2", "server.trim_beta: applies to server.robust=trimmed_mean only, not server.robust=median"),
         ("server.robust=trimmed_mean server.trim_beta=0.5", "server.trim_beta: must be in [0, 0.5)"),
         ("server.robust=bulyan", "server.robust: unknown value 'bulyan'; expected one of none, median, trimmed_mean, krum, multi_krum"),
         ("profile.byzantine=0.04", "profile.byzantine: 0.04 of clients=10 rounds to no attacker; use at least 0.05, or 0"),
         ("profile.attack=scale", "profile.attack: applies with profile.byzantine > 0 only"),
-        ("profile.byzantine=0.2 profile.attack_scale=5", "profile.attack_scale: applies to profile.attack=scale with profile.byzantine > 0 only, not profile.attack=sign_flip"),
+        ("profile.byzantine=0.2 profile.attack_scale=5", "profile.attack_scale: applies to profile.attack=scale with profile.byzantine > 0 only, "
+                                                     "not profile.attack=sign_flip"),
         ("profile.byzantine=0.2 profile.attack=gaussian profile.attack_std=0", "profile.attack_std: must be positive"),
         ("profile.byzantine=0.2 profile.attack=flip", "profile.attack: unknown value 'flip'; expected one of sign_flip, scale, gaussian, fixed"),
     ],
