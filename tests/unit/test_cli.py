@@ -37,7 +37,7 @@ from tests.harness import run_cli
          "strategy.weighting: strategy=dp_lora does not take 'sparsity'"),
         ("strategy=dp_lora privacy=sample privacy.noise_multiplier=1 ranks=flora", "ranks.kind: strategy=dp_lora needs one rank for all clients"),
         ("strategy=fedavg ranks=heavy_tail", "ranks.kind: strategy=fedavg needs one rank for all clients"),
-        ("strategy=fedavg ranks=heavy_tail", "use a strategy that takes heterogeneous ranks (ffa_lora, flexlora, flora, hetlora)"),
+        ("strategy=fedavg ranks=heavy_tail", "use a strategy that takes heterogeneous ranks (ffa_lora, flexlora, flora, hetlora, raflora)"),
         # from the model's architecture on the meta device, before Ray starts
         ("peft=bitfit model=smollm2", "peft.name: peft=bitfit trains bias terms only, and model 'smollm2' has none"),
         ("peft=ia3 peft.feedforward_modules=[nope]", "peft.feedforward_modules: 'nope' matches no module of model 'minilm'"),
@@ -47,7 +47,7 @@ from tests.harness import run_cli
          "peft.num_virtual_tokens: 449 virtual tokens + model.max_length 64 exceed the 512 positions of model 'minilm'; use at most 448"),
         ("peft=prefix_tuning peft.num_virtual_tokens=500", "peft.num_virtual_tokens: 500 virtual tokens + model.max_length"),
         # no strategy takes heterogeneous ranks with VeRA: it says so rather than naming strategies that refuse it
-        ("peft=vera ranks=flora", "heterogeneous ranks (ffa_lora, flexlora, flora, hetlora) cannot take peft=vera: use ranks=fixed"),
+        ("peft=vera ranks=flora", "heterogeneous ranks (ffa_lora, flexlora, flora, hetlora, raflora) cannot take peft=vera: use ranks=fixed"),
         ("strategy=ffa_lora privacy=central privacy.noise_multiplier=1",
          "privacy.mode: strategy=ffa_lora does not work with privacy.mode=central; use privacy=none | sample | local"),
         # values that used to pass and then fail every client, or fail far from the key

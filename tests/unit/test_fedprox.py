@@ -13,7 +13,7 @@ from strategies.base import ClientSpec, GlobalModel
 from tests.harness import config_error
 from tests.unit.test_plan import payloads
 
-TAKERS = ["dp_lora", "fed_sb", "fedavg", "federa", "fedex_lora", "fedsa_lora", "ffa_lora", "flasc", "flexlora", "hetlora", "rolora"]
+TAKERS = ["dp_lora", "fed_sb", "fedavg", "federa", "fedex_lora", "fedsa_lora", "ffa_lora", "flasc", "flexlora", "hetlora", "raflora", "rolora"]
 
 
 def test_the_term_and_its_gradient_equal_a_hand_computation():

@@ -72,6 +72,7 @@ WIRE = {
     "hetlora": [PRUNE, PRUNE, {**PRUNE, "init_seed": 3}],
     "flora": [{"init_seed": flora_init_seed(0, 0, 0)}, {"init_seed": flora_init_seed(0, 3, 0)}],
     "flexlora": [{"init_seed": 0}, {"init_seed": 3}],
+    "raflora": [{"init_seed": 0}, {"init_seed": 3}],
     "rolora": [{"freeze_A": True}, {"freeze_A": True}, {"freeze_B": True}],
     "fedsa_lora": [{"personal_B": True}, {"personal_B": True}],
     "flasc": [{"upload_density": 0.25}, {"upload_density": 0.25}],

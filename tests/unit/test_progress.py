@@ -333,6 +333,7 @@ def test_rounds_wait_through_push_and_pull_and_show_progress(monkeypatch, capsys
     fed.cfg = OmegaConf.create({"rounds": 2, "engine": {"round_timeout": 60.0, "kind": "per_client"}})
     fed.state = None
     fed.engine = get_engine(fed.cfg.engine)
+    fed.secure = None
     fed.adapter = SimpleNamespace(arrays=lambda: "arrays0", partition_of={}, check_partitions=lambda grid: None)
     fed.strategy = SimpleNamespace(
         configure_train=lambda r, arrays, config, g: iter([message(n) for n in (7, 8, 9)]),  # an iterator: counted once
@@ -367,6 +368,7 @@ def test_rounds_clear_the_terminal_line_when_the_wait_fails(monkeypatch):
     fed.cfg = OmegaConf.create({"rounds": 1, "engine": {"round_timeout": 60.0, "kind": "per_client"}})
     fed.state = {"round": 0}
     fed.engine = get_engine(fed.cfg.engine)
+    fed.secure = None
     fed.adapter = SimpleNamespace(arrays=lambda: None, partition_of={}, check_partitions=lambda grid: None)
     fed.strategy = SimpleNamespace(configure_train=lambda *a: [message(7)])
     with pytest.raises(KeyboardInterrupt):
