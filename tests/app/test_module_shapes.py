@@ -100,9 +100,11 @@ PLANS = {
     "ffa_lora": ([[196, 8]], 196),  # a client rank past v_proj's 192
     "hetlora": ([[196, 8]], 196),
     "flexlora": ([[120, 80]], None),  # Σr = 200: k/v at 192, the others at 200
+    "raflora": ([[120, 80]], None),  # as FlexLoRA: partitions [0, 80) and [80, 120)
     "flora": ([[64, 48], [64, 48]], None),  # two merges, Σr = 224: k/v at 192, the others at 224
     "fedex_lora": ([[4, 4]], 4),  # the average at r=4 plus its residual merge ((K−1)·r = 4): 8
     "rolora": ([[4, 4]], 4),
+    "flasc": ([[4, 4]], 4),  # a dense global A, B at r=4 (the download's top-k is the plan's, not the model's)
 }
 # Covered elsewhere: their global model is no LoRA adapter of the server's (FedSA-LoRA: B stays with
 # the clients; Fed-SB: peft=lora_xs), or needs the base weights at init (FeDeRA: test_exact_strategies).
@@ -124,7 +126,7 @@ def smol():
 
 
 def expected_rank(name: str, shape, rounds, r_max) -> int:
-    if name in ("flora", "flexlora"):
+    if name in ("flora", "flexlora", "raflora"):
         return min(sum(map(sum, rounds)), *shape)
     if name == "fedex_lora":
         return 4 + sum(4 * (len(ranks) - 1) for ranks in rounds)
@@ -170,7 +172,7 @@ def test_every_strategy_loads_saves_and_reloads_a_global_adapter_with_ranks_per_
     want = {m: expected_rank(name, shape, rounds, r_max) for m, shape in smol.shapes.items()}
     got = {m: layer(lm, m).lora_A[lm.model.active_adapter].weight.shape[0] for m in lm.modules}
     assert got == want
-    if name in ("flora", "flexlora"):
+    if name in ("flora", "flexlora", "raflora"):
         assert {want[m] for m in lm.modules if m.endswith(("k_proj", "v_proj"))} == {GQA_DIM}
         assert min(want[m] for m in lm.modules if m.endswith("q_proj")) > GQA_DIM
     if name == "flora":  # the stack of both merges, re-factorised at 192 where it exceeds k/v's rank: exact
