@@ -48,14 +48,6 @@ DATA = "data"
 SOURCES = ("fedpeft/data.py", "fedpeft/instruct.py", "fedpeft/assets.py")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @lru_cache(maxsize=1)
 def code_digest() -> str:
     """SHA-256 of the source of :data:`SOURCES` (the code that loads, splits and partitions data)."""
@@ -104,7 +96,7 @@ def _read(where: Path, key: dict[str, Any]) -> Dataset | None:
             return None
         files = meta["files"]
         present = {str(f.relative_to(where)) for f in (where / DATA).rglob("*") if f.is_file()}
-        if not files or present != set(files) or any(_sha256(where / rel) != sha for rel, sha in files.items()):
+        if not files or present != set(files) or any(assets.sha256(where / rel) != sha for rel, sha in files.items()):
             return None
         return load_from_disk(str(where / DATA))
     except Exception:  # a missing, truncated or unreadable entry: rebuilt by the caller
@@ -135,7 +127,7 @@ def _write(where: Path, key: dict[str, Any], ds: Dataset) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{where.name}.", dir=where.parent))
     try:
         ds.save_to_disk(str(tmp / DATA))
-        files = {str(f.relative_to(tmp)): _sha256(f) for f in sorted((tmp / DATA).rglob("*")) if f.is_file()}
+        files = {str(f.relative_to(tmp)): assets.sha256(f) for f in sorted((tmp / DATA).rglob("*")) if f.is_file()}
         (tmp / META).write_text(json.dumps({"key": key, "files": files}, sort_keys=True))
         if where.exists():  # a damaged entry: replaced, not trusted
             shutil.rmtree(where)

@@ -460,3 +460,17 @@ def in_tmpfs(tmp_path: Path, script: str, *, options: str = "size=256k", timeout
                        cwd=Path(__file__).resolve().parents[1], timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def rotten_minilm(rows: int):
+    """MiniLM-L6 with LoRA r=4 on query/value and a 2-way head (seed 0), ``rows`` shuffled rotten
+    tomatoes training rows, and the adapter it starts from: the in-process client tests' setup."""
+    from types import SimpleNamespace
+
+    from fedpeft import data as fdata
+    from fedpeft.models import build, read_adapter
+
+    torch.set_num_threads(2)
+    model = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=32)
+    lm = build(model, num_labels=2, device="cpu", seed=0)
+    return lm, fdata.load("rotten_tomatoes", seed=0)["train"].shuffle(seed=2).select(range(rows)), read_adapter(lm)

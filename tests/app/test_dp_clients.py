@@ -2,29 +2,22 @@
 cached model as it was, and keeps FFA-LoRA's frozen A and HetLoRA's pruning term (local and central
 DP and the ledger, on random tensors: tests/unit/test_dp_clients.py)."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from clients.train import DPSettings, TrainSettings, train
-from fedpeft import data as fdata
 from fedpeft.lora import LoraFactors
-from fedpeft.models import build, read_adapter
 from fedpeft.plan import ClientPlan
 from strategies.base import GlobalModel, Payload
-from tests.harness import pruning_plan
+from tests.harness import pruning_plan, rotten_minilm
 
-MODEL = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=32)
 STEPS = TrainSettings(local_steps=3, batch_size=8, lr=3e-3)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.set_num_threads(2)
-    ds = fdata.load("rotten_tomatoes", seed=0)
-    lm = build(MODEL, num_labels=2, device="cpu", seed=0)
-    return lm, ds["train"].shuffle(seed=2).select(range(64)), read_adapter(lm)
+    return rotten_minilm(64)
 
 
 def hooks(model) -> int:

@@ -6,27 +6,20 @@ update; the term reads exactly the tensors the client trains and sends back."""
 from __future__ import annotations
 
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import strategies
 from clients.train import DPSettings, TrainSettings, train
-from fedpeft import data as fdata
-from fedpeft.models import build, read_adapter
 from fedpeft.plan import ClientPlan, Proximal
 from strategies.base import ClientSpec, GlobalModel, Payload
-
-MODEL = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=32)
+from tests.harness import rotten_minilm
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.set_num_threads(2)
-    ds = fdata.load("rotten_tomatoes", seed=0)
-    lm = build(MODEL, num_labels=2, device="cpu", seed=0)
-    return lm, ds["train"].shuffle(seed=2).select(range(64)), read_adapter(lm)
+    return rotten_minilm(64)
 
 
 def tensors(u) -> dict[str, torch.Tensor]:

@@ -7,29 +7,21 @@ uplink codec; each strategy keeps variates of exactly the tensors its clients tr
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from clients.train import DPSettings, TrainSettings, train
-from fedpeft import data as fdata
 from fedpeft import messages
-from fedpeft.models import build, read_adapter
 from fedpeft.plan import ClientPlan
 from strategies.base import Payload
 from tests.app.test_multinode import _tensors, assert_same_run, federate, rows
-
-MODEL = SimpleNamespace(name="minilm", task="classification", target_modules=["query", "value"], rank=4, alpha=8.0, dropout=0.0, max_length=32)
+from tests.harness import rotten_minilm
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.set_num_threads(2)
-    ds = fdata.load("rotten_tomatoes", seed=0)
-    lm = build(MODEL, num_labels=2, device="cpu", seed=0)
-    return lm, ds["train"].shuffle(seed=2).select(range(8)), read_adapter(lm)
+    return rotten_minilm(8)
 
 
 def run(lm, adapter, head, part, settings, correction=None, dp=None):
