@@ -154,7 +154,7 @@ class Strategy:
     - ``no_secure_aggregation``: why Flower's SecAgg+ (``secagg.enabled``, :mod:`fedpeft.secagg`),
       which reveals only the weighted mean of the clients' tensors, cannot feed its aggregate; None:
       its :meth:`aggregate` of that mean as one update equals its aggregate of the updates;
-    - :meth:`reply_ranks`, :meth:`init`, :meth:`round_metrics`, and :meth:`server_state` (what it
+    - :meth:`reply_ranks`, :meth:`init`, :meth:`round_metrics`, :meth:`evaluated`, and :meth:`server_state` (what it
       keeps on the server between rounds besides the global model: HetLoRA's pruned ranks).
     """
 
@@ -275,6 +275,12 @@ class Strategy:
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
         """The next global model from this round's updates."""
         raise NotImplementedError(f"strategy={self.name} implements no aggregate")
+
+    def evaluated(self, model: GlobalModel) -> GlobalModel:
+        """The global model as the server evaluates and saves it: by default ``model`` itself; a
+        strategy whose state holds more than an adapter and a head (SLoRA's stage-1 sparse update)
+        gives the same effective weights as one."""
+        return model
 
     def round_metrics(self, model: GlobalModel, updates: list[ClientUpdate]) -> dict[str, float]:
         """Diagnostics of the round's aggregation, logged with the round's metrics (FedAvg's
