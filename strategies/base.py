@@ -151,6 +151,8 @@ class Strategy:
       same-shaped global tensors and whose aggregate's change in factor space is the round's update
       declares the field ``scaffold: bool = False`` and puts it into its plans; one that declares
       ``no_server_optimizer`` cannot take it, for that reason (its factors' change is not the update);
+    - ``no_quantized_base``: why it cannot run over a bitsandbytes-quantized base
+      (``model.quantization=4bit | 8bit``; config validation refuses it in one line); None (default): it can;
     - ``no_secure_aggregation``: why Flower's SecAgg+ (``secagg.enabled``, :mod:`fedpeft.secagg`),
       which reveals only the weighted mean of the clients' tensors, cannot feed its aggregate; None:
       its :meth:`aggregate` of that mean as one update equals its aggregate of the updates;
@@ -174,6 +176,7 @@ class Strategy:
     effective_updates: ClassVar[str | None] = None
     no_proximal: ClassVar[str] = "its clients do not start from the global adapter"
     sparse_messages: ClassVar[str | None] = None
+    no_quantized_base: ClassVar[str | None] = None
     no_secure_aggregation: ClassVar[str | None] = "its aggregate is not a weighted mean of its clients' same-shaped tensors"
 
     def __init_subclass__(cls, **kwargs) -> None:

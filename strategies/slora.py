@@ -108,8 +108,12 @@ class SLoRA(Strategy):
     privacy_modes: ClassVar[tuple[str, ...]] = ("none",)
     engines: ClassVar[tuple[str, ...]] = ("per_client",)  # the cohort engine batches LoRA factors, not masked base entries
     no_server_optimizer: ClassVar[str] = "its switch replaces the LoRA factors by the SVD of stage 1's update, which is not a step to follow"
-    effective_updates: ClassVar[str] = "stage 1's replies carry masked base entries and no LoRA factors, which the robust rules do not take"
-    no_secure_aggregation: ClassVar[str] = "stage 1's replies carry no LoRA factors, which the SecAgg+ layout of the adapter needs"
+    # the coordinate-wise robust rules take stage 1's masked values and stage 2's factors tensor by tensor, as the mean does
+    effective_updates: ClassVar[str | None] = None
+    no_secure_aggregation: ClassVar[str] = "its stage-1 replies are the head alone, without LoRA factors, a layout the SecAgg+ path does not take"
+    sparse_messages: ClassVar[str] = "its stage 1 already sends only the masked base entries, the mask regenerated from the seed; no codec on top"
+    no_proximal: ClassVar[str] = "its stage-1 clients train masked base entries, not an adapter FedProx could anchor"
+    no_quantized_base: ClassVar[str] = "its stage 1 trains masked entries of the base weights, shown on float bases only"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -16,11 +16,13 @@ import strategies
 from clients.train import TrainSettings, batch_order, encode, train
 from fedpeft import messages
 from fedpeft.lora import sparse_mask, sparse_mask_size
-from fedpeft.models import layer, module_shapes
+from fedpeft.models import SparseDelta, layer, module_shapes, write_adapter
 from fedpeft.plan import SPARSE
-from fedpeft.server import FlowerAdapter
+from fedpeft.server import FlowerAdapter, load_global
 from strategies.base import ClientSpec, GlobalModel
 from strategies.slora import SLoRA, scatter_values
+from tests.app.test_multinode import _tensors, rows
+from tests.app.test_multinode import federate as federate_on
 from tests.harness import federate, rotten_minilm
 
 
@@ -48,8 +50,6 @@ def test_a_stage_one_step_is_the_base_weights_gradient_on_the_mask():
                 w = layer(lm, m).base_layer.weight
                 w += scatter_values(sparse_mask(m, shapes[m], 0.05, 3), v0[m], shapes[m])
                 w.requires_grad_(True)
-        from fedpeft.models import write_adapter
-
         write_adapter(lm, {m: f for m, f in u.adapter.items()}, {h: t for h, t in g.head.items() if not h.startswith(SPARSE)})
         lm.model.train()
         lm.model.zero_grad(set_to_none=True)
@@ -113,3 +113,48 @@ def test_stage_one_sends_masked_values_and_the_switch_is_the_svd(tmp_path, monke
         assert f.rank == cfg.model.rank
         np.testing.assert_allclose((f.scaling * f.B.double() @ f.A.double()).numpy(), (U[:, :4] * S[:4]) @ Vt[:4], atol=1e-6)
     assert not any(h.startswith(SPARSE) for h in m1.head) and m2.aggregations == 2
+
+
+@pytest.mark.usefixtures("task_identity", "one_torch_thread")
+def test_a_run_resumed_in_stage_one_continues_bit_for_bit_through_the_switch(tmp_path):
+    """The accumulated sparse update and the stage live in the saved global model (its head and
+    ``aggregations``): a run stopped after round 1 of stage 1 and resumed equals the uninterrupted one."""
+    over = ["strategy=slora", "strategy.sparse_rounds=2", "strategy.sparse_density=0.02", "fraction=0.5", "min_clients=1"]
+    one, _ = federate_on(tmp_path / "one", over, run_id=71)
+    stopped, _ = federate_on(tmp_path / "resumed", [*over, "rounds=1"], run_id=72)
+    saved = stopped.adapter.state_dict()["model"]
+    assert saved["aggregations"] == 1 and any(h.startswith(SPARSE) for h in saved["head"])  # mid stage 1: ΔW's values saved
+    resumed, _ = federate_on(tmp_path / "resumed", over, run_id=73, resume=True)
+    assert rows(resumed)[-2:] == rows(one)[-2:], (rows(resumed), rows(one))
+    a, b = one.adapter.state_dict()["model"], resumed.adapter.state_dict()["model"]
+    assert a["aggregations"] == 3 and not any(h.startswith(SPARSE) for h in a["head"])  # past the switch
+    for (ka, ta), (kb, tb) in zip(sorted(_tensors(a)), sorted(_tensors(b))):
+        assert ka == kb and torch.equal(ta, tb), ka
+
+
+def test_the_server_evaluates_stage_one_as_the_clients_model():
+    """:meth:`SLoRA.evaluated` loaded as the server loads its global model (an exact adapter of ΔW)
+    gives the logits of the client's model with the masked values beside the frozen base."""
+    lm, part, start = rotten_minilm(8)
+    shapes = module_shapes(lm)
+    s = strategies.build("slora", sparse_density=0.1, seed=4)
+    g = s.start(GlobalModel(start.adapter, start.head), {m: torch.zeros(sh) for m, sh in shapes.items()})
+    vals = {m: torch.randn(sparse_mask_size(sh, 0.1)) * 0.05 for m, sh in shapes.items()}
+    g = GlobalModel(g.adapter, {**g.head, **{SPARSE + m: v for m, v in vals.items()}})
+    batch = encode(lm, part[list(range(8))])
+    lm.model.eval()
+    write_adapter(lm, g.adapter, start.head)  # the clients' frozen LoRA: B = 0
+    deltas = SparseDelta.attach(lm, vals, 0.1, 4)
+    try:
+        with torch.no_grad():
+            want = lm.model(**batch).logits
+    finally:
+        for d in deltas.values():
+            d.remove()
+    with torch.no_grad():
+        plain = lm.model(**batch).logits
+    load_global(lm, s.evaluated(g))
+    with torch.no_grad():
+        got = lm.model(**batch).logits
+    assert (want - plain).abs().max() > 1e-3  # the sparse update moves the logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -13,6 +13,7 @@ from fedpeft.lora import LoraFactors, fresh_adapter, sparse_mask, sparse_mask_si
 from fedpeft.plan import SPARSE, ClientPlan, SparseBase
 from strategies.base import ClientSpec, ClientUpdate, GlobalModel
 from strategies.slora import dense_factors, scatter_values, svd_init
+from tests.harness import config_error
 
 T = torch.tensor
 
@@ -152,3 +153,37 @@ def test_plan_wire_round_trip_and_checks():
 def test_bad_settings_are_one_line(key, value, match):
     with pytest.raises(ValueError, match=match):
         strategies.build("slora", **{key: value})
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("strategy=slora model.quantization=4bit", "model.quantization: 4bit does not work with strategy=slora (its stage 1 trains masked entries"),
+    ("strategy=slora ranks=hetlora", "ranks.kind: strategy=slora needs one rank for all clients"),
+    ("strategy=slora secagg.enabled=true", "secagg.enabled: secure aggregation does not work with strategy=slora (its stage-1 replies are the head alone"),
+    ("strategy=slora strategy.scaffold=true", "strategy.scaffold"),
+    ("strategy=slora compression=int8", "compression.uplink: int8 does not work with strategy=slora (its stage 1 already sends only the masked"),
+    ("strategy=slora compression.downlink=int8", "compression.downlink: int8 does not work with strategy=slora"),
+    ("strategy=slora engine.kind=cohort", "engine.kind: strategy=slora does not run on engine.kind=cohort; use engine.kind=per_client"),
+    ("strategy=slora peft=ia3", "peft.name: strategy=slora trains peft=lora | rslora only, not peft=ia3"),
+    ("strategy=slora peft=dora", "peft.name: strategy=slora trains peft=lora | rslora only, not peft=dora"),
+    ("strategy=slora privacy=local", "privacy.mode: strategy=slora does not work with privacy.mode=local"),
+    ("strategy=slora server.optimizer=fedadam", "server.optimizer: fedadam does not work with strategy=slora (its switch replaces"),
+    ("strategy=slora strategy.prox_mu=0.1", "strategy.prox_mu"),
+    ("strategy=slora strategy.sparse_density=0", "strategy.sparse_density: must be a number in (0, 1], got 0"),
+    ("strategy=slora strategy.sparse_rounds=0", "strategy.sparse_rounds: must be an integer >= 1"),
+])
+def test_refusals_are_one_line_naming_both_sides(override, expected, tmp_path, monkeypatch, capsys):
+    line = config_error(["simulate", *override.split()], tmp_path, monkeypatch, capsys)
+    assert expected in line, line
+
+
+def test_robust_median_takes_stage_one_values_coordinate_wise():
+    from fedpeft.robust import RobustRule
+    from fedpeft.server import robust_aggregate
+
+    s = strategies.build("slora", sparse_rounds=2, sparse_density=0.5, seed=1)
+    model = _model(s, {"m": (2, 3)}, head={"h": T([0.0])})
+    vals = [T([1.0, 5.0, -2.0]), T([2.0, -1.0, 0.0]), T([9.0, 0.0, 4.0])]
+    ups = [ClientUpdate(c, {}, {"h": T([float(c)]), SPARSE + "m": v}, 1) for c, v in enumerate(vals)]
+    out, kept = robust_aggregate(RobustRule("median"), s, model, ups)
+    assert kept is None and out.aggregations == 1
+    assert torch.equal(out.head[SPARSE + "m"], T([2.0, 0.0, 0.0])) and torch.equal(out.head["h"], T([1.0]))
