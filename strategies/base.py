@@ -145,8 +145,8 @@ class Strategy:
       plans; ``no_proximal``: why a strategy without the field cannot take it (config validation
       refuses ``strategy.prox_mu`` with it in one line);
     - ``sparse_messages``: why the run's codecs (``compression.*``) cannot be combined with it,
-      where it sparsifies its own messages both ways (FLASC); its :meth:`sparse_links` then gives
-      the densities. None (default): it sends what it computes and the codecs apply;
+      where it sparsifies its own messages (FLASC, both ways; SLoRA's stage 1, masked entries); FLASC's
+      :meth:`sparse_links` then gives the densities. None (default): it sends what it computes and the codecs apply;
     - ``scaffold`` (a config field, SCAFFOLD, :mod:`fedpeft.scaffold`): a strategy whose clients train
       same-shaped global tensors and whose aggregate's change in factor space is the round's update
       declares the field ``scaffold: bool = False`` and puts it into its plans; one that declares
