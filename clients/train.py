@@ -20,8 +20,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from fedpeft.lora import LoraFactors, truncate
-from fedpeft.models import LoadedModel, active, fresh_init, full_name, layer, read_adapter, write_adapter
-from fedpeft.plan import ClientUpdate, Finaliser, LossTerm, Payload, Proximal
+from fedpeft.models import LoadedModel, SparseDelta, active, fresh_init, full_name, layer, read_adapter, write_adapter
+from fedpeft.plan import SPARSE, ClientUpdate, Finaliser, LossTerm, Payload, Proximal
 
 
 @dataclass(frozen=True)
@@ -273,7 +273,10 @@ def train(
     ``λ Σ_modules ‖B[:, ⌊γr⌋:]‖_F ‖A[⌊γr⌋:, :]‖_F``) and ``finalise`` picks the rank the update keeps
     (HetLoRA's ``max(⌊γr⌋, r_min)`` when that term decreased); ``proximal`` (FedProx) adds
     ``μ/2 Σ ‖θ − θ_g‖²`` over the tensors it trains and sends back, θ_g those tensors as written from
-    the payload before the first step (:class:`fedpeft.plan.Proximal`).
+    the payload before the first step (:class:`fedpeft.plan.Proximal`); ``sparse`` (SLoRA's stage 1,
+    :class:`fedpeft.plan.SparseBase`, with ``train_A`` and ``train_B`` false) trains the values of the
+    LoRA modules' masked base entries, which arrive and go back as the head's ``sparse_base/<module>``
+    tensors (:class:`fedpeft.models.SparseDelta`; the base weights themselves are never written).
 
     ``correction`` (SCAFFOLD, :mod:`fedpeft.scaffold`): ``c − c_i`` per trained tensor, keyed as on the
     wire (``A/<module>``, ``B/<module>``, ``head/<name>``); it is added to that tensor's gradient before
@@ -299,20 +302,28 @@ def train(
     checkpointing(lm, settings.gradient_checkpointing)
     t0 = time.perf_counter()
     plan = payload.plan
+    head = {h: t for h, t in payload.head.items() if not h.startswith(SPARSE)}  # SLoRA's stage-1 values are not the model's
+    sparse_values = {h[len(SPARSE):]: t for h, t in payload.head.items() if h.startswith(SPARSE)}
+    if bool(sparse_values) != (plan.sparse is not None):
+        raise ValueError(f"client {client_id}: the plan's sparse_density and the payload's {SPARSE}<module> values come together")
+    if plan.sparse is not None and dp is not None:
+        raise ValueError(f"client {client_id}: SLoRA's stage 1 (sparse_density) does not train under DP-SGD")
     if payload.adapter or not lm.modules:  # a method without LoRA factors has only "head" tensors
-        write_adapter(lm, payload.adapter, payload.head)
+        write_adapter(lm, payload.adapter, head)
     else:
         if plan.init_seed is None:
             raise ValueError(f"client {client_id}: an empty payload adapter needs the plan's init_seed (a fresh LoRA)")
         fresh_init(lm, plan.init_seed)
-        write_adapter(lm, read_adapter(lm).adapter, payload.head)
+        write_adapter(lm, read_adapter(lm).adapter, head)
     model = lm.model
     name = active(lm)
     frozen = [layer(lm, m).lora_A[name].weight for m in lm.modules] if not plan.train_A else []
     frozen += [layer(lm, m).lora_B[name].weight for m in lm.modules] if not plan.train_B else []
     for p in frozen:
         p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # SLoRA's stage 1: the masked base entries train beside the frozen base (fedpeft.models.SparseDelta)
+    deltas = SparseDelta.attach(lm, sparse_values, plan.sparse.density, plan.sparse.seed) if plan.sparse is not None else {}
+    params = [p for p in model.parameters() if p.requires_grad] + [d.values for d in deltas.values()]
     opt = make_optimizer(params, settings)
     personal = {id(layer(lm, m).lora_B[name].weight) for m in lm.modules} if plan.personal_B else set()
     anchored = [p for p in params if id(p) not in personal]  # FedProx's θ: what the client trains and sends back
@@ -335,6 +346,8 @@ def train(
     finally:
         for p in frozen:
             p.requires_grad_(True)
+        for d in deltas.values():
+            d.remove()
     if oom is not None:
         del opt, extra
         release(lm)
@@ -353,7 +366,8 @@ def train(
         if new_rank < extra.rank:
             adapter = {m: truncate(f, new_rank) for m, f in adapter.items()}
     metrics["train_seconds"] = time.perf_counter() - t0
-    update = ClientUpdate(client_id=client_id, adapter=adapter, head=trained.head, num_examples=len(data))
+    trained_head = {**trained.head, **{SPARSE + m: d.values.detach().cpu().clone() for m, d in deltas.items()}}
+    update = ClientUpdate(client_id=client_id, adapter=adapter, head=trained_head, num_examples=len(data))
     return update, metrics
 
 

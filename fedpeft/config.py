@@ -688,6 +688,8 @@ def validate(cfg: Any) -> None:
          f"sample-level DP-SGD needs Opacus's per-example gradients, which Opacus 1.6 lacks for peft={method.name}'s layers: use "
          f"peft={' | '.join(n for n, m in methods.METHODS.items() if m.opacus)}, or privacy=local / central (they noise the update)")
     quant = cfg.model.quantization
+    need(quant == "none" or cls.no_quantized_base is None, "model.quantization",
+         f"{quant} does not work with strategy={name} ({cls.no_quantized_base}); use model.quantization=none")
     refused = QUANTIZED_REFUSED.get(method.name, {})
     need(quant not in refused, "model.quantization", f"{quant} with peft={method.name}: {refused.get(quant)}; use peft=lora (QLoRA) or model.quantization=none")
     ENGINES[cfg.engine.kind].check(cfg, need)  # what the engine runs: engine.precision, the PEFT methods it batches
@@ -700,7 +702,7 @@ def validate(cfg: Any) -> None:
     need(cfg.privacy.mode in cls.privacy_modes, "privacy.mode",
          f"strategy={name} does not work with privacy.mode={cfg.privacy.mode}; use privacy={' | '.join(cls.privacy_modes)}")
     validate_privacy(cfg, need, one_of)
-    for key in ("uplink", "downlink"):  # FLASC sparsifies both ways itself: no codec on top
+    for key in ("uplink", "downlink"):  # FLASC sparsifies both ways itself, SLoRA's stage 1 sends masked entries: no codec on top
         need(cls.sparse_messages is None or cfg.compression[key] == "none", f"compression.{key}",
              f"{cfg.compression[key]} does not work with strategy={name} ({cls.sparse_messages}); use compression=none")
     validate_server(cfg, need, one_of)

@@ -199,6 +199,26 @@ def seeded_lora_A(name: str, rank: int, in_features: int, seed: int) -> Tensor:
     return A
 
 
+def sparse_mask_size(shape: Sequence[int], density: float) -> int:
+    """How many entries :func:`sparse_mask` keeps of a weight of ``shape``: ``max(1, ⌈density · N⌉)``
+    (at most N), N its number of entries."""
+    n = _math.prod(int(d) for d in shape)
+    return min(n, max(1, _math.ceil(float(density) * n)))
+
+
+def sparse_mask(name: str, shape: Sequence[int], density: float, seed: int) -> Tensor:
+    """A fixed random mask of the weight of module ``name``: the sorted flat indices (int64) of
+    :func:`sparse_mask_size` entries drawn uniformly without replacement from a ``torch.Generator``
+    seeded as :func:`seeded_lora_A` seeds (``zlib.crc32(name, seed mod 2³²)``). It depends on the
+    name, shape, density and seed alone, never on data, so every node regenerates the same mask
+    (SLoRA's data-independent random mask) and the indices never travel."""
+    if not 0 < density <= 1:
+        raise ValueError(f"sparse_mask needs a density in (0, 1], got {density!r}")
+    n = _math.prod(int(d) for d in shape)
+    g = torch.Generator().manual_seed(_zlib.crc32(name.encode("utf-8"), int(seed) % 2**32))
+    return torch.randperm(n, generator=g)[: sparse_mask_size(shape, density)].sort().values
+
+
 def fresh_adapter(shapes: Mapping[str, tuple[int, int]], rank: int, scaling: float, seed: int) -> dict[str, LoraFactors]:
     """A fresh LoRA (peft's init: random ``A``, zero ``B``) that depends on ``seed`` alone, so the
     server can compute the start of a client told to begin fresh (FLoRA, FlexLoRA's first round)

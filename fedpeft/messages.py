@@ -120,7 +120,9 @@ def encode(
     ``config["A_seed"]`` by :func:`fedpeft.lora.seeded_lora_A`; RoLoRA's reply: the receiver has the
     frozen A it sent, :func:`decode`'s ``kept``), ``send_B=False`` every ``B`` (RoLoRA's reply, whose
     B is frozen; FedSA-LoRA both ways, each client keeping its own: ``out_features/<module>`` lets the
-    receiver decode a zero ``B`` in its place, which it replaces); never both; ``merges`` carries FLoRA's
+    receiver decode a zero ``B`` in its place, which it replaces); both: the head alone (SLoRA's
+    stage-1 reply, whose LoRA is frozen and whose masked base values are head tensors, which
+    :func:`decode` decodes as an empty adapter); ``merges`` carries FLoRA's
     merges of the base versions the receiver has not applied yet: per module stacked factors
     (scaling 1) or a dense ``ΔW``, or already encoded (:class:`EncodedMerge`, whose ``Array``
     objects are put into this message as they are, not copied).
@@ -130,8 +132,6 @@ def encode(
     from it. ``residual`` is the sender's top-k error-feedback memory, updated in place. ``joint``:
     top-k keeps k entries among all the arrays together (FLASC), not k of each."""
     cfg: dict[str, Any] = dict(config)
-    if not send_A and not send_B:
-        raise ValueError("send_A=False and send_B=False: an adapter travels with at least one factor")
     tensors = tensors_of(adapter, head, send_A=send_A, send_B=send_B)
     for name, f in adapter.items():
         if not send_A:
@@ -387,11 +387,9 @@ def check_reply_layout(
         declared = {k: _dims(f"array {k!r}", a.shape) for k, a in record.items()}
     else:
         declared = {k[len("shape/"):]: _dims(k, v) for k, v in cfg.items() if k.startswith("shape/")}
-    if not (send_A or send_B):
-        raise UpdateError("neither A nor B was to be sent: nothing to check")
-    rank = max(ranks)
+    rank = max(ranks)  # neither factor sent back (SLoRA's stage 1): the rank the client was given
     part, axis = ("B", 1) if send_B else ("A", 0)
-    for i, m in enumerate(sorted(shapes)):  # the rank: B's columns (A's rows), one of ``ranks``, the same in every module
+    for i, m in enumerate(sorted(shapes) if send_A or send_B else ()):  # the rank: B's columns (A's rows), one of ``ranks``, the same in every module
         s = declared.get(f"{part}/{m}")
         if s is None:
             raise UpdateError(f"array '{part}/{m}' is missing")

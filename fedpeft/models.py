@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.utils import logging as hf_logging
 
 from fedpeft import assets, methods
-from fedpeft.lora import LoraFactors, fresh_adapter
+from fedpeft.lora import LoraFactors, fresh_adapter, sparse_mask
 from fedpeft.methods import PeftMethod
 from strategies.base import GlobalModel
 
@@ -520,6 +520,51 @@ class HeldDelta:
             else:
                 return out
             return (out.float() + d).to(out.dtype)
+
+
+class SparseDelta:
+    """SLoRA's stage 1 on one LoRA module: trainable values ``v`` at a fixed mask of its frozen base
+    weight, ``ΔW = scatter(v, mask)``, added by a forward hook on the base layer,
+    ``y = base(x) + x ΔWᵀ`` (float32, autocast off, cast to the base output's dtype), so the
+    module computes ``(W_0 + ΔW) x`` plus its LoRA term and only the masked entries of ``W`` train
+    (the gradient of ``v`` is the base weight's gradient at the mask). The base weight itself is
+    never written: :meth:`remove` leaves the layer as it was. ``v`` is not registered in the model
+    (no parameter, buffer or state-dict entry): the caller hands it to its optimizer."""
+
+    def __init__(self, lay, mask: torch.Tensor, values: torch.Tensor) -> None:
+        self.shape = _weight_shape(lay)
+        device = lay.base_layer.weight.device
+        if mask.dim() != 1 or values.shape != mask.shape:
+            raise ValueError(f"sparse delta: {tuple(values.shape)} values for a mask of {tuple(mask.shape)} entries")
+        self.mask = mask.to(device)
+        self.values = torch.nn.Parameter(values.detach().to(device, torch.float32).clone())
+        self.handle = lay.base_layer.register_forward_hook(self.hook)
+
+    @classmethod
+    def attach(cls, lm: "LoadedModel", values: Mapping[str, torch.Tensor], density: float, seed: int) -> dict[str, "SparseDelta"]:
+        """One per LoRA module of ``lm``, on its mask :func:`fedpeft.lora.sparse_mask` ``(module, shape,
+        density, seed)``, starting from ``values[module]``; a module missing from ``values`` or
+        ``values`` of the wrong size is a ``ValueError`` naming it, and nothing is attached."""
+        if set(values) != set(lm.modules):
+            raise ValueError(f"sparse delta: values for modules {sorted(values)[:3]}, the model's are {sorted(lm.modules)[:3]}")
+        masks = {m: sparse_mask(m, _weight_shape(layer(lm, m)), density, seed) for m in lm.modules}
+        for m, mask in masks.items():
+            if tuple(values[m].shape) != tuple(mask.shape):
+                raise ValueError(f"sparse delta of {m}: {tuple(values[m].shape)} values, its mask has {mask.numel()} entries")
+        return {m: cls(layer(lm, m), masks[m], values[m]) for m in lm.modules}
+
+    def dense(self) -> torch.Tensor:
+        """``ΔW [out × in]`` (float32, differentiable in ``values``)."""
+        flat = torch.zeros(self.shape[0] * self.shape[1], device=self.values.device, dtype=torch.float32)
+        return flat.scatter(0, self.mask, self.values).view(self.shape)
+
+    def hook(self, module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        with torch.autocast(x.device.type, enabled=False):
+            return (out.float() + torch.nn.functional.linear(x.float(), self.dense())).to(out.dtype)
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 def fresh_init(lm: LoadedModel, seed: int) -> None:

@@ -26,6 +26,9 @@ The wire keys (plain scalars; a key is present only where it says something):
 ``prox_mu``         FedProx's proximal term (:class:`Proximal`): its μ (> 0; absent: no term)
 ``upload_density``  FLASC's sparse upload: the client sends the top-k of its whole update (all
                     its tensors together, no error feedback) at this density in (0, 1]
+``sparse_density``, SLoRA's stage 1 (:class:`SparseBase`): the client trains the base weights of
+``sparse_seed``     the LoRA modules on a fixed random mask (:func:`fedpeft.lora.sparse_mask`), not
+                    the LoRA factors; the masked values travel as ``head/sparse_base/<module>``
 ``scaffold``        ``True``: SCAFFOLD (:mod:`fedpeft.scaffold`): the message carries the server's
                     control variate ``c`` of the tensors the client trains; it corrects each
                     step's gradient by ``c − c_i``, keeps ``c_i`` and sends back ``Δc_i``
@@ -47,6 +50,7 @@ Scalar = int | float | str | bool
 
 FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED, SCAFFOLD = "freeze_A", "freeze_B", "personal_B", "A_seed", "init_seed", "scaffold"
 UPLOAD_DENSITY = "upload_density"
+SPARSE = "sparse_base/"  # a head tensor named SPARSE + <module>: SLoRA's stage-1 values of that module's masked base entries
 KEPT_STATE = ("B",)  # the per-client state a plan may keep: FedSA-LoRA's B
 
 
@@ -186,10 +190,40 @@ class Proximal:
         return 0.5 * float(self.mu) * total
 
 
+@dataclass(frozen=True)
+class SparseBase:
+    """SLoRA's stage 1 (Babakniya et al. 2023): the client trains the base weight of every LoRA
+    module on the mask :func:`fedpeft.lora.sparse_mask` ``(module, shape, density, seed)`` — a delta
+    ``ΔW = scatter(v, mask)`` beside the frozen base, starting from the values ``v`` the payload's
+    head holds as ``sparse_base/<module>`` — and sends back the trained values ``v`` in the same
+    place; its LoRA factors are frozen (``B = 0``) and not sent."""
+
+    density: float
+    seed: int
+    KEYS: ClassVar[tuple[str, ...]] = ("sparse_density", "sparse_seed")
+
+    def __post_init__(self) -> None:
+        _number("sparse_density", self.density)
+        _integer("sparse_seed", self.seed)
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"client plan: sparse_density is {self.density!r}, expected a number in (0, 1]")
+
+    def to_config(self) -> dict[str, Scalar]:
+        return {"sparse_density": self.density, "sparse_seed": self.seed}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> SparseBase:
+        missing = [k for k in cls.KEYS if k not in cfg]
+        if missing:
+            raise ValueError(f"client plan: {missing[0]} is missing (SLoRA's stage 1 needs {', '.join(cls.KEYS)})")
+        return cls(density=cfg["sparse_density"], seed=cfg["sparse_seed"])
+
+
 # The loss terms and finalisations the wire knows, each with its own keys (``KEYS``, ``to_config``,
 # ``from_config``); a new one is added here.
 TERMS: tuple[type, ...] = (SelfPruning,)
-KEYS = frozenset({FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED, UPLOAD_DENSITY, SCAFFOLD, *Proximal.KEYS, *(k for t in TERMS for k in t.KEYS)})  # type: ignore[attr-defined]
+KEYS = frozenset({FREEZE_A, FREEZE_B, PERSONAL_B, A_SEED, INIT_SEED, UPLOAD_DENSITY, SCAFFOLD, *Proximal.KEYS, *SparseBase.KEYS,
+                  *(k for t in TERMS for k in t.KEYS)})  # type: ignore[attr-defined]
 """Every wire key a plan may use; the rest of a message's config is the server's header."""
 
 
@@ -208,7 +242,9 @@ class ClientPlan:
     the client's reply is the top-k of its update ``Δ = θ − θ_start`` (every tensor it sends back,
     together: :func:`fedpeft.compression.topk_sparsify_joint`) at this density, without error
     feedback (FLASC); None: the run's ``compression.uplink``. ``scaffold``: SCAFFOLD's
-    control variates on the tensors it trains and sends back (:mod:`fedpeft.scaffold`).
+    control variates on the tensors it trains and sends back (:mod:`fedpeft.scaffold`). ``sparse``:
+    SLoRA's stage 1 (:class:`SparseBase`): masked base entries are trained instead of the LoRA
+    factors, which it leaves frozen (``train_A`` and ``train_B`` false) and does not send.
     """
 
     train_A: bool = True
@@ -221,13 +257,18 @@ class ClientPlan:
     proximal: Proximal | None = None
     upload_density: float | None = None
     scaffold: bool = False
+    sparse: SparseBase | None = None
 
     def __post_init__(self) -> None:
         _flag(FREEZE_A, self.train_A)
         _flag(SCAFFOLD, self.scaffold)
         _flag(FREEZE_B, self.train_B)
-        if not (self.train_A or self.train_B):
+        if self.sparse is not None and not isinstance(self.sparse, SparseBase):
+            raise ValueError(f"client plan: sparse is {self.sparse!r}, expected a SparseBase")
+        if self.sparse is None and not (self.train_A or self.train_B):
             raise ValueError(f"client plan: {FREEZE_A} and {FREEZE_B} together leave no LoRA factor to train")
+        if self.sparse is not None and (self.train_A or self.train_B or self.scaffold or self.keep):
+            raise ValueError(f"client plan: sparse_density trains masked base entries; it needs {FREEZE_A} and {FREEZE_B}, no scaffold, nothing kept")
         for key, seed in ((A_SEED, self.A_seed), (INIT_SEED, self.init_seed)):
             if seed is not None:
                 _integer(key, seed)
@@ -297,6 +338,8 @@ class ClientPlan:
             cfg[UPLOAD_DENSITY] = self.upload_density
         if self.scaffold:
             cfg[SCAFFOLD] = True
+        if self.sparse is not None:
+            cfg.update(self.sparse.to_config())
         return cfg
 
     @classmethod
@@ -322,6 +365,7 @@ class ClientPlan:
             proximal=Proximal.from_config(cfg) if "prox_mu" in cfg else None,
             upload_density=cfg.get(UPLOAD_DENSITY),
             scaffold=cfg.get(SCAFFOLD, False),
+            sparse=SparseBase.from_config(cfg) if any(k in cfg for k in SparseBase.KEYS) else None,
         )
 
 

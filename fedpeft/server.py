@@ -512,7 +512,8 @@ class FlowerAdapter(FlowerStrategy):
         n, metrics = self.check_counts(node, content)
         # a factor the client kept frozen is not in its reply: the one it was sent (RoLoRA)
         dec = messages.decode(content, reference, kept=None if up_A and up_B else payload.adapter)
-        messages.check_update(dec.adapter, dec.head, self.shapes, max(ranks), payload.head)
+        # neither factor sent back (SLoRA's stage 1, frozen LoRA): the update is its head alone
+        messages.check_update(dec.adapter, dec.head, self.shapes if up_A or up_B else {}, max(ranks), payload.head)
         self.controls[node] = control
         return ClientUpdate(client_id=spec.client_id, adapter=dec.adapter, head=dec.head, num_examples=n), metrics
 

@@ -340,7 +340,7 @@ class Federation:
         from fedpeft.server import load_global
 
         if not self.tracker.checkpoint_dir(last).is_dir():
-            load_global(self.lm, self.adapter.model)
+            load_global(self.lm, self.adapter.strategy.evaluated(self.adapter.model))
             save_checkpoint(self.lm, self.tracker.checkpoint_dir(last))
             say(f"resume: {self.tracker.checkpoint_dir(last)} was missing: written again from {self.run_dir / STATE}")
         gone = [r for r in range(last) if not self.tracker.checkpoint_dir(r).is_dir()]
@@ -442,7 +442,7 @@ class Federation:
 
         if self.cfg.privacy.mode == "central":  # Flower's DP wrapper noised the aggregate
             self.adapter.adopt(arrays)
-        load_global(self.lm, self.adapter.model)  # what the round's checkpoint saves
+        load_global(self.lm, self.adapter.strategy.evaluated(self.adapter.model))  # what the round's checkpoint saves (SLoRA: stage 1 as an adapter)
         row: dict[str, Any] = {}
         if self.adapter.strategy.personalized:
             personal = self.adapter.personal.get(server_round, {})

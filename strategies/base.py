@@ -145,16 +145,18 @@ class Strategy:
       plans; ``no_proximal``: why a strategy without the field cannot take it (config validation
       refuses ``strategy.prox_mu`` with it in one line);
     - ``sparse_messages``: why the run's codecs (``compression.*``) cannot be combined with it,
-      where it sparsifies its own messages both ways (FLASC); its :meth:`sparse_links` then gives
-      the densities. None (default): it sends what it computes and the codecs apply;
+      where it sparsifies its own messages (FLASC, both ways; SLoRA's stage 1, masked entries); FLASC's
+      :meth:`sparse_links` then gives the densities. None (default): it sends what it computes and the codecs apply;
     - ``scaffold`` (a config field, SCAFFOLD, :mod:`fedpeft.scaffold`): a strategy whose clients train
       same-shaped global tensors and whose aggregate's change in factor space is the round's update
       declares the field ``scaffold: bool = False`` and puts it into its plans; one that declares
       ``no_server_optimizer`` cannot take it, for that reason (its factors' change is not the update);
+    - ``no_quantized_base``: why it cannot run over a bitsandbytes-quantized base
+      (``model.quantization=4bit | 8bit``; config validation refuses it in one line); None (default): it can;
     - ``no_secure_aggregation``: why Flower's SecAgg+ (``secagg.enabled``, :mod:`fedpeft.secagg`),
       which reveals only the weighted mean of the clients' tensors, cannot feed its aggregate; None:
       its :meth:`aggregate` of that mean as one update equals its aggregate of the updates;
-    - :meth:`reply_ranks`, :meth:`init`, :meth:`round_metrics`, and :meth:`server_state` (what it
+    - :meth:`reply_ranks`, :meth:`init`, :meth:`round_metrics`, :meth:`evaluated`, and :meth:`server_state` (what it
       keeps on the server between rounds besides the global model: HetLoRA's pruned ranks).
     """
 
@@ -174,6 +176,7 @@ class Strategy:
     effective_updates: ClassVar[str | None] = None
     no_proximal: ClassVar[str] = "its clients do not start from the global adapter"
     sparse_messages: ClassVar[str | None] = None
+    no_quantized_base: ClassVar[str | None] = None
     no_secure_aggregation: ClassVar[str | None] = "its aggregate is not a weighted mean of its clients' same-shaped tensors"
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -275,6 +278,12 @@ class Strategy:
     def aggregate(self, model: GlobalModel, updates: list[ClientUpdate]) -> GlobalModel:
         """The next global model from this round's updates."""
         raise NotImplementedError(f"strategy={self.name} implements no aggregate")
+
+    def evaluated(self, model: GlobalModel) -> GlobalModel:
+        """The global model as the server evaluates and saves it: by default ``model`` itself; a
+        strategy whose state holds more than an adapter and a head (SLoRA's stage-1 sparse update)
+        gives the same effective weights as one."""
+        return model
 
     def round_metrics(self, model: GlobalModel, updates: list[ClientUpdate]) -> dict[str, float]:
         """Diagnostics of the round's aggregation, logged with the round's metrics (FedAvg's

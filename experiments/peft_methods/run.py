@@ -29,7 +29,8 @@ sys.path.insert(0, str(HERE.parent))
 from sweep import report, run_sweep, select, with_seeds, write_claims  # noqa: E402
 
 METHODS = ["lora", "rslora", "dora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "prefix_tuning", "bitfit"]
-STRATEGIES = ["fedex_lora", "fedsa_lora", "rolora", "federa", "fed_sb", "flasc"]  # FLASC: its default densities, ¼ down and ¼ up
+# FLASC: its default densities, ¼ down and ¼ up; SLoRA: its defaults, 1 round of stage 1 at 1% density, then LoRA
+STRATEGIES = ["fedex_lora", "fedsa_lora", "rolora", "federa", "fed_sb", "flasc", "slora"]
 # (claim, better, worse): each paper's claim as "better ≥ worse" in final test accuracy, against
 # FedAvg of plain LoRA at the same rank, rounds and local steps. FedSA-LoRA is in none: its accuracy
 # is the mean over the clients' own held-out splits, not the server's test set.
@@ -41,6 +42,7 @@ CLAIMS = [
     ("FeDeRA ≥ FedAvg-LoRA under non-IID data (Yan et al. 2024)", "federa", "fedavg_lora"),
     ("Fed-SB ≥ FedAvg-LoRA at a fraction of the bytes (Singhal et al. 2025)", "fed_sb", "fedavg_lora"),
     ("FLASC ≥ FedAvg-LoRA sending ¼ of the entries each way (Kuo et al. 2024: it matches dense LoRA)", "flasc", "fedavg_lora"),
+    ("SLoRA ≥ FedAvg-LoRA (Babakniya et al. 2023)", "slora", "fedavg_lora"),
     *((f"{m} learns: above the majority class", f"fedavg_{m}", f"majority:fedavg_{m}") for m in METHODS),
 ]
 

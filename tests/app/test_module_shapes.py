@@ -107,8 +107,9 @@ PLANS = {
     "flasc": ([[4, 4]], 4),  # a dense global A, B at r=4 (the download's top-k is the plan's, not the model's)
 }
 # Covered elsewhere: their global model is no LoRA adapter of the server's (FedSA-LoRA: B stays with
-# the clients; Fed-SB: peft=lora_xs), or needs the base weights at init (FeDeRA: test_exact_strategies).
-ELSEWHERE = {"fedsa_lora", "fed_sb", "federa"}
+# the clients; Fed-SB: peft=lora_xs), or needs the base weights at init (FeDeRA: test_exact_strategies;
+# SLoRA: tests/app/test_slora.py, whose stage-1 model the server loads as an exact full-rank adapter).
+ELSEWHERE = {"fedsa_lora", "fed_sb", "federa", "slora"}
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ def test_help_shows_defaults_descriptions_and_groups(tmp_path, monkeypatch, caps
     code, out, err = run_cli(["simulate", "--help"], tmp_path, monkeypatch, capsys)
     assert code == 0
     lines = out.splitlines()
-    assert "strategy: dp_lora, fed_sb, fedavg, federa, fedex_lora, fedsa_lora, ffa_lora, flasc, flexlora, flora, hetlora, raflora, rolora" in lines
+    assert "strategy: dp_lora, fed_sb, fedavg, federa, fedex_lora, fedsa_lora, ffa_lora, flasc, flexlora, flora, hetlora, raflora, rolora, slora" in lines
     assert any(line.startswith("peft: bitfit, dora, ia3") for line in lines)
     assert "clients: 10  # How many clients (data partitions) the federation has" in lines
     assert any(line.startswith("  gamma: 0.99  # [hetlora] γ:") for line in lines)  # a key only some strategies read names them

@@ -122,8 +122,16 @@ def test_ffa_payloads_leave_A_out_and_the_receiver_regenerates_it():
     with pytest.raises(messages.UpdateError, match="no A_seed to regenerate it"):
         messages.decode(unseeded)
     assert all(torch.equal(f.A, A[m]) for m, f in messages.decode(unseeded, kept=ad).adapter.items())
-    with pytest.raises(ValueError, match="at least one factor"):
-        messages.encode(ad, HEAD, {}, send_A=False, send_B=False)
+    # Neither factor (SLoRA's stage-1 reply): the head alone, an empty adapter, the layout still checked.
+    bare = messages.encode(ad, HEAD, {}, send_A=False, send_B=False)
+    assert set(bare.array_records[messages.ARRAYS]) == {f"head/{h}" for h in HEAD}
+    dec = messages.decode(bare)
+    assert dec.adapter == {} and all(torch.equal(dec.head[h], t) for h, t in HEAD.items())
+    shapes = {m: (6, 8) for m in ad}
+    head_shapes = {h: tuple(t.shape) for h, t in HEAD.items()}
+    assert messages.check_reply_layout(bare, shapes, head_shapes, (4,), scaling=2.0, send_A=False, send_B=False) == 4
+    with pytest.raises(messages.UpdateError, match="unexpected array 'B/l0.q'"):
+        messages.check_reply_layout(messages.encode(ad, HEAD, {}, send_A=False), shapes, head_shapes, (4,), scaling=2.0, send_A=False, send_B=False)
 
 
 def test_merges_travel_with_their_versions():

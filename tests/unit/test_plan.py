@@ -51,13 +51,18 @@ def payloads(name: str, **kwargs):
     """(label, payload) of strategy ``name``: clients 0 and 3 at rank 4 on a rank-8 server, and where
     the strategy has one, its other kind of round (a fresh start, RoLoRA's other factor)."""
     s = strategies.build(name, **kwargs)
-    g = s.init(model(), base_weights={m: torch.randn(o, i) for m, (o, i) in SHAPES.items()}) if name == "federa" else s.init(model())
+    g = s.init(model(), base_weights={m: torch.randn(o, i) for m, (o, i) in SHAPES.items()}) if s.needs_base_weights else s.init(model())
     out = [(f"client {c}", s.payload(g, ClientSpec(c, 4, 8.0))) for c in (0, 3)]
     if name in ("ffa_lora", "hetlora"):
         out.append(("fresh", s.payload(s.init(GlobalModel({})), ClientSpec(3, 4, 8.0))))
     if name == "rolora":
         out.append(("round 2", s.payload(GlobalModel(g.adapter, aggregations=1), ClientSpec(3, 4, 8.0))))
+    if name == "slora":  # stage 2: plain FedAvg
+        out.append(("stage 2", s.payload(GlobalModel(g.adapter, aggregations=1), ClientSpec(3, 4, 8.0))))
     return out
+
+
+SLORA = {"freeze_A": True, "freeze_B": True}  # stage 1: the LoRA factors stay frozen; masked base entries train
 
 
 # What each strategy's payloads put on the wire, key order and value types included (the bytes of
@@ -76,6 +81,7 @@ WIRE = {
     "rolora": [{"freeze_A": True}, {"freeze_A": True}, {"freeze_B": True}],
     "fedsa_lora": [{"personal_B": True}, {"personal_B": True}],
     "flasc": [{"upload_density": 0.25}, {"upload_density": 0.25}],
+    "slora": [{**SLORA, "init_seed": 0, "sparse_density": 0.01, "sparse_seed": 0}] * 2 + [{}],
 }
 
 
@@ -110,6 +116,7 @@ def test_what_travels_down_and_up(name):
         "ffa_lora": ((False, True), (False, True)),  # A regenerated from A_seed both ways
         "rolora": ((True, True), (False, True)),  # round 1 trains B: the frozen A is not sent back
         "fedsa_lora": ((True, False), (True, False)),  # B is the client's own
+        "slora": ((True, True), (False, False)),  # stage 1: an empty payload adapter (a seeded fresh LoRA); no factor goes back
     }.get(name, ((True, True), (True, True)))
     _, p = payloads(name)[0]
     assert (p.plan.downlink, p.plan.uplink) == want

@@ -321,7 +321,7 @@ def test_refusals_are_one_line_naming_both_sides(override, expected, tmp_path, m
     line = config_error(["simulate", *override.split()], tmp_path, monkeypatch, capsys)
     assert expected in line, line
     if "does not work with strategy=" in expected:
-        assert "; use strategy=dp_lora | fed_sb | fedavg | federa | fedsa_lora | ffa_lora | flasc | rolora, or server.robust=krum | multi_krum" in line
+        assert "; use strategy=dp_lora | fed_sb | fedavg | federa | fedsa_lora | ffa_lora | flasc | rolora | slora, or server.robust=krum | multi_krum" in line
 
 
 @pytest.mark.parametrize("words, expected", [
