@@ -548,8 +548,11 @@ def leading_svd(
 
     Costs ``2 + 2q`` products of width ``l`` in the input dtype, then two of width
     ``l + probes`` in float64 (two more per refinement, one of width ``probes`` when the sharper
-    ``e`` is needed), against the exact path's QRs of the ``out × rank`` and ``in × rank`` stacks.
-    Deterministic given ``seed`` (a CPU generator; the sketch is moved to the factors' device).
+    ``e`` is needed), against the exact path's QRs of the ``out × rank`` and ``in × rank`` stacks;
+    the float64 ones read the float32 stacks chunk by chunk where that is faster
+    (:func:`_float64_products`: the same float64 products, no float64 copies of the stacks).
+    Deterministic given ``seed`` on a given machine (a CPU generator; the sketch is moved to the
+    factors' device; which BLAS runs the products is fixed per machine, :func:`_intel_mkl`).
     """
     if k <= 0 or probes <= 0:
         raise ValueError(f"leading_svd needs a positive k and probes, got {k} and {probes}")
