@@ -11,6 +11,7 @@ into its ``A`` block, so the stacked factors carry scaling 1.
 
 from __future__ import annotations
 
+import functools as _functools
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -372,9 +373,15 @@ def _mm(X: Tensor, Y: Tensor) -> Tensor:
     """``X @ Y``. On the CPU through NumPy's BLAS (zero-copy views; transposed views are passed as
     such): on this project's AMD CPUs NumPy's OpenBLAS runs these tall-skinny products faster than
     torch's MKL — float64 3–5× (130–260 ms against 45–50 ms for a 1600 × 4096 by 4096 × 82 product),
-    float32 ~1.2× (47 against 39 ms for ``B (A X)`` at 4096 × 1600 × 72)."""
+    float32 ~1.2× (47 against 39 ms for ``B (A X)`` at 4096 × 1600 × 72). On an Intel CPU
+    (:func:`_intel_mkl`) torch's MKL, which is the faster there (float32: 7.0–7.5 against 7.8–9.3 ms
+    for ``A Ω``, ``B (A Ω)`` and ``Bᵀ Q`` at 1600 × 4096 and 72 columns), with a transposed large ``X``
+    (``Bᵀ``) as ``(Yᵀ Xᵀ)ᵀ``: MKL runs that one ~1.4× faster with the thin operand on the left."""
     if X.device.type == "cpu" and Y.device.type == "cpu" and X.dtype == Y.dtype and X.dtype in (torch.float32, torch.float64):
-        return torch.from_numpy(_np.matmul(X.detach().numpy(), Y.detach().numpy()))
+        if not _intel_mkl():
+            return torch.from_numpy(_np.matmul(X.detach().numpy(), Y.detach().numpy()))
+        if X.mT.is_contiguous() and not X.is_contiguous() and Y.shape[1] < X.shape[0]:
+            return (Y.mT.contiguous() @ X.mT).mT
     return X @ Y
 
 
@@ -388,6 +395,68 @@ def _mm_thin(X: Tensor, Y: Tensor) -> Tensor:
         Yt = _np.ascontiguousarray(Y.detach().numpy().T)
         return torch.from_numpy(_np.matmul(Yt, X.detach().numpy().T).T)
     return X @ Y
+
+
+@_functools.cache
+def _intel_mkl() -> bool:
+    """Whether torch's CPU products run on MKL on an Intel CPU (``vendor_id`` in ``/proc/cpuinfo``).
+    There MKL's float64 products of the stacks with a thin matrix beat NumPy's OpenBLAS (16–18 against
+    18–20 ms for 1600 × 4096 by 4096 × 82, one thread, an AVX-512 Xeon), and MKL's ``addmm_``
+    accumulates in place, which chunked products need (:func:`_float64_products`); on AMD CPUs MKL
+    was 3–5× slower than OpenBLAS in float64 (:func:`_mm`). Fixed per machine, so results are
+    reproducible on it."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in fh)
+    except OSError:
+        return False
+
+
+def _float64_products(A: Tensor, B: Tensor, s: float, chunk: int = 256):
+    """``(apply, adjoint)``: ``X ↦ s·B(A X)`` and ``Z ↦ s·Aᵀ(Bᵀ Z)`` in float64 for float64 ``X``, ``Z``
+    — the products with ``ΔW = s·B A`` and ``ΔWᵀ`` that :func:`leading_svd`'s certificate needs. A
+    float32 ``A``, ``B`` is exact in float64, so both ways below compute the same float64 products (up
+    to the order of summation):
+
+    * on an Intel CPU with MKL (:func:`_intel_mkl`), ``chunk`` rows (or columns) at a time are copied
+      into one reused float64 buffer of ``min(chunk, rank) · max(out, in)`` elements and multiplied there, the
+      sums over the stacked rank accumulated by ``addmm_``: no float64 copies of the stacks (at
+      1600 × 4096 they take ~20 ms to write; converting a chunk that the product then reads from
+      cache costs ~4 ms a pass);
+    * elsewhere, float64 copies of ``A`` and ``B`` made once (:func:`_as64`) and :func:`_mm_thin`."""
+    if A.device.type != "cpu" or A.dtype == torch.float64 or not _intel_mkl():
+        A64, B64 = _as64(A), _as64(B)
+        return (lambda X: s * _mm_thin(B64, _mm_thin(A64, X))), (lambda Z: s * _mm_thin(A64.mT, _mm_thin(B64.mT, Z)))
+    rank, (out_f, in_f) = A.shape[0], (B.shape[0], A.shape[1])
+    buf = torch.empty(min(chunk, rank) * max(out_f, in_f), dtype=torch.float64)  # never more than a stack
+
+    def apply(X: Tensor) -> Tensor:
+        Xt, Ut = X.mT.contiguous(), X.new_empty(X.shape[1], rank)  # Ut = (A X)ᵀ
+        for i in range(0, rank, chunk):
+            a = buf[: min(chunk, rank - i) * in_f].view(-1, in_f).copy_(A[i : i + chunk])
+            torch.mm(Xt, a.mT, out=Ut[:, i : i + chunk])
+        Ut *= s
+        Y = X.new_zeros(out_f, X.shape[1])
+        for i in range(0, rank, chunk):
+            b = buf[: out_f * min(chunk, rank - i)].view(out_f, -1).copy_(B[:, i : i + chunk])
+            Y.addmm_(b, Ut[:, i : i + chunk].mT)
+        return Y
+
+    def adjoint(Z: Tensor) -> Tensor:
+        Zt, Pt = Z.mT.contiguous(), Z.new_empty(Z.shape[1], rank)  # Pt = (Bᵀ Z)ᵀ
+        for i in range(0, rank, chunk):
+            b = buf[: out_f * min(chunk, rank - i)].view(out_f, -1).copy_(B[:, i : i + chunk])
+            torch.mm(Zt, b, out=Pt[:, i : i + chunk])
+        Pt *= s
+        Tt = Z.new_zeros(Z.shape[1], in_f)
+        for i in range(0, rank, chunk):
+            a = buf[: min(chunk, rank - i) * in_f].view(-1, in_f).copy_(A[i : i + chunk])
+            Tt.addmm_(Pt[:, i : i + chunk], a)
+        return Tt.mT
+
+    return apply, adjoint
 
 
 def _as64(X: Tensor) -> Tensor:
@@ -499,8 +568,11 @@ def leading_svd(
 
     Costs ``2 + 2q`` products of width ``l`` in the input dtype, then two of width
     ``l + probes`` in float64 (two more per refinement, one of width ``probes`` when the sharper
-    ``e`` is needed), against the exact path's QRs of the ``out × rank`` and ``in × rank`` stacks.
-    Deterministic given ``seed`` (a CPU generator; the sketch is moved to the factors' device).
+    ``e`` is needed), against the exact path's QRs of the ``out × rank`` and ``in × rank`` stacks;
+    the float64 ones read the float32 stacks chunk by chunk where that is faster
+    (:func:`_float64_products`: the same float64 products, no float64 copies of the stacks).
+    Deterministic given ``seed`` on a given machine (a CPU generator; the sketch is moved to the
+    factors' device; which BLAS runs the products is fixed per machine, :func:`_intel_mkl`).
     """
     if k <= 0 or probes <= 0:
         raise ValueError(f"leading_svd needs a positive k and probes, got {k} and {probes}")
@@ -529,19 +601,19 @@ def leading_svd(
         Q = _orth(_mm(B, _mm(A, _orth(T, passes=1, gram=G).to(work))), passes=1)
     V0 = _orth(T, gram=G)
     # Rayleigh–Ritz and the certificate, in float64.
-    A64, B64 = _as64(A), _as64(B)
+    dW, dWt = _float64_products(A, B, s)  # X ↦ ΔW X, Z ↦ ΔWᵀ Z
     c = alpha * _math.sqrt(2 / _math.pi)
     chi = _chi2_factor(probes, alpha)
     bound, gap = float("nan"), False
     for attempt in range(refine + 1):
-        Y = s * _mm_thin(B64, _mm_thin(A64, torch.cat([V0, probe], dim=1)))  # ΔW [V₀ | ω]
+        Y = dW(torch.cat([V0, probe], dim=1))  # ΔW [V₀ | ω]
         Yl = Y[:, :l]
         theta, W = torch.linalg.eigh(_mm(Yl.mT, Yl))
         theta, W = theta.flip(0).clamp_min(0), W.flip(1).contiguous()  # descending
         V = _mm(V0, W)
         DV = _mm(Yl, W)  # ΔW V = U Σ
         Ew = Y[:, l:] - DV @ (V.mT @ probe)  # E ω = ΔW(I − VVᵀ) ω
-        T = s * _mm_thin(A64.mT, _mm_thin(B64.mT, torch.cat([DV, Ew], dim=1)))  # ΔWᵀ [ΔW V | Eω]
+        T = dWt(torch.cat([DV, Ew], dim=1))  # ΔWᵀ [ΔW V | Eω]
         GV = T[:, :l]
         R = GV - V * theta  # G V − V Θ
         K = _mm(R.mT, R)
@@ -550,8 +622,7 @@ def leading_svd(
         f2 = float(Ew.square().sum(0).mean()) / chi  # ≤ ‖E‖_F²
         bound, gap, _ = _certify(theta, K, e2, k, tol, f2)
         if bound > tol and e2 > 0 and _certify(theta, K, 0.0, k, tol, f2)[0] <= tol:  # e matters: sharpen it
-            x = s * _mm_thin(B64, _mm_thin(A64, EtEw))
-            E3w = x - DV @ (V.mT @ EtEw)  # E Eᵀ E ω
+            E3w = dW(EtEw) - DV @ (V.mT @ EtEw)  # E Eᵀ E ω
             e2 = min(e2, (c * float(E3w.norm(dim=0).max())) ** (2 / 3))  # ≥ ‖EEᵀE‖₂^{2/3} = ‖E‖₂²
             bound, gap, _ = _certify(theta, K, e2, k, tol, f2)
         if bound <= tol:

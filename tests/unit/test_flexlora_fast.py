@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import fedpeft.lora as lora
 from fedpeft.lora import (
     FactorsWithLeading,
     LoraFactors,
@@ -338,3 +339,35 @@ def test_stack_is_unchanged_by_the_one_buffer_path():
     assert torch.equal(stack(factors, p).A, ref_A)
     mixed = [LoraFactors(f.A.to(F64), f.B.to(F64), f.scaling) if i == 0 else f for i, f in enumerate(factors)]
     assert stack(mixed, p).A.dtype == F64  # mixed dtypes: promoted as torch.cat does
+
+
+@pytest.mark.parametrize("mkl", [True, False])
+def test_the_certificates_float64_products_equal_those_of_float64_copies_of_the_stacks(monkeypatch, mkl):
+    """Chunked through one float64 buffer (MKL on Intel) or from float64 copies (elsewhere): the
+    same float64 products, chunks of 64 over a stacked rank of 150 (two full and one partial)."""
+    monkeypatch.setattr(lora, "_intel_mkl", lambda: mkl)
+    g = torch.Generator().manual_seed(11)
+    A, B = torch.randn(150, 90, generator=g), torch.randn(70, 150, generator=g)
+    X, Z = torch.randn(90, 7, generator=g, dtype=F64), torch.randn(70, 5, generator=g, dtype=F64)
+    dW, dWt = lora._float64_products(A, B, 0.3, chunk=64)
+    ref, ref_t = 0.3 * (B.to(F64) @ (A.to(F64) @ X)), 0.3 * (A.to(F64).mT @ (B.to(F64).mT @ Z))
+    assert dW(X).dtype == F64 and torch.allclose(dW(X), ref, rtol=1e-13, atol=1e-13 * float(ref.abs().max()))
+    assert torch.allclose(dWt(Z), ref_t, rtol=1e-13, atol=1e-13 * float(ref_t.abs().max()))
+    for Xl, Yr in ((A, X.float()), (B.mT, Z.float()), (X.mT, X)):  # _mm, transposed stacks included
+        assert torch.allclose(lora._mm(Xl, Yr), Xl @ Yr, rtol=1e-5, atol=1e-5 * float((Xl @ Yr).abs().max()))
+
+
+def test_leading_svd_is_certified_alike_on_either_blas(monkeypatch):
+    ranks = cycle(40)
+    factors, p = decaying(480, 400, ranks, seed=12, floor=True)
+    st = stack(factors, p)
+    W = st.B.to(F64) @ st.A.to(F64)
+    S = torch.linalg.svdvals(W)
+    runs = []
+    for mkl in (True, False):
+        monkeypatch.setattr(lora, "_intel_mkl", lambda mkl=mkl: mkl)
+        runs.append(leading_svd(st, 16, seed=3))
+    for r in runs:
+        assert r.method == "randomized" and r.bound <= 1e-5
+        assert max(excess(W, S, r.U, r.S, r.V, j) for j in (1, 4, 16)) <= 1e-5 + 1e-6  # + the float32 cast
+    assert torch.allclose(runs[0].S, runs[1].S, rtol=1e-5)
