@@ -85,7 +85,8 @@ def report(sweep_dir: Path, out_dir: Path, title: str, metric: str = "accuracy")
     in ``out_dir`` (the claims) is rewritten from nothing."""
     from fedpeft import compare
 
-    rc = compare.main([str(sweep_dir), "--out", str(out_dir), "--metric", metric, "--title", title])
+    # the runs' paths in runs.csv relative to the current folder (the repo root) where the sweep is under it
+    rc = compare.main([str(compare.shown_path(sweep_dir)), "--out", str(out_dir), "--metric", metric, "--title", title])
     if rc:
         raise SystemExit(rc)
 

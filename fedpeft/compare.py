@@ -635,6 +635,13 @@ def display(path: Path, root: Path | None) -> str:
         return str(path)
 
 
+def shown_path(path: Path) -> Path:
+    """``path`` relative to the current folder where it is under it (a report names no machine's
+    absolute paths), else as it is."""
+    cwd = Path.cwd()
+    return path.relative_to(cwd) if path.is_relative_to(cwd) else path
+
+
 def common_parent(paths: list[Path]) -> Path:
     """The folder the runs share; a single run's parent (never inside a run directory)."""
     if not paths:
@@ -807,7 +814,7 @@ def write_report(groups: list[Group], problems: list[Run], out_dir: Path, metric
     direction = "lowest" if lower_is_better(metric) else "highest"
     md = [f"# {title}", ""]
     md.append(f"{len(runs)} complete run{'s' * (len(runs) != 1)} in {len(groups)} group{'s' * (len(groups) != 1)}"
-              + (f" (under `{root}`)" if root else "") + f". Metric: `{metric}`; final = the last round, best = the {direction}"
+              + (f" (under `{shown_path(root)}`)" if root else "") + f". Metric: `{metric}`; final = the last round, best = the {direction}"
               " over rounds 1..R; mean ± sample std (ddof = 1) over a group's seeds; MB = bytes summed over the rounds / 1e6, mean"
               " over seeds. Only complete runs are in the aggregates"
               + (f"; {len(problems)} incomplete run{'s are' if len(problems) != 1 else ' is'} listed below." if problems else "."))
