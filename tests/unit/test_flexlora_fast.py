@@ -371,3 +371,33 @@ def test_leading_svd_is_certified_alike_on_either_blas(monkeypatch):
         assert r.method == "randomized" and r.bound <= 1e-5
         assert max(excess(W, S, r.U, r.S, r.V, j) for j in (1, 4, 16)) <= 1e-5 + 1e-6  # + the float32 cast
     assert torch.allclose(runs[0].S, runs[1].S, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mkl", [False, True])
+def test_torch_runs_on_one_thread_inside_the_openblas_route_and_gets_its_threads_back(monkeypatch, mkl):
+    """Where NumPy's OpenBLAS runs the large products (not Intel + MKL), torch's own ops inside
+    ``leading_svd`` run on one thread (its spinning OpenMP threads took the cores from OpenBLAS), and
+    torch's thread count is restored afterwards — also when the randomised path raises."""
+    monkeypatch.setattr(lora, "_intel_mkl", lambda: mkl)
+    seen = []
+    real_mm = lora._mm
+    monkeypatch.setattr(lora, "_mm", lambda X, Y: (seen.append(torch.get_num_threads()), real_mm(X, Y))[1])
+    factors, p = decaying(480, 400, cycle(40), seed=12, floor=True)
+    st = stack(factors, p)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        r = leading_svd(st, 16, seed=3)
+        assert r.method == "randomized" and r.bound <= 1e-5
+        assert seen and set(seen) == ({2} if mkl else {1})
+        assert torch.get_num_threads() == 2
+
+        def boom(*a, **k):
+            raise RuntimeError("inside")
+
+        monkeypatch.setattr(lora, "_randomized_leading", boom)
+        with pytest.raises(RuntimeError, match="inside"):
+            leading_svd(st, 16, seed=3)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
