@@ -196,7 +196,7 @@ def resume_config(run_dir: Path, overrides: list[str]):
     starts (:func:`fedpeft.serverapp.load_state`)."""
     from omegaconf import OmegaConf
 
-    from fedpeft.config import ConfigError, config_error_line, typed, validate
+    from fedpeft.config import ConfigError, config_error_line, reset_unread, typed, validate
     from fedpeft.preflight import check_writable
     from fedpeft.serverapp import load_state
 
@@ -207,7 +207,8 @@ def resume_config(run_dir: Path, overrides: list[str]):
         given = OmegaConf.from_dotlist(overrides)
     except Exception as e:
         raise ConfigError(f"resume: {config_error_line(e)}") from e
-    saved = OmegaConf.load(run_dir / "config.yaml")
+    original = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    saved = OmegaConf.create(reset_unread(original, warn=False))  # a key its strategy did not read: as it ran, at its default
     for key in list(given):  # GROUP=OPTION: the group the run used (its ``name``) is no change; another is
         if OmegaConf.is_dict(saved.get(key)) and not OmegaConf.is_dict(given[key]):
             if given[key] != saved[key].get("name"):
@@ -220,6 +221,7 @@ def resume_config(run_dir: Path, overrides: list[str]):
         raise ConfigError(f"resume: {config_error_line(e)}") from e
     validate(cfg)
     load_state(run_dir, cfg)
+    reset_unread(original)  # resumed: the warning naming each such key (not before a refusal's one line)
     return cfg
 
 

@@ -398,9 +398,10 @@ def strategy_schema() -> type:
     """The ``strategy`` group's schema, generated from the registered strategies
     (``strategies.REGISTRY``): ``name`` and every strategy's config keys
     (:meth:`strategies.base.Strategy.config_fields`), typed as its dataclass types them. It is the
-    union: a key that only some strategies take is accepted with any ``strategy=…`` (ignored by the
-    others, checked by a strategy that takes it: :func:`validate`), and defaults to the value most of
-    the strategies that take it have; each group option sets its strategy's own defaults."""
+    union: a key that only some strategies take is a key of every ``strategy=…`` option (checked by a
+    strategy that takes it, and refused away from its default by the others: :func:`validate`,
+    :func:`unread_strategy_keys`), and defaults to the value most of the strategies that take it
+    have; each group option sets its strategy's own defaults."""
     import strategies
 
     return _strategy_schema(tuple(strategies.REGISTRY.items()))
@@ -651,6 +652,8 @@ def validate(cfg: Any) -> None:
          f"FedProx's proximal term does not work with strategy={name} ({cls.no_proximal}); use strategy={' | '.join(takers)}, or strategy.prox_mu=0")
     validate_ranks(cfg.ranks, need)
     validate_scaffold(cfg, need)
+    for key, value, readers in unread_strategy_keys(cfg.strategy):  # after prox_mu's and scaffold's own lines
+        raise ConfigError(unread_line(key, value, name, readers))
     # What the strategy accepts, as its class declares it (strategies/base.py: Strategy).
     from fedpeft import methods
 
@@ -898,7 +901,9 @@ def check_strategy(cfg: Any) -> None:
     """The ``strategy.*`` keys, checked where the strategies check them: the chosen strategy is
     built from the keys it takes (its ``__post_init__``), and a key it does not take but the user
     set away from its default is checked by building a strategy that takes it (alone), so a wrong
-    value fails with any ``strategy=…`` while a right one is ignored. Raises :class:`ConfigError`."""
+    value fails with any ``strategy=…`` as one no strategy takes; a right one is then refused by
+    :func:`validate` as a key the chosen strategy does not read (:func:`unread_strategy_keys`).
+    Raises :class:`ConfigError`."""
     import strategies
 
     keys = OmegaConf.to_container(cfg.strategy, resolve=True)
@@ -914,6 +919,78 @@ def check_strategy(cfg: Any) -> None:
         except (ValueError, TypeError) as e:
             line = " ".join(str(e).split())
             raise ConfigError(line if line.startswith("strategy.") else f"strategy.name: strategy={cls.name}: {line}") from None
+
+
+def strategy_readers() -> dict[str, tuple[str, ...]]:
+    """Every ``strategy.<key>`` with the registered strategies that read it: those whose dataclass
+    declares the field (:meth:`strategies.base.Strategy.config_fields`). The ``strategy`` schema is
+    generated from these fields alone (:func:`strategy_schema`), so every key but ``name`` has a
+    reader; the generic code that reads a ``strategy.*`` key (``weighting``: the server's SecAgg
+    weights; ``prox_mu``, ``scaffold``: the cohort engine's and SecAgg's checks) reads a field of the
+    strategies, and refuses it with a strategy without the field in its own line."""
+    import strategies
+
+    readers: dict[str, list[str]] = {}
+    for name, cls in strategies.REGISTRY.items():
+        for key in cls.config_fields():
+            readers.setdefault(key, []).append(name)
+    return {key: tuple(names) for key, names in readers.items()}
+
+
+def strategy_key_defaults() -> dict[str, Any]:
+    """The value each ``strategy.<key>`` has under a ``strategy=<name>`` option whose strategy does
+    not read it: the schema's default (:func:`strategy_schema`, the most common of its readers')."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(strategy_schema()) if f.name != "name"}
+
+
+def unread_strategy_keys(strategy: Any) -> list[tuple[str, Any, tuple[str, ...]]]:
+    """The ``(key, value, strategies that read it)`` of each ``strategy.<key>`` in the config section
+    ``strategy`` (a DictConfig or dict with ``name``) that its strategy does not read and that differs
+    from the value the option gives it (:func:`strategy_key_defaults`): a setting that would be
+    silently ignored. Keys no strategy declares (``name``) are never among them."""
+    import strategies
+
+    keys = strategy if isinstance(strategy, dict) else OmegaConf.to_container(strategy, resolve=True)
+    cls = strategies.REGISTRY.get(keys.get("name"))
+    if cls is None:  # an unknown strategy is named by its own check
+        return []
+    readers, defaults, reads = strategy_readers(), strategy_key_defaults(), cls.config_fields()
+    return [(key, value, readers[key]) for key, value in keys.items()
+            if key in readers and key not in reads and key in defaults and value != defaults[key]]
+
+
+def reset_unread(config: dict[str, Any], warn: bool = True) -> dict[str, Any]:
+    """A saved run's config (a resolved container) with each ``strategy.<key>`` its strategy does not
+    read back at its default: a run saved before such keys were refused ran without them, so resuming
+    or evaluating it is the same run. Logs a warning naming each key it resets (unless not ``warn``)."""
+    section = config.get("strategy") if isinstance(config, dict) else None
+    if not isinstance(section, dict):
+        return config
+    unread = unread_strategy_keys(section)
+    if not unread:
+        return config
+    import logging
+
+    defaults = strategy_key_defaults()
+    for key, value, readers in unread if warn else ():
+        logging.getLogger(__name__).warning("strategy.%s=%s: strategy=%s does not read it (only strategy=%s); the run ran without it, "
+                                            "so it is read as its default %s", key, _word(value), section["name"], " | ".join(readers),
+                                            _word(defaults[key]))
+    return {**config, "strategy": {**section, **{key: defaults[key] for key, _, _ in unread}}}
+
+
+def unread_line(key: str, value: Any, name: str, readers: tuple[str, ...]) -> str:
+    """``strategy.sparse_rounds=2: strategy=flora does not read it (only strategy=slora does); ...``"""
+    default = strategy_key_defaults()[key]
+    return (f"strategy.{key}={_word(value)}: strategy={name} does not read it (only strategy={' | '.join(readers)} "
+            f"{'does' if len(readers) == 1 else 'do'}); use strategy={' | '.join(readers)}, or leave strategy.{key} "
+            f"at its default {_word(default)}")
+
+
+def _word(value: Any) -> str:
+    """A value as it is typed on the command line (``null``, ``true``)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def takes_method(cls: type, method: Any) -> bool:

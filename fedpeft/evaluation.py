@@ -65,7 +65,7 @@ def spans(rounds: list[int]) -> str:
 def run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     """The config of the run in ``run_dir`` (its ``config.yaml``) with ``KEY=VALUE`` overrides of
     the :data:`EVAL_KEYS` only, validated. One-line :class:`ConfigError` for anything else."""
-    from fedpeft.config import config_error_line, typed, validate
+    from fedpeft.config import config_error_line, reset_unread, typed, validate
 
     run_dir = Path(run_dir)
     if not run_dir.exists():
@@ -78,12 +78,15 @@ def run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
             raise ConfigError(f"eval: {word!r}: only round=K, eval.*, data.eval_samples, model.eval_batch_size and engine.device "
                               "can be given (the rest is the run's own config)")
     try:
-        cfg = typed(OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(run_dir / "config.yaml"), OmegaConf.from_dotlist(overrides))))
+        original = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+        saved = OmegaConf.create(reset_unread(original, warn=False))  # a key its strategy did not read: as it ran, at its default
+        cfg = typed(OmegaConf.to_container(OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides))))
     except ConfigError as e:
         raise ConfigError(f"eval: {e}") from None
     except Exception as e:  # a broken config.yaml, a bad override value
         raise ConfigError(f"eval: {run_dir / 'config.yaml'}: {config_error_line(e)}") from e
     validate(cfg)
+    reset_unread(original)  # the warning naming each such key (not before a refusal's one line)
     return cfg
 
 

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import strategies
 from fedpeft import attacks, durable, runconfig, simnodes
-from fedpeft.config import ConfigError, schema
+from fedpeft.config import ConfigError, reset_unread, schema
 from fedpeft.engines import EngineError, send_and_receive
 from fedpeft.engines import get as get_engine
 from fedpeft.launch import setup_env
@@ -202,7 +202,8 @@ def load_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     changed config (naming the keys; ``rounds`` may grow) or nothing left to do."""
     state = read_state(run_dir)
     durable.metrics_rows(Path(run_dir) / "metrics.jsonl", repair=True)
-    diff = changed_keys(state["config"], OmegaConf.to_container(cfg, resolve=True), defaults=OmegaConf.to_container(OmegaConf.structured(schema())))
+    saved = reset_unread(state["config"], warn=False)  # a key its strategy did not read: as it ran, at its default
+    diff = changed_keys(saved, OmegaConf.to_container(cfg, resolve=True), defaults=OmegaConf.to_container(OmegaConf.structured(schema())))
     if diff:
         raise ConfigError(f"resume: the config differs from the run's in {', '.join(diff)} (only rounds, which may only grow, and engine.* may change)")
     if state["round"] >= cfg.rounds:

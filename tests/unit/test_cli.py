@@ -3,7 +3,7 @@
 
 import pytest
 
-from tests.harness import run_cli
+from tests.harness import config_error, run_cli
 
 
 @pytest.mark.parametrize(
@@ -228,3 +228,134 @@ def test_help_lists_groups_and_keys(tmp_path, monkeypatch, capsys):
 def test_unknown_command(tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(["simulat"], tmp_path, monkeypatch, capsys)
     assert code == 2 and "unknown command 'simulat'" in err
+
+
+# ------------------------------------------------------------------ strategy.<key> a strategy does not read
+
+
+def _compose(words):
+    from fedpeft.composing import compose_config
+
+    return compose_config(words)[0]
+
+
+def _refusal(words) -> str:
+    from fedpeft.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _compose(words)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("words, line", [
+    (["strategy=flora", "strategy.sparse_rounds=2"],
+     "strategy.sparse_rounds=2: strategy=flora does not read it (only strategy=slora does); "
+     "use strategy=slora, or leave strategy.sparse_rounds at its default 1"),
+    (["strategy=flora", "strategy.density_down=0.5"],
+     "strategy.density_down=0.5: strategy=flora does not read it (only strategy=flasc does); "
+     "use strategy=flasc, or leave strategy.density_down at its default 0.25"),
+    # a key several strategies read names them all; a bool and a null are written as they are typed
+    (["strategy=flora", "strategy.r_max=96"],
+     "strategy.r_max=96: strategy=flora does not read it (only strategy=ffa_lora | flexlora | raflora do); "
+     "use strategy=ffa_lora | flexlora | raflora, or leave strategy.r_max at its default null"),
+    (["strategy=fedavg", "strategy.prune=false"],
+     "strategy.prune=false: strategy=fedavg does not read it (only strategy=hetlora does); use strategy=hetlora, or leave strategy.prune at its default true"),
+    # two of them: the first is named
+    (["strategy=slora", "strategy.density_up=0.5", "strategy.first=A"],
+     "strategy.density_up=0.5: strategy=slora does not read it (only strategy=flasc does); "
+     "use strategy=flasc, or leave strategy.density_up at its default 0.25"),
+])
+def test_a_strategy_key_the_chosen_strategy_does_not_read_is_refused_naming_it(words, line):
+    assert _refusal(words) == line
+
+
+def test_a_value_no_strategy_takes_and_the_keys_with_their_own_refusal_keep_their_lines():
+    """The checks that come first stay: a value that is wrong for every strategy, FedProx's and SCAFFOLD's own lines."""
+    assert _refusal(["strategy=fedavg", "strategy.density_down=1.5"]) == "strategy.density_down: must be a number in (0, 1] (1: dense), got 1.5"
+    assert _refusal(["strategy=flora", "strategy.prox_mu=0.1"]).startswith("strategy.prox_mu: FedProx's proximal term does not work with strategy=flora")
+    assert _refusal(["strategy=flora", "strategy.scaffold=true"]).startswith("strategy.scaffold: SCAFFOLD's control variates do not work with strategy=flora")
+
+
+@pytest.mark.parametrize("words, expected", [
+    (["strategy=slora", "strategy.sparse_rounds=2"], {"sparse_rounds": 2}),
+    (["strategy=flasc", "strategy.density_down=0.5"], {"density_down": 0.5}),
+    # a key several strategies read works with each of them (r_max; prox_mu, weighting: with nearly all)
+    (["strategy=ffa_lora", "strategy.r_max=96", "ranks=heavy_tail"], {"r_max": 96}),
+    (["strategy=flexlora", "strategy.r_max=96", "ranks=heavy_tail"], {"r_max": 96}),
+    (["strategy=raflora", "strategy.r_max=96", "ranks=heavy_tail"], {"r_max": 96}),
+    (["strategy=hetlora", "strategy.prox_mu=0.01", "strategy.weighting=uniform"], {"prox_mu": 0.01, "weighting": "uniform"}),
+    (["strategy=flora", "strategy.weighting=uniform"], {"weighting": "uniform"}),
+])
+def test_a_strategy_key_the_chosen_strategy_reads_reaches_it(words, expected):
+    import strategies
+    from fedpeft.serverapp import strategy_kwargs
+
+    cfg = _compose(words)
+    s = strategies.build(cfg.strategy.name, **strategy_kwargs(cfg))
+    assert {k: getattr(s, k) for k in expected} == expected
+
+
+def test_every_strategy_composes_at_its_defaults_and_with_every_other_key_typed_at_its_default():
+    """No strategy is broken by the check: its own option passes, and so does every key it does not
+    read when it is given at the value the option gives it (an experiment's saved config.yaml has them all)."""
+    import strategies
+    from fedpeft.config import strategy_key_defaults, strategy_readers, unread_strategy_keys
+
+    readers, defaults = strategy_readers(), strategy_key_defaults()
+    assert readers["sparse_rounds"] == ("slora",) and readers["density_down"] == ("flasc",)
+    assert readers["weighting"] == tuple(strategies.REGISTRY)  # a key every strategy reads is never refused
+    assert set(readers) == set(defaults)  # every key of the schema but name has a strategy that reads it
+    assert len(strategies.REGISTRY) >= 14
+    for name, cls in strategies.REGISTRY.items():
+        cfg = _compose([f"strategy={name}"])
+        assert cfg.strategy.name == name and unread_strategy_keys(cfg.strategy) == []
+        others = [k for k in defaults if k not in cls.config_fields()]
+        words = [f"strategy.{k}={'null' if defaults[k] is None else str(defaults[k]).lower() if isinstance(defaults[k], bool) else defaults[k]}"
+                 for k in others]
+        assert {k: _compose([f"strategy={name}", *words]).strategy[k] for k in others} == {k: defaults[k] for k in others}, name
+
+
+def test_deploy_and_flwr_run_refuse_it_too(tmp_path, monkeypatch, capsys):
+    import json
+
+    from fedpeft import runconfig
+    from fedpeft.config import ConfigError
+
+    line = config_error(["deploy", "strategy=flora", "strategy.sparse_rounds=2"], tmp_path, monkeypatch, capsys)
+    assert "strategy.sparse_rounds=2: strategy=flora does not read it (only strategy=slora does)" in line, line
+    with pytest.raises(ConfigError, match=r"^strategy\.density_down=0\.5: strategy=flora does not read it \(only strategy=flasc does\)"):
+        runconfig.load({"overrides": "strategy=flora strategy.density_down=0.5"})  # flwr run --run-config "overrides='...'"
+    config = json.loads(runconfig.to_run_config(_compose(["strategy=flora"]), tmp_path / "run")["config"])
+    config["strategy"]["sparse_rounds"] = 2  # a launcher's resolved config
+    with pytest.raises(ConfigError, match=r"^strategy\.sparse_rounds=2: strategy=flora does not read it"):
+        runconfig.load({"config": json.dumps(config)})
+
+
+def test_an_old_run_saved_with_a_key_its_strategy_did_not_read_still_resumes_and_evaluates(tmp_path, monkeypatch, capsys, caplog):
+    """A run saved before such keys were refused ran without them: resume and eval read them at their
+    defaults (with a warning); setting one again on resume is refused."""
+    import json
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from fedpeft import cli, simulation
+    from fedpeft.evaluation import run_config
+
+    config = OmegaConf.to_container(_compose(["strategy=flora", "clients=4", "rounds=4"]), resolve=True)
+    config["strategy"]["sparse_rounds"] = 2
+    d = tmp_path / "run"
+    (d / "state").mkdir(parents=True)
+    (d / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "accuracy": 0.5}) + "\n" for r in range(3)))
+    torch.save({"round": 2, "config": config, "adapter": {"w": torch.ones(3)}}, d / "state" / "server.pt")
+    assert run_config(d, []).strategy.sparse_rounds == 1
+    started = []
+    monkeypatch.setattr(simulation, "run", lambda *a, **kw: started.append(a))
+    assert cli.main(["simulate", f"resume={d}"]) == 0 and len(started) == 1
+    assert started[0][0].strategy.name == "flora" and started[0][0].strategy.sparse_rounds == 1
+    assert "strategy.sparse_rounds=2: strategy=flora does not read it" in caplog.text
+    capsys.readouterr()
+    assert cli.main(["simulate", f"resume={d}", "strategy.sparse_rounds=3"]) == 2 and len(started) == 1
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and "strategy.sparse_rounds=3: strategy=flora does not read it (only strategy=slora does)" in err[0], err

@@ -159,7 +159,10 @@ def test_a_toy_strategy_from_one_new_module_validates_and_runs_a_round(toy):
         with pytest.raises(ConfigError) as e:
             compose([*words, *SMALL])
         assert str(e.value).startswith(line), str(e.value)
-    assert compose(["strategy=fedavg", "strategy.shrink=0.75", *SMALL]).strategy.shrink == 0.75  # a key fedavg does not take is ignored
+    with pytest.raises(ConfigError) as e:  # a right value of a key fedavg does not read is refused, not ignored
+        compose(["strategy=fedavg", "strategy.shrink=0.75", *SMALL])
+    assert str(e.value).startswith("strategy.shrink=0.75: strategy=fedavg does not read it (only strategy=toy_shrink does)"), str(e.value)
+    assert compose(["strategy=fedavg", f"strategy.shrink={toy.shrink}", *SMALL]).strategy.shrink == toy.shrink  # at its default: fine
 
     # one round of the Flower adapter with the strategy the server builds from that config
     strategy = strategies.build(cfg.strategy.name, **strategy_kwargs(cfg))
