@@ -134,7 +134,6 @@ def evaluate_run(run_dir: Path, server_round: int | None = None, overrides: list
     """Re-evaluate the adapter a run saved after ``server_round`` (default: its last saved round) on
     the run's held-out set, as the server evaluated it (:func:`server_metrics`), with ``eval.*``
     (and the other :data:`EVAL_KEYS`) from ``overrides``."""
-    import json
 
     import strategies
     from fedpeft.models import build
@@ -158,12 +157,21 @@ def evaluate_run(run_dir: Path, server_round: int | None = None, overrides: list
     lm = build(cfg.model, num_labels=num_labels, device=cfg.engine.device, seed=cfg.seed, peft_cfg=cfg.peft)
     load_saved_adapter(lm, run_dir / "adapters" / f"round_{server_round:03d}")
     metrics, samples = server_metrics(lm, test, cfg)
-    logged: dict[str, Any] = {}
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        logged = next((r for r in rows if r.get("round") == server_round), {})
-    return Evaluation(run_dir, server_round, len(test), metrics, samples, logged)
+    return Evaluation(run_dir, server_round, len(test), metrics, samples, logged_row(run_dir / "metrics.jsonl", server_round))
+
+
+def logged_row(path: Path, server_round: int) -> dict[str, Any]:
+    """The run's own metrics row of ``server_round`` from ``metrics.jsonl``, for comparison only: a
+    half-written last row is left out (:func:`fedpeft.durable.metrics_rows`), and a file damaged
+    elsewhere gives no row with a warning naming the line — it never costs the re-evaluation."""
+    from fedpeft.durable import log, metrics_rows
+
+    try:
+        rows = metrics_rows(path)
+    except ConfigError as e:
+        log.warning("%s; the run's logged values are not shown", str(e).removeprefix("resume: "))
+        return {}
+    return next((r for r in rows if r["round"] == server_round), {})
 
 
 def table(ev: Evaluation) -> str:

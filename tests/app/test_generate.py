@@ -252,6 +252,30 @@ def test_fedpeft_eval_reproduces_each_round_of_a_flora_run(flora_run, tmp_path, 
     assert ev.metrics["loss"] == pytest.approx(summary["history"][2]["loss"], rel=1e-6)  # the merged base: W_0 + the saved adapter
 
 
+def test_fedpeft_eval_survives_a_damaged_metrics_file(flora_run, tmp_path, monkeypatch, capsys, caplog):
+    """The run's metrics.jsonl is only shown beside the re-evaluation: a half-written last row (a
+    kill mid-write) is left out, and a line damaged elsewhere costs the logged column, with a warning
+    naming the line, never the re-evaluation."""
+    run_dir, summary = flora_run
+    logged = round(summary["history"][1]["accuracy"], 4)
+    torn, broken = tmp_path / "torn", tmp_path / "broken"
+    for d in (torn, broken):
+        shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("state"))
+    with (torn / "metrics.jsonl").open("a") as f:
+        f.write('{"round": 3, "accur')
+    lines = (broken / "metrics.jsonl").read_text().splitlines()
+    (broken / "metrics.jsonl").write_text("\n".join(["{oops"] + lines[1:]) + "\n")
+    for d, shown in ((torn, logged), (broken, None)):
+        caplog.clear()
+        code, out, err = run_cli(["eval", str(d), "round=1"], tmp_path, monkeypatch, capsys)
+        assert code == 0, err
+        row = next(l.split() for l in out.splitlines() if l.startswith("accuracy"))
+        assert float(row[1]) == logged  # re-evaluated, in both cases
+        assert row[2] == (f"{shown:.4f}" if shown is not None else "—")
+        if shown is None:
+            assert any(f"{d / 'metrics.jsonl'} line 1 is not a metrics row" in r.getMessage() for r in caplog.records)
+
+
 def test_fedpeft_eval_bad_input_is_one_line(flora_run, tmp_path, monkeypatch, capsys):
     run_dir, _ = flora_run
     damaged = tmp_path / "damaged"
