@@ -159,7 +159,7 @@ def metrics_rows(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
                 if repair:
                     write_bytes(path, b"".join(line + b"\n" for _, line in numbered[:-1]))
                 break
-            raise ConfigError(f"resume: {path} line {number} is not a metrics row ({first_line(e)}); "
+            raise ConfigError(f"{path} line {number} is not a metrics row ({first_line(e)}); "
                               f"restore the file from a copy or delete that line") from None
         rows.append(row)
     return rows

@@ -169,7 +169,7 @@ def logged_row(path: Path, server_round: int) -> dict[str, Any]:
     try:
         rows = metrics_rows(path)
     except ConfigError as e:
-        log.warning("%s; the run's logged values are not shown", str(e).removeprefix("resume: "))
+        log.warning("%s; the run's logged values are not shown", e)
         return {}
     return next((r for r in rows if r["round"] == server_round), {})
 

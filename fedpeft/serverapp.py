@@ -201,7 +201,10 @@ def load_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     (:func:`fedpeft.durable.metrics_rows`: a half-written last row is cut off with a warning), a
     changed config (naming the keys; ``rounds`` may grow) or nothing left to do."""
     state = read_state(run_dir)
-    durable.metrics_rows(Path(run_dir) / "metrics.jsonl", repair=True)
+    try:
+        durable.metrics_rows(Path(run_dir) / "metrics.jsonl", repair=True)
+    except ConfigError as e:
+        raise ConfigError(f"resume: {e}") from None
     saved = reset_unread(state["config"], warn=False)  # a key its strategy did not read: as it ran, at its default
     diff = changed_keys(saved, OmegaConf.to_container(cfg, resolve=True), defaults=OmegaConf.to_container(OmegaConf.structured(schema())))
     if diff:
